@@ -1,0 +1,1 @@
+"""Adapters: one module per FHIR source kind, each emitting Evidence for the TwinState."""

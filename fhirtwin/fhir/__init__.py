@@ -1,0 +1,1 @@
+"""Transport: FHIR R4 REST client, SMART auth, paging, retries, batch/transaction, NDJSON."""

@@ -1,0 +1,1 @@
+"""Local development sandbox: the HAPI FHIR server lifecycle and the synthetic cohort."""

@@ -1,0 +1,1 @@
+"""Front-door web service: $simulate, Subscription webhook, CDS Hooks, SMART launch."""

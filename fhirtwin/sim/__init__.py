@@ -1,0 +1,1 @@
+"""Simulation: published equations, mechanistic dynamics, interventions, uncertainty."""

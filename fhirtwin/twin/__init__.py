@@ -1,0 +1,1 @@
+"""TwinState: the typed multi-scale state built from Evidence; the contract between reading and simulating."""

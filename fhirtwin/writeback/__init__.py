@@ -1,0 +1,1 @@
+"""Write-back: RiskAssessment, CarePlan and signed Provenance in one transaction."""
