@@ -1,0 +1,28 @@
+# The two newcomer commands (see README): `make demo` and `make test`.
+# Both create .venv and install fhirtwin with its test tools on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint sandbox
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fhirtwin demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/fhirtwin sandbox start
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+sandbox: $(STAMP)
+	$(BIN)/fhirtwin sandbox start

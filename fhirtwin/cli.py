@@ -1,0 +1,121 @@
+"""The ``fhirtwin`` command line: sandbox management and the demo run.
+
+Heavy modules are imported inside the commands so that ``fhirtwin --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _sandbox(args: argparse.Namespace):
+    from fhirtwin.sandbox.server import Sandbox
+
+    return Sandbox.from_env(port=args.port, data_dir=args.data_dir)
+
+
+def cmd_sandbox_start(args: argparse.Namespace) -> int:
+    base_url = _sandbox(args).start(timeout=args.timeout)
+    print(base_url)
+    return 0
+
+
+def cmd_sandbox_stop(args: argparse.Namespace) -> int:
+    stopped = _sandbox(args).stop()
+    print("stopped" if stopped else "not running")
+    return 0
+
+
+def cmd_sandbox_status(args: argparse.Namespace) -> int:
+    status = _sandbox(args).status()
+    if args.json:
+        print(json.dumps(status))
+    else:
+        state = "running" if status["running"] else "not running"
+        print(f"{state}  {status['base_url']}  (data: {status['data_dir']})")
+    return 0 if status["running"] or args.json else 3
+
+
+def cmd_sandbox_reset(args: argparse.Namespace) -> int:
+    running = _sandbox(args).reset(timeout=args.timeout)
+    print("database wiped; " + ("restarted" if running else "not running"))
+    return 0
+
+
+def cmd_sandbox_load(args: argparse.Namespace) -> int:
+    from fhirtwin.sandbox.load import load_sandbox
+
+    sandbox = _sandbox(args)
+    base_url = args.server or sandbox.start(timeout=args.timeout)
+    options = {k: v for k, v in (("n_patients", args.patients), ("seed", args.seed)) if v is not None}
+    report = load_sandbox(base_url, workers=args.workers, cohort_dir=sandbox.data_dir / "cohort", **options)
+    print(f"loaded {report.patients} patients ({report.entries} resources in {report.bundles} transactions, "
+          f"{report.profiles} conformance resources) into {base_url} in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fhirtwin.demo import run_demo
+
+    return run_demo(port=args.port, data_dir=args.data_dir, patients=args.patients, show=args.show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fhirtwin import __version__
+
+    parser = argparse.ArgumentParser(prog="fhirtwin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fhirtwin {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def sandbox_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--port", type=int, default=None, help="default 8080 or $FHIRTWIN_SANDBOX_PORT")
+        p.add_argument("--data-dir", default=None, help="database and log folder (default sandbox/data)")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for /metadata")
+
+    sandbox = commands.add_parser("sandbox", help="the local HAPI FHIR R4 sandbox")
+    actions = sandbox.add_subparsers(dest="action", required=True)
+    for name, func, text in [
+        ("start", cmd_sandbox_start, "build on first use, start in the background, print the base URL"),
+        ("stop", cmd_sandbox_stop, "stop the sandbox process started from this data folder"),
+        ("reset", cmd_sandbox_reset, "wipe the database (restarts the server if it was running)"),
+    ]:
+        p = actions.add_parser(name, help=text)
+        sandbox_options(p)
+        p.set_defaults(func=func)
+    p = actions.add_parser("status", help="is it running, and where")
+    sandbox_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_sandbox_status)
+    p = actions.add_parser("load", help="upload profiles and the synthetic cohort (idempotent)")
+    sandbox_options(p)
+    p.add_argument("--server", default=None, help="load into this FHIR base URL instead of the sandbox")
+    p.add_argument("--patients", type=int, default=None, help="cohort size (default 240)")
+    p.add_argument("--seed", type=int, default=None, help="cohort seed (default fixed)")
+    p.add_argument("--workers", type=int, default=4, help="parallel transactions")
+    p.set_defaults(func=cmd_sandbox_load)
+
+    demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
+    demo.add_argument("--port", type=int, default=None)
+    demo.add_argument("--data-dir", default=None)
+    demo.add_argument("--patients", type=int, default=None, help="cohort size (default 240)")
+    demo.add_argument("--show", type=int, default=10, help="patients to print in the summary")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fhirtwin.sandbox.server import SandboxError
+
+    try:
+        return int(args.func(args) or 0)
+    except SandboxError as exc:
+        print(f"fhirtwin: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

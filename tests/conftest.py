@@ -1,0 +1,1 @@
+"""Shared test configuration: integration tests run against the real local HAPI sandbox."""
