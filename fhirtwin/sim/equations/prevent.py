@@ -196,6 +196,12 @@ def prevent_risk(
         "constant": np.ones_like(a),
     }
     names, coef = _table(model, horizon_years, outcome)
-    x = np.einsum("...k,...k->...", np.stack([terms[n] for n in names], axis=-1), coef[sex_c])
+    # Accumulate term by term (a few dozen array operations, none per element); when sex is uniform the
+    # coefficient is a scalar, which keeps large ensembles cheap.
+    uniform = sex_c.size > 0 and bool(np.all(sex_c == sex_c.flat[0]))
+    x = np.zeros(a.shape)
+    for j, n in enumerate(names):
+        c = coef[int(sex_c.flat[0]), j] if uniform else coef[:, j][sex_c]
+        x += c * terms[n]
     risk = 1.0 / (1.0 + np.exp(-x))
     return finish(risk, scalar)
