@@ -1,0 +1,341 @@
+"""NDJSON sources (Bulk Data export folders) and the Bulk Data 2.0 ``$export`` client.
+
+:class:`NdjsonSource` offers the read interface the adapters use on a live server
+(``fetch_patient_record``, ``fetch_patients_records``, ``search_all(type, {"patient": id})``, ``read``)
+over a folder of ``<Type>.ndjson`` / ``<Type>.<n>.ndjson`` files, optionally gzip-compressed
+(``.ndjson.gz``). Files are streamed line by line; a malformed line raises
+:class:`~fhirtwin.fhir.errors.NdjsonFormatError` with the file name and line number: bad data is never
+silently skipped. Blank lines carry no data and are ignored.
+
+:func:`bulk_export` and :func:`download_manifest` implement kick-off / poll / manifest / download against
+a server (tested shapes: the Bulk Data 2.0 IG and HAPI, whose status URL is
+``$export-poll-status?_jobId=…`` and whose output files are ``Binary`` URLs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import requests
+
+from fhirtwin.fhir.client import (
+    DEFAULT_RECORD_TYPES,
+    FhirClient,
+    parse_retry_after,
+    patient_reference_id,
+)
+from fhirtwin.fhir.errors import (
+    BulkExportError,
+    FhirConnectionError,
+    FhirError,
+    FhirNotFound,
+    FhirValidationError,
+    NdjsonFormatError,
+)
+
+__all__ = ["NdjsonSource", "bulk_export", "download_manifest"]
+
+log = logging.getLogger("fhirtwin.fhir")
+
+_FILE_NAME = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)(?:\.(?P<n>\d+))?\.ndjson(?P<gz>\.gz)?$")
+NDJSON = "application/fhir+ndjson"
+
+
+class NdjsonSource:
+    """Read-only FHIR source over a Bulk Data export folder, with a lazily built per-patient offset index."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"not a folder: {self.folder.name}")
+        files: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+        for path in self.folder.iterdir():
+            match = _FILE_NAME.match(path.name)
+            if match and path.is_file():
+                files[match["type"]].append((int(match["n"] or 0), path))
+        self.files: dict[str, list[Path]] = {t: [p for _, p in sorted(v)] for t, v in sorted(files.items())}
+        # type -> patient id -> [(path, offset)]; built per type on first use
+        self._index: dict[str, dict[str, list[tuple[Path, int]]]] = {}
+
+    def types(self) -> list[str]:
+        """Resource types that have at least one file."""
+        return list(self.files)
+
+    # -------------------------------------------------------------- streaming
+
+    def iter_resources(self, resource_type: str) -> Iterator[dict[str, Any]]:
+        """Every resource of one type, streamed in file order."""
+        for path in self.files.get(resource_type, []):
+            for _, _, resource in _iter_file(path, resource_type):
+                yield resource
+
+    def iter_patients(self) -> Iterator[dict[str, Any]]:
+        """Every Patient resource."""
+        return self.iter_resources("Patient")
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """The resource with that id; raises :class:`FhirNotFound`."""
+        for resource in self.iter_resources(resource_type):
+            if resource.get("id") == resource_id:
+                return resource
+        raise FhirNotFound(f"{resource_type} not found in the NDJSON folder")
+
+    def search_all(
+        self, resource_type: str, params: Mapping[str, Any] | None = None, *, max_pages: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Subset of FHIR search: ``patient``/``subject`` (Patient references or ids, comma = OR) and ``_id``.
+
+        Other parameters raise instead of being ignored (ignoring would return too much). ``_count`` and
+        ``max_pages`` are accepted for interface parity and have no effect.
+        """
+        del max_pages
+        wanted_patients: set[str] | None = None
+        wanted_ids: set[str] | None = None
+        for key, value in (params or {}).items():
+            values = {v.strip() for v in str(value).split(",") if v.strip()}
+            if key in ("patient", "subject"):
+                wanted_patients = {v.rsplit("/", 1)[-1] for v in values}
+            elif key == "_id":
+                wanted_ids = values
+            elif key != "_count":
+                raise FhirError(f"search parameter {key!r} is not supported by NdjsonSource")
+        if wanted_patients is not None and wanted_ids is None and resource_type != "Patient":
+            index = self._type_index(resource_type)
+            for patient_id in sorted(wanted_patients):
+                yield from self._load(index.get(patient_id, []), resource_type)
+            return
+        for resource in self.iter_resources(resource_type):
+            if wanted_ids is not None and resource.get("id") not in wanted_ids:
+                continue
+            if wanted_patients is not None and patient_reference_id(resource) not in wanted_patients:
+                continue
+            yield resource
+
+    # -------------------------------------------------------------- patient records
+
+    def fetch_patient_record(
+        self, patient_id: str, types: Iterable[str] | Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The Patient followed by its resources of ``types`` (default: the client's record types)."""
+        patient_index = self._type_index("Patient")
+        if patient_id not in patient_index:
+            raise FhirNotFound("Patient not found in the NDJSON folder")
+        record = list(self._load(patient_index[patient_id], "Patient"))[:1]
+        for resource_type in _types(types):
+            record.extend(self._load(self._type_index(resource_type).get(patient_id, []), resource_type))
+        return record
+
+    def fetch_patients_records(
+        self, patient_ids: Iterable[str], types: Iterable[str] | Mapping[str, str] | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """``{patient_id: record}`` for several patients, in input order."""
+        return {pid: self.fetch_patient_record(pid, types) for pid in dict.fromkeys(patient_ids)}
+
+    def iter_patient_records(
+        self, types: Iterable[str] | Mapping[str, str] | None = None
+    ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        """``(patient_id, record)`` for every patient in the folder (population runs)."""
+        for patient_id in list(self._type_index("Patient")):
+            yield patient_id, self.fetch_patient_record(patient_id, types)
+
+    def _type_index(self, resource_type: str) -> dict[str, list[tuple[Path, int]]]:
+        if resource_type not in self._index:
+            index: dict[str, list[tuple[Path, int]]] = defaultdict(list)
+            for path in self.files.get(resource_type, []):
+                for _, offset, resource in _iter_file(path, resource_type):
+                    owner = patient_reference_id(resource)
+                    if owner is not None:
+                        index[owner].append((path, offset))
+            self._index[resource_type] = dict(index)
+        return self._index[resource_type]
+
+    def _load(self, locations: list[tuple[Path, int]], resource_type: str) -> Iterator[dict[str, Any]]:
+        by_file: dict[Path, list[int]] = defaultdict(list)
+        for path, offset in locations:
+            by_file[path].append(offset)
+        for path, offsets in by_file.items():
+            with _open(path) as handle:
+                for offset in sorted(offsets):
+                    handle.seek(offset)
+                    yield _parse_line(handle.readline(), path, None, resource_type)
+
+
+def _types(types: Iterable[str] | Mapping[str, str] | None) -> list[str]:
+    if types is None:
+        return list(DEFAULT_RECORD_TYPES)
+    return [t for t in types if t != "Patient"]
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
+def _iter_file(path: Path, resource_type: str) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(line number, byte offset, resource) for each non-blank line of an NDJSON file."""
+    offset = 0
+    with _open(path) as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            start = offset
+            offset += len(raw)
+            if not raw.strip():
+                continue
+            yield line_no, start, _parse_line(raw, path, line_no, resource_type)
+
+
+def _parse_line(raw: bytes, path: Path, line_no: int | None, resource_type: str) -> dict[str, Any]:
+    where = line_no if line_no is not None else 0
+    try:
+        resource = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NdjsonFormatError(f"not valid JSON ({exc.__class__.__name__})", file=path.name, line=where) from None
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        raise NdjsonFormatError("line is not a FHIR resource (no resourceType)", file=path.name, line=where)
+    if resource["resourceType"] != resource_type:
+        raise NdjsonFormatError(
+            f"{resource['resourceType']} found in a {resource_type} file", file=path.name, line=where
+        )
+    return resource
+
+
+# ------------------------------------------------------------------ Bulk Data client
+
+
+def bulk_export(
+    client: FhirClient,
+    level: str = "system",
+    *,
+    group_id: str | None = None,
+    types: Iterable[str] | None = None,
+    since: str | datetime | None = None,
+    type_filters: Iterable[str] | None = None,
+    poll_interval: float = 2.0,
+    max_poll_interval: float = 60.0,
+    timeout: float = 3600.0,
+    cancel_on_timeout: bool = True,
+    sleep: Callable[[float], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Run a Bulk Data export to completion and return the manifest (``output``, ``error``, ``transactionTime``).
+
+    Kick-off with ``Prefer: respond-async``; poll the ``Content-Location`` honouring ``Retry-After``
+    (otherwise backing off from ``poll_interval`` up to ``max_poll_interval``); log ``X-Progress``.
+    Past ``timeout`` the job is cancelled (DELETE on the status URL) and :class:`BulkExportError` raised.
+    """
+    if level == "system":
+        path = "$export"
+    elif level == "patient":
+        path = "Patient/$export"
+    elif level == "group":
+        if not group_id:
+            raise ValueError("group export needs group_id")
+        path = f"Group/{group_id}/$export"
+    else:
+        raise ValueError("level must be 'system', 'patient' or 'group'")
+    params: list[tuple[str, str]] = [("_outputFormat", NDJSON)]
+    if types:
+        params.append(("_type", ",".join(types)))
+    if since is not None:
+        params.append(("_since", since.isoformat() if isinstance(since, datetime) else since))
+    params.extend(("_typeFilter", f) for f in type_filters or [])
+    wait = sleep or client.sleep
+    kickoff = client.request(
+        "GET", path, params=params, headers={"Prefer": "respond-async", "Accept": "application/fhir+json"}
+    )
+    status_url = kickoff.headers.get("Content-Location")
+    if kickoff.status_code != 202 or not status_url:
+        raise BulkExportError(
+            "export kick-off did not return 202 with Content-Location", method="GET", status=kickoff.status_code
+        )
+    deadline = clock() + timeout
+    delay = poll_interval
+    polls = 0
+    while True:
+        response = client.request("GET", status_url, headers={"Accept": "application/json"})
+        polls += 1
+        if response.status_code == 200:
+            manifest = _manifest(response)
+            log.info("bulk export complete polls=%d outputs=%d", polls, len(manifest["output"]))
+            return manifest
+        if response.status_code != 202:
+            raise BulkExportError("unexpected status while polling", method="GET", status=response.status_code)
+        progress = (response.headers.get("X-Progress") or "")[:100]
+        log.info("bulk export in progress polls=%d progress=%r", polls, progress)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        pause = retry_after if retry_after is not None else delay
+        if clock() + pause > deadline:
+            if cancel_on_timeout:
+                try:
+                    client.request("DELETE", status_url, retry_safe=False)
+                except FhirError as exc:
+                    log.warning("bulk export cancel failed: %s", type(exc).__name__)
+            raise BulkExportError(f"export not finished within {timeout:.0f}s", method="GET", url=status_url)
+        wait(pause)
+        delay = min(max_poll_interval, delay * 1.5)
+
+
+def _manifest(response: requests.Response) -> dict[str, Any]:
+    try:
+        manifest = response.json()
+    except ValueError:
+        raise FhirValidationError("export manifest is not JSON", status=response.status_code) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("output"), list):
+        raise FhirValidationError("export manifest has no output list", status=response.status_code)
+    for item in [*manifest["output"], *(manifest.get("error") or []), *(manifest.get("deleted") or [])]:
+        if not isinstance(item, dict) or not str(item.get("url", "")).startswith(("http://", "https://")):
+            raise FhirValidationError("export manifest entry without an absolute url")
+    return manifest
+
+
+def download_manifest(
+    client: FhirClient, manifest: Mapping[str, Any], out_dir: str | os.PathLike[str]
+) -> dict[str, list[Path]]:
+    """Download every file of a manifest into ``out_dir`` as ``<Type>.<n>.ndjson`` (streamed, atomic).
+
+    ``error`` files go to ``out_dir/error/`` and ``deleted`` files to ``out_dir/deleted/`` so that the
+    folder itself is a clean :class:`NdjsonSource`. The manifest is saved as ``manifest.json`` (its
+    ``transactionTime`` is the next ``_since``). The bearer token is sent only when
+    ``requiresAccessToken`` is true, and then only to the FHIR server's own origin.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    send_auth = bool(manifest.get("requiresAccessToken"))
+    written: dict[str, list[Path]] = {"output": [], "error": [], "deleted": []}
+    for kind, folder in (("output", out), ("error", out / "error"), ("deleted", out / "deleted")):
+        counters: dict[str, int] = defaultdict(int)
+        for item in manifest.get(kind) or []:
+            resource_type = str(item.get("type") or ("OperationOutcome" if kind == "error" else "Bundle"))
+            if not re.fullmatch(r"[A-Z][A-Za-z]+", resource_type):
+                raise FhirValidationError("manifest entry has an invalid type")
+            counters[resource_type] += 1
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{resource_type}.{counters[resource_type]}.ndjson"
+            _download(client, str(item["url"]), target, send_auth)
+            written[kind].append(target)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return written
+
+
+def _download(client: FhirClient, url: str, target: Path, send_auth: bool) -> None:
+    partial = target.with_name(target.name + ".part")
+    response = client.request("GET", url, headers={"Accept": NDJSON}, stream=True, send_auth=send_auth)
+    try:
+        with open(partial, "wb") as handle:
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                handle.write(chunk)
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        partial.unlink(missing_ok=True)
+        raise FhirConnectionError(f"download broke off ({type(exc).__name__})", method="GET", url=url) from None
+    finally:
+        response.close()
+    os.replace(partial, target)
+    log.info("bulk file downloaded type=%s bytes=%d", target.name.split(".", 1)[0], target.stat().st_size)
