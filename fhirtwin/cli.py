@@ -51,7 +51,12 @@ def cmd_sandbox_load(args: argparse.Namespace) -> int:
     sandbox = _sandbox(args)
     base_url = args.server or sandbox.start(timeout=args.timeout)
     options = {k: v for k, v in (("n_patients", args.patients), ("seed", args.seed)) if v is not None}
-    report = load_sandbox(base_url, workers=args.workers, cohort_dir=sandbox.data_dir / "cohort", **options)
+    report = load_sandbox(base_url, workers=args.workers, cohort_dir=sandbox.data_dir / "cohort",
+                          force=args.force, **options)
+    if report.skipped:
+        print(f"{base_url} already holds this cohort ({report.patients} patients, {report.entries} resources); "
+              "nothing to do (use --force to upload again)")
+        return 0
     print(f"loaded {report.patients} patients ({report.entries} resources in {report.bundles} transactions, "
           f"{report.profiles} conformance resources) into {base_url} in {report.seconds:.1f} s")
     return 0
@@ -95,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=None, help="cohort size (default 240)")
     p.add_argument("--seed", type=int, default=None, help="cohort seed (default fixed)")
     p.add_argument("--workers", type=int, default=4, help="parallel transactions")
+    p.add_argument("--force", action="store_true", help="upload even if the server already holds this cohort")
     p.set_defaults(func=cmd_sandbox_load)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")

@@ -7,6 +7,7 @@ parallel; a transaction of PUTs is idempotent, so a failed post is retried.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import requests
 
-from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, DEFAULT_SEED, generate_cohort, write_cohort
+from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, DEFAULT_SEED, Cohort, bundle_json, generate_cohort, write_cohort
 
 FHIR_JSON = "application/fhir+json"
+MARKER_ID = "fhirtwin-cohort-marker"
+MARKER_SYSTEM = "https://fhirtwin.org/sid/cohort-fingerprint"
 _RETRYABLE = {429, 500, 502, 503, 504}
 
 
@@ -33,6 +36,7 @@ class LoadReport:
     entries: int
     profiles: int
     seconds: float
+    skipped: bool = False
 
 
 def profiles_dir() -> Path:
@@ -81,6 +85,36 @@ def post_transaction(session: requests.Session, base_url: str, bundle: dict, *, 
     raise AssertionError("unreachable")
 
 
+def fingerprint(cohort: Cohort, profiles: list[dict]) -> str:
+    """A digest of everything a load would write, so an unchanged load can be skipped."""
+    digest = hashlib.sha256()
+    for bundle in cohort.bundles:
+        digest.update(bundle_json(bundle).encode())
+    for resource in profiles:
+        digest.update(json.dumps(resource, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _marker(digest: str) -> dict:
+    """A Basic resource recording which cohort and profiles the server holds."""
+    return {
+        "resourceType": "Basic",
+        "id": MARKER_ID,
+        "identifier": [{"system": MARKER_SYSTEM, "value": digest}],
+        "code": {"coding": [{"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "cohort-marker"}]},
+    }
+
+
+def loaded_fingerprint(session: requests.Session, base_url: str) -> str | None:
+    """The fingerprint of the last complete load into this server, or None if there was none."""
+    response = session.get(f"{base_url}/Basic/{MARKER_ID}", headers={"Accept": FHIR_JSON}, timeout=(5, 30))
+    if response.status_code in (404, 410):
+        return None
+    response.raise_for_status()
+    identifiers = response.json().get("identifier", [])
+    return next((i.get("value") for i in identifiers if i.get("system") == MARKER_SYSTEM), None)
+
+
 def load_sandbox(
     base_url: str,
     *,
@@ -88,14 +122,24 @@ def load_sandbox(
     seed: int = DEFAULT_SEED,
     workers: int = 4,
     cohort_dir: Path | None = None,
+    force: bool = False,
 ) -> LoadReport:
-    """Upload the profiles, then the cohort (one transaction per patient); write ground truth locally."""
+    """Upload the profiles, then the cohort (one transaction per patient); write ground truth locally.
+
+    A marker resource records the fingerprint of a complete load; when the server already holds
+    exactly this cohort and these profiles the upload is skipped unless ``force`` is set.
+    """
     started = time.monotonic()
     cohort = generate_cohort(n_patients=n_patients, seed=seed)
     if cohort_dir is not None:
         write_cohort(cohort, cohort_dir)
     session = requests.Session()
     profiles = conformance_resources()
+    digest = fingerprint(cohort, profiles)
+    entries_total = sum(len(b.get("entry", [])) for b in cohort.bundles)
+    if not force and loaded_fingerprint(session, base_url) == digest:
+        return LoadReport(len(cohort.truth), len(cohort.bundles), entries_total, len(profiles),
+                          time.monotonic() - started, skipped=True)
     if profiles:
         post_transaction(session, base_url, _transaction(profiles))
 
@@ -106,6 +150,7 @@ def load_sandbox(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         entries = sum(pool.map(post, cohort.bundles))
+    post_transaction(session, base_url, _transaction([_marker(digest)]))
     return LoadReport(
         patients=len(cohort.truth),
         bundles=len(cohort.bundles),

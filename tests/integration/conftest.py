@@ -82,3 +82,20 @@ def receiver() -> Iterator[Receiver]:
     yield state
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def cohort():
+    """The default synthetic cohort, as generated (deterministic)."""
+    from fhirtwin.sandbox.cohort import generate_cohort
+
+    return generate_cohort()
+
+
+@pytest.fixture(scope="session")
+def loaded_cohort(base_url: str, cohort):
+    """Make sure the sandbox holds the default cohort (skips the upload when it already does)."""
+    from fhirtwin.sandbox.load import load_sandbox
+
+    load_sandbox(base_url)
+    return cohort
