@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import requests
 
@@ -238,7 +239,7 @@ def bulk_export(
     elif level == "group":
         if not group_id:
             raise ValueError("group export needs group_id")
-        path = f"Group/{group_id}/$export"
+        path = f"Group/{quote(group_id, safe='')}/$export"
     else:
         raise ValueError("level must be 'system', 'patient' or 'group'")
     params: list[tuple[str, str]] = [("_outputFormat", NDJSON)]
