@@ -1,0 +1,118 @@
+"""Observation adapter: LOINC-coded labs and vitals -> Evidence in canonical units.
+
+Rules (fhirtwin FHIR reference §0.3, §1): match any coding by (system, code); only final/amended/corrected
+results (preliminary configurable); dataAbsentReason means no value; comparators are kept as censoring;
+units are normalised through UCUM or the alias table and never guessed; BP panels are read by component.
+Genomic observations are routed to :mod:`fhirtwin.adapters.genomics` by the dispatcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from fhirtwin.adapters import behavioral
+from fhirtwin.adapters._common import (
+    OBSERVATION_TIME_PATHS,
+    AdapterError,
+    Context,
+    code_label,
+    codings,
+    first_time,
+    iter_components,
+    observation_status_gate,
+    read_csv,
+    system_uri,
+)
+from fhirtwin.adapters._quantity import quantity_evidence
+from fhirtwin.twin import Evidence, LedgerKind, SourceRef, TimePoint, get_variable
+
+
+@dataclass(frozen=True)
+class CodeRow:
+    """One row of ``observation_codes.csv``."""
+
+    system: str
+    code: str
+    variable: str
+    handler: str
+    note: str
+
+
+@cache
+def code_table() -> dict[tuple[str, str], CodeRow]:
+    """(normalised system, code) -> mapping row."""
+    out = {}
+    for r in read_csv("observation_codes.csv"):
+        row = CodeRow(system_uri(r["system"]), r["code"], r["variable"], r["handler"], r["note"])
+        if row.variable:
+            get_variable(row.variable)  # fail fast on a typo in the data file
+        out[(row.system, row.code)] = row
+    return out
+
+
+def lookup(concept: Any) -> CodeRow | None:
+    """First mapping row matching any coding of the concept."""
+    table = code_table()
+    for system, code, _ in codings(concept):
+        row = table.get((system, code))
+        if row is not None:
+            return row
+    return None
+
+
+def observation_time(resource: dict[str, Any]) -> tuple[TimePoint, str | None] | None:
+    """Effective time by the reference's precedence: effectiveDateTime, period end/start, instant, issued."""
+    parsed = first_time(resource, OBSERVATION_TIME_PATHS)
+    return (parsed.value, parsed.note) if parsed else None
+
+
+def adapt_observation(resource: dict[str, Any], src: SourceRef, ctx: Context) -> list[Evidence]:
+    """Evidence from one non-genomic Observation (ledger entries for everything not used)."""
+    status = observation_status_gate(resource, src, ctx)
+    if status is None:
+        return []
+    if not isinstance(resource.get("code"), dict):
+        raise AdapterError("Observation has no code")
+    row = lookup(resource["code"])
+    if row is None:
+        ctx.record(src, LedgerKind.UNMAPPED, f"no twin variable for code {code_label(resource['code'])}")
+        return []
+    code = f"{row.system}|{row.code}"
+    if row.handler == "exclude":
+        ctx.record(src, LedgerKind.EXCLUDED, f"{row.code}: {row.note}")
+        return []
+    timed = observation_time(resource)
+    if timed is None:
+        ctx.record(src, LedgerKind.MISSING_TIME, f"{row.code}: no effective time or issued", row.variable or None)
+        return []
+    when, time_note = timed
+    if row.handler == "quantity":
+        ev = quantity_evidence(resource, row.variable, src, status, when, ctx, code, time_note)
+        return [ev] if ev else []
+    if row.handler == "bp_panel":
+        return _bp_panel(resource, src, status, when, time_note, ctx)
+    if row.handler == "smoking":
+        return behavioral.smoking(resource, src, status, when, time_note, ctx, code)
+    if row.handler in ("evs_panel", "evs_days", "evs_minutes"):
+        return behavioral.exercise_vital_sign(resource, row.handler, src, status, when, time_note, ctx, code)
+    raise AdapterError(f"unknown handler {row.handler} in observation_codes.csv")
+
+
+def _bp_panel(
+    resource: dict[str, Any], src: SourceRef, status: str, when: TimePoint, note: str | None, ctx: Context
+) -> list[Evidence]:
+    out: list[Evidence] = []
+    seen = False
+    for comp in iter_components(resource):
+        row = lookup(comp.get("code"))
+        if row is None or row.handler != "quantity" or row.variable not in ("systolic_bp_mm_hg", "diastolic_bp_mm_hg"):
+            continue
+        seen = True
+        ev = quantity_evidence(comp, row.variable, src, status, when, ctx, f"{row.system}|{row.code}", note)
+        if ev is not None:
+            out.append(ev)
+    if not seen:
+        ctx.record(src, LedgerKind.NO_VALUE, "BP panel without systolic/diastolic components")
+    return out

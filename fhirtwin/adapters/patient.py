@@ -1,0 +1,81 @@
+"""Patient adapter: administrative sex, birth date (for age only), US Core race, deceased.
+
+The birth date never leaves the Demographics object except through explicit serialisation, and is
+never put in a ledger message or log line.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from functools import cache
+from typing import Any
+
+from fhirtwin.adapters._common import AdapterError, Context, parse_time, read_csv
+from fhirtwin.twin import Demographics, LedgerKind, SourceRef
+
+US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+SEXES = {"female", "male", "other", "unknown"}
+
+
+@cache
+def _race_table() -> dict[str, str]:
+    return {r["omb_code"]: r["race"] for r in read_csv("race_codes.csv")}
+
+
+def _race(resource: dict[str, Any], src: SourceRef, ctx: Context) -> str | None:
+    codes: list[str] = []
+    for ext in resource.get("extension") or []:
+        if not isinstance(ext, dict) or ext.get("url") != US_CORE_RACE:
+            continue
+        for sub in ext.get("extension") or []:
+            if isinstance(sub, dict) and sub.get("url") == "ombCategory":
+                coding = sub.get("valueCoding") or {}
+                if isinstance(coding, dict) and coding.get("code"):
+                    codes.append(str(coding["code"]))
+    if not codes:
+        return None
+    groups = {_race_table().get(c) for c in codes}
+    if None in groups:
+        ctx.record(src, LedgerKind.UNMAPPED, "race: unknown OMB category code")
+        groups.discard(None)
+    if len(groups) == 1:
+        return groups.pop()
+    return "other"
+
+
+def _birth_date(text: Any, src: SourceRef, ctx: Context) -> date | None:
+    if text is None:
+        return None
+    parsed = parse_time(text)
+    value = parsed.value
+    if not isinstance(value, date):
+        raise AdapterError("birthDate is not a date")
+    if parsed.note:
+        # A partial birth date biases age; mid-period is the least biased fill (recorded, not silent).
+        ctx.record(src, LedgerKind.DERIVED, "partial birthDate: missing month/day filled with mid-period")
+        length = len(str(text).strip())
+        value = date(value.year, 7, 1) if length == 4 else date(value.year, value.month, 15)
+    return value
+
+
+def adapt_patient(resource: dict[str, Any], src: SourceRef, ctx: Context) -> Demographics:
+    """Demographics from a Patient resource (raises AdapterError if it is unreadable)."""
+    gender = resource.get("gender")
+    if gender is not None and gender not in SEXES:
+        ctx.record(src, LedgerKind.MALFORMED, "gender is not an administrative-gender code")
+        gender = None
+    deceased: bool | None = None
+    deceased_time = None
+    if isinstance(resource.get("deceasedBoolean"), bool):
+        deceased = resource["deceasedBoolean"]
+    elif resource.get("deceasedDateTime") is not None:
+        deceased = True
+        deceased_time = parse_time(resource["deceasedDateTime"]).value
+    return Demographics(
+        sex=gender,
+        birth_date=_birth_date(resource.get("birthDate"), src, ctx),
+        race=_race(resource, src, ctx),
+        deceased=deceased,
+        deceased_time=deceased_time,
+        source=src,
+    )
