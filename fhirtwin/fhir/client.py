@@ -623,6 +623,7 @@ class FhirClient:
         ``Patient/<id>/$everything`` (check ``supports_everything()`` first). Raises FhirNotFound if the
         patient does not exist and the entry's error for a failing search (never a partial record).
         """
+        _check_patient_id(patient_id)
         type_params = _type_params(types)
         if strategy == "everything":
             bundle = self.operation(
@@ -663,8 +664,8 @@ class FhirClient:
         raises :class:`FhirValidationError` (it would otherwise be silently lost).
         """
         ids = list(dict.fromkeys(patient_ids))
-        if any("," in i for i in ids):
-            raise ValueError("patient ids must not contain ','")
+        for patient_id in ids:
+            _check_patient_id(patient_id)
         type_params = _type_params(types)
         records: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
         for start in range(0, len(ids), chunk_size):
@@ -808,6 +809,12 @@ def _type_params(types: Mapping[str, str] | Iterable[str] | None) -> dict[str, s
     if isinstance(types, Mapping):
         return {k: str(v) for k, v in types.items()}
     return {t: DEFAULT_RECORD_TYPES.get(t, "patient") for t in types}
+
+
+def _check_patient_id(patient_id: Any) -> None:
+    """Refuse ids that would silently widen a search (empty, None, or containing the OR separator)."""
+    if not isinstance(patient_id, str) or not patient_id or "," in patient_id:
+        raise ValueError("patient id must be a non-empty string without ','")
 
 
 def _dedupe(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -548,6 +548,14 @@ def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) 
     ]
 
 
+@pytest.mark.parametrize("bad", [None, "", "a,b"])
+def test_fetch_patient_record_refuses_bad_ids(client: FhirClient, bad) -> None:
+    with pytest.raises(ValueError):
+        client.fetch_patient_record(bad)
+    with pytest.raises(ValueError):
+        client.fetch_patients_records(["ok", bad])
+
+
 @responses.activate
 def test_fetch_patient_record_missing_patient_raises(client: FhirClient) -> None:
     responses.post(BASE, json=batch_response((404, None), (200, searchset([]))))
