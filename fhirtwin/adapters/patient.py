@@ -24,23 +24,28 @@ def _race_table() -> dict[str, str]:
 
 def _race(resource: dict[str, Any], src: SourceRef, ctx: Context) -> str | None:
     codes: list[str] = []
+    declared = False
     for ext in resource.get("extension") or []:
         if not isinstance(ext, dict) or ext.get("url") != US_CORE_RACE:
             continue
         for sub in ext.get("extension") or []:
-            if isinstance(sub, dict) and sub.get("url") == "ombCategory":
+            if not isinstance(sub, dict):
+                continue
+            if sub.get("url") == "ombCategory":
                 coding = sub.get("valueCoding") or {}
                 if isinstance(coding, dict) and coding.get("code"):
                     codes.append(str(coding["code"]))
-    if not codes:
-        return None
-    groups = {_race_table().get(c) for c in codes}
-    if None in groups:
+            elif sub.get("url") in ("detailed", "text"):
+                declared = True
+    table = _race_table()
+    if any(c not in table for c in codes):
         ctx.record(src, LedgerKind.UNMAPPED, "race: unknown OMB category code")
-        groups.discard(None)
+    groups = {table[c] for c in codes if table.get(c)}
     if len(groups) == 1:
         return groups.pop()
-    return "other"
+    if groups or (declared and not codes):
+        return "other"
+    return None
 
 
 def _birth_date(text: Any, src: SourceRef, ctx: Context) -> date | None:
