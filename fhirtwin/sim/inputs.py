@@ -1,0 +1,342 @@
+"""The one bridge from TwinState to the simulation engine.
+
+Why: the engine must be testable without FHIR and must never guess. ``inputs_from_state`` is the only
+function in ``fhirtwin.sim`` that reads a TwinState; it collects the numbers the engine needs into a
+plain frozen ``PatientInputs`` (units in the field names), keeps every source reference for
+``RiskAssessment.basis``, and raises :class:`InsufficientData` naming what is missing. A default is used
+only where a published or stated convention exists, and each one is recorded in ``defaults_used``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fhirtwin.twin import Evidence, TwinState
+
+_YEAR_DAYS = 365.25
+HISTORY_VARIABLES = (
+    "ldl_cholesterol_mg_dl",
+    "systolic_bp_mm_hg",
+    "egfr_ml_min_1_73m2",
+    "hba1c_percent",
+    "bmi_kg_m2",
+)
+
+
+class InsufficientData(ValueError):
+    """The twin lacks evidence the engine needs; ``missing`` lists the variables."""
+
+    def __init__(self, patient_id: str, missing: list[str], detail: str = "") -> None:
+        self.patient_id = patient_id
+        self.missing = list(missing)
+        extra = f" ({detail})" if detail else ""
+        super().__init__(f"patient {patient_id}: cannot simulate without {', '.join(self.missing)}{extra}")
+
+
+def _empty() -> np.ndarray:
+    return np.zeros((0, 2))
+
+
+@dataclass(frozen=True, eq=False)
+class PatientInputs:
+    """Everything the engine reads about one patient at ``as_of`` (times in years relative to it).
+
+    Histories are arrays of shape (n, 2): column 0 = time in years (<= 0), column 1 = value. Treatment
+    start times (years, <= 0) let calibration ignore measurements taken before the current regimen.
+    Genomic fields are None when untested (no effect is applied, and the model card says so).
+    """
+
+    patient_id: str
+    sex: str
+    age_years: float
+    total_cholesterol_mg_dl: float
+    hdl_cholesterol_mg_dl: float
+    ldl_cholesterol_mg_dl: float
+    systolic_bp_mm_hg: float
+    egfr_ml_min_1_73m2: float
+    bmi_kg_m2: float
+    diabetes: bool
+    current_smoker: bool
+    on_bp_treatment: bool
+    on_statin: bool
+    hba1c_percent: float | None = None
+    uacr_mg_g: float | None = None
+    race: str | None = None
+    hypertension: bool = False
+    ckd: bool = False
+    prior_ascvd: bool = False
+    heart_failure: bool = False
+    statin_intensity: str | None = None
+    on_sglt2i: bool = False
+    on_clopidogrel: bool = False
+    fh_variant: bool | None = None
+    apol1_risk_alleles: int | None = None
+    slco1b1_phenotype: str | None = None
+    cyp2c19_phenotype: str | None = None
+    cad_prs_z: float | None = None
+    statin_start_years: float | None = None
+    bp_treatment_start_years: float | None = None
+    sglt2i_start_years: float | None = None
+    history_ldl_cholesterol_mg_dl: np.ndarray = field(default_factory=_empty)
+    history_systolic_bp_mm_hg: np.ndarray = field(default_factory=_empty)
+    history_egfr_ml_min_1_73m2: np.ndarray = field(default_factory=_empty)
+    history_hba1c_percent: np.ndarray = field(default_factory=_empty)
+    history_bmi_kg_m2: np.ndarray = field(default_factory=_empty)
+    sources: tuple[str, ...] = ()
+    defaults_used: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sex not in ("female", "male"):
+            raise ValueError(f"sex must be 'female' or 'male', got {self.sex!r}")
+        for name in HISTORY_VARIABLES:
+            arr = np.asarray(getattr(self, f"history_{name}"), dtype=float).reshape(-1, 2)
+            object.__setattr__(self, f"history_{name}", arr)
+
+    def history(self, variable: str) -> np.ndarray:
+        """History of one of ``HISTORY_VARIABLES`` as an (n, 2) array (time in years, value)."""
+        if variable not in HISTORY_VARIABLES:
+            raise KeyError(variable)
+        return getattr(self, f"history_{variable}")
+
+    @property
+    def apol1_high_risk(self) -> bool:
+        """Two APOL1 risk alleles (G1/G2), the genotype associated with faster kidney decline."""
+        return self.apol1_risk_alleles is not None and self.apol1_risk_alleles >= 2
+
+
+# ------------------------------------------------------------------------------------------------
+# TwinState -> PatientInputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _instant(t: Any) -> datetime:
+    if isinstance(t, datetime):
+        return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    if isinstance(t, date):
+        return datetime.combine(t, time.min, tzinfo=UTC)
+    raise TypeError(f"not a date or datetime: {t!r}")
+
+
+def _years(t: Any, as_of: datetime) -> float:
+    return (_instant(t) - as_of).total_seconds() / (86400.0 * _YEAR_DAYS)
+
+
+class _Reader:
+    """Collects values and their sources while reading one TwinState."""
+
+    def __init__(self, state: TwinState, as_of: Any) -> None:
+        self.state = state
+        self.as_of_arg = as_of
+        self.as_of = _instant(as_of)
+        self.sources: set[str] = set()
+        self.missing: list[str] = []
+        self.defaults: list[str] = []
+
+    def _use(self, ev: Evidence) -> None:
+        for src in ev.sources():
+            self.sources.add(src.reference)
+
+    def get(self, variable: str) -> Evidence | None:
+        ev = self.state.latest_or_none(variable, self.as_of_arg)
+        if ev is not None and not (isinstance(ev.value, str) and ev.value == "none" and variable != "smoking_status"):
+            self._use(ev)
+        return ev
+
+    def number(self, variable: str, required: bool = True) -> float | None:
+        ev = self.get(variable)
+        if ev is None or isinstance(ev.value, bool | str):
+            if required:
+                self.missing.append(variable)
+            return None
+        return float(ev.value)
+
+    def flag(self, variable: str, closed_world: str | None) -> bool | None:
+        """A yes/no fact; absence means False only under a stated closed-world convention."""
+        ev = self.get(variable)
+        if ev is None:
+            if closed_world is None:
+                return None
+            self.defaults.append(f"{variable}=False: {closed_world}")
+            return False
+        return bool(ev.value)
+
+    def start_years(self, variable: str) -> float | None:
+        ev = self.state.latest_or_none(variable, self.as_of_arg)
+        if ev is None or not ev.value or ev.value == "none":
+            return None
+        return min(0.0, _years(ev.time, self.as_of))
+
+    def series(self, variable: str) -> np.ndarray:
+        rows = []
+        for ev in self.state.history(variable):
+            if ev.censored or isinstance(ev.value, bool | str):
+                continue
+            t = _years(ev.time, self.as_of)
+            if t > 1e-9:
+                continue
+            rows.append((t, float(ev.value)))
+            self._use(ev)
+        return np.array(rows, dtype=float).reshape(-1, 2)
+
+
+_MED_CONVENTION = "no active medication record (closed-world medication list convention)"
+_PROBLEM_CONVENTION = "no recorded condition (closed-world problem list convention)"
+
+
+def _egfr_series(reader: _Reader, sex: str, birth_age_at_as_of: float) -> np.ndarray:
+    """Creatinine-derived eGFR (CKD-EPI 2021) at each creatinine time, plus reported eGFR otherwise."""
+    from fhirtwin.sim.equations import egfr_ckd_epi_2021
+
+    creat = reader.series("creatinine_mg_dl")
+    rows: list[tuple[float, float]] = []
+    if len(creat):
+        ages = birth_age_at_as_of + creat[:, 0]
+        egfr = egfr_ckd_epi_2021(sex=sex, age_years=ages, serum_creatinine_mg_dl=creat[:, 1])
+        rows.extend(zip(creat[:, 0].tolist(), np.atleast_1d(egfr).tolist(), strict=True))
+    reported = reader.series("egfr_ml_min_1_73m2")
+    creat_times = creat[:, 0] if len(creat) else np.zeros(0)
+    for t, v in reported:
+        if not len(creat_times) or np.min(np.abs(creat_times - t)) > 2.0 / _YEAR_DAYS:
+            rows.append((t, v))
+    rows.sort()
+    return np.array(rows, dtype=float).reshape(-1, 2)
+
+
+def _friedewald(tc: float, hdl: float, tg: float | None) -> float | None:
+    """Friedewald LDL-C (Friedewald et al., Clin Chem 1972;18:499): valid only for TG < 400 mg/dL."""
+    if tg is None or tg >= 400:
+        return None
+    return tc - hdl - tg / 5.0
+
+
+def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) -> PatientInputs:
+    """Read one TwinState at ``as_of`` (default: its reference date) into PatientInputs.
+
+    Raises InsufficientData naming every missing variable; never fills a measurement with a guess.
+    """
+    from fhirtwin.twin import MissingEvidence
+
+    if as_of is None:
+        as_of = state.reference_date
+    if as_of is None:
+        raise ValueError("inputs_from_state needs as_of when the twin has no reference date")
+    reader = _Reader(state, as_of)
+    pid = state.patient_id
+    missing: list[str] = []
+
+    sex = state.demographics.sex
+    if sex not in ("female", "male"):
+        missing.append("sex (female/male)")
+    elif state.demographics.source is not None:
+        reader.sources.add(state.demographics.source.reference)
+    try:
+        age_int = state.age_years(as_of)
+        birth = state.demographics.birth_date
+        age = _years(as_of, _instant(birth)) if birth is not None else float(age_int)
+        age = max(age, float(age_int))
+    except MissingEvidence:
+        missing.append("birth date (age)")
+        age = float("nan")
+
+    tc = reader.number("total_cholesterol_mg_dl")
+    hdl = reader.number("hdl_cholesterol_mg_dl")
+    sbp = reader.number("systolic_bp_mm_hg")
+    bmi = reader.number("bmi_kg_m2")
+    ldl = reader.number("ldl_cholesterol_mg_dl", required=False)
+    if ldl is None and tc is not None and hdl is not None:
+        tg = reader.number("triglycerides_mg_dl", required=False)
+        ldl = _friedewald(tc, hdl, tg)
+        if ldl is not None:
+            reader.defaults.append("ldl_cholesterol_mg_dl from Friedewald (TC - HDL - TG/5), TG < 400 mg/dL")
+    if ldl is None:
+        missing.append("ldl_cholesterol_mg_dl (or triglycerides < 400 mg/dL for Friedewald)")
+
+    hba1c = reader.number("hba1c_percent", required=False)
+    uacr = reader.number("uacr_mg_g", required=False)
+
+    egfr_hist = np.zeros((0, 2))
+    egfr = None
+    if sex in ("female", "male") and age == age:
+        egfr_hist = _egfr_series(reader, sex, age)
+        if len(egfr_hist):
+            egfr = float(egfr_hist[-1, 1])
+    if egfr is None:
+        missing.append("creatinine_mg_dl or egfr_ml_min_1_73m2")
+
+    diabetes = reader.flag("diabetes", None)
+    if diabetes is None:
+        if hba1c is not None:
+            diabetes = hba1c >= 6.5
+            reader.defaults.append("diabetes from HbA1c >= 6.5% (ADA diagnostic criterion), no condition recorded")
+        else:
+            missing.append("diabetes (condition or HbA1c)")
+    smoker = reader.flag("current_smoker", None)
+    if smoker is None:
+        missing.append("current_smoker (smoking status)")
+
+    missing = [*missing, *reader.missing]
+    if missing:
+        raise InsufficientData(pid, missing)
+
+    on_statin = bool(reader.flag("on_statin", _MED_CONVENTION))
+    intensity_ev = reader.get("statin_intensity") if on_statin else None
+    intensity = str(intensity_ev.value) if intensity_ev is not None and intensity_ev.value != "none" else None
+    if on_statin and intensity is None:
+        intensity = "moderate"
+        reader.defaults.append("statin_intensity=moderate: statin without a known dose (most common intensity)")
+
+    def geno(variable: str) -> Any:
+        ev = reader.get(variable)
+        return None if ev is None else ev.value
+
+    fh = geno("fh_variant")
+    apol1 = geno("apol1_risk_alleles")
+    prs = geno("cad_prs_z")
+    prior_mi = reader.flag("prior_mi", _PROBLEM_CONVENTION)
+    prior_stroke = reader.flag("prior_stroke", _PROBLEM_CONVENTION)
+
+    return PatientInputs(
+        patient_id=pid,
+        sex=str(sex),
+        age_years=float(age),
+        total_cholesterol_mg_dl=float(tc),  # type: ignore[arg-type]
+        hdl_cholesterol_mg_dl=float(hdl),  # type: ignore[arg-type]
+        ldl_cholesterol_mg_dl=float(ldl),
+        systolic_bp_mm_hg=float(sbp),  # type: ignore[arg-type]
+        egfr_ml_min_1_73m2=float(egfr),  # type: ignore[arg-type]
+        bmi_kg_m2=float(bmi),  # type: ignore[arg-type]
+        diabetes=bool(diabetes),
+        current_smoker=bool(smoker),
+        on_bp_treatment=bool(reader.flag("on_bp_treatment", _MED_CONVENTION)),
+        on_statin=on_statin,
+        hba1c_percent=hba1c,
+        uacr_mg_g=uacr,
+        race=state.demographics.race,
+        hypertension=bool(reader.flag("hypertension", _PROBLEM_CONVENTION)),
+        ckd=bool(reader.flag("ckd", _PROBLEM_CONVENTION)),
+        prior_ascvd=bool(prior_mi or prior_stroke),
+        heart_failure=bool(reader.flag("heart_failure", _PROBLEM_CONVENTION)),
+        statin_intensity=intensity,
+        on_sglt2i=bool(reader.flag("on_sglt2i", _MED_CONVENTION)),
+        on_clopidogrel=bool(reader.flag("on_clopidogrel", _MED_CONVENTION)),
+        fh_variant=None if fh is None else bool(fh),
+        apol1_risk_alleles=None if apol1 is None else int(float(apol1)),
+        slco1b1_phenotype=None if geno("slco1b1_phenotype") is None else str(geno("slco1b1_phenotype")),
+        cyp2c19_phenotype=None if geno("cyp2c19_phenotype") is None else str(geno("cyp2c19_phenotype")),
+        cad_prs_z=None if prs is None else float(prs),
+        statin_start_years=reader.start_years("on_statin"),
+        bp_treatment_start_years=reader.start_years("on_bp_treatment"),
+        sglt2i_start_years=reader.start_years("on_sglt2i"),
+        history_ldl_cholesterol_mg_dl=reader.series("ldl_cholesterol_mg_dl"),
+        history_systolic_bp_mm_hg=reader.series("systolic_bp_mm_hg"),
+        history_egfr_ml_min_1_73m2=egfr_hist,
+        history_hba1c_percent=reader.series("hba1c_percent"),
+        history_bmi_kg_m2=reader.series("bmi_kg_m2"),
+        sources=tuple(sorted(reader.sources)),
+        defaults_used=tuple(reader.defaults),
+    )

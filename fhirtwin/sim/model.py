@@ -1,0 +1,342 @@
+"""One contract for every predictive model, a registry, and the Forecast they return.
+
+Why: the writeback layer, the planner and the conformance test must treat every model alike (the
+equations-only comparator, the mechanistic twin, learned models later). A model is calibrated to one
+patient with ``fit`` (returns self; everything learned ends in ``_``), then ``simulate`` runs one
+scenario into a :class:`Forecast` that is reproducible from its seed and carries its own provenance
+(inputs' source references, method identity, caveats).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+from fhirtwin.sim._params import intervention_parameters
+from fhirtwin.sim.calibration import LinearPosterior, calibrate
+from fhirtwin.sim.dynamics import TRAJECTORY_VARIABLES, month_grid, simulate_trajectories
+from fhirtwin.sim.ensemble import draw_parameters, summarise
+from fhirtwin.sim.equations import prevent_risk
+from fhirtwin.sim.hazards import (
+    OUTCOMES,
+    Anchors,
+    _prevent_kwargs,
+    compute_anchors,
+    cumulative_incidence,
+    hazard_paths,
+)
+from fhirtwin.sim.inputs import PatientInputs, inputs_from_state
+from fhirtwin.sim.interventions import BASELINE, Scenario
+
+MAX_HORIZON_YEARS = 30.0
+COMPETING_GROUPS: tuple[tuple[str, ...], ...] = (("total_cvd", "death"),)
+
+
+class NotFittedError(RuntimeError):
+    """simulate() was called before fit()."""
+
+
+@dataclass(frozen=True)
+class Driver:
+    """A main contributor to the baseline risk: the 10-year risk now and with the factor at a reference."""
+
+    factor: str
+    outcome: str
+    value: str
+    reference: str
+    risk: float
+    risk_at_reference: float
+
+    @property
+    def contribution(self) -> float:
+        """Absolute risk attributable to the factor (risk - risk at reference)."""
+        return self.risk - self.risk_at_reference
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict."""
+        return {**self.__dict__, "contribution": self.contribution}
+
+
+@dataclass(frozen=True, eq=False)
+class Forecast:
+    """One model's simulation of one patient under one scenario.
+
+    ``cif[outcome]`` and ``trajectories[variable]`` are per-draw arrays (draws, months+1) at
+    ``times_months``; :meth:`summary` and :meth:`at_horizon` give the median and 90% interval.
+    ``death`` is non-cardiovascular death before a first CVD event; ``competing_groups`` lists sets of
+    outcomes that are mutually exclusive first events (their CIFs sum to at most 1).
+    """
+
+    model: str
+    model_version: str
+    method: dict[str, Any]
+    patient_id: str
+    scenario: Scenario
+    horizon_years: float
+    draws: int
+    seed: int
+    times_months: np.ndarray
+    cif: dict[str, np.ndarray]
+    trajectories: dict[str, np.ndarray]
+    sources: tuple[str, ...]
+    drivers: tuple[Driver, ...] = ()
+    caveats: tuple[str, ...] = ()
+    competing_groups: tuple[tuple[str, ...], ...] = COMPETING_GROUPS
+
+    @property
+    def outcomes(self) -> tuple[str, ...]:
+        """Outcomes in this forecast."""
+        return tuple(self.cif)
+
+    def summary(self, outcome: str) -> dict[str, np.ndarray]:
+        """Median and 5th/95th percentiles of the CIF over time."""
+        return summarise(self.cif[outcome])
+
+    def trajectory_summary(self, variable: str) -> dict[str, np.ndarray]:
+        """Median and 90% band of a biomarker trajectory over time."""
+        return summarise(self.trajectories[variable])
+
+    def at_horizon(self, outcome: str, years: float | None = None) -> dict[str, float]:
+        """Median and 90% interval of the CIF at ``years`` (default: the horizon)."""
+        month = int(round(12 * (self.horizon_years if years is None else years)))
+        if not 0 <= month <= self.times_months[-1]:
+            raise ValueError(f"{years} years is outside the forecast horizon")
+        s = summarise(self.cif[outcome][:, month])
+        return {k: float(v) for k, v in s.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """Summary (not per-draw arrays) as plain JSON, for writeback and the web pages."""
+        yearly = self.times_months[::12]
+        return {
+            "model": self.model,
+            "model_version": self.model_version,
+            "method": self.method,
+            "patient_id": self.patient_id,
+            "scenario": self.scenario.to_json(),
+            "horizon_years": self.horizon_years,
+            "draws": self.draws,
+            "seed": self.seed,
+            "times_months": yearly.tolist(),
+            "outcomes": {
+                o: {
+                    "at_horizon": self.at_horizon(o),
+                    **{k: v[::12].tolist() for k, v in self.summary(o).items()},
+                }
+                for o in self.outcomes
+            },
+            "trajectories": {
+                v: {k: a[::12].tolist() for k, a in self.trajectory_summary(v).items()} for v in self.trajectories
+            },
+            "sources": list(self.sources),
+            "drivers": [d.to_json() for d in self.drivers],
+            "caveats": list(self.caveats),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# registry
+# ------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[TwinModel]] = {}
+
+
+def register_model(cls: type[TwinModel]) -> type[TwinModel]:
+    """Class decorator: make a model available by its ``name`` (and to the conformance test)."""
+    name = getattr(cls, "name", None)
+    if not name:
+        raise ValueError("a registered model needs a class attribute 'name'")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"model name {name!r} is already registered")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available_models() -> list[str]:
+    """Names of the registered models."""
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str, **kwargs: Any) -> TwinModel:
+    """A fresh, unfitted instance of a registered model."""
+    try:
+        return _REGISTRY[name](**kwargs)
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; available: {available_models()}") from None
+
+
+class TwinModel(ABC):
+    """Contract: ``fit(state_or_inputs) -> self``; ``simulate(scenario, horizon_years, draws, seed)``."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+
+    @abstractmethod
+    def fit(self, data: Any, as_of: date | datetime | None = None) -> Self:
+        """Calibrate to one patient (TwinState or PatientInputs); learned attributes end in ``_``."""
+
+    @abstractmethod
+    def simulate(
+        self, scenario: Scenario | None = None, horizon_years: float = 10.0, draws: int = 1000, seed: int = 0
+    ) -> Forecast:
+        """Simulate one scenario; the same seed gives the same Forecast."""
+
+    def learned_attributes(self) -> dict[str, Any]:
+        """Attributes set by fit (names ending in ``_``)."""
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+
+# ------------------------------------------------------------------------------------------------
+# the mechanistic twin and its equations-only comparator
+# ------------------------------------------------------------------------------------------------
+
+
+def _as_inputs(data: Any, as_of: date | datetime | None) -> PatientInputs:
+    if isinstance(data, PatientInputs):
+        return data
+    return inputs_from_state(data, as_of)
+
+
+_DRIVER_REFERENCES = (
+    ("systolic_bp_mm_hg", "SBP", 120.0, "120 mmHg"),
+    ("egfr_ml_min_1_73m2", "eGFR", 90.0, "90 mL/min/1.73m2"),
+    ("bmi_kg_m2", "BMI", 25.0, "25 kg/m2"),
+)
+
+
+def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ...]:
+    """Counterfactual contributions: PREVENT 10-year risk now vs with one factor at a reference value."""
+    kw = _prevent_kwargs(inputs, anchors.prevent_model)
+    age = float(np.clip(inputs.age_years, 30, 79))
+    out: list[Driver] = []
+
+    def risk(outcome: str, **change: Any) -> float:
+        return float(prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True, **{**kw, **change}))
+
+    for outcome in ("total_cvd", "heart_failure"):
+        now = risk(outcome)
+        for key, label, ref, ref_text in _DRIVER_REFERENCES:
+            value = getattr(inputs, key)
+            worse = value > ref if key != "egfr_ml_min_1_73m2" else value < ref
+            if worse and not (key == "bmi_kg_m2" and outcome != "heart_failure"):
+                out.append(Driver(label, outcome, f"{value:.0f}", ref_text, now, risk(outcome, **{key: ref})))
+        if outcome == "total_cvd":
+            non_hdl_ref = inputs.hdl_cholesterol_mg_dl + 3.5 / 0.02586
+            if inputs.total_cholesterol_mg_dl > non_hdl_ref:
+                out.append(
+                    Driver(
+                        "non-HDL cholesterol",
+                        outcome,
+                        f"{inputs.total_cholesterol_mg_dl - inputs.hdl_cholesterol_mg_dl:.0f} mg/dL",
+                        "135 mg/dL (3.5 mmol/L, PREVENT centre)",
+                        now,
+                        risk(outcome, total_cholesterol_mg_dl=non_hdl_ref),
+                    )
+                )
+        for flag, label in (("current_smoker", "current smoking"), ("diabetes", "diabetes")):
+            if getattr(inputs, flag):
+                out.append(Driver(label, outcome, "yes", "no", now, risk(outcome, **{flag: 0})))
+    ascvd = float(anchors.prevent_10y["ascvd"][0])
+    ratios = intervention_parameters()["ratios"]
+    if inputs.fh_variant:
+        hr = ratios["fh_variant_cad_or_at_same_ldl"]["value"]
+        out.append(Driver("FH variant", "ascvd", "carrier", "non-carrier", 1 - (1 - ascvd) ** hr, ascvd))
+    if inputs.cad_prs_z is not None and inputs.cad_prs_z > 0:
+        hr = ratios["cad_prs_hr_per_sd"]["value"] ** inputs.cad_prs_z
+        z_text = f"z = {inputs.cad_prs_z:+.2f}"
+        out.append(
+            Driver("CAD polygenic score", "ascvd", z_text, "z = 0", 1 - (1 - ascvd) ** hr, ascvd)
+        )
+    out = [d for d in out if d.contribution > 0.001]
+    return tuple(sorted(out, key=lambda d: -d.contribution))
+
+
+@register_model
+class MechanisticTwin(TwinModel):
+    """Equation-anchored hazards driven by calibrated, coupled biomarker dynamics (the fhirtwin engine).
+
+    ``background_mortality=False`` switches off the competing non-CVD death (used to check that the
+    baseline reproduces the anchoring equation).
+    """
+
+    name = "fhirtwin-mechanistic"
+    version = "0.1.0"
+    dynamic: ClassVar[bool] = True
+
+    def __init__(self, background_mortality: bool = True) -> None:
+        self.background_mortality = background_mortality
+
+    def fit(self, data: Any, as_of: date | datetime | None = None) -> Self:
+        """Read inputs, calibrate levels/drifts and evaluate the anchoring equations."""
+        inputs = _as_inputs(data, as_of)
+        self.inputs_: PatientInputs = inputs
+        self.posteriors_: dict[str, LinearPosterior] = calibrate(inputs)
+        self.anchors_: Anchors = compute_anchors(inputs, MAX_HORIZON_YEARS)
+        self.drivers_: tuple[Driver, ...] = compute_drivers(inputs, self.anchors_)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "anchors_"):
+            raise NotFittedError(f"{type(self).__name__}.simulate() called before fit()")
+
+    def simulate(
+        self, scenario: Scenario | None = None, horizon_years: float = 10.0, draws: int = 1000, seed: int = 0
+    ) -> Forecast:
+        """Run the ensemble for one scenario (paired with any other scenario run with the same seed)."""
+        self._check_fitted()
+        if not 1.0 / 12.0 <= horizon_years <= MAX_HORIZON_YEARS:
+            raise ValueError(f"horizon_years must be between 1 month and {MAX_HORIZON_YEARS:g} years")
+        scenario = BASELINE if scenario is None else scenario
+        inputs = self.inputs_
+        t = month_grid(horizon_years)
+        params = draw_parameters(inputs, self.posteriors_, draws, seed, horizon_years)
+        traj = simulate_trajectories(inputs, self.posteriors_, params, scenario, t, dynamic=self.dynamic)
+        hz = hazard_paths(inputs, self.anchors_, traj, params, scenario, dynamic=self.dynamic)
+        cif = cumulative_incidence(hz, 1.0 / 12.0, with_death=self.background_mortality)
+        caveats = list(self.anchors_.caveats)
+        caveats.extend(f"default used: {d}" for d in inputs.defaults_used)
+        if "hba1c_percent" not in traj.values:
+            caveats.append("no HbA1c measured: HbA1c is not simulated and does not modify eGFR decline")
+        if inputs.fh_variant is None and inputs.cad_prs_z is None and inputs.apol1_risk_alleles is None:
+            caveats.append("no genomic results: FH, CAD polygenic score and APOL1 modifiers not applied")
+        if not self.background_mortality:
+            caveats.append("background (non-CVD) mortality switched off")
+        method = {
+            **self.anchors_.method,
+            "engine": f"{self.name} {self.version}",
+            "dynamics": "calibrated linear drifts + random walk, coupled eGFR-HbA1c" if self.dynamic else "none",
+            "effects": "interventions.json",
+            "parameters": "dynamics_parameters.json",
+        }
+        return Forecast(
+            model=self.name,
+            model_version=self.version,
+            method=method,
+            patient_id=inputs.patient_id,
+            scenario=scenario,
+            horizon_years=float(horizon_years),
+            draws=draws,
+            seed=seed,
+            times_months=np.arange(t.size),
+            cif={o: cif[o] for o in OUTCOMES},
+            trajectories={v: traj.values[v] for v in TRAJECTORY_VARIABLES if v in traj.values},
+            sources=inputs.sources,
+            drivers=self.drivers_,
+            caveats=tuple(caveats),
+        )
+
+
+@register_model
+class EquationTwin(MechanisticTwin):
+    """Comparator: the anchoring equations with trial effects of interventions, but no natural history.
+
+    Biomarkers stay at their calibrated current level except for intervention effects; hazards stay
+    at the equation's value. Useful to see how much the dynamics change a forecast.
+    """
+
+    name = "fhirtwin-equations"
+    version = "0.1.0"
+    dynamic = False
