@@ -85,6 +85,7 @@ DEFAULT_RECORD_TYPES: dict[str, str] = {
     "MedicationRequest": "patient",
     "MedicationStatement": "patient",
     "MolecularSequence": "patient",
+    "DiagnosticReport": "patient",
 }
 
 RequestHook = Callable[[requests.PreparedRequest], None]
@@ -273,6 +274,7 @@ class FhirClient:
             for func in funcs:
                 self.add_hook(kind, func)
         self.request_counts: Counter[str] = Counter()
+        self.pages_followed = 0  # paging links followed (each is also counted in request_counts)
         self._lock = threading.Lock()
         self._capabilities: dict[str, Any] | None = None
 
@@ -497,6 +499,8 @@ class FhirClient:
 
     def follow(self, url: str) -> dict[str, Any]:
         """GET a paging link (must be on the FHIR server's origin, since it carries our credentials)."""
+        with self._lock:
+            self.pages_followed += 1
         return self._json("GET", urljoin(self.base_url + "/", url))
 
     def create(

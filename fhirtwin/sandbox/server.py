@@ -95,7 +95,7 @@ class Sandbox:
             if shutil.which(tool) is None:
                 raise SandboxError(f"'{tool}' is not on PATH; the sandbox needs Java 17 and Maven")
         if not quiet:
-            print("Building the HAPI FHIR sandbox with Maven (first use downloads ~300 MB)...", flush=True)
+            print("Building the HAPI FHIR sandbox with Maven (a first build downloads about 350 MB)…", flush=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         build_log = self.data_dir / "build.log"
         with build_log.open("w") as log:

@@ -532,7 +532,7 @@ def test_fetch_patient_record_one_request_and_paging_of_one_entry(client: FhirCl
 def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) -> None:
     responses.post(
         BASE,
-        json=batch_response((200, {"resourceType": "Patient", "id": "p1"}), *[(200, searchset([]))] * 5),
+        json=batch_response((200, {"resourceType": "Patient", "id": "p1"}), *[(200, searchset([]))] * 6),
     )
     record = client.fetch_patient_record("p1")
     assert record == [{"resourceType": "Patient", "id": "p1"}]
@@ -545,6 +545,7 @@ def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) 
         "MedicationRequest",
         "MedicationStatement",
         "MolecularSequence",
+        "DiagnosticReport",
     ]
 
 

@@ -40,6 +40,7 @@ import org.springframework.beans.factory.annotation.Value;
 import org.springframework.beans.factory.config.BeanPostProcessor;
 import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
 import org.springframework.boot.autoconfigure.orm.jpa.JpaProperties;
+import org.springframework.boot.web.servlet.FilterRegistrationBean;
 import org.springframework.boot.web.servlet.ServletRegistrationBean;
 import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Configuration;
@@ -184,6 +185,15 @@ public class SandboxFhirConfig {
   public ServletRegistrationBean<RestfulServer> fhirServlet(RestfulServer fhirServer) {
     ServletRegistrationBean<RestfulServer> registration = new ServletRegistrationBean<>(fhirServer, "/fhir/*");
     registration.setLoadOnStartup(1);
+    return registration;
+  }
+
+  @Bean
+  public FilterRegistrationBean<ExportRetryAfterFilter> exportRetryAfterFilter(
+      @Value("${fhirtwin.sandbox.export-retry-after-s:1}") long seconds) {
+    FilterRegistrationBean<ExportRetryAfterFilter> registration =
+        new FilterRegistrationBean<>(new ExportRetryAfterFilter(seconds));
+    registration.addUrlPatterns("/fhir/*");
     return registration;
   }
 

@@ -1,0 +1,99 @@
+"""The transport layer against the real sandbox: efficient reads, conditional writes, errors, bulk export."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fhirtwin.fhir.client import FhirClient
+from fhirtwin.fhir.errors import FhirConflict, FhirNotFound, FhirTransactionError
+from fhirtwin.fhir.ndjson import NdjsonSource, bulk_export, download_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def _ids(resources) -> set[str]:
+    return {f"{r['resourceType']}/{r['id']}" for r in resources}
+
+
+def _bundle_ids(bundle: dict) -> set[str]:
+    return _ids(e["resource"] for e in bundle["entry"])
+
+
+def test_one_patient_record_in_one_request(loaded_cohort, base_url: str) -> None:
+    client = FhirClient(base_url)
+    richest = max(loaded_cohort.bundles, key=lambda b: len(b["entry"]))
+    patient_id = richest["entry"][0]["resource"]["id"]
+    record = client.fetch_patient_record(patient_id)
+    assert client.request_count == 1 and client.pages_followed == 0
+    assert record[0]["resourceType"] == "Patient"
+    assert _ids(record) == _bundle_ids(richest)
+
+
+def test_small_pages_are_followed_and_counted(loaded_cohort, base_url: str) -> None:
+    client = FhirClient(base_url)
+    bundle = loaded_cohort.bundles[0]
+    patient_id = bundle["entry"][0]["resource"]["id"]
+    record = client.fetch_patient_record(patient_id, count=20)
+    assert _ids(record) == _bundle_ids(bundle)
+    assert client.pages_followed >= 1
+    assert client.request_count == 1 + client.pages_followed
+
+
+def test_many_patients_share_requests(loaded_cohort, base_url: str) -> None:
+    client = FhirClient(base_url)
+    bundles = loaded_cohort.bundles[:20]
+    ids = [b["entry"][0]["resource"]["id"] for b in bundles]
+    records = client.fetch_patients_records(ids, chunk_size=20)
+    assert list(records) == ids
+    for bundle, patient_id in zip(bundles, ids, strict=True):
+        assert _ids(records[patient_id]) == _bundle_ids(bundle)
+    assert client.request_count <= 1 + client.pages_followed
+
+
+def test_missing_resource_raises_not_found(base_url: str) -> None:
+    with pytest.raises(FhirNotFound) as raised:
+        FhirClient(base_url).read("Patient", f"does-not-exist-{uuid.uuid4().hex[:8]}")
+    assert raised.value.status == 404
+    assert raised.value.issues, "the server's OperationOutcome travels with the error"
+
+
+def test_conditional_create_is_idempotent_and_ambiguity_is_an_error(base_url: str) -> None:
+    client = FhirClient(base_url)
+    system, value = "https://fhirtwin.org/sid/test", uuid.uuid4().hex
+    patient = {"resourceType": "Patient", "identifier": [{"system": system, "value": value}]}
+    first = client.create(patient, if_none_exist={"identifier": f"{system}|{value}"})
+    second = client.create(patient, if_none_exist={"identifier": f"{system}|{value}"})
+    assert first["id"] == second["id"]
+    client.create(patient)  # a plain create makes a second match
+    with pytest.raises(FhirConflict) as raised:
+        client.create(patient, if_none_exist={"identifier": f"{system}|{value}"})
+    assert raised.value.status == 412
+
+
+def test_failed_transaction_raises_with_outcome_and_writes_nothing(base_url: str) -> None:
+    client = FhirClient(base_url)
+    tag = uuid.uuid4().hex
+    good = {"resourceType": "Patient", "meta": {"tag": [{"system": "https://fhirtwin.org/test", "code": tag}]}}
+    bad = {"resourceType": "Observation", "status": "not-a-status", "code": {"text": "x"}}
+    with pytest.raises(FhirTransactionError) as raised:
+        client.transaction([
+            {"resource": good, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": bad, "request": {"method": "POST", "url": "Observation"}},
+        ])
+    assert raised.value.status == 400
+    assert client.search("Patient", {"_tag": tag, "_summary": "count"})["total"] == 0
+
+
+def test_bulk_export_round_trips_through_the_ndjson_source(loaded_cohort, base_url: str, tmp_path: Path) -> None:
+    client = FhirClient(base_url)
+    manifest = bulk_export(client, "patient", types=["Patient", "Condition"], timeout=300)
+    download_manifest(client, manifest, tmp_path)
+    source = NdjsonSource(tmp_path)
+    bundle = loaded_cohort.bundles[5]
+    patient_id = bundle["entry"][0]["resource"]["id"]
+    offline = source.fetch_patient_record(patient_id)
+    expected = {i for i in _bundle_ids(bundle) if i.split("/")[0] in ("Patient", "Condition")}
+    assert _ids(offline) == expected
