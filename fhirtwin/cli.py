@@ -62,6 +62,47 @@ def cmd_sandbox_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace):
+    from fhirtwin.fhir.client import FhirClient
+
+    return FhirClient(args.server, verify=not args.insecure)
+
+
+def _date(text: str | None):
+    from datetime import date
+
+    return date.fromisoformat(text) if text else None
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from fhirtwin.pipeline import read_twin, state_summary
+
+    client = _client(args)
+    state = read_twin(client, args.patient, _date(args.as_of))
+    summary = state_summary(state)
+    summary["requests"] = client.request_count
+    summary["pages_followed"] = client.pages_followed
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    print(f"patient {state.patient_id}  as of {summary['reference_date']}  "
+          f"({client.request_count} request(s), {client.pages_followed} page(s) followed)")
+    for scale, variables in summary["scales"].items():
+        print(f"  {scale}:")
+        if not variables:
+            print("    (no evidence)")
+        for name, series in variables.items():
+            last = series[-1]
+            value = f"{last['value']:.4g}" if isinstance(last["value"], float) else str(last["value"])
+            unit = f" {last['unit']}" if last.get("unit") not in (None, "1") else ""
+            print(f"    {name:<30} {value + unit:<22} {len(series):>3} point(s), latest {str(last['time'])[:10]}")
+    kinds: dict[str, int] = {}
+    for entry in summary["ledger"]:
+        kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
+    print("  data-quality ledger: " + (", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "empty"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fhirtwin.demo import run_demo
 
@@ -102,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="parallel transactions")
     p.add_argument("--force", action="store_true", help="upload even if the server already holds this cohort")
     p.set_defaults(func=cmd_sandbox_load)
+
+    state = commands.add_parser("state", help="read one patient and print the multi-scale TwinState")
+    state.add_argument("--server", required=True, help="FHIR R4 base URL")
+    state.add_argument("--patient", required=True, help="Patient id")
+    state.add_argument("--as-of", default=None, help="reference date (YYYY-MM-DD, default today)")
+    state.add_argument("--json", action="store_true", help="print JSON (scales, ledger, requests, pages_followed)")
+    state.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    state.set_defaults(func=cmd_state)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)
