@@ -46,11 +46,21 @@ def month_grid(horizon_years: float) -> np.ndarray:
     return np.arange(months + 1) / 12.0
 
 
+def interpolation_matrix(knot_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Weights W (knots, times) such that values_at_knots @ W interpolates linearly (one BLAS call)."""
+    idx = np.clip(np.searchsorted(knot_t, t, side="right") - 1, 0, knot_t.size - 2)
+    span = np.maximum(knot_t[idx + 1] - knot_t[idx], 1e-12)
+    frac = np.clip((t - knot_t[idx]) / span, 0.0, 1.0)
+    w = np.zeros((knot_t.size, t.size))
+    cols = np.arange(t.size)
+    w[idx, cols] = 1.0 - frac
+    w[idx + 1, cols] += frac
+    return w
+
+
 def interpolate_knots(knots: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Linear interpolation of yearly knots (draws, years+1) onto times t (years), vectorised."""
-    idx = np.minimum(np.floor(t).astype(int), knots.shape[1] - 2)
-    frac = t - idx
-    return knots[:, idx] * (1.0 - frac) + knots[:, idx + 1] * frac
+    """Linear interpolation of yearly knots (draws, years+1) at t = 0, 1, 2... onto times t (years)."""
+    return knots @ interpolation_matrix(np.arange(knots.shape[1], dtype=float), t)
 
 
 def onset(t: np.ndarray, tau: float) -> np.ndarray:

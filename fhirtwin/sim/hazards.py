@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fhirtwin.sim._params import dynamics_parameters
-from fhirtwin.sim.dynamics import Trajectories
+from fhirtwin.sim.dynamics import Trajectories, interpolation_matrix
 from fhirtwin.sim.ensemble import ParameterDraws
 from fhirtwin.sim.equations import (
     EquationInputError,
@@ -159,10 +159,7 @@ def _knot_index(t: np.ndarray) -> np.ndarray:
 
 def _interp_knots_to_months(values: np.ndarray, knot_t: np.ndarray, t_mid: np.ndarray) -> np.ndarray:
     """Linear interpolation along axis 1 from knot times to month midpoints (vectorised)."""
-    idx = np.clip(np.searchsorted(knot_t, t_mid, side="right") - 1, 0, knot_t.size - 2)
-    span = np.maximum(knot_t[idx + 1] - knot_t[idx], 1e-12)
-    frac = np.clip((t_mid - knot_t[idx]) / span, 0.0, 1.0)
-    return values[:, idx] * (1.0 - frac) + values[:, idx + 1] * frac
+    return values @ interpolation_matrix(knot_t, t_mid)
 
 
 def prevent_log_ratio(
@@ -199,7 +196,9 @@ def kfre_log_hazard(inputs: PatientInputs, traj: Trajectories) -> tuple[np.ndarr
     ki = _knot_index(t)
     knot_t = t[ki]
     egfr = inputs.egfr_ml_min_1_73m2 + (traj.egfr_natural[:, ki] - traj.egfr_natural[:, :1])
-    ages = inputs.age_years + knot_t
+    # age is held at baseline: the 5-year risk already integrates ageing over its horizon, and KFRE's age
+    # term is weak (and protective), so updating it would double count
+    ages = np.full(knot_t.shape, inputs.age_years)
     common = dict(sex=inputs.sex, uacr_mg_g=inputs.uacr_mg_g, clip=True)
     egfr_c = np.clip(egfr, *KFRE_EGFR_RANGE)
     log_h = np.log(_cum_hazard(kfre_risk(horizon_years=5, age_years=ages, egfr_ml_min_1_73m2=egfr_c, **common)) / 5)
@@ -290,13 +289,16 @@ def competing_cif(hazard: np.ndarray, death: np.ndarray, dt: float) -> tuple[np.
     Within a month hazards are constant, so P(any) = 1 - exp(-(h+d) dt), split in proportion h : d.
     """
     total = hazard + death
-    q = -np.expm1(-total * dt)
-    surv_prev = np.exp(-np.concatenate([np.zeros((total.shape[0], 1)), np.cumsum(total * dt, axis=1)[:, :-1]], 1))
+    n, m = total.shape
+    cum = np.empty((n, m + 1))
+    cum[:, 0] = 0.0
+    np.cumsum(total * dt, axis=1, out=cum[:, 1:])
+    surv = np.exp(-cum)  # S at month starts 0..m
     frac = np.divide(hazard, total, out=np.zeros_like(total), where=total > 0)
-    inc = surv_prev * q
-    zero = np.zeros((total.shape[0], 1))
-    cif_event = np.concatenate([zero, np.cumsum(inc * frac, axis=1)], axis=1)
-    cif_death = np.concatenate([zero, np.cumsum(inc * (1.0 - frac), axis=1)], axis=1)
+    cif_event = np.empty((n, m + 1))
+    cif_event[:, 0] = 0.0
+    np.cumsum((surv[:, :-1] - surv[:, 1:]) * frac, axis=1, out=cif_event[:, 1:])
+    cif_death = np.clip(1.0 - surv - cif_event, 0.0, 1.0)  # everything that left the event-free state
     return cif_event, cif_death
 
 

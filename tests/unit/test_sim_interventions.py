@@ -1,0 +1,81 @@
+"""Eligibility, pharmacogenomic exclusions with reasons, and effect-size draws."""
+
+from __future__ import annotations
+
+import numpy as np
+from sim_fixtures import patient
+
+from fhirtwin.sim._params import intervention_parameters
+from fhirtwin.sim.interventions import candidate_interventions, combinations, lognormal_draws
+
+
+def kinds(c):
+    return [i.kind for i in c.eligible]
+
+
+def reasons(c, word):
+    return [e for e in c.excluded if word in e.candidate.lower()]
+
+
+def test_slco1b1_poor_function_avoids_simvastatin_with_reason():
+    c = candidate_interventions(patient(slco1b1_phenotype="poor_function"))
+    statins = [i for i in c.eligible if i.kind == "statin"]
+    assert statins and all(i.agent != "simvastatin" for i in statins)
+    excl = reasons(c, "simvastatin")
+    assert excl and "SLCO1B1" in excl[0].reason and "CPIC" in excl[0].source
+    assert all(any("SLCO1B1" in n for n in i.notes) for i in statins)
+
+
+def test_slco1b1_normal_function_has_no_statin_exclusion():
+    c = candidate_interventions(patient(slco1b1_phenotype="normal_function"))
+    assert not reasons(c, "simvastatin")
+
+
+def test_cyp2c19_intermediate_or_poor_excludes_clopidogrel():
+    for phenotype in ("intermediate", "poor_metabolizer", "Likely intermediate metabolizer"):
+        c = candidate_interventions(patient(cyp2c19_phenotype=phenotype))
+        excl = reasons(c, "clopidogrel")
+        assert excl and "prasugrel or ticagrelor" in excl[0].reason and "Lee" in excl[0].source
+    assert not reasons(candidate_interventions(patient(cyp2c19_phenotype="normal_metabolizer")), "clopidogrel")
+    on = candidate_interventions(patient(cyp2c19_phenotype="poor_metabolizer", on_clopidogrel=True))
+    assert any("clopidogrel" in n for n in on.notes)
+
+
+def test_contraindications():
+    c = candidate_interventions(patient(on_statin=True, statin_intensity="high"))
+    assert "statin" not in kinds(c) and any("high-intensity" in e.reason for e in c.excluded)
+    moderate = candidate_interventions(patient(on_statin=True, statin_intensity="moderate"))
+    assert [i.intensity for i in moderate.eligible if i.kind == "statin"] == ["high"]
+    low_egfr = candidate_interventions(patient(egfr_ml_min_1_73m2=15.0))
+    assert "sglt2i" not in kinds(low_egfr) and any("< 20" in e.reason for e in low_egfr.excluded)
+    assert "sglt2i" not in kinds(candidate_interventions(patient(on_sglt2i=True)))
+    nonsmoker = candidate_interventions(patient(current_smoker=False))
+    assert "smoking_cessation" not in kinds(nonsmoker)
+    assert any(e.reason == "not a current smoker" for e in nonsmoker.excluded)
+    assert "bp_lowering" not in kinds(candidate_interventions(patient(systolic_bp_mm_hg=118.0)))
+    full = candidate_interventions(patient())
+    assert set(kinds(full)) == {"statin", "bp_lowering", "sglt2i", "smoking_cessation"}
+    for word in ("weight loss", "ezetimibe", "pcsk9"):
+        assert reasons(full, word), word
+
+
+def test_combinations_use_one_statin():
+    scenarios = combinations(candidate_interventions(patient()).eligible)
+    for s in scenarios:
+        assert sum(i.kind == "statin" for i in s.interventions) <= 1
+    assert any(len(s.interventions) == 4 for s in scenarios)
+    assert any({i.kind for i in s.interventions} == {"statin", "bp_lowering"} for s in scenarios)
+
+
+def test_lognormal_draws_match_published_ci():
+    spec = intervention_parameters()["ratios"]["ldl_major_vascular_rr_per_mmol_l"]
+    x = lognormal_draws("ldl_major_vascular_rr_per_mmol_l", np.random.default_rng(0), 200_000)
+    np.testing.assert_allclose(np.median(x), spec["value"], rtol=2e-3)
+    np.testing.assert_allclose(np.percentile(x, [2.5, 97.5]), spec["ci95"], rtol=5e-3)
+
+
+def test_every_effect_has_ci_and_source():
+    for name, spec in intervention_parameters()["ratios"].items():
+        lo, hi = spec["ci95"]
+        assert lo < spec["value"] < hi, name
+        assert spec["source"], name
