@@ -87,6 +87,7 @@ class Anchors:
     kfre_5y: float | None
     method: dict[str, Any]
     caveats: tuple[str, ...] = field(default=())
+    log_cum_hazard_at_baseline: dict[str, float] = field(default_factory=dict)
 
 
 def compute_anchors(inputs: PatientInputs, horizon_years: float) -> Anchors:
@@ -148,7 +149,12 @@ def compute_anchors(inputs: PatientInputs, horizon_years: float) -> Anchors:
         "kidney_mode": kidney_mode,
         "anchoring": "constant hazard -ln(1-r)/T per outcome and age decade, times trajectory and effect multipliers",
     }
-    return Anchors(model, prevent_10y, hazard, kidney_mode, kfre5, method, tuple(caveats))
+    age0 = float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))
+    log_base = {
+        o: float(np.log(_cum_hazard(prevent_risk(outcome=o, horizon_years=10, age_years=age0, clip=True, **kw))))
+        for o in CVD_OUTCOMES
+    }
+    return Anchors(model, prevent_10y, hazard, kidney_mode, kfre5, method, tuple(caveats), log_base)
 
 
 def _knot_index(t: np.ndarray) -> np.ndarray:
@@ -184,9 +190,7 @@ def prevent_log_ratio(
     if "hba1c_percent" in kw and "hba1c_percent" in vals:
         kw["hba1c_percent"] = inputs.hba1c_percent + (vals["hba1c_percent"][:, ki] - vals["hba1c_percent"][:, :1])
     risk = prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True, **kw)
-    base_kw = _prevent_kwargs(inputs, anchors.prevent_model)
-    base = prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True, **base_kw)
-    log_ratio = np.log(_cum_hazard(risk)) - np.log(_cum_hazard(base))
+    log_ratio = np.log(_cum_hazard(risk)) - anchors.log_cum_hazard_at_baseline[outcome]
     return log_ratio, knot_t
 
 
