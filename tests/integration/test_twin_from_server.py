@@ -1,0 +1,157 @@
+"""The read side end to end: every cohort patient read from the real server, compared with ground truth."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import date, timedelta
+
+import pytest
+
+from fhirtwin.fhir.client import FhirClient
+from fhirtwin.pipeline import read_twin, read_twins
+from fhirtwin.twin import LedgerKind, TwinState
+
+pytestmark = pytest.mark.integration
+
+REFERENCE = date(2026, 6, 30)  # the cohort generator's reference date
+CONDITION_FLAGS = {"htn": "hypertension", "t2d": "diabetes", "ckd3a": "ckd", "ckd3b": "ckd", "ckd4": "ckd",
+                   "mi": "prior_mi", "stroke": "prior_stroke", "hf": "heart_failure",
+                   "fh": "familial_hypercholesterolemia"}
+MESSY_LEDGER_KIND = {
+    "missing-unit": LedgerKind.MISSING_UNIT,
+    "entered-in-error": LedgerKind.ENTERED_IN_ERROR,
+    "duplicate": LedgerKind.DUPLICATE,
+    "implausible": LedgerKind.IMPLAUSIBLE,
+    "preliminary": LedgerKind.NOT_FINAL,
+    "condition-refuted": LedgerKind.REFUTED,
+    "condition-entered-in-error": LedgerKind.ENTERED_IN_ERROR,
+    "lipid-mmol-l": None,  # converted, or rejected for another injected reason: some ledger entry
+    "creatinine-umol-l": None,
+}
+INTENSITY_RANK = {"low": 1, "moderate": 2, "high": 3}
+
+
+@pytest.fixture(scope="module")
+def twins(loaded_cohort, base_url: str) -> dict[str, TwinState]:
+    client = FhirClient(base_url)
+    ids = [b["entry"][0]["resource"]["id"] for b in loaded_cohort.bundles]
+    states = {state.patient_id: state for state in read_twins(client, ids, REFERENCE)}
+    assert client.request_count <= len(ids) / 20 + client.pages_followed + 1
+    return states
+
+
+def _value(state: TwinState, variable: str):
+    evidence = state.latest_or_none(variable, as_of=REFERENCE)
+    return None if evidence is None else evidence.value
+
+
+def _resources(bundle: dict) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"]]
+
+
+def test_every_resource_is_used_or_in_the_ledger(twins, loaded_cohort) -> None:
+    for bundle in loaded_cohort.bundles:
+        resources = _resources(bundle)
+        state = twins[resources[0]["id"]]
+        used = {source.unversioned for source in state.sources()}
+        ledgered = {s.split("/_history/")[0] for s in state.ledger.sources()}
+        rejected = {e.source.split("/_history/")[0] for e in state.ledger if e.rejected}
+        for resource in resources:
+            key = f"{resource['resourceType']}/{resource['id']}"
+            assert key in used or key in ledgered, key
+        assert not (rejected & used), "a rejected resource must never feed the twin"
+
+
+def test_messy_items_are_caught(twins, loaded_cohort) -> None:
+    checked = 0
+    for patient_id, truth in loaded_cohort.truth.items():
+        state = twins[patient_id]
+        for item in truth["messy"]:
+            if item["kind"] == "sparse-patient":
+                continue
+            kinds = {e.kind for e in state.ledger if e.source.split("/_history/")[0].endswith("/" + item["id"])}
+            assert kinds, item
+            expected = MESSY_LEDGER_KIND[item["kind"]]
+            assert expected is None or expected in kinds, (item, kinds)
+            checked += 1
+    assert checked > 1000
+
+
+def test_demographics_conditions_medications_and_smoking_match_truth(twins, loaded_cohort) -> None:
+    for patient_id, truth in loaded_cohort.truth.items():
+        state = twins[patient_id]
+        assert state.demographics.sex == truth["sex"], patient_id
+        assert state.age_years(REFERENCE) == truth["age"], patient_id
+        active = {CONDITION_FLAGS[c["kind"]] for c in truth["conditions"] if c["kind"] in CONDITION_FLAGS
+                  and c["verification_status"] == "confirmed" and c["clinical_status"] == "active"}
+        for flag in active:
+            assert _value(state, flag) is True, (patient_id, flag)
+        statins = [m for m in truth["medications"] if m["class"] == "statin" and m["status"] == "active"
+                   and date.fromisoformat(m["start"]) <= REFERENCE]
+        if statins:
+            assert _value(state, "on_statin") is True, patient_id
+            strongest = max(statins, key=lambda m: INTENSITY_RANK[m["intensity"]])["intensity"]
+            assert _value(state, "statin_intensity") == strongest, patient_id
+        if not truth["sparse"] and truth["smoking"]["at_reference"] in ("current", "never"):
+            smoker = _value(state, "current_smoker")
+            if smoker is not None:
+                assert smoker is (truth["smoking"]["at_reference"] == "current"), patient_id
+
+
+def _phenotype(text) -> str:
+    return str(text).removesuffix("_metabolizer")
+
+
+def test_genomics_match_truth(twins, loaded_cohort) -> None:
+    tested = 0
+    for patient_id, truth in loaded_cohort.truth.items():
+        genotypes = truth["genotypes"]
+        if not genotypes.get("tested") or truth["sparse"]:
+            continue
+        state = twins[patient_id]
+        tested += 1
+        assert _value(state, "apol1_risk_alleles") == genotypes["apol1_risk_alleles"], patient_id
+        assert _phenotype(_value(state, "cyp2c19_phenotype")) == _phenotype(genotypes["cyp2c19_phenotype"])
+        assert _value(state, "slco1b1_phenotype") == genotypes["slco1b1_phenotype"], patient_id
+        assert bool(_value(state, "fh_variant")) == bool(genotypes["fh_variant"]), patient_id
+        assert _value(state, "cad_prs_z") == pytest.approx(genotypes["prs_cad_z"], abs=1e-3), patient_id
+    assert tested > 100
+
+
+def test_latest_values_follow_the_generated_trends(twins, loaded_cohort) -> None:
+    """LDL after statin start is lower than the untreated baseline the generator used."""
+    lower = 0
+    compared = 0
+    for patient_id, truth in loaded_cohort.truth.items():
+        statins = [m for m in truth["medications"] if m["class"] == "statin" and m["status"] == "active"]
+        ldl = twins[patient_id].latest_or_none("ldl_cholesterol_mg_dl", as_of=REFERENCE,
+                                                lookback=timedelta(days=3 * 365))
+        if statins and ldl is not None and min(date.fromisoformat(m["start"]) for m in statins) < ldl.instant.date():
+            compared += 1
+            lower += ldl.value < truth["latent"]["ldl_baseline_mg_dl"]
+    assert compared > 20
+    assert lower / compared > 0.9
+
+
+def test_one_request_per_patient_when_read_alone(loaded_cohort, base_url: str) -> None:
+    for bundle in loaded_cohort.bundles[::10]:
+        client = FhirClient(base_url)
+        state = read_twin(client, bundle["entry"][0]["resource"]["id"], REFERENCE)
+        assert client.request_count == 1 and client.pages_followed == 0, state.patient_id
+
+
+def test_state_cli_json_shows_every_scale(loaded_cohort, base_url: str) -> None:
+    with_variant = next(pid for pid, t in loaded_cohort.truth.items()
+                        if t["genotypes"].get("fh_variant") and not t["sparse"])
+    result = subprocess.run([sys.executable, "-m", "fhirtwin.cli", "state", "--server", base_url,
+                             "--patient", with_variant, "--as-of", REFERENCE.isoformat(), "--json"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(result.stdout)
+    assert set(summary["scales"]) == {"molecular", "cellular", "tissue", "organ", "clinical", "behavioral",
+                                      "environmental"}
+    assert summary["scales"]["molecular"]["fh_variant"]
+    assert isinstance(summary["ledger"], list)
+    assert summary["requests"] == 1 and summary["pages_followed"] == 0
+    assert with_variant not in result.stderr
