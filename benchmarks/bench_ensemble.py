@@ -127,7 +127,9 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
         return [(1.0 - e_stat) / tau["statin"], (1.0 - e_bp) / tau["bp_lowering"], s * f_sglt2 + coupling, s + coupling]
 
     e0 = ls["egfr_ml_min_1_73m2"][0]
-    sol = solve_ivp(rhs_bio, (0.0, HORIZON), [0.0, 0.0, e0, e0], dense_output=True, rtol=1e-8, atol=1e-8, max_step=1 / 12)
+    sol = solve_ivp(
+        rhs_bio, (0.0, HORIZON), [0.0, 0.0, e0, e0], dense_output=True, rtol=1e-8, atol=1e-8, max_step=1 / 12
+    )
 
     def values(t: float) -> dict[str, float]:
         e_stat, e_bp, egfr, egfr_nat = sol.sol(t)
@@ -151,12 +153,12 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
 
     class _Traj:  # the minimal trajectory view the hazard helpers read
         t_years = month_grid(HORIZON)
-        values = {
-            k: np.array([[row[k] for row in table]]) for k in table[0] if k != "egfr_natural"
-        }
+        values = {k: np.array([[row[k] for row in table]]) for k in table[0] if k != "egfr_natural"}
         egfr_natural = np.array([[row["egfr_natural"] for row in table]])
 
-    log_ratio = {k: prevent_log_ratio(inputs, model.anchors_, _Traj, k)[0][0] for k in ("ascvd", "total_cvd", "heart_failure")}
+    log_ratio = {
+        k: prevent_log_ratio(inputs, model.anchors_, _Traj, k)[0][0] for k in ("ascvd", "total_cvd", "heart_failure")
+    }
     log_kf = kfre_log_hazard(inputs, _Traj)[0][0]
     base = {k: model.anchors_.hazard_per_decade[k][0] for k in log_ratio}
     share = min(1.0, base["ascvd"] / base["total_cvd"])
@@ -175,7 +177,12 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
         p = {k: base[k] * np.exp(np.interp(t, knots, log_ratio[k])) for k in base}
         kf = np.exp(np.interp(t, knots, log_kf)) * (rr_sglt2 if scenario.has("sglt2i") is not None else 1.0)
         return np.array(
-            [p["ascvd"] * m_ldl * m_cvd, p["total_cvd"] * (share * m_ldl + 1 - share) * m_cvd, p["heart_failure"] * m_hf, kf]
+            [
+                p["ascvd"] * m_ldl * m_cvd,
+                p["total_cvd"] * (share * m_ldl + 1 - share) * m_cvd,
+                p["heart_failure"] * m_hf,
+                kf,
+            ]
         )
 
     def rhs_events(t: float, y: np.ndarray) -> np.ndarray:
@@ -210,8 +217,10 @@ def main() -> None:
         forecast = model.simulate(scenario, HORIZON, args.draws, 1)
         times.append(time.perf_counter() - t0)
     fast_ms = 1e3 * float(np.median(times))
-    print(f"vectorised ensemble: {args.draws} draws x {int(12 * HORIZON)} months x {len(forecast.outcomes)} outcomes: "
-          f"median {fast_ms:.2f} ms per patient (min {1e3 * min(times):.2f} ms, {args.repeats} runs)")
+    print(
+        f"vectorised ensemble: {args.draws} draws x {int(12 * HORIZON)} months x {len(forecast.outcomes)} outcomes: "
+        f"median {fast_ms:.2f} ms per patient (min {1e3 * min(times):.2f} ms, {args.repeats} runs)"
+    )
 
     draws = draw_parameters(inputs, model.posteriors_, args.draws, 1, HORIZON)
     t_eval = month_grid(HORIZON)
@@ -220,8 +229,10 @@ def main() -> None:
     ref = [reference_one_draw(model, draws, d, scenario, t_eval) for d in range(n_ref)]
     per_draw = (time.perf_counter() - t0) / n_ref
     slow_ms = 1e3 * per_draw * args.draws
-    print(f"solve_ivp per draw (RK45): {1e3 * per_draw:.1f} ms per draw, measured on {n_ref} draws -> "
-          f"{slow_ms / 1e3:.1f} s for {args.draws} draws")
+    print(
+        f"solve_ivp per draw (RK45): {1e3 * per_draw:.1f} ms per draw, measured on {n_ref} draws -> "
+        f"{slow_ms / 1e3:.1f} s for {args.draws} draws"
+    )
     print(f"speed-up: {slow_ms / fast_ms:,.0f}x")
 
     worst = 0.0
