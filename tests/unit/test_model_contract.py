@@ -94,3 +94,16 @@ def test_horizon_out_of_range_rejected(fitted):
     model, _ = fitted
     with pytest.raises(ValueError):
         model.simulate(horizon_years=31, draws=5, seed=0)
+
+
+def test_sim_never_imports_fhir_or_adapters():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fhirtwin.sim, fhirtwin.sim.validation, fhirtwin.sim.planner;"
+        "bad=[m for m in sys.modules if m.startswith(('fhirtwin.fhir','fhirtwin.adapters'))];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
