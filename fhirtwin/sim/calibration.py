@@ -6,6 +6,13 @@ Why: a twin must follow *this* patient's trajectory (an eGFR falling 4 mL/min/yr
 many points -> the data dominate; few points -> the estimate shrinks toward the population prior. The
 posterior is drawn from in the ensemble, so calibration uncertainty reaches every forecast.
 
+Measurement noise: the population within-person sd (published biological plus analytical variation,
+``dynamics_parameters.json``) is the centre of a scaled-inverse-chi-square prior on a per-patient noise
+scale, because within-person variability differs between people. The patient's own residual scatter
+updates it (two-pass: fit, estimate the scale from the standardised residuals, refit), so a patient
+whose values scatter little gets narrower intervals and one who scatters a lot gets wider ones. The
+future measurement noise is then Student-t with the posterior degrees of freedom.
+
 Priors and noise levels live in ``dynamics_parameters.json`` with their sources/assumptions.
 """
 
@@ -39,6 +46,23 @@ class LinearPosterior:
     noise_sd: float
     pending_regimen_start: float | None = None
     design: str = "linear"
+    noise_scale: float = 1.0
+    noise_dof: float = float("inf")
+    sex: str | None = None
+    age_years: float | None = None
+
+    def predictive_noise_sd(self, values: np.ndarray) -> np.ndarray:
+        """Scale of a future measurement's noise around latent ``values`` (this patient's noise scale)."""
+        return self.noise_scale * noise_sd(self.variable, values, sex=self.sex, age_years=self.age_years)
+
+    def predictive_noise(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Draws of future measurement noise around latent ``values`` (Student-t, ``noise_dof`` df)."""
+        values = np.asarray(values, dtype=float)
+        if np.isfinite(self.noise_dof):
+            z = rng.standard_t(self.noise_dof, values.shape)
+        else:
+            z = rng.standard_normal(values.shape)
+        return self.predictive_noise_sd(values) * z
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n posterior draws, shape (n, 2): column 0 level, column 1 slope."""
@@ -79,12 +103,65 @@ def bayes_linear(
     return post_mean, 0.5 * (post_cov + post_cov.T)
 
 
-def noise_sd(variable: str, values: np.ndarray) -> np.ndarray:
-    """Measurement sd per point (absolute, or relative to the value), from the data file."""
+def total_cv(spec: dict) -> float:
+    """Within-person CV of one measurement: biological (CVI) and analytical (CVA) combined in quadrature."""
+    return float(np.hypot(spec["within_subject_cv"], spec["analytical_cv"]))
+
+
+def egfr_creatinine_elasticity(values: np.ndarray, sex: str | None, age_years: float | None) -> np.ndarray:
+    """|d ln eGFR / d ln creatinine| of CKD-EPI 2021 at each eGFR value.
+
+    The equation has exponent ``b`` (-1.200) above creatinine ``kappa`` and ``alpha`` (-0.241 women,
+    -0.302 men) below it, so a given creatinine CV moves a low eGFR five times more than a high one.
+    Without sex and age the steeper exponent is used (conservative).
+    """
+    from fhirtwin.sim.equations._validation import load_data
+
+    data = load_data("ckd_epi_2021.json")
+    steep = abs(float(data["b"]))
+    if sex not in ("female", "male") or age_years is None:
+        return np.full(np.shape(values), steep)
+    p = data["sex"][sex]
+    egfr_at_kappa = float(data["a"]) * float(data["c"]) ** float(age_years) * float(p["sex_factor"])
+    return np.where(np.asarray(values) < egfr_at_kappa, steep, abs(float(p["alpha"])))
+
+
+def noise_sd(
+    variable: str, values: np.ndarray, *, sex: str | None = None, age_years: float | None = None
+) -> np.ndarray:
+    """Population within-person sd of one measurement at each value, from the data file.
+
+    ``absolute``: a fixed sd. ``cv``: biological and analytical CV combined, times the value. For eGFR
+    the creatinine CV is carried through the CKD-EPI 2021 exponent (needs sex and age, see
+    :func:`egfr_creatinine_elasticity`).
+    """
     spec = dynamics_parameters()["biomarkers"][variable]["noise_sd"]
-    if "relative" in spec:
-        return np.maximum(spec["relative"] * np.abs(values), 1e-6)
-    return np.full(np.shape(values), float(spec["absolute"]))
+    values = np.asarray(values, dtype=float)
+    if "absolute" in spec:
+        return np.full(values.shape, float(spec["absolute"]))
+    cv = total_cv(spec)
+    if spec.get("propagate_through") == "ckd_epi_2021":
+        cv = cv * egfr_creatinine_elasticity(values, sex, age_years)
+    return np.maximum(cv * np.abs(values), 1e-6)
+
+
+def noise_scale_posterior(
+    times: np.ndarray, values: np.ndarray, sd: np.ndarray, mean: np.ndarray, cov: np.ndarray,
+    prior_dof: float, design_times: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Posterior (scale, dof) of the patient's noise multiplier k (noise sd = k * population sd).
+
+    Prior: k^2 ~ scaled-inverse-chi-square(prior_dof, 1), centred on the published sd. Data: the
+    standardised residuals of the fit, with the degrees of freedom the fit used (trace of the hat
+    matrix) removed. Returns sqrt of the posterior scale and its degrees of freedom.
+    """
+    g = np.asarray(times if design_times is None else design_times, dtype=float)
+    x = np.column_stack([np.ones_like(g), g])
+    z = (np.asarray(values, dtype=float) - x @ mean) / sd
+    used = float(np.sum((x @ cov) * x / sd[:, None] ** 2))
+    dof = prior_dof + max(len(z) - used, 0.0)
+    scale2 = (prior_dof + float(np.sum(z**2))) / dof
+    return float(np.sqrt(scale2)), dof
 
 
 def slope_prior(inputs: PatientInputs, variable: str) -> tuple[float, float]:
@@ -153,8 +230,17 @@ def calibrate_variable(inputs: PatientInputs, variable: str) -> LinearPosterior 
     s_mean, s_sd = slope_prior(inputs, variable)
     prior_mean = np.array([float(np.mean(y)), s_mean])
     prior_cov = np.diag([float(spec["level_prior_sd"]) ** 2, s_sd**2])
-    sd = noise_sd(variable, y)
+    sd = noise_sd(variable, y, sex=inputs.sex, age_years=inputs.age_years)
     mean, cov = bayes_linear(t, y, prior_mean=prior_mean, prior_cov=prior_cov, noise_sd=sd, design_times=design_times)
+    prior_dof = float(spec["noise_sd"]["prior_dof"])
+    scale, dof = noise_scale_posterior(t, y, sd, mean, cov, prior_dof, design_times)
+    if dof > prior_dof:  # refit with this patient's noise level
+        sd = sd * scale
+        mean, cov = bayes_linear(
+            t, y, prior_mean=prior_mean, prior_cov=prior_cov, noise_sd=sd, design_times=design_times
+        )
+    else:
+        scale = 1.0
     return LinearPosterior(
         variable=variable,
         mean=mean,
@@ -165,6 +251,10 @@ def calibrate_variable(inputs: PatientInputs, variable: str) -> LinearPosterior 
         noise_sd=float(np.mean(sd)),
         pending_regimen_start=pending,
         design=design,
+        noise_scale=scale,
+        noise_dof=dof,
+        sex=inputs.sex,
+        age_years=inputs.age_years,
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fhirtwin.sim.calibration import noise_sd
+from fhirtwin.sim.calibration import LinearPosterior, noise_sd
 from fhirtwin.sim.model import Forecast
 
 
@@ -49,9 +49,17 @@ class VariableScore:
 
 
 def score_forecast(
-    forecast: Forecast, heldout: dict[str, np.ndarray], seed: int = 0, level: float = 0.90
+    forecast: Forecast,
+    heldout: dict[str, np.ndarray],
+    seed: int = 0,
+    level: float = 0.90,
+    posteriors: dict[str, LinearPosterior] | None = None,
 ) -> dict[str, VariableScore]:
-    """Score held-out points ((n, 2): years after the forecast start, value) against the forecast."""
+    """Score held-out points ((n, 2): years after the forecast start, value) against the forecast.
+
+    The predictive distribution of a measurement is the latent trajectory plus measurement noise: the
+    patient's own noise (Student-t, from ``posteriors``) when given, else the population sd.
+    """
     rng = np.random.default_rng(seed)
     q = [50 * (1 - level), 50.0, 50 * (1 + level)]
     out: dict[str, VariableScore] = {}
@@ -65,7 +73,11 @@ def score_forecast(
             if not 0 < month < traj.shape[1]:
                 continue
             latent = traj[:, month]
-            predictive = latent + noise_sd(variable, latent) * rng.standard_normal(latent.size)
+            post = (posteriors or {}).get(variable)
+            if post is not None:
+                predictive = latent + post.predictive_noise(latent, rng)
+            else:
+                predictive = latent + noise_sd(variable, latent) * rng.standard_normal(latent.size)
             lo, med, hi = np.percentile(predictive, q)
             score.observed.append(float(value))
             score.median.append(float(med))

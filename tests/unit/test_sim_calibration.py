@@ -69,3 +69,29 @@ def test_measurements_before_current_statin_are_not_used():
         "ldl_cholesterol_mg_dl",
     )
     assert pending.pending_regimen_start == -0.02
+
+
+def test_noise_scale_follows_the_patients_own_scatter():
+    t = np.linspace(-6.0, 0.0, 13)
+    rng = np.random.default_rng(3)
+    calm = 140.0 + 2.0 * rng.standard_normal(t.size)
+    jumpy = 140.0 + 20.0 * rng.standard_normal(t.size)
+    low = calibrate_variable(patient(history_systolic_bp_mm_hg=series(t, calm)), "systolic_bp_mm_hg")
+    high = calibrate_variable(patient(history_systolic_bp_mm_hg=series(t, jumpy)), "systolic_bp_mm_hg")
+    assert low.noise_scale < 1.0 < high.noise_scale
+    assert low.cov[0, 0] < high.cov[0, 0]  # the level is known better when the values scatter less
+    assert low.noise_dof > 4.0
+
+
+def test_predictive_noise_is_added_with_the_patients_scale():
+    t = np.linspace(-6.0, 0.0, 13)
+    post = calibrate_variable(patient(history_systolic_bp_mm_hg=series(t, 140.0 + 0 * t)), "systolic_bp_mm_hg")
+    draws = post.predictive_noise(np.full(20000, 140.0), np.random.default_rng(0))
+    assert abs(np.median(np.abs(draws)) / (0.6745 * post.predictive_noise_sd(np.array([140.0]))[0]) - 1) < 0.1
+
+
+def test_egfr_noise_follows_ckd_epi_exponent():
+    from fhirtwin.sim.calibration import noise_sd
+
+    low, high = noise_sd("egfr_ml_min_1_73m2", np.array([40.0, 115.0]), sex="male", age_years=50.0)
+    assert low / 40.0 > 3 * high / 115.0  # creatinine CV moves eGFR by 1.2x below kappa, 0.3x above
