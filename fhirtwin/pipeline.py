@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
-from fhirtwin.adapters import build_twin
-from fhirtwin.twin import TwinState
+from fhirtwin.adapters import build_twin, flatten_resources
+from fhirtwin.fhir.models import ResourceValidationError, validate_resource
+from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
 
 
 class RecordSource(Protocol):
@@ -28,22 +29,72 @@ def today() -> date:
     return datetime.now(UTC).date()
 
 
-def read_twin(source: RecordSource, patient_id: str, reference_date: date | None = None) -> TwinState:
-    """One patient's TwinState from one record read (one HTTP request on a live server, plus paging)."""
+def read_twin(
+    source: RecordSource, patient_id: str, reference_date: date | None = None, *, validate: bool = False
+) -> TwinState:
+    """One patient's TwinState from one record read (one HTTP request on a live server, plus paging).
+
+    ``validate=True`` is strict mode: resources that fail R4 validation are ledgered, not used.
+    """
     record = source.fetch_patient_record(patient_id)
+    if validate:
+        return _build_strict(patient_id, record, reference_date or today())
     return build_twin(patient_id, record, reference_date or today())
 
 
 def read_twins(
-    source: RecordSource, patient_ids: Iterable[str], reference_date: date | None = None, *, chunk_size: int = 20
+    source: RecordSource,
+    patient_ids: Iterable[str],
+    reference_date: date | None = None,
+    *,
+    chunk_size: int = 20,
+    validate: bool = False,
 ) -> Iterator[TwinState]:
-    """TwinStates of many patients, reading ``chunk_size`` patients per request."""
+    """TwinStates of many patients, reading ``chunk_size`` patients per request (``validate``: strict mode)."""
     ids = list(patient_ids)
     when = reference_date or today()
+    build = _build_strict if validate else build_twin
     for start in range(0, len(ids), chunk_size):
         records = source.fetch_patients_records(ids[start : start + chunk_size])
         for patient_id, record in records.items():
-            yield build_twin(patient_id, record, when)
+            yield build(patient_id, record, when)
+
+
+def _build_strict(patient_id: str, record: Iterable[Any], reference_date: date) -> TwinState:
+    """Strict mode: only resources that pass R4 validation reach the adapters.
+
+    A rejected resource is recorded in the twin's ledger as ``malformed`` with the validation message
+    (locations and reasons, no values), so the twin never uses data it rejected and nothing is dropped
+    silently. Valid but untraceable resources (no id) are ledgered here too, as build_twin would, so that
+    their ``Type/?[position]`` label counts positions in the record as read.
+    """
+    accepted: list[Any] = []
+    rejected: list[LedgerEntry] = []
+    for i, resource in enumerate(flatten_resources(record)):
+        try:
+            validate_resource(resource)
+            SourceRef.of(resource)
+        except ResourceValidationError as exc:
+            message = f"failed R4 validation: {exc.summary}"
+            rejected.append(LedgerEntry(_ledger_source(resource, i), LedgerKind.MALFORMED, message))
+        except ValueError as exc:
+            rejected.append(LedgerEntry(_ledger_source(resource, i), LedgerKind.MALFORMED, str(exc)))
+        else:
+            accepted.append(resource)
+    state = build_twin(patient_id, accepted, reference_date)
+    state.ledger.extend(rejected)
+    return state
+
+
+def _ledger_source(resource: Any, position: int) -> str:
+    """The ledger's name for an input: ``Type/id/_history/v``, else the same fallbacks as build_twin."""
+    if not isinstance(resource, dict):
+        return f"input[{position}]"
+    try:
+        return SourceRef.of(resource).reference
+    except ValueError:
+        rtype = resource.get("resourceType")
+        return f"{rtype if isinstance(rtype, str) and rtype else 'Unknown'}/?[{position}]"
 
 
 @dataclass(frozen=True)
@@ -83,3 +134,146 @@ def state_summary(state: TwinState) -> dict[str, Any]:
         "scales": scales,
         "ledger": state.ledger.to_json(),
     }
+
+
+# ---------------------------------------------------------------------------------------------- write-back
+
+GENERATED_TAG_QUERY = "https://fhirtwin.org/CodeSystem/fhirtwin|fhirtwin-generated"
+
+
+@dataclass
+class WriteResult:
+    """What writing one patient's results did: ``written``, ``unchanged``, ``dry-run``, ``skipped`` or ``failed``."""
+
+    patient_id: str
+    status: str
+    created: int = 0
+    updated: int = 0
+    requests: int = 0
+    message: str = ""
+    provenance: str | None = None
+    bundle: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "bundle"}
+        if self.bundle is not None:
+            out["entries"] = [f"{e['request']['method']} {e['request']['url']}" for e in self.bundle["entry"]]
+        return out
+
+
+def fetch_existing_results(client: Any, patient_id: str) -> list[dict[str, Any]]:
+    """fhirtwin's stored RiskAssessments, Goals and CarePlans of a patient (one batch request)."""
+    from fhirtwin.fhir.client import batch_results
+
+    entries = [
+        {"request": {"method": "GET",
+                     "url": f"{rtype}?subject=Patient/{patient_id}&_tag={GENERATED_TAG_QUERY}&_count=500"}}
+        for rtype in ("RiskAssessment", "Goal", "CarePlan")
+    ]
+    response = client.batch(entries)
+    found: list[dict[str, Any]] = []
+    for result in batch_results(response, entries):
+        if not result.ok:
+            raise RuntimeError(f"search for existing fhirtwin results failed: {result.request} -> {result.status}")
+        bundle = result.resource or {}
+        found += [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+    return found
+
+
+def check_outgoing(bundle: dict[str, Any]) -> None:
+    """Validate every outgoing resource at the boundary (R4 structure, nothing non-R4 on the wire)."""
+    from fhirtwin.fhir.models import check_emittable
+
+    for entry in bundle["entry"]:
+        validate_resource(entry["resource"])
+        check_emittable(entry["resource"])
+
+
+def prepare_write(run: TwinRun, key: Any, *, existing: Iterable[dict[str, Any]] = (), now: datetime | None = None):
+    """The transaction for one TwinRun (``fhirtwin.writeback.transaction.PatientWrite``), validated."""
+    from fhirtwin.writeback.transaction import build_patient_write
+
+    if run.plan is None:
+        raise ValueError(f"no prediction: {run.error}")
+    write = build_patient_write(run.plan, run.state, key=key, existing=existing, now=now)
+    check_outgoing(write.bundle)
+    return write
+
+
+def write_predictions(
+    client: Any, runs: Iterable[TwinRun], key: Any, *, dry_run: bool = False, group: int = 1,
+    now: datetime | None = None,
+) -> list[WriteResult]:
+    """Build and send one transaction per patient (``group`` > 1: several patients per transaction).
+
+    A patient without a plan (insufficient or rejected data) is ``skipped`` and gets no prediction; a
+    failing patient (or group) is ``failed`` with the reason, and never stops the others. ``dry_run``
+    reads what exists but writes nothing.
+    """
+    from fhirtwin.fhir.client import batch_results
+    from fhirtwin.writeback.transaction import merge_bundles
+
+    results: list[WriteResult] = []
+    pending: list[tuple[WriteResult, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        writes = [w for _, w in pending]
+        bundle = writes[0].bundle if len(writes) == 1 else merge_bundles(writes)
+        before = client.request_count
+        try:
+            response = client.transaction(bundle)
+        except Exception as exc:  # noqa: BLE001 - one group's failure must not lose the others
+            for result, _ in pending:
+                result.status, result.message = "failed", f"transaction failed: {type(exc).__name__}: {exc}"
+        else:
+            outcomes = batch_results(response, bundle["entry"])
+            by_url = {e.get("fullUrl"): o for e, o in zip(bundle["entry"], outcomes, strict=False)}
+            for result, write in pending:
+                mine = [by_url.get(e.get("fullUrl")) for e in write.bundle["entry"]]
+                created = sum(1 for o in mine if o is not None and o.status == 201)
+                updated = sum(1 for e, o in zip(write.bundle["entry"], mine, strict=True)
+                              if o is not None and e["request"]["method"] == "PUT"
+                              and e["resource"]["resourceType"] not in ("Device", "Organization"))
+                prov = [o for e, o in zip(write.bundle["entry"], mine, strict=True)
+                        if e["resource"]["resourceType"] == "Provenance" and o is not None]
+                result.created, result.updated = created, updated
+                result.provenance = prov[0].location.split("/_history")[0] if prov and prov[0].location else None
+                result.status = "written" if created or updated else "unchanged"
+                result.requests += (client.request_count - before) if len(pending) == 1 else 0
+                for ref in write.reinstate:
+                    rtype, rid = ref.split("/")
+                    client.operation("meta-delete", resource_type=rtype, resource_id=rid, parameters={
+                        "resourceType": "Parameters",
+                        "parameter": [{"name": "meta", "valueMeta": {"tag": [
+                            {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "superseded"}]}}]},
+                        retry_safe=True)
+        pending.clear()
+
+    for run in runs:
+        patient_id = run.state.patient_id
+        result = WriteResult(patient_id, "skipped")
+        results.append(result)
+        if run.plan is None:
+            result.message = f"no prediction: {run.error}"
+            continue
+        before = client.request_count
+        try:
+            existing = fetch_existing_results(client, patient_id)
+            write = prepare_write(run, key, existing=existing, now=now)
+        except Exception as exc:  # noqa: BLE001
+            result.status, result.message = "failed", f"{type(exc).__name__}: {exc}"
+            continue
+        result.requests = client.request_count - before
+        result.bundle = write.bundle
+        if dry_run:
+            result.status = "dry-run"
+            result.message = (f"would send {len(write.bundle['entry'])} entries; supersede {len(write.superseded)}"
+                              f"; reinstate {len(write.reinstate)}")
+            continue
+        pending.append((result, write))
+        if len(pending) >= max(1, group):
+            flush()
+    flush()
+    return results
