@@ -277,3 +277,49 @@ def write_predictions(
             flush()
     flush()
     return results
+
+
+@dataclass
+class VerifyReport:
+    """Result of checking a Provenance's signature against the targets as they stand on the server."""
+
+    provenance: str
+    valid: bool
+    message: str
+    targets: list[str]
+    changed_versions: list[str]
+
+
+def verify_provenance(client: Any, provenance_ref: str, public_key: Any) -> VerifyReport:
+    """Fetch a Provenance and the current version of each target; check the JWS (see writeback.signing)."""
+    from fhirtwin.writeback.jws import JwsError
+    from fhirtwin.writeback.signing import verify_targets
+
+    rtype, _, rid = provenance_ref.partition("/")
+    if rtype != "Provenance" or not rid:
+        raise ValueError("expected Provenance/<id>")
+    provenance = client.read("Provenance", rid.split("/_history")[0])
+    refs = [t.get("reference", "") for t in provenance.get("target", [])]
+    signatures = [s for s in provenance.get("signature", []) if s.get("sigFormat") == "application/jose"]
+    if not refs or not signatures:
+        return VerifyReport(provenance_ref, False, "Provenance has no targets or no JWS signature", refs, [])
+    targets, changed = [], []
+    for ref in refs:
+        parts = ref.split("/")
+        try:
+            current = client.read(parts[0], parts[1])
+        except Exception as exc:  # noqa: BLE001 - a missing target is a verification failure, not a crash
+            return VerifyReport(provenance_ref, False, f"target {ref} cannot be read: {type(exc).__name__}", refs,
+                                changed)
+        targets.append(current)
+        if "_history" in parts and current.get("meta", {}).get("versionId") != parts[-1]:
+            changed.append(f"{ref} -> version {current.get('meta', {}).get('versionId')}")
+    try:
+        header = verify_targets(signatures[0].get("data", ""), targets, refs, public_key)
+    except JwsError as exc:
+        return VerifyReport(provenance_ref, False, f"INVALID: {exc} (a target was changed after signing, or "
+                            "another key signed it)", refs, changed)
+    note = f"valid {header.get('alg')} signature over {len(refs)} target(s)"
+    if changed:
+        note += "; signed content unchanged although newer versions exist (meta only)"
+    return VerifyReport(provenance_ref, True, note, refs, changed)

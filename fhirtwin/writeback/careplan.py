@@ -1,0 +1,215 @@
+"""A draft CarePlan proposal (intent ``proposal``: a clinician approves) and its Goals, from a Plan.
+
+Activities come from the planner's ranked options: one activity per distinct intervention (coded from
+the fhirtwin CodeSystem, statins also by RxNorm ingredient) carrying its own expected absolute risk
+reduction and NNT with 90 % intervals in the ``expected-benefit`` extension, plus the monitoring that
+goes with it. The best combined option sits in the same extension on the CarePlan. Exclusions and
+pharmacogenomic reasons are stated in ``note`` and in the activity descriptions.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from fhirtwin.writeback.codes import EXT_EXPECTED_BENEFIT, LOINC, UCUM, coding, concept, meta
+from fhirtwin.writeback.identifiers import identifier, prediction_key
+from fhirtwin.writeback.riskassessment import OUTCOME_TEXT, outcome_concept
+
+RXNORM_INGREDIENTS = {"atorvastatin": "83367", "rosuvastatin": "301542", "simvastatin": "36567",
+                      "pravastatin": "42463"}
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+# Goals. LDL-C: ESC/EAS 2019 dyslipidaemia guideline (Mach F et al., Eur Heart J 2020;41:111-88):
+# < 70 mg/dL (1.8 mmol/L) at high risk, < 100 mg/dL (2.6 mmol/L) at moderate risk. SBP: 2017 ACC/AHA
+# blood pressure guideline (Whelton PK et al., Hypertension 2018;71:e13-e115): < 130 mmHg.
+LDL_HIGH_RISK_CUTOFF = 0.20
+GOALS = {
+    "ldl": {"code": "ldl-target",
+            "loinc": ("13457-7", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation"),
+            "unit": "mg/dL"},
+    "sbp": {"code": "sbp-target", "loinc": ("8480-6", "Systolic blood pressure"), "unit": "mm[Hg]"},
+}
+
+
+def _activity_code(intervention: Any) -> str:
+    if intervention.kind == "statin":
+        return "statin-high-intensity" if intervention.intensity == "high" else "statin-moderate-intensity"
+    return {"bp_lowering": "bp-lowering-agent", "sglt2i": "sglt2-inhibitor",
+            "smoking_cessation": "smoking-cessation"}[intervention.kind]
+
+
+def _start(state: Any, occurrence: datetime) -> date:
+    ref = state.reference_date
+    if isinstance(ref, datetime):
+        return ref.date()
+    return ref if isinstance(ref, date) else occurrence.date()
+
+
+def _key(plan: Any, kind: str) -> str:
+    f = plan.baseline
+    return prediction_key(f.patient_id, f.model, f.model_version, f.sources, f.scenario.name, f.horizon_years, kind)
+
+
+def benefit_extension(option: Any, plan: Any) -> dict[str, Any]:
+    """``expected-benefit``: ARR with 90 % interval and NNT (when defined) on the ranking outcome."""
+    arr = option.arr
+    parts: list[dict[str, Any]] = [
+        {"url": "scenario", "valueString": option.scenario.name},
+        {"url": "outcome", "valueCodeableConcept": outcome_concept(plan.outcome)},
+        {"url": "horizon", "valueQuantity": {"value": plan.horizon_years, "unit": "a", "system": UCUM, "code": "a"}},
+        {"url": "arr", "valueDecimal": round(arr["median"], 4)},
+        {"url": "arrLower", "valueDecimal": round(arr["p05"], 4)},
+        {"url": "arrUpper", "valueDecimal": round(arr["p95"], 4)},
+    ]
+    if option.nnt is not None:
+        parts.append({"url": "nnt", "valueDecimal": round(option.nnt, 1)})
+        if option.nnt_interval:
+            parts.append({"url": "nntLower", "valueDecimal": round(option.nnt_interval[0], 1)})
+            parts.append({"url": "nntUpper", "valueDecimal": round(option.nnt_interval[1], 1)})
+    if option.nnt_note:
+        parts.append({"url": "note", "valueString": option.nnt_note})
+    return {"url": EXT_EXPECTED_BENEFIT, "extension": parts}
+
+
+def goal_keys(plan: Any) -> dict[str, str]:
+    """Business identifier values of the Goals (``ldl``, ``sbp``)."""
+    return {name: _key(plan, f"Goal/{name}") for name in GOALS}
+
+
+def build_goals(plan: Any, state: Any, ra_refs: dict[str, str], occurrence: datetime) -> dict[str, dict[str, Any]]:
+    """LDL-C and SBP target Goals (lifecycle ``proposed``), addressing the CVD RiskAssessments."""
+    risk = plan.baseline.at_horizon("total_cvd")["median"] if "total_cvd" in plan.baseline.cif else 0.0
+    ldl_target = 70 if risk >= LDL_HIGH_RISK_CUTOFF else 100
+    targets = {
+        "ldl": (ldl_target, f"LDL cholesterol below {ldl_target} mg/dL (ESC/EAS 2019: "
+                            f"{'high' if ldl_target == 70 else 'moderate'} total CVD risk)"),
+        "sbp": (130, "Systolic blood pressure below 130 mmHg (2017 ACC/AHA blood pressure guideline)"),
+    }
+    keys = goal_keys(plan)
+    addresses = [{"reference": ra_refs[o]} for o in ("total_cvd", "ascvd") if o in ra_refs]
+    goals = {}
+    for name, spec in GOALS.items():
+        value, text = targets[name]
+        goal: dict[str, Any] = {
+            "resourceType": "Goal",
+            "meta": meta("fhirtwin-goal"),
+            "identifier": [identifier(keys[name])],
+            "lifecycleStatus": "proposed",
+            "description": {"coding": [coding(spec["code"])], "text": text},
+            "subject": {"reference": f"Patient/{plan.baseline.patient_id}"},
+            "startDate": _start(state, occurrence).isoformat(),
+            "target": [{
+                "measure": {"coding": [coding(spec["loinc"][0], LOINC, spec["loinc"][1])]},
+                "detailQuantity": {"value": value, "comparator": "<", "unit": spec["unit"].replace("[Hg]", "Hg"),
+                                   "system": UCUM, "code": spec["unit"]},
+            }],
+        }
+        if addresses:
+            goal["addresses"] = addresses
+        goals[name] = goal
+    return goals
+
+
+def care_plan_key(plan: Any) -> str:
+    """Business identifier value of the CarePlan."""
+    return _key(plan, "CarePlan")
+
+
+def _activities(plan: Any, ra_refs: dict[str, str], goal_refs: dict[str, str]) -> list[dict[str, Any]]:
+    singles = {opt.scenario.interventions[0]: opt for opt in plan.options if len(opt.scenario.interventions) == 1}
+    seen: list[Any] = []
+    for option in plan.options:
+        for intervention in option.scenario.interventions:
+            if intervention not in seen:
+                seen.append(intervention)
+    reason = [{"reference": ra_refs[plan.outcome]}] if plan.outcome in ra_refs else []
+    activities = []
+    for intervention in seen:
+        code = _activity_code(intervention)
+        detail: dict[str, Any] = {
+            "kind": "ServiceRequest" if intervention.kind == "smoking_cessation" else "MedicationRequest",
+            "code": concept(code, text=intervention.label),
+            "status": "not-started",
+            "description": " ".join([intervention.label + ".", *intervention.notes]).strip(),
+        }
+        if intervention.kind == "sglt2i" and "kidney_failure" in ra_refs:
+            detail["reasonReference"] = [{"reference": ra_refs["kidney_failure"]}, *reason]
+        elif reason:
+            detail["reasonReference"] = reason
+        goal = {"statin": "ldl", "bp_lowering": "sbp"}.get(intervention.kind)
+        if goal and goal in goal_refs:
+            detail["goal"] = [{"reference": goal_refs[goal]}]
+        if intervention.agent in RXNORM_INGREDIENTS:
+            detail["productCodeableConcept"] = {
+                "coding": [{"system": RXNORM, "code": RXNORM_INGREDIENTS[intervention.agent],
+                            "display": intervention.agent}],
+                "text": f"{intervention.agent} {intervention.dose_mg:g} mg daily" if intervention.dose_mg else
+                intervention.agent,
+            }
+        activity: dict[str, Any] = {"detail": detail}
+        if intervention in singles:
+            activity["extension"] = [benefit_extension(singles[intervention], plan)]
+        activities.append(activity)
+    kinds = {i.kind for i in seen}
+    monitoring = []
+    if "statin" in kinds:
+        monitoring.append(("monitoring-lipids", "Repeat lipid panel 4-12 weeks after a statin change", "ldl"))
+    if "bp_lowering" in kinds:
+        monitoring.append(("monitoring-bp", "Blood pressure follow-up within 4 weeks of a change", "sbp"))
+    if "sglt2i" in kinds:
+        monitoring.append(("monitoring-kidney", "eGFR and UACR 2-4 weeks after starting, then yearly", None))
+    for code, text, goal in monitoring:
+        detail = {"kind": "ServiceRequest", "code": concept(code), "status": "not-started",
+                  "scheduledString": text, "description": text}
+        if goal and goal in goal_refs:
+            detail["goal"] = [{"reference": goal_refs[goal]}]
+        activities.append({"detail": detail})
+    return activities
+
+
+def build_care_plan(
+    plan: Any,
+    state: Any,
+    *,
+    ra_refs: dict[str, str],
+    goal_refs: dict[str, str],
+    occurrence: datetime,
+    device_reference: str,
+) -> dict[str, Any]:
+    """The draft CarePlan proposal (no id: the server assigns it)."""
+    forecast = plan.baseline
+    conditions = sorted({ref.split("/_history/")[0] for ref in forecast.sources if ref.startswith("Condition/")})
+    notes = [{"text": "Proposal generated by fhirtwin for clinician review; nothing here is an order."}]
+    if plan.excluded:
+        notes.append({"text": "Not proposed: " + "; ".join(
+            f"{e.candidate}: {e.reason}" + (f" [{e.source}]" if e.source else "") for e in plan.excluded)})
+    if plan.notes:
+        notes.append({"text": "Pharmacogenomic and other notes: " + "; ".join(plan.notes)})
+    care_plan: dict[str, Any] = {
+        "resourceType": "CarePlan",
+        "meta": meta("fhirtwin-careplan"),
+        "identifier": [identifier(care_plan_key(plan))],
+        "status": "draft",
+        "intent": "proposal",
+        "category": [concept("twin-care-plan")],
+        "title": "fhirtwin cardiovascular and kidney risk reduction proposal",
+        "description": (f"Interventions ranked by {plan.horizon_years:g}-year "
+                        f"{OUTCOME_TEXT.get(plan.outcome, plan.outcome)} absolute risk reduction "
+                        "from the patient's digital twin."),
+        "subject": {"reference": f"Patient/{forecast.patient_id}"},
+        "period": {"start": _start(state, occurrence).isoformat()},
+        "created": occurrence.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "author": {"reference": device_reference},
+        "supportingInfo": [{"reference": ref} for ref in ra_refs.values()],
+        "goal": [{"reference": ref} for ref in goal_refs.values()],
+        "note": notes,
+    }
+    if plan.options:
+        care_plan["extension"] = [benefit_extension(plan.options[0], plan)]
+    if conditions:
+        care_plan["addresses"] = [{"reference": ref} for ref in conditions]
+    activities = _activities(plan, ra_refs, goal_refs)
+    if activities:
+        care_plan["activity"] = activities
+    return care_plan

@@ -1,0 +1,54 @@
+"""Deterministic business identifiers: the same inputs give the same identifier, so writes repeat safely.
+
+Why: conditional create (``ifNoneExist: identifier=system|value``) turns a rerun, a retried request or a
+Subscription echo into a no-op only if the identifier depends on exactly what determines the result:
+the patient, the model name and version, the sorted set of versioned input references, the scenario,
+the horizon and the kind of resource (and its outcome or goal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from fhirtwin.writeback.codes import PREDICTION_ID_SYSTEM
+
+
+def prediction_key(
+    patient_id: str,
+    model: str,
+    model_version: str,
+    sources: Iterable[str],
+    scenario: str,
+    horizon_years: float,
+    kind: str,
+) -> str:
+    """Hex SHA-256 (first 32 characters) of the canonical JSON of everything that fixes a result."""
+    payload = {
+        "patient": patient_id,
+        "model": model,
+        "model_version": model_version,
+        "inputs": sorted(set(sources)),
+        "scenario": scenario,
+        "horizon_years": round(float(horizon_years), 6),
+        "kind": kind,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def identifier(value: str) -> dict[str, Any]:
+    """The ``Identifier`` element for a prediction key."""
+    return {"system": PREDICTION_ID_SYSTEM, "value": value}
+
+
+def if_none_exist(value: str) -> str:
+    """The conditional-create query for a prediction key."""
+    return f"identifier={PREDICTION_ID_SYSTEM}|{value}"
+
+
+def run_key(keys: Iterable[str]) -> str:
+    """Key of one run for one patient: digest of its targets' keys (the Provenance has no identifier)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode("ascii")).hexdigest()[:32]

@@ -1,0 +1,75 @@
+"""The signed Provenance of one run for one patient.
+
+``target`` = everything written in the run (versioned after storage: HAPI resolves the ``urn:uuid``
+references and, through its auto-version meta extension, stores the version it assigned), ``entity`` =
+every input (versioned reference, role ``source``) plus superseded earlier results (role ``revision``),
+``agent`` = the fhirtwin Device (author, on behalf of the Organization) and the Organization
+(custodian), ``signature`` = the detached JWS defined in ``signing.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from fhirtwin.writeback.codes import (
+    AUTO_VERSION_EXT,
+    DATA_OPERATION,
+    MODEL_CARD_URI,
+    PARTICIPANT_TYPE,
+    RUN_TAG_SYSTEM,
+    SIGNATURE_TYPE,
+    coding,
+    meta,
+)
+from fhirtwin.writeback.jws import SigningKey
+from fhirtwin.writeback.signing import sign_targets
+
+
+def _instant(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def build_provenance(
+    targets: Sequence[tuple[str, dict[str, Any]]],
+    sources: Sequence[str],
+    *,
+    device_reference: str,
+    organization_reference: str,
+    key: SigningKey,
+    recorded: datetime,
+    run_key: str,
+    revisions: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form."""
+    target_refs = [ref for ref, _ in targets]
+    run_meta = meta("fhirtwin-provenance", {"system": RUN_TAG_SYSTEM, "code": run_key})
+    run_meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path} for path in ("target", "entity.what")]
+    entities = [{"role": "source", "what": {"reference": ref}} for ref in sorted(sources)]
+    entities += [{"role": "revision", "what": {"reference": ref}} for ref in revisions]
+    return {
+        "resourceType": "Provenance",
+        "meta": run_meta,
+        "target": [{"reference": ref} for ref in target_refs],
+        "occurredDateTime": _instant(recorded),
+        "recorded": _instant(recorded),
+        "policy": [MODEL_CARD_URI],
+        "activity": {"coding": [coding("CREATE", DATA_OPERATION, "create")]},
+        "agent": [
+            {"type": {"coding": [coding("author", PARTICIPANT_TYPE, "Author")]},
+             "who": {"reference": device_reference}, "onBehalfOf": {"reference": organization_reference}},
+            {"type": {"coding": [coding("custodian", PARTICIPANT_TYPE, "Custodian")]},
+             "who": {"reference": organization_reference}},
+        ],
+        "entity": entities,
+        "signature": [{
+            "type": [coding("1.2.840.10065.1.12.1.1", SIGNATURE_TYPE, "Author's Signature")],
+            "when": _instant(recorded),
+            "who": {"reference": device_reference},
+            "onBehalfOf": {"reference": organization_reference},
+            "targetFormat": "application/fhir+json",
+            "sigFormat": "application/jose",
+            "data": sign_targets([r for _, r in targets], target_refs, key),
+        }],
+    }

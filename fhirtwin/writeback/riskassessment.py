@@ -1,0 +1,222 @@
+"""RiskAssessment resources from a Plan's baseline Forecast: one per outcome, predictions per horizon.
+
+Decisions (also stated in the fhirtwin-riskassessment profile):
+
+* **Probability scale**: ``prediction.probabilityDecimal`` is the ensemble **median as a fraction 0–1**
+  (as in the official R4 examples and the Genomics IG), never a percentage; the profile enforces
+  ``<= 1`` with invariant ``ftw-ra-1``. The 90 % interval (5th–95th percentile of the ensemble) goes in
+  the ``probability-interval`` extension (lower, upper, level 0.9), also as fractions.
+* **One RiskAssessment per outcome** (ASCVD, total CVD, heart failure, kidney failure) so that "the
+  current assessment per outcome" is one resource: ``RiskAssessment?subject=Patient/X&code=<risk code>
+  &_tag:not=https://fhirtwin.org/CodeSystem/fhirtwin|superseded``.
+* **qualitativeRisk** only where a published threshold exists (:data:`THRESHOLDS`); ``relativeRisk`` is
+  omitted: the Forecast carries no population reference risk, and a ratio to an invented reference would
+  mislead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any
+
+from fhirtwin.writeback.codes import (
+    EXT_PROBABILITY_INTERVAL,
+    EXT_SUPERSEDES,
+    OUTCOMES,
+    RISK_PROBABILITY,
+    SNOMED,
+    SNOMED_DISPLAY,
+    coding,
+    concept,
+    meta,
+)
+from fhirtwin.writeback.identifiers import identifier, prediction_key
+
+HORIZONS_YEARS = (5.0, 10.0)
+
+#: (outcome, horizon years) -> ascending (upper bound exclusive, risk-probability code), last is open-ended.
+THRESHOLDS: dict[tuple[str, float], tuple[tuple[float | None, str], ...]] = {
+    # 2019 ACC/AHA primary prevention guideline (Arnett DK et al., Circulation 2019;140:e596-e646):
+    # 10-year risk < 5 % low; 5 to < 7.5 % borderline and 7.5 to < 20 % intermediate (-> moderate); >= 20 % high.
+    ("ascvd", 10.0): ((0.05, "low"), (0.20, "moderate"), (None, "high")),
+    ("total_cvd", 10.0): ((0.05, "low"), (0.20, "moderate"), (None, "high")),
+    # KDIGO 2024 CKD guideline (Kidney Int 2024;105(4S):S117-S314) refer at a 5-year kidney-failure risk of
+    # 3-5 %; NICE NG203 (2021) refers above 5 %: < 3 % low, 3 to < 5 % moderate, >= 5 % high.
+    ("kidney_failure", 5.0): ((0.03, "low"), (0.05, "moderate"), (None, "high")),
+}
+THRESHOLD_TEXT = {
+    "ascvd": "10-year thresholds 5 % / 20 % (2019 ACC/AHA primary prevention guideline)",
+    "total_cvd": "10-year thresholds 5 % / 20 % (2019 ACC/AHA primary prevention guideline)",
+    "kidney_failure": "5-year thresholds 3 % / 5 % (KDIGO 2024 referral range; NICE NG203)",
+}
+RISK_DISPLAY = {"low": "Low likelihood", "moderate": "Moderate likelihood", "high": "High likelihood"}
+OUTCOME_TEXT = {"ascvd": "ASCVD", "total_cvd": "total CVD", "heart_failure": "heart failure",
+                "kidney_failure": "kidney failure"}
+
+
+def qualitative(outcome: str, horizon_years: float, probability: float) -> str | None:
+    """The risk-probability code for a documented threshold, or None when no threshold is published."""
+    bands = THRESHOLDS.get((outcome, float(horizon_years)))
+    if bands is None:
+        return None
+    for upper, code in bands:
+        if upper is None or probability < upper:
+            return code
+    return None
+
+
+def _fraction(value: float) -> float:
+    return round(min(1.0, max(0.0, float(value))), 4)
+
+
+def _add_years(start: date, years: float) -> date:
+    whole = int(years)
+    try:
+        return start.replace(year=start.year + whole)
+    except ValueError:  # 29 February
+        return start.replace(year=start.year + whole, day=28)
+
+
+def method_concept(forecast: Any, outcome: str) -> dict[str, Any]:
+    """``method``: the fhirtwin model plus the equation variant that anchors this outcome."""
+    codings = [coding("fhirtwin-mechanistic")]
+    method = forecast.method or {}
+    if outcome == "kidney_failure" and method.get("kidney_mode") == "kfre":
+        anchor = method.get("kfre", {})
+        if str(anchor.get("variant", "")).startswith("4-variable"):
+            codings.append(coding("kfre-4var"))
+    else:
+        anchor = method.get("prevent", {})
+        if anchor.get("variant") == "full":
+            codings.append(coding("prevent-2024-full"))
+    text = (f"{forecast.model} {forecast.model_version}; anchored on {anchor.get('model', 'n/a')} "
+            f"(variant {anchor.get('variant', 'n/a')}, implementation {anchor.get('implementation_version', 'n/a')})")
+    return {"coding": codings, "text": text}
+
+
+def outcome_concept(outcome: str) -> dict[str, Any]:
+    """Coded outcome: the fhirtwin code, plus SNOMED CT where a single concept fits."""
+    code, snomed, _ = OUTCOMES[outcome]
+    codings = [coding(code)]
+    if snomed:
+        codings.append(coding(snomed, SNOMED, SNOMED_DISPLAY[snomed]))
+    return {"coding": codings, "text": OUTCOME_TEXT[outcome]}
+
+
+def rationale(forecast: Any, outcome: str) -> str:
+    """The main drivers of this outcome's risk, largest first, in percentage points."""
+    drivers = sorted((d for d in forecast.drivers if d.outcome == outcome), key=lambda d: -abs(d.contribution))
+    parts = [f"{d.factor} {d.value} (reference {d.reference}): {100 * d.contribution:+.1f} percentage points"
+             for d in drivers[:4]]
+    text = "Main drivers of the 10-year risk: " + ("; ".join(parts) if parts else "none above the reference values")
+    if outcome in THRESHOLD_TEXT:
+        text += f". Qualitative risk from {THRESHOLD_TEXT[outcome]}."
+    return text + " Probabilities are fractions (0-1): ensemble median, 90 % interval in the extension."
+
+
+def mitigation(plan: Any, outcome: str, top: int = 3) -> str | None:
+    """The top-ranked interventions with their effect on this outcome."""
+    if not plan.options:
+        return None
+    lines = []
+    for rank, option in enumerate(plan.options[:top], 1):
+        if outcome == plan.outcome:
+            arr = option.arr
+            effect = f"ARR {100 * arr['median']:.1f} % (90 % interval {100 * arr['p05']:.1f} to {100 * arr['p95']:.1f})"
+            if option.nnt is not None:
+                effect += f", NNT {option.nnt:.0f}"
+        else:
+            effect = f"ARR {100 * option.arr_by_outcome.get(outcome, 0.0):.1f} % (median)"
+        lines.append(f"{rank}. {option.scenario.name}: {effect}")
+    return (f"Top interventions ranked by {plan.horizon_years:g}-year {OUTCOME_TEXT.get(plan.outcome, plan.outcome)} "
+            "absolute risk reduction: " + "; ".join(lines) + ". See the fhirtwin CarePlan proposal.")
+
+
+def quality_notes(forecast: Any, state: Any) -> list[dict[str, str]]:
+    """Annotations: the Forecast's caveats and a summary of the data-quality ledger (kinds and counts)."""
+    notes = []
+    if forecast.caveats:
+        notes.append({"text": "Model caveats: " + "; ".join(forecast.caveats)})
+    rejected = Counter(e.kind.value for e in state.ledger if e.rejected)
+    other = Counter(e.kind.value for e in state.ledger if not e.rejected)
+    if rejected or other:
+        text = "Data-quality ledger: "
+        text += ("inputs or parts not used: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items()))
+                 if rejected else "no input rejected")
+        if other:
+            text += "; values transformed: " + ", ".join(f"{k} {n}" for k, n in sorted(other.items()))
+        notes.append({"text": text})
+    return notes
+
+
+def risk_key(forecast: Any, outcome: str) -> str:
+    """Business identifier value of the RiskAssessment for one outcome."""
+    return prediction_key(forecast.patient_id, forecast.model, forecast.model_version, forecast.sources,
+                          forecast.scenario.name, forecast.horizon_years, f"RiskAssessment/{outcome}")
+
+
+def build_risk_assessment(
+    plan: Any,
+    state: Any,
+    outcome: str,
+    *,
+    occurrence: datetime,
+    device_reference: str,
+    supersedes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The RiskAssessment of one outcome from the Plan's baseline Forecast (no id: the server assigns it)."""
+    forecast = plan.baseline
+    start = state.reference_date if isinstance(state.reference_date, date) else occurrence.date()
+    if isinstance(start, datetime):
+        start = start.date()
+    predictions = []
+    for years in HORIZONS_YEARS:
+        if years > forecast.horizon_years + 1e-9:
+            continue
+        at = forecast.at_horizon(outcome, years)
+        median = _fraction(at["median"])
+        prediction: dict[str, Any] = {
+            "extension": [{
+                "url": EXT_PROBABILITY_INTERVAL,
+                "extension": [
+                    {"url": "lower", "valueDecimal": _fraction(at["p05"])},
+                    {"url": "upper", "valueDecimal": _fraction(at["p95"])},
+                    {"url": "level", "valueDecimal": 0.9},
+                ],
+            }],
+            "outcome": outcome_concept(outcome),
+            "probabilityDecimal": median,
+            "whenPeriod": {"start": start.isoformat(), "end": _add_years(start, years).isoformat()},
+        }
+        code = qualitative(outcome, years, median)
+        if code:
+            prediction["qualitativeRisk"] = {"coding": [coding(code, RISK_PROBABILITY, RISK_DISPLAY[code])]}
+        predictions.append(prediction)
+    _, _, assessment_code = OUTCOMES[outcome]
+    resource: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "meta": meta("fhirtwin-riskassessment"),
+        "identifier": [identifier(risk_key(forecast, outcome))],
+        "status": "final",
+        "method": method_concept(forecast, outcome),
+        "code": concept(assessment_code),
+        "subject": {"reference": f"Patient/{forecast.patient_id}"},
+        "occurrenceDateTime": occurrence.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "performer": {"reference": device_reference},
+        "basis": [{"reference": ref} for ref in sorted(forecast.sources)],
+        "prediction": predictions,
+    }
+    if supersedes:
+        resource["extension"] = [{"url": EXT_SUPERSEDES, "valueReference": {"reference": ref}} for ref in supersedes]
+    text = mitigation(plan, outcome)
+    if text:
+        resource["mitigation"] = text
+    notes = quality_notes(forecast, state)
+    for prediction in predictions:
+        prediction["rationale"] = rationale(forecast, outcome)
+    if notes:
+        resource["note"] = notes
+    return resource
+

@@ -1,0 +1,184 @@
+"""One transaction per patient run (or several runs merged), repeatable and superseding.
+
+* Every result (RiskAssessment per outcome, Goals, CarePlan) is a ``POST`` with
+  ``ifNoneExist: identifier=https://fhirtwin.org/sid/prediction|<key>``; the key hashes patient, model
+  and version, the sorted versioned inputs, scenario, horizon and kind (``identifiers.py``). A rerun, a
+  retried request or a Subscription echo therefore creates nothing. The Provenance (R4: no identifier)
+  is conditional on its run tag ``https://fhirtwin.org/sid/run|<digest of the target keys>``.
+* The Device and Organization are ``PUT`` to stable ids (an unchanged body is a no-op).
+* **Supersede**: when inputs changed, the keys change, new results are created, and every earlier
+  fhirtwin result of the patient that is not part of the new set gets the meta tag
+  ``https://fhirtwin.org/CodeSystem/fhirtwin|superseded`` (a ``PUT`` of the stored body plus the tag,
+  ``ifMatch`` on its version, in the same transaction). Its status stays ``final``: R4 ObservationStatus
+  has no "superseded", ``amended`` describes a corrected resource and ``entered-in-error`` one that was
+  wrong — the old assessment was right for its inputs. The new RiskAssessment links the old one with the
+  ``supersedes`` extension and the Provenance lists it as entity role ``revision``. Because signed
+  content excludes ``meta``, the old Provenance still verifies. Current results:
+  ``RiskAssessment?subject=Patient/X&_tag:not=https://fhirtwin.org/CodeSystem/fhirtwin|superseded``
+  (one per outcome; add ``&code=https://fhirtwin.org/CodeSystem/fhirtwin|risk-total-cvd`` for one).
+* HAPI merges tags on update, so a tag cannot be removed inside a transaction: if inputs return to an
+  earlier state (an input deleted again), the earlier results are current again and are listed in
+  ``PatientWrite.reinstate`` for the caller to clear with ``$meta-delete`` after the transaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fhirtwin.writeback.careplan import build_care_plan, build_goals, care_plan_key, goal_keys
+from fhirtwin.writeback.codes import (
+    AUTO_VERSION_EXT,
+    OUTCOMES,
+    PREDICTION_ID_SYSTEM,
+    SUPERSEDED_TAG,
+)
+from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
+from fhirtwin.writeback.identifiers import if_none_exist, run_key
+from fhirtwin.writeback.jws import SigningKey
+from fhirtwin.writeback.provenance import build_provenance
+from fhirtwin.writeback.riskassessment import build_risk_assessment, risk_key
+
+RESULT_TYPES = ("RiskAssessment", "Goal", "CarePlan")
+
+
+@dataclass
+class PatientWrite:
+    """The transaction for one patient and what it means."""
+
+    patient_id: str
+    bundle: dict[str, Any]
+    keys: dict[str, str]
+    run_key: str
+    superseded: list[str] = field(default_factory=list)
+    reinstate: list[str] = field(default_factory=list)
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """The resources this run may create (RiskAssessments, Goals, CarePlan, Provenance)."""
+        return [e["resource"] for e in self.bundle["entry"] if e["request"]["method"] == "POST"]
+
+
+def _urn(key: str, kind: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'https://fhirtwin.org/{kind}/{key}')}"
+
+
+def key_of(resource: dict[str, Any]) -> str | None:
+    """The fhirtwin prediction key of a stored resource, if it has one."""
+    return next((i.get("value") for i in resource.get("identifier", []) or []
+                 if i.get("system") == PREDICTION_ID_SYSTEM), None)
+
+
+def is_superseded(resource: dict[str, Any]) -> bool:
+    """True when the resource carries fhirtwin's superseded tag."""
+    return any(t.get("system") == SUPERSEDED_TAG["system"] and t.get("code") == SUPERSEDED_TAG["code"]
+               for t in resource.get("meta", {}).get("tag", []))
+
+
+def _versioned(resource: dict[str, Any]) -> str:
+    ref = f"{resource['resourceType']}/{resource['id']}"
+    version = resource.get("meta", {}).get("versionId")
+    return f"{ref}/_history/{version}" if version else ref
+
+
+def _supersede_entry(resource: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(resource)
+    tags = body.setdefault("meta", {}).setdefault("tag", [])
+    tags.append(dict(SUPERSEDED_TAG))
+    request: dict[str, Any] = {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+    version = resource.get("meta", {}).get("versionId")
+    if version:
+        request["ifMatch"] = f'W/"{version}"'
+    return {"fullUrl": f"{resource['resourceType']}/{resource['id']}", "resource": body, "request": request}
+
+
+def build_patient_write(
+    plan: Any,
+    state: Any,
+    *,
+    key: SigningKey,
+    existing: Iterable[dict[str, Any]] = (),
+    now: datetime | None = None,
+    organization_id: str = DEFAULT_ORGANIZATION,
+    include_device: bool = True,
+) -> PatientWrite:
+    """The transaction Bundle for one patient's Plan.
+
+    ``existing`` are the fhirtwin results already stored for this patient (RiskAssessment, Goal, CarePlan;
+    current and superseded), as read by the caller; they decide what is superseded or reinstated.
+    """
+    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    forecast = plan.baseline
+    patient_id = forecast.patient_id
+    device_ref = f"Device/{device_id(forecast.model, forecast.model_version)}"
+    org_ref = f"Organization/{organization_id}"
+    outcomes = [o for o in OUTCOMES if o in forecast.cif]
+
+    keys: dict[str, str] = {f"RiskAssessment/{o}": risk_key(forecast, o) for o in outcomes}
+    keys.update({f"Goal/{name}": k for name, k in goal_keys(plan).items()})
+    keys["CarePlan"] = care_plan_key(plan)
+    wanted = set(keys.values())
+
+    stored = [r for r in existing if r.get("resourceType") in RESULT_TYPES and key_of(r)]
+    to_supersede = [r for r in stored if key_of(r) not in wanted and not is_superseded(r)]
+    reinstate = sorted({f"{r['resourceType']}/{r['id']}" for r in stored if key_of(r) in wanted and is_superseded(r)})
+    old_ra_by_code = {}
+    for r in to_supersede:
+        if r["resourceType"] == "RiskAssessment":
+            code = next((c.get("code") for c in r.get("code", {}).get("coding", [])), None)
+            old_ra_by_code.setdefault(code, []).append(f"RiskAssessment/{r['id']}")
+
+    ra_refs = {o: _urn(keys[f"RiskAssessment/{o}"], "RiskAssessment") for o in outcomes}
+    goal_refs = {name: _urn(keys[f"Goal/{name}"], "Goal") for name in goal_keys(plan)}
+    targets: list[tuple[str, dict[str, Any]]] = []
+    for outcome in outcomes:
+        ra = build_risk_assessment(plan, state, outcome, occurrence=now, device_reference=device_ref,
+                                   supersedes=old_ra_by_code.get(OUTCOMES[outcome][2], ()))
+        ra["meta"]["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": "basis"}]
+        targets.append((ra_refs[outcome], ra))
+    goals = build_goals(plan, state, ra_refs, now)
+    targets += [(goal_refs[name], goal) for name, goal in goals.items()]
+    care_plan = build_care_plan(plan, state, ra_refs=ra_refs, goal_refs=goal_refs, occurrence=now,
+                                device_reference=device_ref)
+    cp_ref = _urn(keys["CarePlan"], "CarePlan")
+    targets.append((cp_ref, care_plan))
+
+    rkey = run_key(keys.values())
+    provenance = build_provenance(targets, forecast.sources, device_reference=device_ref,
+                                  organization_reference=org_ref, key=key, recorded=now, run_key=rkey,
+                                  revisions=[_versioned(r) for r in to_supersede])
+
+    entries: list[dict[str, Any]] = []
+    if include_device:
+        for resource in (organization_resource(organization_id),
+                         device_resource(forecast.model, forecast.model_version, organization_id)):
+            url = f"{resource['resourceType']}/{resource['id']}"
+            entries.append({"fullUrl": url, "resource": resource, "request": {"method": "PUT", "url": url}})
+    for (ref, resource), kind in zip(targets, [*[f"RiskAssessment/{o}" for o in outcomes],
+                                               *[f"Goal/{n}" for n in goals], "CarePlan"], strict=True):
+        entries.append({"fullUrl": ref, "resource": resource,
+                        "request": {"method": "POST", "url": resource["resourceType"],
+                                    "ifNoneExist": if_none_exist(keys[kind])}})
+    entries.append({"fullUrl": _urn(rkey, "Provenance"), "resource": provenance,
+                    "request": {"method": "POST", "url": "Provenance",
+                                "ifNoneExist": f"_tag={provenance['meta']['tag'][1]['system']}|{rkey}"}})
+    entries += [_supersede_entry(r) for r in to_supersede]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return PatientWrite(patient_id, bundle, keys, rkey, [_versioned(r) for r in to_supersede], reinstate)
+
+
+def merge_bundles(writes: Sequence[PatientWrite]) -> dict[str, Any]:
+    """One transaction for several patients (batch runs): entries concatenated, shared PUTs once."""
+    entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for write in writes:
+        for entry in write.bundle["entry"]:
+            if entry["request"]["method"] == "PUT" and entry["fullUrl"] in seen:
+                continue
+            seen.add(entry["fullUrl"])
+            entries.append(entry)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
