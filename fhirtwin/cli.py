@@ -103,6 +103,107 @@ def cmd_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signing_key(args: argparse.Namespace):
+    """The signing key: $FHIRTWIN_SIGNING_KEY / _FILE, else the sandbox's development key (never committed)."""
+    from fhirtwin.sandbox.server import Sandbox
+    from fhirtwin.writeback.jws import load_signing_key
+
+    return load_signing_key(Sandbox.from_env().data_dir / "keys")
+
+
+def _patient_ids(client, args: argparse.Namespace) -> list[str]:
+    if args.patient:
+        return list(dict.fromkeys(args.patient))
+    ids = [r["id"] for r in client.search_all("Patient", {"_elements": "id", "_count": 500}, max_pages=1000)
+           if r.get("resourceType") == "Patient"]
+    return sorted(ids)
+
+
+def _run_one(client, patient_id: str, as_of):
+    """Read and simulate one patient (one record request); insufficient data is a TwinRun with an error."""
+    from fhirtwin.pipeline import read_twin, simulate_twin
+
+    return simulate_twin(read_twin(client, patient_id, as_of))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """read -> twin -> write for each patient; one transaction per patient (or --group per transaction)."""
+    from fhirtwin.pipeline import WriteResult, write_predictions
+
+    client = _client(args)
+    key = _signing_key(args)
+    ids = _patient_ids(client, args)
+    results: list[WriteResult] = []
+    out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115 - closed below
+    step = max(1, args.group)
+    try:
+        for start in range(0, len(ids), step):
+            runs = []
+            for patient_id in ids[start : start + step]:
+                try:
+                    runs.append(_run_one(client, patient_id, _date(args.as_of)))
+                except Exception as exc:  # noqa: BLE001 - one patient's failure never loses the others
+                    results.append(WriteResult(patient_id, "failed",
+                                               message=f"read/simulate failed: {type(exc).__name__}"))
+            batch = write_predictions(client, runs, key, dry_run=args.dry_run or out is not None, group=step)
+            for result in batch:
+                if out is not None and result.bundle is not None:
+                    out.write(json.dumps(result.bundle, separators=(",", ":")) + "\n")
+                    result.status = "exported"
+            results.extend(batch)
+            counts = _counts(results)
+            print(f"\r[{len(results)}/{len(ids)}] " + ", ".join(f"{k} {v}" for k, v in counts.items()), end="",
+                  file=sys.stderr, flush=True)
+    finally:
+        if out is not None:
+            out.close()
+    print(file=sys.stderr)
+    counts = _counts(results)
+    failed = counts.get("failed", 0)
+    if args.json:
+        print(json.dumps({"summary": counts, "requests": client.request_count,
+                          "patients": [r.to_json() for r in results]}, indent=1, default=str))
+    else:
+        for r in results:
+            if r.status in ("failed", "skipped") or args.dry_run:
+                print(f"  {r.patient_id}: {r.status} {r.message}")
+        print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+              + f"; {sum(r.created for r in results)} resources created, {client.request_count} requests")
+    if failed == 0:
+        return 0
+    return 2 if failed == len(results) else 1
+
+
+def _counts(results) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a Provenance's JWS against its targets as they now stand on the server."""
+    from fhirtwin.pipeline import verify_provenance
+    from fhirtwin.writeback.jws import load_public_key
+
+    client = _client(args)
+    if args.key:
+        with open(args.key, "rb") as handle:
+            public_key = load_public_key(handle.read())
+    else:
+        public_key = _signing_key(args).private_key.public_key()
+    try:
+        report = verify_provenance(client, args.provenance, public_key)
+    except Exception as exc:  # noqa: BLE001 - report, do not trace back
+        print(f"fhirtwin verify: cannot check {args.provenance}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    stream = sys.stdout if report.valid else sys.stderr
+    print(f"{args.provenance}: {report.message}", file=stream)
+    for change in report.changed_versions:
+        print(f"  newer version: {change}", file=stream)
+    return 0 if report.valid else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fhirtwin.demo import run_demo
 
@@ -151,6 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--json", action="store_true", help="print JSON (scales, ledger, requests, pages_followed)")
     state.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
     state.set_defaults(func=cmd_state)
+
+    run = commands.add_parser("run", help="read -> twin -> write RiskAssessment, CarePlan, signed Provenance")
+    run.add_argument("--server", required=True, help="FHIR R4 base URL")
+    who = run.add_mutually_exclusive_group(required=True)
+    who.add_argument("--patient", action="append", help="Patient id (repeat for several)")
+    who.add_argument("--all", action="store_true", help="every Patient on the server")
+    run.add_argument("--dry-run", action="store_true", help="write nothing; show what would be written")
+    run.add_argument("--out", default=None, help="write transaction bundles as NDJSON to FILE instead of the server")
+    run.add_argument("--group", type=int, default=1, help="patients per transaction (default 1)")
+    run.add_argument("--as-of", default=None, help="reference date (YYYY-MM-DD, default today)")
+    run.add_argument("--json", action="store_true", help="print per-patient results as JSON")
+    run.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    run.set_defaults(func=cmd_run)
+
+    verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server")
+    verify.add_argument("--server", required=True, help="FHIR R4 base URL")
+    verify.add_argument("provenance", help="Provenance/ID")
+    verify.add_argument("--key", default=None, help="public (or private) key PEM; default the signing key")
+    verify.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    verify.set_defaults(func=cmd_verify)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)

@@ -123,7 +123,6 @@ def _activities(plan: Any, ra_refs: dict[str, str], goal_refs: dict[str, str]) -
         for intervention in option.scenario.interventions:
             if intervention not in seen:
                 seen.append(intervention)
-    reason = [{"reference": ra_refs[plan.outcome]}] if plan.outcome in ra_refs else []
     activities = []
     for intervention in seen:
         code = _activity_code(intervention)
@@ -133,10 +132,13 @@ def _activities(plan: Any, ra_refs: dict[str, str], goal_refs: dict[str, str]) -
             "status": "not-started",
             "description": " ".join([intervention.label + ".", *intervention.notes]).strip(),
         }
-        if intervention.kind == "sglt2i" and "kidney_failure" in ra_refs:
-            detail["reasonReference"] = [{"reference": ra_refs["kidney_failure"]}, *reason]
-        elif reason:
-            detail["reasonReference"] = reason
+        # R4 detail.reasonReference admits Condition/Observation/DiagnosticReport/DocumentReference only:
+        # the RiskAssessments are linked from CarePlan.supportingInfo; the reason is stated as text here.
+        detail["reasonCode"] = [{"text": f"{OUTCOME_TEXT.get(target, target)} risk (fhirtwin RiskAssessment)"}
+                                for target in (["kidney_failure"] if intervention.kind == "sglt2i" else [])
+                                + [plan.outcome] if target in ra_refs]
+        if not detail["reasonCode"]:
+            del detail["reasonCode"]
         goal = {"statin": "ldl", "bp_lowering": "sbp"}.get(intervention.kind)
         if goal and goal in goal_refs:
             detail["goal"] = [{"reference": goal_refs[goal]}]
