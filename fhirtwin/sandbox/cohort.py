@@ -92,6 +92,19 @@ MG_DL_PER_MMOL_L_CHOLESTEROL = 38.67  # molar mass of cholesterol ~386.7 g/mol
 MG_DL_PER_MMOL_L_TRIGLYCERIDE = 88.57  # triolein ~885.7 g/mol
 UMOL_L_PER_MG_DL_CREATININE = 88.4  # creatinine 113.12 g/mol
 
+# Measurement scatter of the synthetic results follows published within-person variability, so that the
+# twin's predictive intervals are judged against realistic data:
+# - office SBP visit-to-visit SD ~9.7 mm[Hg]: geometric mean of the ALLHAT quintile cut-points 6.5 and
+#   14.4 mm[Hg] (Muntner P et al., Ann Intern Med 2015;163:329), within the range of Rothwell PM et al.,
+#   Lancet 2010;375:895;
+# - serum creatinine: within-subject CV 5.0 % (meta-analysis of 37 studies, Front Med 2022;9:1009358)
+#   combined with an analytical CV of 2.5 % (half the within-subject CV, the desirable specification of
+#   Fraser & Petersen, Clin Chem 1993;39:1447): total CV 5.6 %;
+# - body weight: 1.5 % of weight, an ASSUMPTION in the 1-2 % day-to-day range usually quoted.
+SBP_VISIT_SD_MM_HG = 9.7
+CREATININE_TOTAL_CV = 0.056
+WEIGHT_CV = 0.015
+
 RACE_EXTENSION_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 _UUID_NAMESPACE = uuid.UUID("6f1c2d0e-8a57-5b7e-9c1d-f1e2a3b4c5d6")
 _YEAR_DAYS = 365.25
@@ -739,7 +752,7 @@ class _PatientGenerator:
 
     def _kidney(self, t: float, hour: int, minute: int, uacr: bool) -> None:
         age = self.age + t
-        scr = creatinine_for_egfr(self.egfr(t), age, self.female) * (1 + self._n(0, 0.04))
+        scr = creatinine_for_egfr(self.egfr(t), age, self.female) * (1 + self._n(0, CREATININE_TOTAL_CV))
         if self.creatinine_si:
             self._qty_obs("creatinine_molar", t, hour, minute, _round(scr * UMOL_L_PER_MG_DL_CREATININE, 0), lab=True)
         else:
@@ -769,12 +782,12 @@ class _PatientGenerator:
         while t < -0.03:
             hour, minute = int(self.rng.integers(9, 17)), int(self.rng.integers(0, 60))
             lab_minute = int(self.rng.integers(0, 60))
-            sbp = _round(float(np.clip(self.sbp(t) + self._n(0, 7), 85, 230)), 0)
+            sbp = _round(float(np.clip(self.sbp(t) + self._n(0, SBP_VISIT_SD_MM_HG), 85, 230)), 0)
             dbp = _round(float(np.clip(0.45 * sbp + 22 + self._n(0, 5), 45, 130)), 0)
             self._bp(t, hour, minute, sbp, dbp)
             bmi_true = self.bmi0 + self.bmi_drift * (t - self.t0)
             h_m = self.height / 100.0
-            weight = max(40.0, bmi_true * h_m * h_m + self._n(0, 0.8))
+            weight = max(40.0, bmi_true * h_m * h_m * (1 + self._n(0, WEIGHT_CV)))
             self._qty_obs("weight", t, hour, minute, _round(weight, 1), lab=False)
             self._qty_obs("bmi", t, hour, minute, _round(weight / (h_m * h_m), 1), lab=False)
             if first or self._chance(0.2):
@@ -1074,7 +1087,7 @@ class _PatientGenerator:
         for i in range(n):
             t = self._u(self.t0, -0.1)
             if i == 0:
-                sbp = _round(self.sbp(t) + self._n(0, 7), 0)
+                sbp = _round(self.sbp(t) + self._n(0, SBP_VISIT_SD_MM_HG), 0)
                 self._bp(t, 10, 0, sbp, _round(0.45 * sbp + 22 + self._n(0, 5), 0))
             else:
                 self._smoking_obs(t, 10, 5)
