@@ -1,0 +1,125 @@
+"""The per-patient transaction: conditional creates, signed Provenance, supersede and reinstate logic."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from writeback_fixtures import NOW, changed_run, cohort_run
+
+from fhirtwin.writeback.codes import SUPERSEDED_TAG
+from fhirtwin.writeback.jws import JwsError, generate_key
+from fhirtwin.writeback.signing import verify_targets
+from fhirtwin.writeback.transaction import build_patient_write, is_superseded, key_of, merge_bundles
+
+KEY = generate_key()
+
+
+def _write(run=None, existing=()):
+    run = run or cohort_run()
+    return build_patient_write(run.plan, run.state, key=KEY, existing=existing, now=NOW)
+
+
+def _store(write) -> list[dict]:
+    """Emulate the server: assign ids/versions to the POSTed results, resolve urn references."""
+    ids = {}
+    stored = []
+    for n, entry in enumerate(write.bundle["entry"]):
+        if entry["request"]["method"] == "POST":
+            ids[entry["fullUrl"]] = f"{entry['resource']['resourceType']}/id{n}"
+    for entry in write.bundle["entry"]:
+        if entry["request"]["method"] != "POST":
+            continue
+        text = str(entry["resource"])
+        resource = copy.deepcopy(entry["resource"])
+        for urn, ref in ids.items():
+            if urn in text:
+                resource = eval(repr(resource).replace(urn, ref))  # noqa: S307 - test data only
+        resource["id"] = ids[entry["fullUrl"]].split("/")[1]
+        resource["meta"] = {**resource["meta"], "versionId": "1"}
+        stored.append(resource)
+    return stored
+
+
+def test_bundle_shape_and_conditional_creates() -> None:
+    write = _write()
+    entries = write.bundle["entry"]
+    methods = [(e["request"]["method"], e["resource"]["resourceType"]) for e in entries]
+    assert methods[:2] == [("PUT", "Organization"), ("PUT", "Device")]
+    assert [m for m in methods if m[0] == "POST"] == [("POST", "RiskAssessment")] * 4 + [("POST", "Goal")] * 2 + [
+        ("POST", "CarePlan"), ("POST", "Provenance")]
+    for entry in entries:
+        if entry["request"]["method"] == "POST":
+            assert entry["fullUrl"].startswith("urn:uuid:")
+            assert entry["request"]["ifNoneExist"].startswith(("identifier=https://fhirtwin.org/sid/prediction|",
+                                                               "_tag=https://fhirtwin.org/sid/run|"))
+    def unsigned(bundle: dict) -> dict:
+        out = copy.deepcopy(bundle)
+        out["entry"][-1]["resource"]["signature"][0].pop("data")  # ECDSA signatures are randomised
+        return out
+
+    assert unsigned(write.bundle) == unsigned(_write().bundle)  # same inputs and time: same bundle
+    assert write.superseded == [] and write.reinstate == []
+
+
+def test_provenance_targets_entities_and_signature_survive_storage() -> None:
+    write = _write()
+    provenance = write.results[-1]
+    targets = [e for e in write.bundle["entry"] if e["request"]["method"] == "POST"][:-1]
+    assert [t["reference"] for t in provenance["target"]] == [e["fullUrl"] for e in targets]
+    sources = sorted(cohort_run().plan.baseline.sources)
+    assert [e["what"]["reference"] for e in provenance["entity"]] == sources
+    assert {e["role"] for e in provenance["entity"]} == {"source"}
+    assert provenance["agent"][0]["who"]["reference"].startswith("Device/")
+    stored = _store(write)
+    refs = [f"{r['resourceType']}/{r['id']}/_history/1" for r in stored[:-1]]
+    public = KEY.private_key.public_key()
+    verify_targets(provenance["signature"][0]["data"], stored[:-1], refs, public)
+    stored[0]["prediction"][0]["probabilityDecimal"] = 0.999
+    with pytest.raises(JwsError):
+        verify_targets(provenance["signature"][0]["data"], stored[:-1], refs, public)
+
+
+def test_rerun_with_existing_results_supersedes_nothing() -> None:
+    first = _write()
+    again = _write(existing=_store(first))
+    assert again.superseded == [] and again.reinstate == []
+    assert [e["request"]["method"] for e in again.bundle["entry"]].count("PUT") == 2  # Device, Organization
+
+
+def test_changed_inputs_supersede_previous_results() -> None:
+    old = _store(_write())
+    write = _write(changed_run(), existing=old)
+    assert set(write.keys.values()).isdisjoint({key_of(r) for r in old})
+    supersede = [e for e in write.bundle["entry"] if e["request"]["method"] == "PUT" and "ifMatch" in e["request"]]
+    assert len(supersede) == len(old) - 1  # every result except the old Provenance
+    for entry in supersede:
+        assert is_superseded(entry["resource"]) and entry["request"]["ifMatch"] == 'W/"1"'
+        stored = next(r for r in old if r["id"] == entry["resource"]["id"])
+        assert {k: v for k, v in entry["resource"].items() if k != "meta"} == {
+            k: v for k, v in stored.items() if k != "meta"}, "only the tag changes: status stays as it was"
+    new_ras = [r for r in write.results if r["resourceType"] == "RiskAssessment"]
+    assert all(r["extension"][0]["valueReference"]["reference"].startswith("RiskAssessment/id") for r in new_ras)
+    revisions = [e for e in write.results[-1]["entity"] if e["role"] == "revision"]
+    assert len(revisions) == len(supersede) and all("/_history/1" in e["what"]["reference"] for e in revisions)
+    # already superseded results are left alone
+    tagged = [copy.deepcopy(r) for r in old]
+    for r in tagged:
+        r["meta"].setdefault("tag", []).append(dict(SUPERSEDED_TAG))
+    assert _write(changed_run(), existing=tagged).superseded == []
+
+
+def test_inputs_back_to_an_earlier_state_reinstate_it() -> None:
+    old = _store(_write())
+    for r in old:
+        r["meta"].setdefault("tag", []).append(dict(SUPERSEDED_TAG))
+    write = _write(existing=old)
+    assert len(write.reinstate) == len(old) - 1 and write.superseded == []
+
+
+def test_merge_bundles_keeps_shared_puts_once() -> None:
+    a, b = _write(), _write(changed_run())
+    merged = merge_bundles([a, b])
+    urls = [e["fullUrl"] for e in merged["entry"]]
+    assert urls.count("Device/fhirtwin-mechanistic-0-1-0") == 1
+    assert len(merged["entry"]) == len(a.bundle["entry"]) + len(b.bundle["entry"]) - 2
