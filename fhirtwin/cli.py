@@ -204,6 +204,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.valid else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fhirtwin.service.app import ServiceSettings, create_app
+
+    public_url = args.public_url or f"http://{args.host}:{args.port}"
+    settings = ServiceSettings(fhir_server=args.fhir_server.rstrip("/"), public_url=public_url.rstrip("/"),
+                               verify_tls=not args.insecure, signing_key_file=args.signing_key)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=False)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fhirtwin.demo import run_demo
 
@@ -272,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--key", default=None, help="public (or private) key PEM; default the signing key")
     verify.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
     verify.set_defaults(func=cmd_verify)
+
+    serve = commands.add_parser("serve", help="the web service: $simulate, Subscription webhook, CDS Hooks, SMART")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--fhir-server", required=True, help="FHIR R4 base URL the service reads and writes")
+    serve.add_argument("--public-url", default=None, help="URL clients use to reach this service")
+    serve.add_argument("--signing-key", default=None, help="PEM private key for Provenance signatures")
+    serve.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)
