@@ -1,1 +1,98 @@
-"""Shared test configuration: integration tests run against the real local HAPI sandbox."""
+"""Shared fixtures. Integration and end-to-end tests run against the real HAPI FHIR sandbox,
+started (and built) on first use; no fake stands in for the server. Unit tests never request them."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from fhirtwin.sandbox.server import Sandbox
+
+FHIR_JSON = "application/fhir+json"
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Sandbox:
+    box = Sandbox.from_env()
+    box.start(timeout=600)
+    return box
+
+
+@pytest.fixture(scope="session")
+def base_url(sandbox: Sandbox) -> str:
+    return sandbox.base_url
+
+
+@pytest.fixture()
+def http() -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.headers.update({"Accept": FHIR_JSON, "Content-Type": FHIR_JSON, "Cache-Control": "no-cache"})
+    yield session
+    session.close()
+
+
+@dataclass
+class Delivery:
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """A loopback HTTP server that records what the FHIR server delivers to it."""
+
+    url: str
+    deliveries: list[Delivery] = field(default_factory=list)
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture()
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            state.deliveries.append(Delivery(self.command, self.path, self.rfile.read(length)))
+            state.arrived.set()
+            self.send_response(200)
+            self.send_header("Content-Type", FHIR_JSON)
+            self.end_headers()
+            self.wfile.write(json.dumps({"resourceType": "OperationOutcome", "issue": []}).encode())
+
+        do_POST = do_PUT = do_DELETE = _record
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def cohort():
+    """The default synthetic cohort, as generated (deterministic)."""
+    from fhirtwin.sandbox.cohort import generate_cohort
+
+    return generate_cohort()
+
+
+@pytest.fixture(scope="session")
+def loaded_cohort(base_url: str, cohort):
+    """Make sure the sandbox holds the default cohort (skips the upload when it already does)."""
+    from fhirtwin.sandbox.load import load_sandbox
+
+    load_sandbox(base_url)
+    return cohort
