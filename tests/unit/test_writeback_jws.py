@@ -33,7 +33,8 @@ def stored(targets: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def test_canonical_json_sorts_keys_and_normalises_numbers() -> None:
-    assert canonical_json({"b": 1.0, "a": [0.10, 1e-7, 2], "c": "é\t"}) == '{"a":[0.1,1e-07,2],"b":1,"c":"é\\t"}'.encode()
+    expected = '{"a":[0.1,1e-07,2],"b":1,"c":"é\\t"}'.encode()
+    assert canonical_json({"b": 1.0, "a": [0.10, 1e-7, 2], "c": "é\t"}) == expected
     assert canonical_json({"x": 1e-5}) == b'{"x":0.00001}'
     with pytest.raises(ValueError):
         canonical_json({"x": float("nan")})
@@ -119,4 +120,5 @@ def test_key_loading_env_and_dev_key(tmp_path, monkeypatch) -> None:
     key_file.write_bytes(pem)
     monkeypatch.setenv(jws.ENV_KEY_FILE, str(key_file))
     assert jws.load_signing_key(tmp_path).kid == rsa_key.kid
-    assert jws.load_public_key(rsa_key.public_pem()).public_numbers() == rsa_key.private_key.public_key().public_numbers()
+    public = jws.load_public_key(rsa_key.public_pem())
+    assert public.public_numbers() == rsa_key.private_key.public_key().public_numbers()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from writeback_fixtures import NOW, changed_run, cohort_run
+
 from fhirtwin.writeback.careplan import build_care_plan, build_goals
 from fhirtwin.writeback.codes import CODESYSTEM, CONCEPTS, GENERATED_TAG, PREDICTION_ID_SYSTEM, is_fhirtwin_generated
 from fhirtwin.writeback.device import device_resource
 from fhirtwin.writeback.identifiers import prediction_key
 from fhirtwin.writeback.riskassessment import build_risk_assessment, qualitative, risk_key
-from writeback_fixtures import NOW, changed_run, cohort_run
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 
