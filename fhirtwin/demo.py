@@ -1,27 +1,50 @@
 """``fhirtwin demo``: the whole vertical path on the embedded default, the local sandbox and its cohort.
 
 Start the sandbox, load the synthetic cohort, read every patient (twenty per request), build each
-TwinState, fit the mechanistic twin, rank interventions, and print a summary. Write-back of
-RiskAssessment/CarePlan/Provenance is not implemented yet; the demo says so instead of pretending.
+TwinState, fit the mechanistic twin, rank interventions, write RiskAssessment, CarePlan, Goals and a
+signed Provenance back in one transaction per patient, verify one signature, and write an HTML
+report. Every step prints what it did and what it measured.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.pipeline import read_twins, simulate_twin
+from fhirtwin.pipeline import TwinRun, read_twins, simulate_twin, verify_provenance, write_predictions
+from fhirtwin.report import write_report
 from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, generate_cohort
 from fhirtwin.sandbox.load import load_sandbox
 from fhirtwin.sandbox.server import Sandbox
+from fhirtwin.twin import Scale
+from fhirtwin.writeback.jws import load_signing_key
 
 DEMO_DRAWS = 500
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:4.1f}%"
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    print(f"\r   {label}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def _scale_rows(runs: list[TwinRun]) -> list[tuple[str, int, float]]:
+    """Median 10-year total CVD risk by which scales of data the patient's twin holds."""
+    rows = []
+    for scale in (Scale.MOLECULAR, Scale.ENVIRONMENTAL, Scale.BEHAVIORAL):
+        for has in (True, False):
+            risks = sorted(r.plan.baseline.at_horizon("total_cvd")["median"] for r in runs
+                           if bool(r.state.by_scale()[scale]) is has)
+            if risks:
+                rows.append((f"{'with' if has else 'without'} {scale.value} data", len(risks), risks[len(risks) // 2]))
+    return rows
 
 
 def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, patients: int | None = None,
@@ -32,28 +55,38 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
     n = patients or DEFAULT_PATIENTS
     report = load_sandbox(sandbox.base_url, n_patients=n, cohort_dir=sandbox.data_dir / "cohort")
     action = "already loaded" if report.skipped else f"loaded in {report.seconds:.0f} s"
-    print(f"2. cohort: {report.patients} synthetic patients, {report.entries} resources ({action})")
+    print(f"2. cohort: {report.patients} synthetic patients, {report.entries} resources, "
+          f"{report.profiles} conformance resources ({action})")
 
     client = FhirClient(sandbox.base_url)
     ids = [bundle["entry"][0]["resource"]["id"] for bundle in generate_cohort(n_patients=n).bundles]
     started = time.monotonic()
-    states = list(read_twins(client, ids))
+    states = []
+    for state in read_twins(client, ids):
+        states.append(state)
+        _progress("read", len(states), len(ids))
     read_s = time.monotonic() - started
     ledger = Counter(entry.kind.value for state in states for entry in state.ledger)
-    print(f"3. read: {len(states)} twins from {client.request_count} HTTP requests in {read_s:.1f} s "
-          f"({len(states) / read_s:.0f} patients/s); data-quality ledger: "
-          + ", ".join(f"{k} {v}" for k, v in ledger.most_common()))
+    print(f"3. read: {len(states)} twins from {client.request_count} HTTP requests in {read_s:.1f} s; "
+          "data-quality ledger: " + ", ".join(f"{k} {v}" for k, v in ledger.most_common()))
 
     started = time.monotonic()
-    runs = [simulate_twin(state, draws=DEMO_DRAWS) for state in states]
+    runs = []
+    for state in states:
+        runs.append(simulate_twin(state, draws=DEMO_DRAWS))
+        _progress("simulate", len(runs), len(states))
     sim_s = time.monotonic() - started
     planned = [r for r in runs if r.plan is not None]
-    print(f"4. simulate: {len(planned)} of {len(runs)} patients simulated ({DEMO_DRAWS} draws x 10 years, "
-          f"baseline + every eligible intervention) in {sim_s:.1f} s; "
-          f"{len(runs) - len(planned)} lacked required data (reasons are reported, nothing is guessed)")
+    print(f"4. simulate: {len(planned)} of {len(runs)} patients ({DEMO_DRAWS} draws x 10 years, baseline and "
+          f"every eligible intervention) in {sim_s:.1f} s; {len(runs) - len(planned)} lacked required data "
+          "and get no prediction (nothing is guessed)")
 
-    print("\n   patient    age sex     10-y total CVD (90% interval)   best option (ARR, NNT)")
-    for run in sorted(planned, key=lambda r: -r.plan.baseline.at_horizon("total_cvd")["median"])[:show]:
+    print("\n   10-year total CVD risk by the scales of data available:")
+    for label, count, median in _scale_rows(planned):
+        print(f"     {label:<28} {count:>4} patients   median {_pct(median)}")
+    print("\n   highest risks:\n   patient    age sex     10-y total CVD (90% interval)   best option (ARR, NNT)")
+    ranked = sorted(planned, key=lambda r: -r.plan.baseline.at_horizon("total_cvd")["median"])
+    for run in ranked[:show]:
         state, plan = run.state, run.plan
         risk = plan.baseline.at_horizon("total_cvd")
         best = plan.options[0] if plan.options else None
@@ -63,9 +96,28 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
             option = f"{best.scenario.name} ({_pct(best.arr['median']).strip()}, {nnt})"
         print(f"   {state.patient_id:<10} {state.age_years():>3} {str(state.demographics.sex):<7} "
               f"{_pct(risk['median'])} ({_pct(risk['p05'])}-{_pct(risk['p95'])})      {option}")
-    reasons = Counter(r.error.split(":", 1)[-1].strip() for r in runs if r.error)
-    if reasons:
-        print("\n   not simulated: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3)))
-    print("\n5. write-back (RiskAssessment, CarePlan, signed Provenance): not implemented yet; "
-          "nothing was written to the server.")
-    return 0
+    lacking = [r.state.patient_id for r in runs if r.error]
+    if lacking:
+        print(f"   not simulated ({len(lacking)}): required inputs missing, e.g. "
+              f"`fhirtwin state --server {sandbox.base_url} --patient {lacking[0]}` shows what the twin holds")
+
+    key = load_signing_key(sandbox.data_dir / "keys")
+    before = client.request_count
+    started = time.monotonic()
+    results = write_predictions(client, runs, key)
+    write_s = time.monotonic() - started
+    status = Counter(r.status for r in results)
+    created = sum(r.created for r in results)
+    print(f"\n5. write-back: {dict(status)}; {created} resources created (RiskAssessment, Goal, CarePlan, "
+          f"Provenance) with {client.request_count - before} requests in {write_s:.1f} s; "
+          "a rerun creates nothing")
+    signed = next((r.provenance for r in results if r.provenance), None)
+    if signed:
+        verdict = verify_provenance(client, signed, key.private_key.public_key())
+        print(f"6. signature: {signed} {'verifies' if verdict.valid else 'DOES NOT verify'} against its "
+              f"{len(verdict.targets)} targets ({verdict.message})")
+    path = write_report(ranked[:show], sandbox.data_dir / "report.html", title="fhirtwin demo: highest risks")
+    print(f"7. report: {path}")
+    print(f"\nNext: fhirtwin state --server {sandbox.base_url} --patient {ids[2]}   |   "
+          f"fhirtwin serve --fhir-server {sandbox.base_url}")
+    return 0 if status.get("failed", 0) == 0 else 1
