@@ -104,11 +104,15 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 
 def _signing_key(args: argparse.Namespace):
-    """The signing key: $FHIRTWIN_SIGNING_KEY / _FILE, else the sandbox's development key (never committed)."""
+    """The signing key: $FHIRTWIN_SIGNING_KEY / _FILE; a development key only for a loopback server."""
+    from urllib.parse import urlsplit
+
     from fhirtwin.sandbox.server import Sandbox
     from fhirtwin.writeback.jws import load_signing_key
 
-    return load_signing_key(Sandbox.from_env().data_dir / "keys")
+    host = urlsplit(getattr(args, "server", "") or "").hostname or ""
+    local = host in ("127.0.0.1", "localhost", "::1")
+    return load_signing_key(Sandbox.from_env().data_dir / "keys" if local else None)
 
 
 def _patient_ids(client, args: argparse.Namespace) -> list[str]:
@@ -307,11 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fhirtwin.fhir.errors import FhirError
     from fhirtwin.sandbox.server import SandboxError
+    from fhirtwin.writeback.jws import JwsError
 
     try:
         return int(args.func(args) or 0)
-    except SandboxError as exc:
+    except (SandboxError, FhirError, JwsError) as exc:
         print(f"fhirtwin: {exc}", file=sys.stderr)
         return 2
 
