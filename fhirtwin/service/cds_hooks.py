@@ -1,5 +1,438 @@
-"""Placeholder router (being written)."""
+"""CDS Hooks 2.0 service: a ``patient-view`` card with the twin's cardiorenal risks at chart open.
 
-from fastapi import APIRouter
+Why a card: the clinician sees the 10-year risks with their 90 % intervals, what drives them and the best
+option, without leaving the chart; the card links to the SMART patient page for what-ifs and offers the
+draft CarePlan as a suggestion. The card is computed with a smaller ensemble (``CARD_DRAWS`` = 200 draws
+instead of the service default) so that a call with complete prefetch stays well inside the spec's
+"on the order of 500 ms"; the page and the written RiskAssessments use the full ensemble.
+
+Data: ``prefetch`` is used when given; a key that is absent means "not provided" and is fetched from
+``fhirServer`` with ``fhirAuthorization.access_token``; a key whose value is ``null`` means the client ran
+the query and found nothing. Without prefetch and without ``fhirServer`` the service cannot read the
+record and answers 412. Errors are JSON ``{"error": ..., "message": ...}``; messages name fields, never
+values, and no stack trace leaves the service.
+
+Indicator (see :mod:`fhirtwin.service.twin_view`): median 10-year total CVD < 7.5 % ``info``,
+7.5 % to < 20 % ``warning``, >= 20 % ``critical`` (2019 ACC/AHA primary-prevention risk categories).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from fhirtwin.service import twin_view
+
+log = logging.getLogger("fhirtwin.service.cds_hooks")
 
 router = APIRouter()
+
+SERVICE_ID = "fhirtwin-cardiorenal-risk"
+HOOK = "patient-view"
+CARD_DRAWS = 200
+SUMMARY_LIMIT = 139  # "fewer than 140 characters"
+GENOMIC_CODES = ",".join(f"http://loinc.org|{c}" for c in ("69548-6", "84413-4", "84414-2", "53040-2", "102040-3"))
+
+#: Prefetch templates: key -> FHIR query. ``REQUIRED_KEYS`` must be available (prefetched or fetchable).
+PREFETCH: dict[str, str] = {
+    "patient": "Patient/{{context.patientId}}",
+    "observations": "Observation?patient={{context.patientId}}&_count=1000",
+    "genomics": f"Observation?patient={{{{context.patientId}}}}&code={GENOMIC_CODES}&_count=200",
+    "conditions": "Condition?patient={{context.patientId}}&_count=500",
+    "medicationRequests": "MedicationRequest?patient={{context.patientId}}&_count=500",
+    "medicationStatements": "MedicationStatement?patient={{context.patientId}}&_count=500",
+    "molecularSequences": "MolecularSequence?patient={{context.patientId}}&_count=100",
+}
+REQUIRED_KEYS = ("patient", "observations", "conditions", "medicationRequests", "medicationStatements")
+
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+USER_REF = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
+MODEL_CARD = Path(__file__).resolve().parents[2] / "docs" / "model-card.md"
+
+_feedback: list[dict[str, Any]] = []
+_feedback_lock = threading.Lock()
+
+
+class CdsError(Exception):
+    """An error answered to the CDS client with a status and a value-free message."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+
+
+def error_response(status: int, error: str, message: str) -> JSONResponse:
+    """The JSON error body used by every CDS endpoint."""
+    return JSONResponse({"error": error, "message": message}, status_code=status)
+
+
+# --------------------------------------------------------------------------------------------- request
+
+
+class FhirAuthorization(BaseModel):
+    """``fhirAuthorization``: every field the spec marks required, ``patient`` optional."""
+
+    model_config = ConfigDict(extra="allow")
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    scope: str
+    subject: str
+    patient: str | None = None
+
+    def __repr__(self) -> str:  # never print the token
+        return "FhirAuthorization(<redacted>)"
+
+
+class PatientViewContext(BaseModel):
+    """``patient-view`` context."""
+
+    model_config = ConfigDict(extra="allow")
+    userId: str  # noqa: N815 - spec field name
+    patientId: str  # noqa: N815
+    encounterId: str | None = None  # noqa: N815
+
+    @field_validator("userId")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not USER_REF.match(value):
+            raise ValueError("userId must be Practitioner/, PractitionerRole/, Patient/ or RelatedPerson/ + id")
+        return value
+
+    @field_validator("patientId")
+    @classmethod
+    def _patient(cls, value: str) -> str:
+        if not FHIR_ID.match(value):
+            raise ValueError("patientId is not a FHIR id")
+        return value
+
+
+class HookRequest(BaseModel):
+    """A CDS Hooks 2.0 service request for ``patient-view``."""
+
+    model_config = ConfigDict(extra="allow")
+    hook: str
+    hookInstance: str  # noqa: N815
+    fhirServer: str | None = None  # noqa: N815
+    fhirAuthorization: FhirAuthorization | None = None  # noqa: N815
+    context: PatientViewContext
+    prefetch: dict[str, dict[str, Any] | None] | None = None
+
+    @field_validator("hookInstance")
+    @classmethod
+    def _instance(cls, value: str) -> str:
+        uuid.UUID(value)  # raises ValueError for anything that is not a UUID
+        return value
+
+    @field_validator("fhirServer")
+    @classmethod
+    def _server(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("fhirServer must be an absolute http(s) URL")
+        return value.rstrip("/") if value else value
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """Field locations and reasons only (pydantic's ``input`` is never echoed)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def parse_request(body: Any, service_id: str) -> HookRequest:
+    """Validate a service request, raising :class:`CdsError` (400) with a value-free message."""
+    if not isinstance(body, dict):
+        raise CdsError(400, "bad_request", "request body must be a JSON object")
+    try:
+        req = HookRequest.model_validate(body)
+    except ValidationError as exc:
+        raise CdsError(400, "bad_request", _validation_message(exc)) from None
+    if req.hook != HOOK:
+        raise CdsError(400, "bad_request", f"service {service_id} answers the {HOOK} hook only")
+    if req.fhirAuthorization is not None and req.fhirServer is None:
+        raise CdsError(400, "bad_request", "fhirAuthorization requires fhirServer")
+    auth = req.fhirAuthorization
+    if auth is not None and auth.patient is not None and auth.patient != req.context.patientId:
+        raise CdsError(400, "bad_request", "fhirAuthorization.patient differs from context.patientId")
+    return req
+
+
+# --------------------------------------------------------------------------------------------- record
+
+
+def render_template(template: str, context: PatientViewContext) -> str:
+    """A prefetch template with its context tokens filled in (patient-view: patientId, userId, encounterId)."""
+    query = template.replace("{{context.patientId}}", context.patientId)
+    query = query.replace("{{context.userId}}", context.userId)
+    if context.encounterId:
+        query = query.replace("{{context.encounterId}}", context.encounterId)
+    return query
+
+
+def _resources_of(value: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if value.get("resourceType") == "Bundle":
+        return [e["resource"] for e in value.get("entry") or []
+                if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+                and (e.get("search") or {}).get("mode") != "outcome"]
+    return [value]
+
+
+def _fhir_client(settings: Any, req: HookRequest) -> Any:
+    from fhirtwin.fhir.auth import BearerToken
+    from fhirtwin.fhir.client import FhirClient
+
+    auth = BearerToken(req.fhirAuthorization.access_token) if req.fhirAuthorization else None
+    return FhirClient(req.fhirServer, auth=auth, verify=settings.verify_tls, timeout=(3, 20), max_retries=1)
+
+
+def gather_record(settings: Any, req: HookRequest) -> tuple[list[dict[str, Any]], list[str]]:
+    """The patient's record from prefetch, completed from ``fhirServer``; also the optional keys missing.
+
+    Raises :class:`CdsError` 412 when a required key is neither prefetched nor fetchable.
+    """
+    from fhirtwin.fhir.client import batch_results, patient_reference_id
+
+    patient_id = req.context.patientId
+    prefetch = req.prefetch or {}
+    missing = [k for k in PREFETCH if k not in prefetch]
+    if req.fhirServer is None and any(k in missing for k in REQUIRED_KEYS):
+        raise CdsError(412, "precondition_failed",
+                       "prefetch incomplete and no fhirServer: cannot read "
+                       + ", ".join(k for k in REQUIRED_KEYS if k in missing))
+    resources: list[dict[str, Any]] = []
+    for key, value in prefetch.items():
+        if key in PREFETCH:
+            resources += _resources_of(value)
+    optional_missing: list[str] = []
+    if missing and req.fhirServer is None:
+        optional_missing = missing
+    elif missing:
+        client = _fhir_client(settings, req)
+        if not prefetch:
+            resources = client.fetch_patient_record(patient_id)
+        else:
+            entries = [{"request": {"method": "GET", "url": render_template(PREFETCH[k], req.context)}}
+                       for k in missing]
+            for key, result in zip(missing, batch_results(client.batch(entries), entries), strict=False):
+                if result.status in (401, 403):
+                    raise CdsError(412, "precondition_failed", f"fhirServer refused the {key} query")
+                if not result.ok:
+                    if key in REQUIRED_KEYS:
+                        raise CdsError(502, "fhir_server_error", f"fhirServer failed the {key} query")
+                    optional_missing.append(key)
+                    continue
+                if result.resource and result.resource.get("resourceType") == "Bundle":
+                    resources += list(client.iter_bundle_pages(result.resource, max_pages=20))
+                elif result.resource:
+                    resources.append(result.resource)
+    patients = [r for r in resources if r.get("resourceType") == "Patient"]
+    if not patients or patients[0].get("id") != patient_id:
+        raise CdsError(412, "precondition_failed", "the patient resource for context.patientId is not available")
+    record = [patients[0]]
+    seen = {("Patient", patient_id)}
+    for r in resources:
+        key = (str(r.get("resourceType")), str(r.get("id")))
+        if r.get("resourceType") == "Patient" or (r.get("id") is not None and key in seen):
+            continue
+        owner = patient_reference_id(r)
+        if owner != patient_id:
+            raise CdsError(400, "bad_request", f"prefetch holds a {r.get('resourceType')} of another patient")
+        seen.add(key)
+        record.append(r)
+    return record, optional_missing
+
+
+# --------------------------------------------------------------------------------------------- cards
+
+
+def _summary(text: str) -> str:
+    return text if len(text) <= SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 1].rstrip() + "…"
+
+
+def draft_care_plan(run: Any) -> dict[str, Any]:
+    """The proposed CarePlan as a standalone resource (no references to unwritten RiskAssessments)."""
+    from fhirtwin.writeback.careplan import build_care_plan
+    from fhirtwin.writeback.device import device_id
+
+    forecast = run.plan.baseline
+    care_plan = build_care_plan(run.plan, run.state, ra_refs={}, goal_refs={}, occurrence=datetime.now(UTC),
+                                device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
+    for key in ("supportingInfo", "goal"):
+        if not care_plan.get(key):
+            care_plan.pop(key, None)
+    return care_plan
+
+
+def build_cards(run: Any, settings: Any, *, optional_missing: list[str] = (), draws: int = CARD_DRAWS) -> list[dict]:
+    """The card(s) for one twin run (one card; an info card when data are insufficient)."""
+    public = settings.public_url.rstrip("/")
+    source = {"label": "fhirtwin digital twin", "url": f"{public}/model-card",
+              "topic": {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "cardiorenal-risk",
+                        "display": "Cardiorenal risk forecast"}}
+    link = {"label": "Open the fhirtwin patient page (risks, trajectories, what-ifs)", "url": f"{public}/launch",
+            "type": "smart"}
+    if run.plan is None:
+        return [{"uuid": str(uuid.uuid4()), "summary": "fhirtwin: not enough data for a cardiorenal risk forecast",
+                 "indicator": "info", "source": source, "links": [link],
+                 "detail": "The twin could not be built: " + html.escape(str(run.error)) + "\n\n"
+                           "Nothing is imputed; record the missing measurements to get a forecast."}]
+    forecast = run.plan.baseline
+    horizon = f"{run.plan.horizon_years:g}-y"
+    r = twin_view.risks(forecast)
+    total = r["total_cvd"]
+    indicator = twin_view.indicator_for(total["median"])
+    best = run.plan.options[0] if run.plan.options else None
+    summary = (f"{horizon} total CVD risk {100 * total['median']:.0f}% "
+               f"(90% {100 * total['p05']:.0f}–{100 * total['p95']:.0f}%)")
+    if best is not None and best.arr["median"] > 0:
+        summary += f"; best option −{100 * best.arr['median']:.1f} points"
+    lines = [f"**{horizon} risk (median, 90 % interval; {draws}-draw ensemble)**", "",
+             "| Outcome | Risk |", "|---|---|"]
+    lines += [f"| {twin_view.SHOWN_OUTCOMES[o]} | {twin_view.interval_text(v)} |" for o, v in r.items()]
+    if forecast.drivers:
+        lines += ["", "**Main drivers**", ""]
+        for d in sorted(forecast.drivers, key=lambda d: -d.contribution)[:4]:
+            lines.append(f"- {d.factor} {d.value} (vs {d.reference}): +{100 * d.contribution:.1f} points of "
+                         f"{twin_view.SHOWN_OUTCOMES.get(d.outcome, d.outcome).lower()} risk")
+    if run.plan.options:
+        lines += ["", "**Options (ranked by absolute risk reduction, total CVD)**", ""]
+        for o in run.plan.options[:3]:
+            nnt = f", NNT {o.nnt:.0f}" if o.nnt is not None and o.nnt_interval else ""
+            lines.append(f"- {o.scenario.name}: ARR {100 * o.arr['median']:.1f} points "
+                         f"(90 % {100 * o.arr['p05']:.1f}–{100 * o.arr['p95']:.1f}){nnt}")
+    if run.plan.excluded:
+        lines += ["", "Not proposed: " + "; ".join(f"{e.candidate} ({e.reason})" for e in run.plan.excluded[:4])]
+    caveats = list(forecast.caveats)
+    counts = twin_view.ledger_counts(run.state)
+    if counts:
+        caveats.append("data-quality ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if optional_missing:
+        caveats.append("not provided: " + ", ".join(optional_missing))
+    if caveats:
+        lines += ["", "**Data quality and caveats**", ""] + [f"- {c}" for c in caveats[:8]]
+    lines += ["", f"Indicator: median {horizon} total CVD < 7.5 % info, 7.5–20 % warning, ≥ 20 % critical "
+              "(ACC/AHA 2019 risk categories, applied to PREVENT-anchored total CVD). A proposal for clinician "
+              "review, not an order."]
+    card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": _summary(summary), "indicator": indicator,
+                            "detail": "\n".join(lines), "source": source, "links": [link]}
+    if run.plan.options:
+        card["suggestions"] = [{
+            "label": "Create the draft CarePlan proposal for review",
+            "uuid": str(uuid.uuid4()),
+            "isRecommended": False,
+            "actions": [{"type": "create", "description": "Draft CarePlan (intent proposal) with the ranked options",
+                         "resource": draft_care_plan(run)}],
+        }]
+        card["selectionBehavior"] = "at-most-one"
+    return [card]
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+
+@router.get("/cds-services")
+def discovery() -> dict[str, Any]:
+    """CDS Hooks discovery: one ``patient-view`` service."""
+    return {"services": [{
+        "hook": HOOK,
+        "id": SERVICE_ID,
+        "title": "fhirtwin cardiorenal risk",
+        "description": ("10-year total CVD, ASCVD, heart failure and kidney failure risk from the patient's "
+                        "digital twin, with 90 % intervals, drivers and the best-ranked interventions."),
+        "prefetch": dict(PREFETCH),
+        "usageRequirements": "Grant patient/*.rs for the prefetched types, or send complete prefetch.",
+    }]}
+
+
+@router.post("/cds-services/{service_id}")
+async def call_service(service_id: str, request: Request) -> JSONResponse:
+    """Answer a ``patient-view`` call with cards (or a JSON error)."""
+    from fhirtwin.fhir.errors import FhirError, FhirNotFound, FhirUnauthorized
+
+    if service_id != SERVICE_ID:
+        return error_response(404, "not_found", "no such CDS service")
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "bad_request", "request body is not JSON")
+    settings = request.app.state.settings
+    try:
+        req = parse_request(body, service_id)
+        record, optional_missing = gather_record(settings, req)
+        run = twin_view.run_twin(settings, req.context.patientId, record=record, draws=CARD_DRAWS)
+        cards = build_cards(run, settings, optional_missing=optional_missing)
+    except CdsError as exc:
+        return error_response(exc.status, exc.error, exc.message)
+    except FhirUnauthorized:
+        return error_response(412, "precondition_failed", "fhirServer refused access with the given authorization")
+    except FhirNotFound:
+        return error_response(412, "precondition_failed", "the patient was not found on fhirServer")
+    except FhirError as exc:
+        log.warning("CDS call failed reading fhirServer: %s", type(exc).__name__)
+        return error_response(502, "fhir_server_error", "fhirServer could not be read")
+    except Exception as exc:  # noqa: BLE001 - never a stack trace to the client
+        log.exception("CDS call failed: %s", type(exc).__name__)
+        return error_response(500, "internal_error", "the service failed to compute the card")
+    return JSONResponse({"cards": cards})
+
+
+@router.post("/cds-services/{service_id}/feedback")
+async def feedback(service_id: str, request: Request) -> JSONResponse:
+    """Store card feedback in memory (accepted/overridden); answers 200 with nothing."""
+    if service_id != SERVICE_ID:
+        return error_response(404, "not_found", "no such CDS service")
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "bad_request", "request body is not JSON")
+    items = body.get("feedback") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        return error_response(400, "bad_request", "feedback must be a non-empty array")
+    clean = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("card"), str):
+            return error_response(400, "bad_request", f"feedback[{i}].card is required")
+        outcome = item.get("outcome")
+        if outcome not in ("accepted", "overridden"):
+            return error_response(400, "bad_request", f"feedback[{i}].outcome must be accepted or overridden")
+        accepted = item.get("acceptedSuggestions")
+        if outcome == "accepted" and (not isinstance(accepted, list) or not accepted
+                                      or not all(isinstance(a, dict) and isinstance(a.get("id"), str)
+                                                 for a in accepted)):
+            return error_response(400, "bad_request", f"feedback[{i}].acceptedSuggestions[].id is required")
+        if not isinstance(item.get("outcomeTimestamp"), str):
+            return error_response(400, "bad_request", f"feedback[{i}].outcomeTimestamp is required")
+        clean.append({"service": service_id, "card": item["card"], "outcome": outcome,
+                      "acceptedSuggestions": [a["id"] for a in accepted or []],
+                      "overrideReason": item.get("overrideReason"), "outcomeTimestamp": item["outcomeTimestamp"]})
+    with _feedback_lock:
+        _feedback.extend(clean)
+    return JSONResponse({}, status_code=200)
+
+
+def stored_feedback() -> list[dict[str, Any]]:
+    """Feedback received so far (in memory; lost on restart)."""
+    with _feedback_lock:
+        return list(_feedback)
+
+
+@router.get("/model-card", response_class=PlainTextResponse)
+def model_card() -> PlainTextResponse:
+    """The model card linked from every card's ``source.url`` (Markdown served as text)."""
+    if not MODEL_CARD.is_file():
+        return PlainTextResponse("model card not installed with this deployment", status_code=404)
+    return PlainTextResponse(MODEL_CARD.read_text(encoding="utf-8"), media_type="text/plain; charset=utf-8")

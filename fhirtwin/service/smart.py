@@ -1,5 +1,511 @@
-"""Placeholder router (being written)."""
+"""SMART App Launch 2.x (EHR and standalone) and the clinician's patient page.
 
-from fastapi import APIRouter
+Why this shape:
+
+* Public client with PKCE S256 and a random ``state`` bound to a server-side session; tokens never leave
+  the server (the browser holds only an opaque random session id in an HttpOnly cookie), and neither
+  tokens nor codes are logged or rendered. The session id is replaced after the token exchange.
+* Scopes are least-privilege SMART v2 (read/search of the record types the twin reads, create of the
+  types fhirtwin writes); the granted ``scope`` from the token response is kept and shown.
+* ``iss`` must be the service's own FHIR server or listed in ``settings.extra["smart_issuers"]``: the app
+  never follows an arbitrary ``iss`` (it would send the user's authorization to it).
+* The page is CSP-friendly: no inline script or style, no external assets; charts are inline SVG drawn
+  server side, what-ifs are recomputed on the server (``POST /patient/whatif``, same ensemble seed and
+  size as the page, so differences are paired) and "write to chart" sends the proposal with the user's
+  token. Both POSTs require the session's CSRF token in ``X-CSRF-Token``.
+
+Settings read from ``settings.extra``: ``smart_client_id`` (default ``fhirtwin``), ``smart_issuers``
+(iterable of extra allowed FHIR bases), ``frame_ancestors`` (CSP, default ``'self'``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import requests
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from fhirtwin.service import twin_view
+
+log = logging.getLogger("fhirtwin.service.smart")
 
 router = APIRouter()
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+templates = Jinja2Templates(directory=str(TEMPLATE_DIR))
+STATIC_FILES = {"patient.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+
+COOKIE = "fhirtwin_session"
+SESSION_TTL_S = 3600
+PENDING_TTL_S = 600
+RECORD_SCOPES = ("patient/Patient.rs patient/Observation.rs patient/Condition.rs patient/MedicationRequest.rs "
+                 "patient/MedicationStatement.rs patient/MolecularSequence.rs")
+WRITE_SCOPES = "patient/RiskAssessment.c patient/CarePlan.c patient/Goal.c patient/Provenance.c"
+EHR_SCOPES = f"launch openid fhirUser {RECORD_SCOPES} {WRITE_SCOPES}"
+STANDALONE_SCOPES = f"launch/patient openid fhirUser {RECORD_SCOPES} {WRITE_SCOPES}"
+
+
+# ------------------------------------------------------------------------------------------------ PKCE
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def new_code_verifier() -> str:
+    """A PKCE code verifier: 86 characters from the unreserved set (RFC 7636 §4.1 allows 43-128)."""
+    return secrets.token_urlsafe(64)
+
+
+def code_challenge(verifier: str) -> str:
+    """The S256 challenge: base64url(SHA-256(ASCII(verifier))), never ``plain``."""
+    if not 43 <= len(verifier) <= 128:
+        raise ValueError("a PKCE code verifier has 43 to 128 characters")
+    return b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def new_state() -> str:
+    """An OAuth ``state`` with 256 bits of entropy (SMART asks for at least 122)."""
+    return secrets.token_urlsafe(32)
+
+
+def state_matches(expected: str | None, received: str | None) -> bool:
+    """Constant-time comparison of the returned ``state`` with the one sent."""
+    if not expected or not received:
+        return False
+    return hmac.compare_digest(expected.encode(), received.encode())
+
+
+# --------------------------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class Session:
+    """One browser's launch: pending authorization, then the token and the cached twin run."""
+
+    id: str
+    created: float = field(default_factory=time.time)
+    iss: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    state: str | None = None
+    verifier: str | None = None
+    pending_since: float = 0.0
+    token: dict[str, Any] | None = None
+    patient: str | None = None
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    cache: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __repr__(self) -> str:  # never print tokens
+        return f"Session(patient={'set' if self.patient else 'none'}, authorized={self.token is not None})"
+
+
+class SessionStore:
+    """Server-side sessions keyed by an opaque random id (in memory, per process)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def create(self) -> Session:
+        """A fresh session with a new random id."""
+        session = Session(id=secrets.token_urlsafe(32))
+        with self._lock:
+            self._purge()
+            self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        """The live session for a cookie value, if any."""
+        if not session_id:
+            return None
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and time.time() - session.created > SESSION_TTL_S:
+                del self._sessions[session_id]
+                return None
+            return session
+
+    def rotate(self, session: Session) -> Session:
+        """Give the session a new id (after login: defeats session fixation)."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+            session.id = secrets.token_urlsafe(32)
+            session.created = time.time()
+            self._sessions[session.id] = session
+        return session
+
+    def _purge(self) -> None:
+        now = time.time()
+        for sid in [s for s, v in self._sessions.items() if now - v.created > SESSION_TTL_S]:
+            del self._sessions[sid]
+
+
+def sessions(request: Request) -> SessionStore:
+    """The app's session store (created on first use)."""
+    store = getattr(request.app.state, "smart_sessions", None)
+    if store is None:
+        store = request.app.state.smart_sessions = SessionStore()
+    return store
+
+
+def _set_cookie(response: Response, request: Request, session: Session) -> None:
+    secure = request.app.state.settings.public_url.startswith("https://")
+    response.set_cookie(COOKIE, session.id, max_age=SESSION_TTL_S, httponly=True, samesite="lax", secure=secure,
+                        path="/")
+
+
+def _security_headers(response: Response, request: Request) -> Response:
+    ancestors = request.app.state.settings.extra.get("frame_ancestors", "'self'")
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:
+    """A plain error page (the message never contains tokens, codes or record values)."""
+    response = templates.TemplateResponse(request, "error.html", {"title": title, "message": message},
+                                          status_code=status)
+    return _security_headers(response, request)
+
+
+# ----------------------------------------------------------------------------------------------- launch
+
+
+def allowed_issuer(settings: Any, iss: str) -> bool:
+    """Only the configured FHIR server and explicitly listed issuers may start a launch."""
+    allowed = {settings.fhir_server.rstrip("/"), *(i.rstrip("/") for i in settings.extra.get("smart_issuers", ()))}
+    return iss.rstrip("/") in allowed
+
+
+def client_id(settings: Any) -> str:
+    """The SMART client id registered for this deployment."""
+    return str(settings.extra.get("smart_client_id", "fhirtwin"))
+
+
+def redirect_uri(settings: Any) -> str:
+    """The registered redirect URI: ``{public_url}/callback``."""
+    return f"{settings.public_url.rstrip('/')}/callback"
+
+
+def authorize_url(config: dict[str, Any], *, settings: Any, iss: str, state: str, verifier: str,
+                  launch: str | None) -> str:
+    """The authorization request URL (EHR launch with ``launch``, standalone without)."""
+    params = {
+        "response_type": "code",
+        "client_id": client_id(settings),
+        "redirect_uri": redirect_uri(settings),
+        "scope": EHR_SCOPES if launch else STANDALONE_SCOPES,
+        "state": state,
+        "aud": iss,
+        "code_challenge": code_challenge(verifier),
+        "code_challenge_method": "S256",
+    }
+    if launch:
+        params["launch"] = launch
+    return f"{config['authorization_endpoint']}?{urlencode(params)}"
+
+
+@router.get("/launch")
+def launch(request: Request, iss: str | None = None, launch: str | None = None) -> Response:
+    """EHR launch (``iss`` + ``launch``) or standalone launch (``iss`` or none: the configured server)."""
+    from fhirtwin.fhir.auth import discover_smart_configuration
+    from fhirtwin.fhir.errors import FhirError
+
+    settings = request.app.state.settings
+    iss = (iss or settings.fhir_server).rstrip("/")
+    if not iss.startswith(("https://", "http://")) or not allowed_issuer(settings, iss):
+        return error_page(request, 400, "Launch refused", "The launching FHIR server (iss) is not registered here.")
+    try:
+        config = discover_smart_configuration(iss, verify=settings.verify_tls)
+    except FhirError:
+        return error_page(request, 502, "Launch failed", "The FHIR server's SMART configuration is not available.")
+    if not isinstance(config.get("authorization_endpoint"), str):
+        return error_page(request, 502, "Launch failed", "The SMART configuration has no authorization endpoint.")
+    if "S256" not in (config.get("code_challenge_methods_supported") or []):
+        return error_page(request, 502, "Launch failed", "The authorization server does not support PKCE S256.")
+    session = sessions(request).create()
+    session.iss, session.config = iss, config
+    session.state, session.verifier, session.pending_since = new_state(), new_code_verifier(), time.time()
+    url = authorize_url(config, settings=settings, iss=iss, state=session.state, verifier=session.verifier,
+                        launch=launch)
+    response = RedirectResponse(url, status_code=302)
+    _set_cookie(response, request, session)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    log.info("SMART launch started (%s)", "ehr" if launch else "standalone")
+    return response
+
+
+@router.get("/callback")
+def callback(request: Request, code: str | None = None, state: str | None = None, error: str | None = None) -> Response:
+    """Authorization response: check ``state``, exchange the code (PKCE verifier), keep the token server side."""
+    settings = request.app.state.settings
+    store = sessions(request)
+    session = store.get(request.cookies.get(COOKIE))
+    if session is None or session.state is None:
+        return error_page(request, 400, "No launch in progress", "Start again from the EHR or the launch page.")
+    expected, verifier = session.state, session.verifier
+    session.state = session.verifier = None  # one answer per authorization request
+    if not state_matches(expected, state):
+        log.warning("SMART callback rejected: state mismatch")
+        return error_page(request, 400, "Launch rejected", "The authorization response does not match this launch "
+                          "(state mismatch).")
+    if time.time() - session.pending_since > PENDING_TTL_S:
+        return error_page(request, 400, "Launch expired", "The authorization took too long; start again.")
+    if error or not code:
+        reason = error if error and error.replace("_", "").isalnum() else "no code"
+        return error_page(request, 400, "Authorization refused", f"The authorization server answered: {reason}.")
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri(settings),
+            "code_verifier": verifier, "client_id": client_id(settings)}
+    try:
+        answer = requests.post(session.config["token_endpoint"], data=form, headers={"Accept": "application/json"},
+                               timeout=(5, 30), verify=settings.verify_tls)
+    except requests.RequestException:
+        return error_page(request, 502, "Token exchange failed", "The authorization server could not be reached.")
+    try:
+        token = answer.json()
+    except ValueError:
+        token = {}
+    if answer.status_code != 200 or not isinstance(token, dict) or not token.get("access_token"):
+        oauth_error = token.get("error") if isinstance(token, dict) else None
+        reason = oauth_error if isinstance(oauth_error, str) and oauth_error.replace("_", "").isalnum() else "error"
+        log.warning("SMART token exchange failed: HTTP %s %s", answer.status_code, reason)
+        return error_page(request, 502, "Token exchange failed", f"The authorization server answered: {reason}.")
+    if str(token.get("token_type", "")).lower() != "bearer" or not isinstance(token.get("patient"), str):
+        return error_page(request, 502, "Launch incomplete", "The token response has no bearer token or no patient "
+                          "in context.")
+    session.token = {k: token[k] for k in ("access_token", "token_type", "expires_in", "scope", "patient",
+                                            "need_patient_banner") if k in token}
+    session.token["received"] = time.time()
+    session.patient = token["patient"]
+    session.cache.clear()
+    store.rotate(session)
+    response = RedirectResponse("/patient", status_code=303)
+    _set_cookie(response, request, session)
+    response.headers["Referrer-Policy"] = "no-referrer"
+    log.info("SMART launch authorized")
+    return response
+
+
+# ------------------------------------------------------------------------------------------ patient page
+
+
+def _authorized(request: Request) -> Session | None:
+    session = sessions(request).get(request.cookies.get(COOKIE))
+    if session is None or session.token is None or not session.patient:
+        return None
+    expires = session.token.get("expires_in")
+    if isinstance(expires, int | float) and time.time() > session.token["received"] + expires:
+        return None
+    return session
+
+
+def _client(settings: Any, session: Session) -> Any:
+    from fhirtwin.fhir.auth import BearerToken
+    from fhirtwin.fhir.client import FhirClient
+
+    return FhirClient(session.iss, auth=BearerToken(session.token["access_token"]), verify=settings.verify_tls,
+                      timeout=(5, 60), max_retries=2)
+
+
+def twin_for(settings: Any, session: Session) -> dict[str, Any]:
+    """The session's twin run, fitted model and eligible interventions (computed once per session)."""
+    with session.lock:
+        if "run" not in session.cache:
+            run = twin_view.run_twin(settings, session.patient, client=_client(settings, session))
+            session.cache["run"] = run
+            if run.plan is not None:
+                from fhirtwin.sim.interventions import candidate_interventions
+                from fhirtwin.sim.model import MechanisticTwin
+
+                model = MechanisticTwin().fit(run.state)
+                session.cache["model"] = model
+                session.cache["eligible"] = list(candidate_interventions(model.inputs_).eligible)
+        return session.cache
+
+
+def _charts(forecasts: list[tuple[str, Any]]) -> dict[str, str]:
+    charts = {f"risk-{o}": twin_view.risk_chart(forecasts, o) for o in twin_view.SHOWN_OUTCOMES
+              if o in forecasts[0][1].cif}
+    for variable in twin_view.SHOWN_TRAJECTORIES:
+        svg = twin_view.trajectory_chart(forecasts, variable)
+        if svg is not None:
+            charts[f"traj-{variable}"] = svg
+    return charts
+
+
+@router.get("/patient")
+def patient_page(request: Request) -> Response:
+    """Risks with 90 % intervals, trajectories, what-if toggles, the ledger and "write to chart"."""
+    from fhirtwin.fhir.errors import FhirError, FhirUnauthorized
+
+    settings = request.app.state.settings
+    session = _authorized(request)
+    if session is None:
+        return error_page(request, 401, "Not signed in", "Open this page through a SMART launch from the EHR.")
+    try:
+        cache = twin_for(settings, session)
+    except FhirUnauthorized:
+        return error_page(request, 403, "Access refused", "The FHIR server refused the record read for this token.")
+    except FhirError:
+        return error_page(request, 502, "FHIR server error", "The patient's record could not be read.")
+    run = cache["run"]
+    context: dict[str, Any] = {
+        "patient_id": session.patient, "csrf": session.csrf, "run": run, "error": run.error,
+        "granted_scope": (session.token or {}).get("scope", ""),
+        "ledger": twin_view.ledger_lines(run.state), "ledger_counts": twin_view.ledger_counts(run.state),
+        "reference_date": run.state.reference_date, "outcomes": twin_view.SHOWN_OUTCOMES,
+    }
+    if run.plan is not None:
+        forecast = run.plan.baseline
+        context.update({
+            "horizon": f"{run.plan.horizon_years:g}", "draws": forecast.draws,
+            "risks": twin_view.risks(forecast), "charts": _charts([("current care", forecast)]),
+            "eligible": cache["eligible"], "options": run.plan.options[:6], "excluded": run.plan.excluded,
+            "notes": run.plan.notes, "caveats": forecast.caveats,
+            "drivers": sorted(forecast.drivers, key=lambda d: -d.contribution)[:6],
+            "indicator": twin_view.indicator_for(forecast.at_horizon("total_cvd")["median"]),
+        })
+    response = templates.TemplateResponse(request, "patient.html", context)
+    return _security_headers(response, request)
+
+
+def _check_csrf(request: Request, session: Session) -> bool:
+    sent = request.headers.get("x-csrf-token", "")
+    return bool(sent) and hmac.compare_digest(sent.encode(), session.csrf.encode())
+
+
+@router.post("/patient/whatif")
+async def whatif(request: Request) -> JSONResponse:
+    """Risks and charts for a chosen set of eligible interventions (indices into the page's list)."""
+    from starlette.concurrency import run_in_threadpool
+
+    session = _authorized(request)
+    if session is None:
+        return JSONResponse({"error": "not signed in"}, status_code=401)
+    if not _check_csrf(request, session):
+        return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "body must be JSON"}, status_code=400)
+    chosen = body.get("interventions") if isinstance(body, dict) else None
+    if not isinstance(chosen, list) or not all(isinstance(i, int) for i in chosen):
+        return JSONResponse({"error": "interventions must be a list of integers"}, status_code=400)
+    return await run_in_threadpool(_whatif, request.app.state.settings, session, chosen)
+
+
+def _whatif(settings: Any, session: Session, chosen: list[int]) -> JSONResponse:
+    from fhirtwin.sim.interventions import Scenario
+
+    cache = twin_for(settings, session)
+    run = cache["run"]
+    if run.plan is None:
+        return JSONResponse({"error": "no forecast for this patient"}, status_code=409)
+    eligible = cache["eligible"]
+    if any(not 0 <= i < len(eligible) for i in chosen):
+        return JSONResponse({"error": "unknown intervention"}, status_code=400)
+    picked = [eligible[i] for i in sorted(set(chosen))]
+    if sum(1 for p in picked if p.kind == "statin") > 1:
+        return JSONResponse({"error": "choose at most one statin option"}, status_code=400)
+    base = run.plan.baseline
+    if not picked:
+        forecast = base
+    else:
+        scenario = Scenario(" + ".join(p.label for p in picked), tuple(picked))
+        forecast = cache["model"].simulate(scenario, base.horizon_years, base.draws, base.seed)
+    month = int(round(12 * base.horizon_years))
+    arr = {}
+    for outcome in twin_view.SHOWN_OUTCOMES:
+        if outcome in base.cif:
+            diff = base.cif[outcome][:, month] - forecast.cif[outcome][:, month]
+            arr[outcome] = {"median": float(_quantile(diff, 0.5)), "p05": float(_quantile(diff, 0.05)),
+                            "p95": float(_quantile(diff, 0.95))}
+    series = [("current care", base)] + ([("with selection", forecast)] if picked else [])
+    return JSONResponse({
+        "scenario": forecast.scenario.name,
+        "interventions": [p.label for p in picked],
+        "risks": twin_view.risks(forecast),
+        "risks_text": {o: twin_view.interval_text(v) for o, v in twin_view.risks(forecast).items()},
+        "arr": arr,
+        "charts": _charts(series),
+    })
+
+
+def _quantile(values: Any, q: float) -> float:
+    import numpy as np
+
+    return float(np.quantile(values, q))
+
+
+def signing_key(settings: Any) -> Any:
+    """The Provenance signing key: the configured PEM file, else $FHIRTWIN_SIGNING_KEY(_FILE), else the
+    sandbox's development key (as ``fhirtwin run`` does)."""
+    from fhirtwin.writeback.jws import SigningKey, load_signing_key
+
+    if settings.signing_key_file:
+        return SigningKey.from_pem(Path(settings.signing_key_file).read_bytes())
+    from fhirtwin.sandbox.server import Sandbox
+
+    return load_signing_key(Sandbox.from_env().data_dir / "keys")
+
+
+def write_run(settings: Any, session: Session, run: Any) -> Any:
+    """Write the page's run with the user's token (RiskAssessments, Goals, CarePlan, signed Provenance)."""
+    from fhirtwin.pipeline import write_predictions
+
+    [result] = write_predictions(_client(settings, session), [run], signing_key(settings))
+    return result
+
+
+@router.post("/patient/write")
+async def write_to_chart(request: Request) -> JSONResponse:
+    """Send the proposal to the EHR's FHIR server as the signed-in user; answers what was written."""
+    from starlette.concurrency import run_in_threadpool
+
+    session = _authorized(request)
+    if session is None:
+        return JSONResponse({"error": "not signed in"}, status_code=401)
+    if not _check_csrf(request, session):
+        return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+    settings = request.app.state.settings
+
+    def work() -> JSONResponse:
+        run = twin_for(settings, session)["run"]
+        if run.plan is None:
+            return JSONResponse({"status": "skipped", "message": "no forecast to write"}, status_code=409)
+        result = write_run(settings, session, run)
+        log.info("write to chart: %s (%d created)", result.status, result.created)
+        body = {"status": result.status, "created": result.created, "updated": result.updated,
+                "provenance": result.provenance,
+                "message": result.message if result.status == "failed" else ""}
+        return JSONResponse(body, status_code=502 if result.status == "failed" else 200)
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/static/fhirtwin/{name}")
+def static_file(name: str) -> Response:
+    """The page's script and stylesheet (served here: no CDN, CSP ``'self'``)."""
+    if name not in STATIC_FILES:
+        return Response(status_code=404)
+    return Response((TEMPLATE_DIR / name).read_bytes(), media_type=STATIC_FILES[name],
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
