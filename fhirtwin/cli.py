@@ -208,6 +208,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.valid else 1
 
 
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    """Create fhirtwin's rest-hook Subscriptions (idempotent), print their ids, wait until they are active."""
+    from fhirtwin.service.webhook import disable_subscriptions, ensure_subscriptions, wait_active
+
+    client = _client(args)
+    if args.off:
+        ids = disable_subscriptions(client, args.endpoint)
+        for sid in ids:
+            print(f"Subscription/{sid} off")
+        print(f"{len(ids)} subscription(s) turned off", file=sys.stderr)
+        return 0
+    report = ensure_subscriptions(client, args.endpoint, payload=args.payload, twin_codes_only=args.twin_codes,
+                                  headers=args.header or [])
+    actions = {**{i: "created" for i in report.created}, **{i: "updated" for i in report.updated},
+               **{i: "unchanged" for i in report.unchanged}}
+    for sid in report.turned_off:
+        print(f"Subscription/{sid} off (superseded)", file=sys.stderr)
+    status = wait_active(client, report.ids, timeout=args.timeout)
+    for sid in report.ids:
+        print(f"Subscription/{sid} {actions[sid]} {status.get(sid)}")
+    inactive = [sid for sid in report.ids if status.get(sid) != "active"]
+    if inactive:
+        print(f"fhirtwin subscribe: {len(inactive)} subscription(s) not active after {args.timeout:g} s",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -299,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
+
+    subscribe = commands.add_parser("subscribe", help="create the rest-hook Subscriptions that feed the webhook")
+    subscribe.add_argument("--server", required=True, help="FHIR R4 base URL")
+    subscribe.add_argument("--endpoint", required=True, help="webhook base URL, e.g. http://host:8765/hooks/fhir")
+    subscribe.add_argument("--payload", action=argparse.BooleanOptionalAction, default=True,
+                           help="deliver the resource (PUT endpoint/Type/id) or an empty ping (default payload)")
+    subscribe.add_argument("--twin-codes", action="store_true", help="only Observations with codes the twin reads")
+    subscribe.add_argument("--header", action="append", help="channel header, e.g. 'Authorization: Bearer …'")
+    subscribe.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for status active")
+    subscribe.add_argument("--off", action="store_true", help="turn off fhirtwin's Subscriptions to this endpoint")
+    subscribe.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in prod)")
+    subscribe.set_defaults(func=cmd_subscribe)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)
