@@ -316,12 +316,11 @@ def build_cards(run: Any, settings: Any, *, optional_missing: list[str] = (), dr
                          f"(90 % {100 * o.arr['p05']:.1f}–{100 * o.arr['p95']:.1f}){nnt}")
     if run.plan.excluded:
         lines += ["", "Not proposed: " + "; ".join(f"{e.candidate} ({e.reason})" for e in run.plan.excluded[:4])]
-    caveats = list(forecast.caveats)
+    caveats = ["not provided: " + ", ".join(optional_missing)] if optional_missing else []
     counts = twin_view.ledger_counts(run.state)
     if counts:
         caveats.append("data-quality ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if optional_missing:
-        caveats.append("not provided: " + ", ".join(optional_missing))
+    caveats += list(forecast.caveats)
     if caveats:
         lines += ["", "**Data quality and caveats**", ""] + [f"- {c}" for c in caveats[:8]]
     lines += ["", f"Indicator: median {horizon} total CVD < 7.5 % info, 7.5–20 % warning, ≥ 20 % critical "

@@ -456,24 +456,20 @@ def _quantile(values: Any, q: float) -> float:
     return float(np.quantile(values, q))
 
 
-def signing_key(settings: Any) -> Any:
-    """The Provenance signing key: the configured PEM file, else $FHIRTWIN_SIGNING_KEY(_FILE), else the
-    sandbox's development key (as ``fhirtwin run`` does)."""
-    from fhirtwin.writeback.jws import SigningKey, load_signing_key
+def write_run(settings: Any, session: Session) -> dict[str, Any]:
+    """Write the proposal with the user's token through the shared engine (same draws and seed as the page,
+    so the written numbers are the ones shown); answers status, created count and the Provenance."""
+    from fhirtwin.service.engine import EngineError, simulate_patient
 
-    if settings.signing_key_file:
-        return SigningKey.from_pem(Path(settings.signing_key_file).read_bytes())
-    from fhirtwin.sandbox.server import Sandbox
-
-    return load_signing_key(Sandbox.from_env().data_dir / "keys")
-
-
-def write_run(settings: Any, session: Session, run: Any) -> Any:
-    """Write the page's run with the user's token (RiskAssessments, Goals, CarePlan, signed Provenance)."""
-    from fhirtwin.pipeline import write_predictions
-
-    [result] = write_predictions(_client(settings, session), [run], signing_key(settings))
-    return result
+    try:
+        result = simulate_patient(settings, session.patient, write=True, client=_client(settings, session))
+    except EngineError as exc:
+        return {"status": "failed", "http_status": 502 if exc.http_status >= 500 else exc.http_status,
+                "message": exc.message}
+    locations = [str(e.get("response", {}).get("location", "")) for e in (result.response or {}).get("entry", [])]
+    provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
+    return {"status": "written" if result.created else "unchanged", "created": result.created,
+            "provenance": provenance}
 
 
 @router.post("/patient/write")
@@ -492,12 +488,9 @@ async def write_to_chart(request: Request) -> JSONResponse:
         run = twin_for(settings, session)["run"]
         if run.plan is None:
             return JSONResponse({"status": "skipped", "message": "no forecast to write"}, status_code=409)
-        result = write_run(settings, session, run)
-        log.info("write to chart: %s (%d created)", result.status, result.created)
-        body = {"status": result.status, "created": result.created, "updated": result.updated,
-                "provenance": result.provenance,
-                "message": result.message if result.status == "failed" else ""}
-        return JSONResponse(body, status_code=502 if result.status == "failed" else 200)
+        body = write_run(settings, session)
+        log.info("write to chart: %s", body["status"])
+        return JSONResponse(body, status_code=body.pop("http_status", 200))
 
     return await run_in_threadpool(work)
 

@@ -1,9 +1,9 @@
 """What the clinician front doors (CDS Hooks card, SMART patient page) show of a twin run.
 
 Why one module: the card and the page must quote the same numbers, the same thresholds and the same
-caveats, and both must reach the engine through one function (:func:`run_twin`) so that moving to the
-shared service engine is a one-line change. Also home of the small inline-SVG plotter used by the page
-(no plotting library: the page must work offline and under a strict Content-Security-Policy).
+caveats, and both read the twin through one function (:func:`run_twin`). Also home of the small
+inline-SVG plotter used by the page (no plotting library: the page must work offline and under a strict
+Content-Security-Policy).
 """
 
 from __future__ import annotations
@@ -57,10 +57,13 @@ def run_twin(
     draws: int | None = None,
     reference_date: date | None = None,
 ) -> TwinRun:
-    """Read (or take) one patient's record and simulate it: the single door to the engine.
+    """Read (or take) one patient's record and simulate it, without preparing a write.
 
-    ``record`` (Patient first, as built from CDS prefetch) wins over ``client``. ``draws`` overrides the
-    service default (the CDS card uses fewer draws to stay fast).
+    Why not ``engine.simulate_patient``: it also searches the stored results on ``settings.fhir_server``
+    and signs a transaction, which a card (prefetch, possibly another EHR, <= 150 ms) and the page read
+    must not do; writes go through the engine. Same pipeline, seed 0 and ``settings.draws`` as the engine,
+    so the page shows the numbers a write stores. ``record`` (Patient first, e.g. from CDS prefetch) wins
+    over ``client``; ``draws`` overrides the ensemble size (the card uses fewer).
     """
     from fhirtwin.adapters import build_twin
     from fhirtwin.pipeline import read_twin, simulate_twin, today

@@ -1,0 +1,263 @@
+"""CDS Hooks service: discovery, request validation, 412 without data, card shape from prefetch, feedback."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fhirtwin.sandbox.cohort import generate_cohort
+from fhirtwin.service import cds_hooks
+from fhirtwin.service.app import ServiceSettings, create_app
+from fhirtwin.service.twin_view import indicator_for
+
+SERVICE = f"/cds-services/{cds_hooks.SERVICE_ID}"
+PUBLIC = "https://twin.example.org"
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    # the FHIR server is never contacted by these tests (prefetch only, or requests rejected before reading)
+    app = create_app(ServiceSettings(fhir_server="http://127.0.0.1:9/fhir", public_url=PUBLIC))
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def records() -> dict[str, list[dict[str, Any]]]:
+    cohort = generate_cohort(n_patients=6)
+    out = {}
+    for bundle in cohort.bundles:
+        resources = [e["resource"] for e in bundle["entry"]]
+        out[resources[0]["id"]] = resources
+    return out
+
+
+def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+
+
+def prefetch_for(record: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a CDS client sends for the service's prefetch templates (from the patient's resources)."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for r in record:
+        by_type.setdefault(r["resourceType"], []).append(r)
+    genomic = {c for c in cds_hooks.GENOMIC_CODES.replace("http://loinc.org|", "").split(",")}
+    return {
+        "patient": by_type["Patient"][0],
+        "observations": searchset(by_type.get("Observation", [])),
+        "genomics": searchset([o for o in by_type.get("Observation", [])
+                               if {c.get("code") for c in o["code"].get("coding", [])} & genomic]),
+        "conditions": searchset(by_type.get("Condition", [])),
+        "medicationRequests": searchset(by_type.get("MedicationRequest", [])),
+        "medicationStatements": searchset(by_type.get("MedicationStatement", [])),
+        "molecularSequences": searchset(by_type.get("MolecularSequence", [])),
+    }
+
+
+def hook_request(patient_id: str, **extra: Any) -> dict[str, Any]:
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+            "context": {"userId": "Practitioner/example", "patientId": patient_id}}
+    body.update(extra)
+    return body
+
+
+def test_discovery_lists_the_patient_view_service_with_prefetch(client: TestClient) -> None:
+    services = client.get("/cds-services").json()["services"]
+    [service] = services
+    assert service["hook"] == "patient-view" and service["id"] == cds_hooks.SERVICE_ID
+    assert service["title"] and service["description"]
+    assert service["prefetch"]["patient"] == "Patient/{{context.patientId}}"
+    for key in ("observations", "conditions", "medicationRequests", "medicationStatements", "genomics"):
+        assert "patient={{context.patientId}}" in service["prefetch"][key]
+    assert "69548-6" in service["prefetch"]["genomics"]
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda b: b.pop("hook"), "hook"),
+    (lambda b: b.update(hook="order-sign"), "patient-view"),
+    (lambda b: b.update(hookInstance="not-a-uuid"), "hookInstance"),
+    (lambda b: b.pop("hookInstance"), "hookInstance"),
+    (lambda b: b["context"].pop("patientId"), "patientId"),
+    (lambda b: b["context"].update(patientId="a b"), "patientId"),
+    (lambda b: b["context"].update(userId="Device/1"), "userId"),
+    (lambda b: b.update(fhirAuthorization={"access_token": "t", "token_type": "Bearer", "expires_in": 300,
+                                           "scope": "patient/*.rs", "subject": "x"}), "fhirServer"),
+    (lambda b: b.update(fhirServer="http://ehr.example/fhir",
+                        fhirAuthorization={"access_token": "t", "token_type": "Bearer"}), "fhirAuthorization"),
+    (lambda b: b.update(fhirServer="ftp://ehr.example/fhir"), "fhirServer"),
+    (lambda b: b.update(prefetch={"patient": "Patient/1"}), "prefetch"),
+])
+def test_malformed_requests_are_400_with_a_json_error(client: TestClient, mutate: Any, fragment: str) -> None:
+    body = hook_request("ftp-0001")
+    mutate(body)
+    response = client.post(SERVICE, json=body)
+    assert response.status_code == 400
+    error = response.json()
+    assert error["error"] == "bad_request" and fragment in error["message"]
+    assert "Traceback" not in response.text
+
+
+def test_secret_values_are_never_echoed_in_errors(client: TestClient) -> None:
+    body = hook_request("ftp-0001", fhirServer="http://ehr.example/fhir",
+                        fhirAuthorization={"access_token": "SECRET-TOKEN-VALUE", "token_type": "bearer",
+                                           "expires_in": 300, "scope": "s", "subject": "x"})
+    response = client.post(SERVICE, json=body)
+    assert response.status_code == 400
+    assert "SECRET-TOKEN-VALUE" not in response.text
+
+
+def test_body_that_is_not_json_is_400(client: TestClient) -> None:
+    response = client.post(SERVICE, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"] == "bad_request"
+
+
+def test_unknown_service_is_404(client: TestClient) -> None:
+    assert client.post("/cds-services/nope", json=hook_request("ftp-0001")).status_code == 404
+
+
+def test_no_prefetch_and_no_fhir_server_is_412(client: TestClient) -> None:
+    response = client.post(SERVICE, json=hook_request("ftp-0001"))
+    assert response.status_code == 412
+    assert response.json()["error"] == "precondition_failed"
+
+
+def test_incomplete_prefetch_without_fhir_server_is_412(client: TestClient, records: dict) -> None:
+    prefetch = prefetch_for(records["ftp-0001"])
+    del prefetch["observations"]
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
+    assert response.status_code == 412
+    assert "observations" in response.json()["message"]
+
+
+def test_prefetch_of_another_patient_is_rejected(client: TestClient, records: dict) -> None:
+    prefetch = prefetch_for(records["ftp-0001"])
+    prefetch["conditions"] = prefetch_for(records["ftp-0002"])["conditions"]
+    assert prefetch["conditions"]["entry"], "the fixture patient needs conditions"
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
+    assert response.status_code == 400
+
+
+def test_prefetch_patient_must_be_the_context_patient(client: TestClient, records: dict) -> None:
+    prefetch = prefetch_for(records["ftp-0001"])
+    prefetch["patient"] = records["ftp-0002"][0]
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
+    assert response.status_code == 412
+
+
+def check_card(card: dict[str, Any]) -> None:
+    uuid.UUID(card["uuid"])
+    assert 0 < len(card["summary"]) < 140
+    assert card["indicator"] in ("info", "warning", "critical")
+    assert card["source"]["label"] and card["source"]["url"] == f"{PUBLIC}/model-card"
+    [link] = card["links"]
+    assert link["type"] == "smart" and link["url"] == f"{PUBLIC}/launch" and link["label"]
+
+
+@pytest.mark.parametrize("patient_id", ["ftp-0001", "ftp-0002", "ftp-0003", "ftp-0004"])
+def test_card_from_complete_prefetch(client: TestClient, records: dict, patient_id: str) -> None:
+    response = client.post(SERVICE, json=hook_request(patient_id, prefetch=prefetch_for(records[patient_id])))
+    assert response.status_code == 200, response.text
+    [card] = response.json()["cards"]
+    check_card(card)
+    if "suggestions" not in card:  # insufficient data or nothing eligible: an info card without suggestion
+        assert card["indicator"] in ("info", "warning", "critical")
+        return
+    assert "90 % interval" in card["detail"]
+    assert "Data quality and caveats" in card["detail"]
+    assert card["selectionBehavior"] == "at-most-one"
+    [suggestion] = card["suggestions"]
+    uuid.UUID(suggestion["uuid"])
+    [action] = suggestion["actions"]
+    assert action["type"] == "create"
+    care_plan = action["resource"]
+    assert care_plan["resourceType"] == "CarePlan" and care_plan["status"] == "draft"
+    assert care_plan["intent"] == "proposal"
+    assert care_plan["subject"]["reference"] == f"Patient/{patient_id}"
+    assert "supportingInfo" not in care_plan  # no dangling references to unwritten RiskAssessments
+
+
+def test_indicator_follows_the_total_cvd_median(client: TestClient, records: dict) -> None:
+    seen = set()
+    for patient_id, record in records.items():
+        card = client.post(SERVICE, json=hook_request(patient_id, prefetch=prefetch_for(record))).json()["cards"][0]
+        percent = card["summary"].split("total CVD risk ")[1].split("%")[0] if "total CVD risk" in card["summary"] \
+            else None
+        if percent is not None:
+            seen.add(card["indicator"])
+            assert card["indicator"] == indicator_for(float(percent) / 100) or abs(float(percent) - 7.5) <= 0.5 \
+                or abs(float(percent) - 20) <= 0.5
+    assert seen
+
+
+def test_indicator_thresholds() -> None:
+    assert indicator_for(0.0) == "info"
+    assert indicator_for(0.0749) == "info"
+    assert indicator_for(0.075) == "warning"
+    assert indicator_for(0.1999) == "warning"
+    assert indicator_for(0.20) == "critical"
+
+
+def test_null_prefetch_value_means_queried_and_empty(client: TestClient, records: dict) -> None:
+    prefetch = prefetch_for(records["ftp-0001"])
+    prefetch["molecularSequences"] = None
+    del prefetch["genomics"]  # optional key missing, no fhirServer: answered with a caveat
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
+    assert response.status_code == 200
+    [card] = response.json()["cards"]
+    check_card(card)
+    assert "not provided: genomics" in card.get("detail", "")
+
+
+def test_insufficient_data_gives_an_info_card(client: TestClient, records: dict) -> None:
+    prefetch = prefetch_for(records["ftp-0001"])
+    prefetch["observations"] = searchset([])
+    prefetch["genomics"] = searchset([])
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
+    assert response.status_code == 200
+    [card] = response.json()["cards"]
+    check_card(card)
+    assert card["indicator"] == "info" and "suggestions" not in card
+    assert "not enough data" in card["summary"]
+
+
+def test_long_summaries_are_cut_below_140() -> None:
+    text = cds_hooks._summary("x" * 300)
+    assert len(text) < 140
+
+
+def test_feedback_is_accepted_and_stored(client: TestClient) -> None:
+    card, suggestion = str(uuid.uuid4()), str(uuid.uuid4())
+    body = {"feedback": [
+        {"card": card, "outcome": "accepted", "acceptedSuggestions": [{"id": suggestion}],
+         "outcomeTimestamp": "2026-11-27T10:00:00Z"},
+        {"card": card, "outcome": "overridden", "outcomeTimestamp": "2026-11-27T10:01:00Z",
+         "overrideReason": {"reason": {"code": "no-longer-relevant", "system": "https://example.org",
+                                       "display": "No longer relevant"}, "userComment": "seen"}},
+    ]}
+    response = client.post(f"{SERVICE}/feedback", json=body)
+    assert response.status_code == 200
+    stored = [f for f in cds_hooks.stored_feedback() if f["card"] == card]
+    assert [f["outcome"] for f in stored] == ["accepted", "overridden"]
+    assert stored[0]["acceptedSuggestions"] == [suggestion]
+
+
+@pytest.mark.parametrize("item", [
+    {"outcome": "accepted", "acceptedSuggestions": [{"id": "s"}], "outcomeTimestamp": "2026-11-27T10:00:00Z"},
+    {"card": "c", "outcome": "maybe", "outcomeTimestamp": "2026-11-27T10:00:00Z"},
+    {"card": "c", "outcome": "accepted", "outcomeTimestamp": "2026-11-27T10:00:00Z"},
+    {"card": "c", "outcome": "overridden"},
+])
+def test_malformed_feedback_is_400(client: TestClient, item: dict) -> None:
+    response = client.post(f"{SERVICE}/feedback", json={"feedback": [copy.deepcopy(item)]})
+    assert response.status_code == 400 and response.json()["error"] == "bad_request"
+
+
+def test_model_card_is_served(client: TestClient) -> None:
+    response = client.get("/model-card")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "Model card" in response.text
