@@ -1,0 +1,462 @@
+"""$simulate, the shared engine and the Subscription webhook without a network.
+
+The FHIR server is replaced only at the client boundary (a small object with the FhirClient methods the
+engine calls), so parsing, error mapping, debounce, retry and dead letters run for real.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from starlette.testclient import TestClient
+from writeback_fixtures import versioned_resources
+
+from fhirtwin.fhir import errors as fe
+from fhirtwin.service import engine, operations, webhook
+from fhirtwin.service.app import ServiceSettings, create_app
+from fhirtwin.service.engine import BadRequest, InsufficientPatientData
+from fhirtwin.service.operations import parse_parameters, parse_query
+from fhirtwin.service.webhook import Debouncer, Permanent, WebhookWorker, is_fhirtwin_authored
+from fhirtwin.writeback.jws import generate_key
+
+FHIR_JSON = "application/fhir+json"
+
+
+def params(*items: dict) -> dict:
+    return {"resourceType": "Parameters", "parameter": list(items)}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeFhir:
+    """The FhirClient methods the engine uses, answering from an in-memory record."""
+
+    def __init__(self, record: list[dict] | None = None, error: Exception | None = None) -> None:
+        self.record = record or []
+        self.error = error
+        self.transactions: list[dict] = []
+
+    def fetch_patient_record(self, patient_id: str) -> list[dict]:
+        if self.error is not None:
+            raise self.error
+        return self.record
+
+    def batch(self, entries: list[dict]) -> dict:
+        return {"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"resource": {"resourceType": "Bundle", "type": "searchset", "entry": []},
+             "response": {"status": "200 OK"}} for _ in entries]}
+
+    def transaction(self, bundle: dict) -> dict:
+        self.transactions.append(bundle)
+        return {"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"response": {"status": "201 Created" if e["request"]["method"] == "POST" else "200 OK",
+                          "location": f"{e['resource']['resourceType']}/{i}/_history/1"}}
+            for i, e in enumerate(bundle["entry"])]}
+
+
+@pytest.fixture()
+def settings(tmp_path) -> ServiceSettings:
+    key = generate_key("ES256").private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path = tmp_path / "key.pem"
+    path.write_bytes(key)
+    return ServiceSettings(fhir_server="http://fhir.invalid/fhir", draws=100, signing_key_file=str(path))
+
+
+@pytest.fixture()
+def record() -> tuple[str, list[dict]]:
+    return versioned_resources()
+
+
+def app_with(settings: ServiceSettings, fake: FakeFhir, monkeypatch) -> TestClient:
+    monkeypatch.setattr(engine, "get_client", lambda _settings: fake)
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+# ------------------------------------------------------------------------------------------- Parameters
+
+
+def test_parameters_defaults_and_values() -> None:
+    assert parse_parameters(None) == {"write": True, "scenario": None, "horizon_years": None}
+    assert parse_parameters(params()) == {"write": True, "scenario": None, "horizon_years": None}
+    got = parse_parameters(params({"name": "write", "valueBoolean": False},
+                                  {"name": "scenario", "valueString": " statin-high-intensity "},
+                                  {"name": "horizon", "valueDecimal": 7.5}))
+    assert got == {"write": False, "scenario": "statin-high-intensity", "horizon_years": 7.5}
+    assert parse_parameters(params({"name": "horizon", "valueInteger": 20}))["horizon_years"] == 20.0
+    months = parse_parameters(params({"name": "horizon", "valueDuration": {"value": 60, "code": "mo",
+                                                                             "system": "http://unitsofmeasure.org"}}))
+    assert months["horizon_years"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("body", [
+    {"resourceType": "Patient"},
+    [1, 2],
+    params({"name": "wirte", "valueBoolean": False}),
+    params({"name": "write", "valueBoolean": False}, {"name": "write", "valueBoolean": True}),
+    params({"name": "write", "valueString": "false"}),
+    params({"name": "write"}),
+    params({"name": "horizon", "valueBoolean": True}),
+    params({"name": "horizon", "valueDuration": {"value": 5, "code": "h"}}),
+    params({"name": "scenario", "valueString": "  "}),
+    {"resourceType": "Parameters", "parameter": {"name": "write"}},
+])
+def test_bad_parameters_are_refused(body) -> None:
+    with pytest.raises(BadRequest):
+        parse_parameters(body)
+
+
+def test_query_form_is_read_only() -> None:
+    assert parse_query({"scenario": "baseline", "horizon": "12"}) == {
+        "write": False, "scenario": "baseline", "horizon_years": 12.0}
+    for bad in ({"write": "true"}, {"horizon": "ten"}, {"horizon": "nan"}, {"colour": "red"}):
+        with pytest.raises(BadRequest):
+            parse_query(bad)
+
+
+# ------------------------------------------------------------------------------------------- $simulate
+
+
+def test_simulate_without_write_returns_the_transaction_and_writes_nothing(settings, record, monkeypatch) -> None:
+    patient_id, resources = record
+    fake = FakeFhir(resources)
+    client = app_with(settings, fake, monkeypatch)
+    response = client.post(f"/fhir/Patient/{patient_id}/$simulate",
+                           content=json.dumps(params({"name": "write", "valueBoolean": False})),
+                           headers={"Content-Type": FHIR_JSON})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(FHIR_JSON)
+    bundle = response.json()
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    types = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert {"RiskAssessment", "CarePlan", "Goal", "Provenance"} <= set(types)
+    assert fake.transactions == []
+    # the GET form is the same what-if
+    assert client.get(f"/fhir/Patient/{patient_id}/$simulate").json()["type"] == "transaction"
+    assert fake.transactions == []
+
+
+def test_simulate_with_write_returns_the_transaction_response(settings, record, monkeypatch) -> None:
+    patient_id, resources = record
+    fake = FakeFhir(resources)
+    response = app_with(settings, fake, monkeypatch).post(f"/fhir/Patient/{patient_id}/$simulate")
+    assert response.status_code == 200
+    assert response.json()["type"] == "transaction-response"
+    assert len(fake.transactions) == 1
+
+
+def test_scenario_restricts_the_plan(settings, record, monkeypatch) -> None:
+    patient_id, resources = record
+    fake = FakeFhir(resources)
+    monkeypatch.setattr(engine, "get_client", lambda _settings: fake)
+    base = engine.simulate_patient(settings, patient_id, write=False, scenario="baseline")
+    assert base.plan.options == () and len(base.risk_assessments) >= 1
+    full = engine.simulate_patient(settings, patient_id, write=False)
+    name = full.plan.options[0].scenario.name
+    one = engine.simulate_patient(settings, patient_id, write=False, scenario=name.upper())
+    assert [o.scenario.name for o in one.plan.options] == [name]
+    with pytest.raises(BadRequest):
+        engine.simulate_patient(settings, patient_id, write=True, scenario=name)
+    with pytest.raises(BadRequest):
+        engine.simulate_patient(settings, patient_id, write=False, horizon_years=2)
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (fe.FhirNotFound("not found", status=404), 404, "not-found"),
+    (fe.FhirGone("gone", status=410), 404, "not-found"),
+    (fe.FhirServerError("server error", status=500, method="GET", url="http://fhir.invalid/fhir/Patient/secret-id"),
+     502, "transient"),
+    (fe.FhirConnectionError("refused"), 502, "transient"),
+    (fe.FhirTimeout("timed out"), 504, "timeout"),
+])
+def test_fhir_failures_become_operation_outcomes(settings, monkeypatch, error, status, code) -> None:
+    response = app_with(settings, FakeFhir(error=error), monkeypatch).post(
+        "/fhir/Patient/secret-id/$simulate", json=params({"name": "write", "valueBoolean": False}))
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith(FHIR_JSON)
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == code and outcome["issue"][0]["severity"] == "error"
+    assert "secret-id" not in response.text and "Traceback" not in response.text
+
+
+def test_insufficient_data_names_what_is_missing(settings, record, monkeypatch) -> None:
+    patient_id, resources = record
+    patient_only = [r for r in resources if r["resourceType"] == "Patient"]
+    response = app_with(settings, FakeFhir(patient_only), monkeypatch).get(f"/fhir/Patient/{patient_id}/$simulate")
+    assert response.status_code == 422
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "incomplete"
+    assert "ldl_cholesterol_mg_dl" in issue["diagnostics"] and "systolic_bp_mm_hg" in issue["diagnostics"]
+
+
+def test_bad_requests_and_unexpected_errors(settings, record, monkeypatch) -> None:
+    patient_id, resources = record
+    client = app_with(settings, FakeFhir(resources), monkeypatch)
+    url = f"/fhir/Patient/{patient_id}/$simulate"
+    for body in (b"{not json", json.dumps({"resourceType": "Bundle"}).encode()):
+        response = client.post(url, content=body, headers={"Content-Type": FHIR_JSON})
+        assert response.status_code == 400 and response.json()["resourceType"] == "OperationOutcome"
+    assert client.get(url, params={"write": "true"}).status_code == 400
+    assert client.get(url, params={"horizon": "50"}).json()["issue"][0]["expression"] == ["horizon"]
+    assert client.get(url, params={"scenario": "no-such-thing"}).status_code == 400
+    assert client.get("/fhir/Patient/bad id!/$simulate").status_code == 400
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom at /secret/path")
+
+    monkeypatch.setattr(operations, "simulate_patient", explode)
+    response = client.get(url)
+    assert response.status_code == 500
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert "boom" not in response.text and "Traceback" not in response.text
+
+
+def test_engine_raises_insufficient_data_with_missing_list(settings, record, monkeypatch) -> None:
+    patient_id, resources = record
+    with pytest.raises(InsufficientPatientData) as info:
+        engine.simulate_patient(settings, patient_id, write=False,
+                                record=[r for r in resources if r["resourceType"] == "Patient"], client=FakeFhir())
+    assert "ldl_cholesterol_mg_dl (or triglycerides < 400 mg/dL for Friedewald)" in info.value.missing
+    with pytest.raises(BadRequest):
+        engine.simulate_patient(settings, patient_id, write=False, record=[], client=FakeFhir())
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+
+def test_json_log_lines_carry_fields_and_hash_patients() -> None:
+    record = logging.LogRecord("fhirtwin.service", logging.INFO, __file__, 1, "simulate", None, None)
+    record.event = "simulate"
+    record.fields = {"patient": engine.patient_hash("ftp-0001"), "duration_ms": 12}
+    line = json.loads(engine.JsonLineFormatter().format(record))
+    assert line["event"] == "simulate" and line["duration_ms"] == 12 and line["level"] == "info"
+    assert "ftp-0001" not in json.dumps(line)
+    assert engine.patient_hash("ftp-0001") == engine.patient_hash("ftp-0001") != engine.patient_hash("ftp-0002")
+
+
+# ------------------------------------------------------------------------------------------- webhook filters
+
+
+def test_fhirtwin_authored_resources_are_recognised() -> None:
+    obs = {"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}
+    assert not is_fhirtwin_authored(obs)
+    assert is_fhirtwin_authored({**obs, "meta": {"tag": [
+        {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "fhirtwin-generated"}]}})
+    assert is_fhirtwin_authored({**obs, "identifier": [{"system": "https://fhirtwin.org/sid/prediction",
+                                                        "value": "abc"}]})
+    for rtype in ("RiskAssessment", "CarePlan", "Goal", "Provenance", "Device"):
+        assert is_fhirtwin_authored({"resourceType": rtype})
+    other = {"system": "http://other", "code": "fhirtwin-generated"}
+    assert not is_fhirtwin_authored({**obs, "meta": {"tag": [other]}})
+    assert webhook.patient_of(obs) == "p1"
+    assert webhook.patient_of({"resourceType": "MedicationRequest",
+                               "subject": {"reference": "http://x/fhir/Patient/p2/_history/3"}}) == "p2"
+    assert webhook.patient_of({"resourceType": "Observation"}) is None
+
+
+# ------------------------------------------------------------------------------------------- debounce
+
+
+def test_debouncer_merges_a_burst_and_caps_the_wait() -> None:
+    d = Debouncer(window=2.0, max_wait=5.0)
+    assert d.add("p1", 0.0) is True
+    assert d.add("p1", 1.0) is False and d.add("p1", 1.5) is False
+    assert d.pop_due(3.0) == [] and d.next_due() == 3.5
+    assert d.pop_due(3.5) == ["p1"] and len(d) == 0
+    # a stream of events every second is still processed max_wait after the first one
+    for t in range(0, 10):
+        d.add("busy", float(t))
+        if d.pop_due(float(t)):
+            break
+    assert t == 5
+    d.add("a", 0.0)
+    d.add("b", 0.5)
+    assert d.pop_due(100.0) == ["a", "b"]
+
+
+def _worker(handlers, clock, **kw) -> WebhookWorker:
+    return WebhookWorker(handlers, window=2.0, max_wait=10.0, max_attempts=3, backoff=1.0, clock=clock, **kw)
+
+
+def test_several_deliveries_become_one_recompute() -> None:
+    clock, calls = FakeClock(), []
+    worker = _worker({"patient": lambda pid: (calls.append(pid), ("written", []))[1]}, clock)
+    for _ in range(5):
+        worker.submit("patient", "p1")
+        clock.now += 0.3
+    worker.submit("patient", "p2")
+    assert worker.run_pending() == 0 and calls == []
+    clock.now += 2.0
+    assert worker.run_pending() == 2
+    assert calls == ["p1", "p2"]
+    status = worker.status()
+    assert status["counts"]["merged"] == 4 and status["counts"]["done_written"] == 2 and status["pending"] == 0
+
+
+def test_failures_are_retried_with_backoff_then_dead_lettered_without_phi() -> None:
+    clock, calls = FakeClock(), []
+
+    def flaky(pid: str):
+        calls.append(clock.now)
+        raise engine.UpstreamError("FHIR server error during write transaction", upstream_status=503)
+
+    worker = _worker({"patient": flaky}, clock)
+    worker.submit("patient", "ftp-0042")
+    clock.now += 2.0
+    worker.run_pending()
+    assert worker.status()["retrying"] == 1 and worker.status()["pending"] == 1
+    worker.submit("patient", "ftp-0042")  # a new delivery does not cut the backoff short
+    clock.now += 0.5
+    assert worker.run_pending() == 0
+    clock.now += 0.5
+    assert worker.run_pending() == 1  # first retry after 1 s
+    clock.now += 1.9
+    assert worker.run_pending() == 0
+    clock.now += 0.1
+    assert worker.run_pending() == 1  # second retry after 2 s; third attempt fails -> dead letter
+    assert [round(b - a, 1) for a, b in zip(calls, calls[1:], strict=False)] == [1.0, 2.0]
+    status = worker.status()
+    assert status["pending"] == 0 and status["retrying"] == 0
+    assert status["counts"]["dead_lettered"] == 1 and status["counts"]["retries"] == 2
+    (letter,) = status["dead_letters"]
+    assert letter["attempts"] == 3 and letter["error"].startswith("UpstreamError 502")
+    assert "ftp-0042" not in json.dumps(status)
+    # after the cause is fixed, a replay processes it
+    worker.handlers["patient"] = lambda pid: ("written", [])
+    assert worker.replay_dead_letters() == 1
+    clock.now += 2.0
+    assert worker.run_pending() == 1 and worker.status()["dead_letters"] == []
+
+
+def test_permanent_failures_are_not_retried_and_pings_fan_out() -> None:
+    clock, done = FakeClock(), []
+
+    def gone(pid: str):
+        raise Permanent("PatientNotFound")
+
+    worker = _worker({"patient": lambda pid: (done.append(pid), ("unchanged", []))[1],
+                      "ping": lambda _: ("requeried", ["p1", "p2"]), "deleted": gone}, clock)
+    worker.submit("ping", "")
+    worker.submit("ping", "")
+    worker.submit("deleted", "Observation/9")
+    clock.now += 2.0
+    assert worker.run_pending() == 2
+    assert worker.status()["counts"]["dead_lettered"] == 1
+    clock.now += 2.0
+    worker.run_pending()
+    assert done == ["p1", "p2"]
+
+
+def test_shutdown_drains_pending_work() -> None:
+    clock, done = FakeClock(), []
+    worker = _worker({"patient": lambda pid: (done.append(pid), ("written", []))[1]}, clock)
+    worker.start()
+    worker.submit("patient", "p1")  # due in 2 s of the fake clock, which never advances
+    assert worker.shutdown(timeout=10) is True
+    assert done == ["p1"] and worker.status()["pending"] == 0 and worker.status()["running"] is False
+
+
+# ------------------------------------------------------------------------------------------- webhook routes
+
+
+@pytest.fixture()
+def hook_app(settings):
+    app = create_app(replace(settings, extra={"window": 60.0}))
+    service = webhook.WebhookService(app.state.settings)
+    seen: list[str] = []
+    service.worker.handlers = {"patient": lambda pid: (seen.append(pid), ("written", []))[1],
+                               "ping": lambda _: (seen.append("ping"), ("requeried", []))[1],
+                               "deleted": lambda ref: (seen.append(ref), ("resolved", []))[1]}
+    app.state.webhook = service
+    yield TestClient(app), service, seen
+    service.worker.shutdown(5)
+
+
+def test_webhook_schedules_patients_and_ignores_own_writes(hook_app) -> None:
+    client, service, seen = hook_app
+    obs = {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/ftp-0099"}}
+    for _ in range(3):
+        assert client.put("/hooks/fhir/Observation/o1", json=obs).status_code == 200
+    own = {"resourceType": "RiskAssessment", "id": "r1", "subject": {"reference": "Patient/ftp-0099"}}
+    assert client.put("/hooks/fhir/RiskAssessment/r1", json=own).json()["issue"][0]["diagnostics"] == "ignored_own"
+    tagged = {**obs, "meta": {"tag": [{"system": "https://fhirtwin.org/CodeSystem/fhirtwin",
+                                       "code": "fhirtwin-generated"}]}}
+    assert client.put("/hooks/fhir/Observation/o1", json=tagged).status_code == 200
+    assert client.put("/hooks/fhir/Condition/o1", json=obs).status_code == 400  # type differs from the path
+    assert client.put("/hooks/fhir/Observation/o1", content=b"{", headers={"Content-Type": FHIR_JSON}
+                      ).status_code == 400
+    assert client.post("/hooks/fhir", content=b"").status_code == 200  # payload-less ping
+    assert client.delete("/hooks/fhir/Observation/o1").status_code == 200
+    status = client.get("/hooks/fhir/status").json()
+    assert status["pending"] == 3  # one patient, one ping, one deletion
+    assert status["received"] == {"deleted": 1, "ignored_own": 2, "invalid": 2, "ping": 1, "scheduled": 3}
+    assert "ftp-0099" not in json.dumps(status)
+    service.worker.shutdown(5)
+    assert sorted(seen) == ["Observation/o1", "ftp-0099", "ping"]
+
+
+def test_webhook_secret_is_required_when_configured(settings) -> None:
+    app = create_app(replace(settings, extra={"webhook_secret": "s3cret", "window": 60.0}))
+    client = TestClient(app)
+    obs = {"resourceType": "Observation", "subject": {"reference": "Patient/p"}}
+    assert client.put("/hooks/fhir/Observation/1", json=obs).status_code == 401
+    ok = client.put("/hooks/fhir/Observation/1", json=obs, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    app.state.webhook.worker.handlers["patient"] = lambda pid: ("written", [])
+    app.state.webhook.worker.shutdown(5)
+
+
+# ------------------------------------------------------------------------------------------- subscribe
+
+
+class FakeSubscriptions:
+    def __init__(self) -> None:
+        self.store: dict[str, dict] = {}
+
+    def search_all(self, rtype, params):
+        system = params["_tag"].rstrip("|")
+        return [s for s in self.store.values() if any(t["system"] == system for t in s["meta"]["tag"])]
+
+    def create(self, resource, *, if_none_exist=None):
+        sid = str(len(self.store) + 1)
+        self.store[sid] = {**resource, "id": sid}
+        return self.store[sid]
+
+    def update(self, resource):
+        self.store[resource["id"]] = dict(resource)
+        return self.store[resource["id"]]
+
+    def read(self, rtype, sid):
+        return {**self.store[sid], "status": "active" if self.store[sid]["status"] == "requested" else
+                self.store[sid]["status"]}
+
+
+def test_ensure_subscriptions_is_idempotent_and_switches_payload_mode() -> None:
+    fake = FakeSubscriptions()
+    endpoint = "http://127.0.0.1:9999/hooks/fhir"
+    first = webhook.ensure_subscriptions(fake, endpoint, payload=True)
+    assert len(first.created) == 3 and first.ids == first.created
+    criteria = sorted(s["criteria"] for s in fake.store.values())
+    assert criteria == ["Condition?", "MedicationRequest?", "Observation?"]
+    assert all(s["channel"] == {"type": "rest-hook", "endpoint": endpoint, "payload": FHIR_JSON}
+               for s in fake.store.values())
+    again = webhook.ensure_subscriptions(fake, endpoint, payload=True)
+    assert again.created == [] and sorted(again.unchanged) == sorted(first.ids) and len(fake.store) == 3
+    assert webhook.wait_active(fake, again.ids, sleep=lambda s: None) == {i: "active" for i in again.ids}
+    ping = webhook.ensure_subscriptions(fake, endpoint, payload=False)
+    assert len(ping.created) == 3 and sorted(ping.turned_off) == sorted(first.ids)
+    assert all("payload" not in fake.store[i]["channel"] for i in ping.ids)
+    assert sorted(webhook.disable_subscriptions(fake, endpoint)) == sorted(ping.ids)
+    coded = webhook.subscription_criteria(twin_codes_only=True)[0]
+    assert coded.startswith("Observation?code=") and "13457-7" in coded and "69548-6" in coded
