@@ -343,12 +343,12 @@ def twin_for(settings: Any, session: Session) -> dict[str, Any]:
 
 
 def _charts(forecasts: list[tuple[str, Any]]) -> dict[str, str]:
-    charts = {f"risk-{o}": twin_view.risk_chart(forecasts, o) for o in twin_view.SHOWN_OUTCOMES
+    charts = {f"chart-risk-{o}": twin_view.risk_chart(forecasts, o) for o in twin_view.SHOWN_OUTCOMES
               if o in forecasts[0][1].cif}
     for variable in twin_view.SHOWN_TRAJECTORIES:
         svg = twin_view.trajectory_chart(forecasts, variable)
         if svg is not None:
-            charts[f"traj-{variable}"] = svg
+            charts[f"chart-traj-{variable}"] = svg
     return charts
 
 
