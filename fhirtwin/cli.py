@@ -220,7 +220,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         print(f"{len(ids)} subscription(s) turned off", file=sys.stderr)
         return 0
     report = ensure_subscriptions(client, args.endpoint, payload=args.payload, twin_codes_only=args.twin_codes,
-                                  headers=args.header or [])
+                                  headers=args.header or [], filters=args.filter or [])
     actions = {**{i: "created" for i in report.created}, **{i: "updated" for i in report.updated},
                **{i: "unchanged" for i in report.unchanged}}
     for sid in report.turned_off:
@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="deliver the resource (PUT endpoint/Type/id) or an empty ping (default payload)")
     subscribe.add_argument("--twin-codes", action="store_true", help="only Observations with codes the twin reads")
     subscribe.add_argument("--header", action="append", help="channel header, e.g. 'Authorization: Bearer …'")
+    subscribe.add_argument("--filter", action="append", help="extra criteria parameter for every Subscription, "
+                           "e.g. _tag=SYSTEM|CODE (repeat for several)")
     subscribe.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for status active")
     subscribe.add_argument("--off", action="store_true", help="turn off fhirtwin's Subscriptions to this endpoint")
     subscribe.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in prod)")

@@ -599,10 +599,15 @@ def twin_observation_codes() -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def subscription_criteria(twin_codes_only: bool = False) -> list[str]:
-    """The criteria fhirtwin subscribes to: Observations (genomics 69548-6 included), Conditions, MedicationRequests."""
-    observation = "Observation?code=" + ",".join(twin_observation_codes()) if twin_codes_only else "Observation?"
-    return [observation, "Condition?", "MedicationRequest?"]
+def subscription_criteria(twin_codes_only: bool = False, filters: Iterable[str] = ()) -> list[str]:
+    """The criteria fhirtwin subscribes to: Observations (genomics 69548-6 included), Conditions, MedicationRequests.
+
+    ``filters`` (``param=value``) are added to every criterion, e.g. ``_tag=…`` to limit to one source.
+    """
+    extra = [f for f in filters if f]
+    observation = ["code=" + ",".join(twin_observation_codes())] if twin_codes_only else []
+    return [f"{rtype}?" + "&".join(params + extra)
+            for rtype, params in (("Observation", observation), ("Condition", []), ("MedicationRequest", []))]
 
 
 def _subscription_key(criteria: str, endpoint: str, payload: bool) -> str:
@@ -629,8 +634,12 @@ def subscription_resource(criteria: str, endpoint: str, *, payload: bool, header
 
 
 def _fhirtwin_subscriptions(client: Any) -> list[dict[str, Any]]:
-    return [r for r in client.search_all("Subscription", {"_tag": f"{SUBSCRIPTION_TAG_SYSTEM}|", "_count": 200})
-            if r.get("resourceType") == "Subscription"]
+    """fhirtwin's Subscriptions (generated tag plus a key tag), bypassing HAPI's search cache."""
+    params = {"_tag": "|".join(GENERATED_TAG), "_count": 200}
+    response = client.request("GET", "Subscription", params=params, headers={"Cache-Control": "no-cache"})
+    return [r for r in client.iter_bundle_pages(response.json(), max_pages=20)
+            if r.get("resourceType") == "Subscription"
+            and any(t.get("system") == SUBSCRIPTION_TAG_SYSTEM for t in r.get("meta", {}).get("tag", []))]
 
 
 @dataclass
@@ -646,6 +655,7 @@ class SubscriptionReport:
 
 def ensure_subscriptions(
     client: Any, endpoint: str, *, payload: bool = True, twin_codes_only: bool = False, headers: Iterable[str] = (),
+    filters: Iterable[str] = (),
 ) -> SubscriptionReport:
     """Create or reactivate fhirtwin's Subscriptions for ``endpoint`` (idempotent); turn off stale ones.
 
@@ -658,7 +668,7 @@ def ensure_subscriptions(
     report = SubscriptionReport()
     existing = _fhirtwin_subscriptions(client)
     wanted_keys: set[str] = set()
-    for criteria in subscription_criteria(twin_codes_only):
+    for criteria in subscription_criteria(twin_codes_only, filters):
         wanted = subscription_resource(criteria, endpoint, payload=payload, headers=headers)
         key = wanted["meta"]["tag"][0]["code"]
         wanted_keys.add(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -424,9 +425,13 @@ class FakeSubscriptions:
     def __init__(self) -> None:
         self.store: dict[str, dict] = {}
 
-    def search_all(self, rtype, params):
-        system = params["_tag"].rstrip("|")
-        return [s for s in self.store.values() if any(t["system"] == system for t in s["meta"]["tag"])]
+    def request(self, method, path, params, headers):
+        system, code = params["_tag"].split("|")
+        found = [s for s in self.store.values() if {"system": system, "code": code} in s["meta"]["tag"]]
+        return SimpleNamespace(json=lambda: {"resourceType": "Bundle", "entry": [{"resource": r} for r in found]})
+
+    def iter_bundle_pages(self, bundle, max_pages):
+        return [e["resource"] for e in bundle["entry"]]
 
     def create(self, resource, *, if_none_exist=None):
         sid = str(len(self.store) + 1)
