@@ -465,3 +465,50 @@ def test_ensure_subscriptions_is_idempotent_and_switches_payload_mode() -> None:
     assert sorted(webhook.disable_subscriptions(fake, endpoint)) == sorted(ping.ids)
     coded = webhook.subscription_criteria(twin_codes_only=True)[0]
     assert coded.startswith("Observation?code=") and "13457-7" in coded and "69548-6" in coded
+
+
+# ------------------------------------------------------------------------------------------- payload-less pings
+
+
+class FakeChanged:
+    """Answers ``_lastUpdated=ge…`` searches from a list of changed resources."""
+
+    def __init__(self, resources: list[dict]) -> None:
+        self.resources = resources
+        self.queries: list[tuple[str, dict, dict]] = []
+
+    def request(self, method, path, params, headers):
+        self.queries.append((path, params, headers))
+        since = webhook._parse_instant(params["_lastUpdated"][2:])
+        found = [r for r in self.resources if r["resourceType"] == path
+                 and webhook._parse_instant(r["meta"]["lastUpdated"]) >= since]
+        return SimpleNamespace(json=lambda: {"resourceType": "Bundle", "entry": [{"resource": r} for r in found]})
+
+    def iter_bundle_pages(self, bundle, max_pages):
+        return [e["resource"] for e in bundle["entry"]]
+
+
+def _changed(rtype: str, rid: str, patient: str, when: str, **extra) -> dict:
+    return {"resourceType": rtype, "id": rid, "subject": {"reference": f"Patient/{patient}"},
+            "meta": {"versionId": "1", "lastUpdated": when, **extra}}
+
+
+def test_ping_requeries_changes_since_the_last_look(settings, monkeypatch) -> None:
+    fake = FakeChanged([
+        _changed("Observation", "o1", "p1", "2030-01-01T10:00:00.000Z"),
+        _changed("Condition", "c1", "p2", "2030-01-01T10:00:05.000Z"),
+        _changed("Observation", "o2", "p3", "2030-01-01T10:00:05.000Z",
+                 tag=[{"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "fhirtwin-generated"}]),
+    ])
+    monkeypatch.setattr(webhook, "get_client", lambda _settings: fake)
+    service = webhook.WebhookService(settings)
+    service._watermark = webhook._parse_instant("2030-01-01T09:59:00Z")
+    assert service.requery("") == ("requeried", ["p1", "p2"])  # fhirtwin's own resource is skipped
+    assert [q[0] for q in fake.queries] == ["Observation", "Condition", "MedicationRequest"]
+    assert all(q[2] == {"Cache-Control": "no-cache"} for q in fake.queries)
+    assert fake.queries[0][1]["_lastUpdated"] == "ge2030-01-01T09:59:00.000Z"
+    # nothing new: the resources at the watermark are not reported again
+    assert service.requery("") == ("requeried", [])
+    assert fake.queries[-1][1]["_lastUpdated"] == "ge2030-01-01T10:00:05.000Z"
+    fake.resources.append(_changed("MedicationRequest", "m1", "p4", "2030-01-01T10:00:05.000Z"))
+    assert service.requery("") == ("requeried", ["p4"])
