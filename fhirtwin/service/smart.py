@@ -52,7 +52,9 @@ SESSION_TTL_S = 3600
 PENDING_TTL_S = 600
 RECORD_SCOPES = ("patient/Patient.rs patient/Observation.rs patient/Condition.rs patient/MedicationRequest.rs "
                  "patient/MedicationStatement.rs patient/MolecularSequence.rs")
-WRITE_SCOPES = "patient/RiskAssessment.c patient/CarePlan.c patient/Goal.c patient/Provenance.c"
+# Writing a proposal reads fhirtwin's earlier results (r, s), creates the new ones (c) and tags the ones
+# they supersede (u); nothing is ever deleted.
+WRITE_SCOPES = "patient/RiskAssessment.crus patient/CarePlan.crus patient/Goal.crus patient/Provenance.c"
 EHR_SCOPES = f"launch openid fhirUser {RECORD_SCOPES} {WRITE_SCOPES}"
 STANDALONE_SCOPES = f"launch/patient openid fhirUser {RECORD_SCOPES} {WRITE_SCOPES}"
 

@@ -84,7 +84,7 @@ def test_ehr_launch_redirects_with_pkce_state_aud_and_least_privilege_scopes(cli
     scopes = params["scope"].split()
     assert scopes[:3] == ["launch", "openid", "fhirUser"]
     assert "launch/patient" not in scopes
-    assert {"patient/Observation.rs", "patient/RiskAssessment.c", "patient/CarePlan.c", "patient/Goal.c",
+    assert {"patient/Observation.rs", "patient/RiskAssessment.crus", "patient/CarePlan.crus", "patient/Goal.crus",
             "patient/Provenance.c", "patient/MolecularSequence.rs"} <= set(scopes)
     assert not any(s.endswith((".read", ".write", ".*", ".cruds")) or s.startswith("user/") for s in scopes)
     cookie = response.headers["set-cookie"]
