@@ -96,3 +96,59 @@ def loaded_cohort(base_url: str, cohort):
 
     load_sandbox(base_url)
     return cohort
+
+
+def free_port() -> int:
+    """A free loopback port for a test server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def start_service(tmp_path_factory):
+    """Start `fhirtwin serve` as a real subprocess: ``start(fhir_server, port=None) -> base URL``.
+
+    Every service started is stopped at the end of the session, and its log must hold no traceback.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    started: list[tuple[subprocess.Popen, object]] = []
+
+    def start(fhir_server: str, port: int | None = None) -> str:
+        port = port or free_port()
+        log_path = tmp_path_factory.mktemp("service") / "serve.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fhirtwin.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                 "--fhir-server", fhir_server, "--log-level", "warning"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        started.append((proc, log_path))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    return url
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"fhirtwin serve did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    yield start
+    for proc, log_path in started:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        text = log_path.read_text()
+        assert "Traceback" not in text, text[-3000:]

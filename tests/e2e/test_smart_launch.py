@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
+from conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -23,12 +20,6 @@ GENERATED = "https://fhirtwin.org/CodeSystem/fhirtwin|fhirtwin-generated"
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"Debian chromium is not installed at {CHROMIUM} (apt-get install -y chromium)",
                 allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,31 +36,8 @@ def simulator(base_url: str, loaded_cohort) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def service(simulator: dict) -> Iterator[str]:
-    url = simulator["app"]
-    proc = subprocess.Popen([sys.executable, "-m", "fhirtwin.cli", "serve", "--host", "127.0.0.1",
-                             "--port", simulator["app_port"], "--fhir-server", simulator["iss"],
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"fhirtwin serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("fhirtwin serve did not answer /health")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def service(simulator: dict, start_service) -> str:
+    return start_service(simulator["iss"], int(simulator["app_port"]))
 
 
 def current_risk_assessments(base_url: str) -> list[dict]:

@@ -3,12 +3,7 @@ reading fhirServer itself or using prefetch built from its own templates; both g
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,39 +14,9 @@ pytestmark = pytest.mark.integration
 PATIENTS = ["ftp-0001", "ftp-0010", "ftp-0020"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def service_url(base_url: str, loaded_cohort) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "fhirtwin.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--fhir-server", base_url, "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"fhirtwin serve exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("fhirtwin serve did not answer /health")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def service_url(base_url: str, loaded_cohort, start_service) -> str:
+    return start_service(base_url)
 
 
 def hook_request(patient_id: str, **extra: Any) -> dict[str, Any]:

@@ -4,13 +4,8 @@ and no write-back loop)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -28,45 +23,9 @@ TEST_TAG = {"system": "https://fhirtwin.org/CodeSystem/fhirtwin-tests", "code": 
 CANDIDATES = [f"ftp-{n:04d}" for n in range(150, 170)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def service(base_url: str, loaded_cohort, tmp_path_factory) -> Iterator[str]:
-    """``fhirtwin serve`` as a subprocess on a free port; stopped (and drained) at the end."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("service") / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fhirtwin.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--fhir-server", base_url, "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"service did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        text = log_path.read_text()
-        assert "Traceback" not in text, text[-3000:]
+def service(base_url: str, loaded_cohort, start_service) -> str:
+    return start_service(base_url)
 
 
 def simulate(service: str, patient: str, write: bool, **extra) -> requests.Response:
