@@ -62,6 +62,24 @@ def cmd_sandbox_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sandbox_smart(args: argparse.Namespace) -> int:
+    """Run the SMART simulator (tests and local trials only) in front of the sandbox and print a launch URL."""
+    import uvicorn
+
+    from fhirtwin.sandbox.smart_simulator import create_simulator
+
+    upstream = args.server or _sandbox(args).base_url
+    public = f"http://127.0.0.1:{args.sim_port}"
+    app_url = args.app_url.rstrip("/")
+    app = create_simulator(upstream, public, redirect_uris=(f"{app_url}/callback",), default_patient=args.patient)
+    print("SMART simulator (TEST ONLY: auto-approves, no login, in memory)")
+    print(f"  FHIR base (iss): {public}/fhir   proxies {upstream}")
+    print(f"  start the app:   fhirtwin serve --fhir-server {public}/fhir --port {app_url.rsplit(':', 1)[-1]}")
+    print(f"  then open:       {app_url}/launch?iss={public}/fhir   (standalone launch, patient {args.patient})")
+    uvicorn.run(app, host="127.0.0.1", port=args.sim_port, log_level="warning", access_log=False)
+    return 0
+
+
 def _client(args: argparse.Namespace):
     from fhirtwin.fhir.client import FhirClient
 
@@ -341,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--off", action="store_true", help="turn off fhirtwin's Subscriptions to this endpoint")
     subscribe.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in prod)")
     subscribe.set_defaults(func=cmd_subscribe)
+
+    smart = actions.add_parser("smart", help="run the SMART launch simulator (tests and local trials only)")
+    sandbox_options(smart)
+    smart.add_argument("--server", default=None, help="FHIR base to proxy (default: the sandbox)")
+    smart.add_argument("--sim-port", type=int, default=9090)
+    smart.add_argument("--app-url", default="http://127.0.0.1:8765", help="where `fhirtwin serve` runs")
+    smart.add_argument("--patient", default="ftp-0003", help="patient of a standalone launch")
+    smart.set_defaults(func=cmd_sandbox_smart)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)

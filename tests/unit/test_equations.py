@@ -38,7 +38,7 @@ def _pce(sex, race, variant="spreadsheet", treated=0, smoker=0, dm=0, **kw):
 def test_pce_goff_table_a_worked_example_white_men():
     # Goff 2013 full report, Table A worked example (55 y, TC 213, HDL 50, untreated SBP 120, non-smoker,
     # no diabetes): "white men ... equates to a 5.3% probability". Table A sums rounded products, so its
-    # white-male value sits ~0.1 pp below full-precision evaluation (clinical-anchors.md 1.4).
+    # white-male value sits ~0.1 pp below full-precision evaluation .
     for variant in ("table_A", "spreadsheet"):
         assert _pce("male", "white", variant) * 100 == pytest.approx(5.3, abs=0.15)
 
@@ -167,7 +167,7 @@ S12_EXPECTED = [
     (30, "ascvd", "sdi", (0.367, 0.361), 3),
     (30, "ascvd", "full", (0.344, 0.338), 3),
     # 30-year base total CVD and HF for the same profile, 3 decimals, from the preventr-derived test
-    # vectors of an independent TypeScript port (clinical-anchors.md section 6: S12 30-year figures).
+    # vectors of an independent TypeScript port (S12 30-year figures).
     (30, "total_cvd", "base", (0.530, 0.514), 3),
     (30, "heart_failure", "base", (0.390, 0.424), 3),
 ]
@@ -197,7 +197,7 @@ def test_prevent_full_model_sdi_missing_male_ascvd_matches_aha_calculator():
     # AHA online calculator, 10-year ASCVD full model, SDI missing (PooledCohort test-predict_10yr_ascvd_risk.R):
     # 56 y, TC 231, HDL 46, treated SBP 150, BMI 35, eGFR 90, diabetes, UACR 900, HbA1c 3 -> male 0.116;
     # 50 y, TC 200, HDL 46, untreated SBP 169, no diabetes, UACR 40, HbA1c 3 -> male 0.041. The female
-    # values (0.077, 0.026) need the calculator's SDI-as-decile-1-3 quirk (clinical-anchors.md 2.6), which
+    # values (0.077, 0.026) need the calculator's SDI-as-decile-1-3 quirk , which
     # we deliberately do not copy.
     common = dict(bmi_kg_m2=35, egfr_ml_min_1_73m2=90, on_statin=False, current_smoker=False)
     r1 = prevent_risk(outcome="ascvd", horizon_years=10, sex="male", model="full", age_years=56,
