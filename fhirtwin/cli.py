@@ -141,11 +141,15 @@ def _patient_ids(client, args: argparse.Namespace) -> list[str]:
     return sorted(ids)
 
 
-def _run_one(client, patient_id: str, as_of):
-    """Read and simulate one patient (one record request); insufficient data is a TwinRun with an error."""
-    from fhirtwin.pipeline import read_twin, simulate_twin
+def _run_one(client, patient_id: str, as_of, existing: dict | None = None):
+    """Read and simulate one patient (one request: the record and its stored results); insufficient data is a
+    TwinRun with an error. The stored fhirtwin results go to ``existing`` for the writer."""
+    from fhirtwin.pipeline import read_twin_and_results, simulate_twin
 
-    return simulate_twin(read_twin(client, patient_id, as_of))
+    state, stored = read_twin_and_results(client, patient_id, as_of)
+    if existing is not None:
+        existing[patient_id] = stored
+    return simulate_twin(state)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -160,14 +164,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     step = max(1, args.group)
     try:
         for start in range(0, len(ids), step):
-            runs = []
+            runs, existing = [], {}
             for patient_id in ids[start : start + step]:
                 try:
-                    runs.append(_run_one(client, patient_id, _date(args.as_of)))
+                    runs.append(_run_one(client, patient_id, _date(args.as_of), existing))
                 except Exception as exc:  # noqa: BLE001 - one patient's failure never loses the others
                     results.append(WriteResult(patient_id, "failed",
                                                message=f"read/simulate failed: {type(exc).__name__}"))
-            batch = write_predictions(client, runs, key, dry_run=args.dry_run or out is not None, group=step)
+            batch = write_predictions(client, runs, key, dry_run=args.dry_run or out is not None, group=step,
+                                      existing=existing)
             for result in batch:
                 if out is not None and result.bundle is not None:
                     out.write(json.dumps(result.bundle, separators=(",", ":")) + "\n")

@@ -7,7 +7,7 @@ offline ``NdjsonSource``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -58,6 +58,63 @@ def read_twins(
         records = source.fetch_patients_records(ids[start : start + chunk_size])
         for patient_id, record in records.items():
             yield build(patient_id, record, when)
+
+
+@dataclass(frozen=True)
+class PatientRead:
+    """One patient's read split in two: the clinical record (twin input) and fhirtwin's own stored results.
+
+    Why: the writer needs the stored results to decide what is superseded; reading them in the record's
+    batch saves a request per patient, and splitting them out keeps fhirtwin's outputs from ever being
+    read back as inputs.
+    """
+
+    record: list[dict[str, Any]]
+    existing: list[dict[str, Any]]
+
+
+def existing_results_searches(patient_id: str) -> list[str]:
+    """Relative search URLs for fhirtwin's RiskAssessments, Goals and CarePlans of a patient."""
+    return [f"{rtype}?subject=Patient/{patient_id}&_tag={GENERATED_TAG_QUERY}&_count=500"
+            for rtype in ("RiskAssessment", "Goal", "CarePlan")]
+
+
+def is_generated(resource: Any) -> bool:
+    """True for a resource fhirtwin wrote (it carries the ``fhirtwin-generated`` tag)."""
+    if not isinstance(resource, dict):
+        return False
+    system, _, code = GENERATED_TAG_QUERY.partition("|")
+    return any(isinstance(t, dict) and t.get("system") == system and t.get("code") == code
+               for t in (resource.get("meta") or {}).get("tag") or [])
+
+
+def read_patient(source: Any, patient_id: str) -> PatientRead:
+    """The record and the stored fhirtwin results of one patient in one request (a live FhirClient).
+
+    A source without ``extra_searches`` (e.g. NdjsonSource) gives its record; anything fhirtwin generated
+    is split out of the record either way.
+    """
+    import inspect
+
+    if "extra_searches" in inspect.signature(source.fetch_patient_record).parameters:
+        resources = source.fetch_patient_record(patient_id, extra_searches=existing_results_searches(patient_id))
+    else:
+        resources = source.fetch_patient_record(patient_id)
+    record: list[dict[str, Any]] = []
+    existing: list[dict[str, Any]] = []
+    for resource in resources:
+        (existing if is_generated(resource) else record).append(resource)
+    return PatientRead(record, existing)
+
+
+def read_twin_and_results(
+    source: Any, patient_id: str, reference_date: date | None = None, *, validate: bool = False
+) -> tuple[TwinState, list[dict[str, Any]]]:
+    """The TwinState and the stored fhirtwin results (for ``write_predictions(existing=...)``), one request."""
+    read = read_patient(source, patient_id)
+    when = reference_date or today()
+    state = (_build_strict if validate else build_twin)(patient_id, read.record, when)
+    return state, read.existing
 
 
 def _build_strict(patient_id: str, record: Iterable[Any], reference_date: date) -> TwinState:
@@ -165,11 +222,7 @@ def fetch_existing_results(client: Any, patient_id: str) -> list[dict[str, Any]]
     """fhirtwin's stored RiskAssessments, Goals and CarePlans of a patient (one batch request)."""
     from fhirtwin.fhir.client import batch_results
 
-    entries = [
-        {"request": {"method": "GET",
-                     "url": f"{rtype}?subject=Patient/{patient_id}&_tag={GENERATED_TAG_QUERY}&_count=500"}}
-        for rtype in ("RiskAssessment", "Goal", "CarePlan")
-    ]
+    entries = [{"request": {"method": "GET", "url": url}} for url in existing_results_searches(patient_id)]
     response = client.batch(entries)
     found: list[dict[str, Any]] = []
     for result in batch_results(response, entries):
@@ -202,9 +255,12 @@ def prepare_write(run: TwinRun, key: Any, *, existing: Iterable[dict[str, Any]] 
 
 def write_predictions(
     client: Any, runs: Iterable[TwinRun], key: Any, *, dry_run: bool = False, group: int = 1,
-    now: datetime | None = None,
+    now: datetime | None = None, existing: Mapping[str, Sequence[dict[str, Any]]] | None = None,
 ) -> list[WriteResult]:
     """Build and send one transaction per patient (``group`` > 1: several patients per transaction).
+
+    ``existing`` maps a patient id to its stored fhirtwin results as read with the record
+    (:func:`read_twin_and_results`); a patient not in it costs one extra search request.
 
     A patient without a plan (insufficient or rejected data) is ``skipped`` and gets no prediction; a
     failing patient (or group) is ``failed`` with the reason, and never stops the others. ``dry_run``
@@ -260,8 +316,9 @@ def write_predictions(
             continue
         before = client.request_count
         try:
-            existing = fetch_existing_results(client, patient_id)
-            write = prepare_write(run, key, existing=existing, now=now)
+            stored = existing[patient_id] if existing is not None and patient_id in existing else \
+                fetch_existing_results(client, patient_id)
+            write = prepare_write(run, key, existing=stored, now=now)
         except Exception as exc:  # noqa: BLE001
             result.status, result.message = "failed", f"{type(exc).__name__}: {exc}"
             continue

@@ -619,6 +619,7 @@ class FhirClient:
         count: int = 1000,
         max_pages: int | None = None,
         strategy: str = "batch",
+        extra_searches: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
         """One patient's record (Patient first) in one HTTP request when it fits in one page per type.
 
@@ -626,9 +627,15 @@ class FhirClient:
         follows only the paging that a type's size requires. ``strategy="everything"`` uses
         ``Patient/<id>/$everything`` (check ``supports_everything()`` first). Raises FhirNotFound if the
         patient does not exist and the entry's error for a failing search (never a partial record).
+        ``extra_searches`` (relative search URLs, batch strategy only) ride in the same batch so that a
+        caller needing more than the record (e.g. its own earlier results) pays no extra request; their
+        resources are appended after the record's and the caller tells them apart.
         """
         _check_patient_id(patient_id)
         type_params = _type_params(types)
+        extra = list(extra_searches)
+        if extra and strategy != "batch":
+            raise ValueError("extra_searches needs strategy='batch'")
         if strategy == "everything":
             bundle = self.operation(
                 "everything",
@@ -643,6 +650,10 @@ class FhirClient:
         for resource_type, param in type_params.items():
             query = _query({param: patient_id, "_count": count})
             entries.append({"request": {"method": "GET", "url": f"{_seg(resource_type)}?{query}"}})
+        for url in extra:
+            if not isinstance(url, str) or "?" not in url or url.startswith(("/", "http:", "https:")):
+                raise ValueError("extra_searches are relative search URLs: 'Type?param=value'")
+            entries.append({"request": {"method": "GET", "url": url}})
         results = self._batch_read(entries)
         patient = results[0].resource
         if not patient or patient.get("resourceType") != "Patient":

@@ -97,3 +97,15 @@ def test_bulk_export_round_trips_through_the_ndjson_source(loaded_cohort, base_u
     offline = source.fetch_patient_record(patient_id)
     expected = {i for i in _bundle_ids(bundle) if i.split("/")[0] in ("Patient", "Condition")}
     assert _ids(offline) == expected
+
+
+def test_record_and_stored_results_in_one_request(loaded_cohort, base_url: str) -> None:
+    from fhirtwin.pipeline import is_generated, read_patient
+
+    client = FhirClient(base_url)
+    patient_id = loaded_cohort.bundles[0]["entry"][0]["resource"]["id"]
+    read = read_patient(client, patient_id)
+    assert client.request_count == 1 + client.pages_followed
+    assert _ids(read.record) == _bundle_ids(loaded_cohort.bundles[0])
+    assert all(is_generated(r) for r in read.existing)
+    assert {r["resourceType"] for r in read.existing} <= {"RiskAssessment", "Goal", "CarePlan"}
