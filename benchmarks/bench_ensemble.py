@@ -198,6 +198,43 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
     return out
 
 
+def measure(draws_n: int = 1000, reference_draws: int = 40, repeats: int = 30) -> dict:
+    """Time the vectorised ensemble and the per-draw solve_ivp reference on the bench patient.
+
+    Returns the timings (ms), the speed-up and the largest CIF difference; ``bench.py`` reuses it.
+    """
+    inputs = bench_patient()
+    model = get_model("fhirtwin-mechanistic").fit(inputs)
+    scenario = combinations(candidate_interventions(inputs).eligible)[-1]  # everything eligible
+    model.simulate(scenario, HORIZON, draws_n, 1)  # warm caches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forecast = model.simulate(scenario, HORIZON, draws_n, 1)
+        times.append(time.perf_counter() - t0)
+    fast_ms = 1e3 * float(np.median(times))
+
+    draws = draw_parameters(inputs, model.posteriors_, draws_n, 1, HORIZON)
+    t_eval = month_grid(HORIZON)
+    n_ref = min(reference_draws, draws_n)
+    t0 = time.perf_counter()
+    ref = [reference_one_draw(model, draws, d, scenario, t_eval) for d in range(n_ref)]
+    per_draw = (time.perf_counter() - t0) / n_ref
+    slow_ms = 1e3 * per_draw * draws_n
+    diffs = {
+        outcome: float(np.abs(np.array([r[outcome] for r in ref]) - forecast.cif[outcome][:n_ref]).max())
+        for outcome in (*OUTCOMES, "death")
+    }
+    traj = simulate_trajectories(inputs, model.posteriors_, draws, scenario, t_eval)
+    assert traj.values["egfr_ml_min_1_73m2"].shape == (draws_n, t_eval.size)
+    return {
+        "patient": inputs.patient_id, "scenario": scenario.name, "draws": draws_n, "months": int(12 * HORIZON),
+        "outcomes": len(forecast.outcomes), "repeats": repeats, "fast_ms": fast_ms, "fast_min_ms": 1e3 * min(times),
+        "reference_draws": n_ref, "reference_ms_per_draw": 1e3 * per_draw, "slow_ms": slow_ms,
+        "speedup": slow_ms / fast_ms, "cif_max_abs_diff": diffs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=1000)
@@ -205,43 +242,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
 
-    inputs = bench_patient()
-    model = get_model("fhirtwin-mechanistic").fit(inputs)
-    scenario = combinations(candidate_interventions(inputs).eligible)[-1]  # everything eligible
-    print(f"patient: {inputs.patient_id}; scenario: {scenario.name}")
-
-    model.simulate(scenario, HORIZON, args.draws, 1)  # warm caches
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        forecast = model.simulate(scenario, HORIZON, args.draws, 1)
-        times.append(time.perf_counter() - t0)
-    fast_ms = 1e3 * float(np.median(times))
+    m = measure(args.draws, args.reference_draws, args.repeats)
+    print(f"patient: {m['patient']}; scenario: {m['scenario']}")
     print(
-        f"vectorised ensemble: {args.draws} draws x {int(12 * HORIZON)} months x {len(forecast.outcomes)} outcomes: "
-        f"median {fast_ms:.2f} ms per patient (min {1e3 * min(times):.2f} ms, {args.repeats} runs)"
+        f"vectorised ensemble: {m['draws']} draws x {m['months']} months x {m['outcomes']} outcomes: "
+        f"median {m['fast_ms']:.2f} ms per patient (min {m['fast_min_ms']:.2f} ms, {m['repeats']} runs)"
     )
-
-    draws = draw_parameters(inputs, model.posteriors_, args.draws, 1, HORIZON)
-    t_eval = month_grid(HORIZON)
-    n_ref = min(args.reference_draws, args.draws)
-    t0 = time.perf_counter()
-    ref = [reference_one_draw(model, draws, d, scenario, t_eval) for d in range(n_ref)]
-    per_draw = (time.perf_counter() - t0) / n_ref
-    slow_ms = 1e3 * per_draw * args.draws
     print(
-        f"solve_ivp per draw (RK45): {1e3 * per_draw:.1f} ms per draw, measured on {n_ref} draws -> "
-        f"{slow_ms / 1e3:.1f} s for {args.draws} draws"
+        f"solve_ivp per draw (RK45): {m['reference_ms_per_draw']:.1f} ms per draw, measured on "
+        f"{m['reference_draws']} draws -> {m['slow_ms'] / 1e3:.1f} s for {m['draws']} draws"
     )
-    print(f"speed-up: {slow_ms / fast_ms:,.0f}x")
-
-    worst = 0.0
-    for outcome in (*OUTCOMES, "death"):
-        diff = np.abs(np.array([r[outcome] for r in ref]) - forecast.cif[outcome][:n_ref])
-        worst = max(worst, float(diff.max()))
-        print(f"  {outcome:15s} max |CIF_vectorised - CIF_solve_ivp| over draws and months = {diff.max():.2e}")
-    traj = simulate_trajectories(inputs, model.posteriors_, draws, scenario, t_eval)
-    assert traj.values["egfr_ml_min_1_73m2"].shape == (args.draws, t_eval.size)
+    print(f"speed-up: {m['speedup']:,.0f}x")
+    for outcome, diff in m["cif_max_abs_diff"].items():
+        print(f"  {outcome:15s} max |CIF_vectorised - CIF_solve_ivp| over draws and months = {diff:.2e}")
+    worst = max(m['cif_max_abs_diff'].values())
     print(f"largest CIF difference: {worst:.2e} (monthly discrete time vs continuous time)")
 
 

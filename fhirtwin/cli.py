@@ -272,6 +272,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Load ``benchmarks/bench.py`` from the source checkout (it is not installed) and run it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not path.is_file():
+        print(f"fhirtwin bench needs a source checkout: {path.name} not found next to the package", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("fhirtwin_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--server", args.server, "--patients", str(args.patients), "--concurrency", str(args.concurrency),
+            "--cds-calls", str(args.cds_calls), *(["--json"] if args.json else []), *(["--keep"] if args.keep else [])]
+    return module.main(argv)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fhirtwin.demo import run_demo
 
@@ -372,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     smart.add_argument("--app-url", default="http://127.0.0.1:8765", help="where `fhirtwin serve` runs")
     smart.add_argument("--patient", default="ftp-0003", help="patient of a standalone launch")
     smart.set_defaults(func=cmd_sandbox_smart)
+
+    bench = commands.add_parser("bench", help="measure the performance budgets against a live server")
+    bench.add_argument("--server", default="http://127.0.0.1:8080/fhir", help="FHIR R4 base URL")
+    bench.add_argument("--patients", type=int, default=40, help="patients in the throughput runs")
+    bench.add_argument("--concurrency", type=int, default=2, help="workers on both throughput sides")
+    bench.add_argument("--cds-calls", type=int, default=50, help="timed CDS Hooks calls")
+    bench.add_argument("--keep", action="store_true", help="keep the patient copies the benchmark makes")
+    bench.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    bench.set_defaults(func=cmd_bench)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)
