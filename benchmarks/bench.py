@@ -106,6 +106,38 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def server_pid(server: str) -> int | None:
+    """The pid of the process listening on the server's port when it runs on this machine (via ``ss``)."""
+    import re
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        text = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=5).stdout  # noqa: S607
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3].rsplit(":", 1)[-1] == str(port):
+            found = re.search(r"pid=(\d+)", line)
+            return int(found.group(1)) if found else None
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -262,9 +294,11 @@ def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: 
             prov_queries[pid] += [_provenance_query(w.bundle), _provenance_query(b)]
 
         log(f"end-to-end run on {len(timed)} patients, {concurrency} workers")
-        t0 = time.perf_counter()
+        spid = server_pid(server)
+        c0, s0, t0 = time.process_time(), cpu_seconds(spid), time.perf_counter()
         e2e = _parallel(lambda c, pid: run_patient(c, pid, key), timed, concurrency, make_client)
         e2e_s = time.perf_counter() - t0
+        e2e_cpu, e2e_server_cpu = time.process_time() - c0, _delta(cpu_seconds(spid), s0)
 
         log(f"direct post of the same {len(direct)} bundles (fresh keys), {concurrency} workers")
 
@@ -273,9 +307,10 @@ def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: 
             response = c.transaction(bundle)
             return time.perf_counter() - s, sum(1 for e in response["entry"] if e["response"]["status"][:3] == "201")
 
-        t0 = time.perf_counter()
+        c0, s0, t0 = time.process_time(), cpu_seconds(spid), time.perf_counter()
         posted = _parallel(post, direct, concurrency, make_client)
         ingest_s = time.perf_counter() - t0
+        ingest_cpu, ingest_server_cpu = time.process_time() - c0, _delta(cpu_seconds(spid), s0)
     finally:
         if not keep:
             log("deleting the copies and everything written for them")
@@ -301,8 +336,18 @@ def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: 
         "e2e_statuses": sorted({r["status"] for r in e2e}),
         "e2e_stage_ms_mean": {s: 1e3 * sum(r[f"{s}_s"] for r in e2e) / len(e2e) for s in ("read", "simulate", "write")},
         "ingest_transaction_ms_p50": 1e3 * _pct([t for t, _ in posted], 0.5),
+        # CPU per patient (ms): fhirtwin's own process, and the server's when it runs on this machine
+        "e2e_client_cpu_ms_per_patient": 1e3 * e2e_cpu / len(timed),
+        "e2e_server_cpu_ms_per_patient": None if e2e_server_cpu is None else 1e3 * e2e_server_cpu / len(timed),
+        "ingest_client_cpu_ms_per_patient": 1e3 * ingest_cpu / len(direct),
+        "ingest_server_cpu_ms_per_patient": (None if ingest_server_cpu is None
+                                             else 1e3 * ingest_server_cpu / len(direct)),
     })
     return out
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
 
 
 def _provenances_of(client: Any, patient_id: str) -> list[str]:
