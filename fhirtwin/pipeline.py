@@ -253,6 +253,24 @@ def prepare_write(run: TwinRun, key: Any, *, existing: Iterable[dict[str, Any]] 
     return write
 
 
+SUPERSEDED_TAG = {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "superseded"}
+
+
+def reinstate_results(client: Any, references: Iterable[str]) -> list[str]:
+    """Make earlier results current again (inputs went back to an earlier state): drop their tag.
+
+    One ``$meta-delete`` per resource, after the transaction (HAPI refuses operations inside one).
+    Safe to repeat, so it is retried like a read.
+    """
+    done = []
+    for ref in references:
+        rtype, rid = ref.split("/")
+        client.operation("meta-delete", resource_type=rtype, resource_id=rid, retry_safe=True, parameters={
+            "resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": [SUPERSEDED_TAG]}}]})
+        done.append(ref)
+    return done
+
+
 def write_predictions(
     client: Any, runs: Iterable[TwinRun], key: Any, *, dry_run: bool = False, group: int = 1,
     now: datetime | None = None, existing: Mapping[str, Sequence[dict[str, Any]]] | None = None,
@@ -298,13 +316,7 @@ def write_predictions(
                 result.provenance = prov[0].location.split("/_history")[0] if prov and prov[0].location else None
                 result.status = "written" if created or updated else "unchanged"
                 result.requests += (client.request_count - before) if len(pending) == 1 else 0
-                for ref in write.reinstate:
-                    rtype, rid = ref.split("/")
-                    client.operation("meta-delete", resource_type=rtype, resource_id=rid, parameters={
-                        "resourceType": "Parameters",
-                        "parameter": [{"name": "meta", "valueMeta": {"tag": [
-                            {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "superseded"}]}}]},
-                        retry_safe=True)
+                reinstate_results(client, write.reinstate)
         pending.clear()
 
     for run in runs:

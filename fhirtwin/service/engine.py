@@ -315,22 +315,29 @@ def resolve_scenarios(model: Any, scenario: str | None) -> list[Any] | None:
     raise BadRequest(f"unknown scenario {wanted!r}; known: {names}", expression=["scenario"])
 
 
-def _build_state(client: Any, patient_id: str, record: list[dict[str, Any]] | None, as_of: date | None) -> Any:
+def _build_state(
+    client: Any, patient_id: str, record: list[dict[str, Any]] | None, as_of: date | None
+) -> tuple[Any, list[dict[str, Any]] | None]:
+    """The TwinState, plus fhirtwin's stored results when they came with the record read (one request)."""
     from fhirtwin.adapters import build_twin
-    from fhirtwin.pipeline import today
+    from fhirtwin.pipeline import is_generated, read_patient, today
 
+    existing: list[dict[str, Any]] | None = None
     if record is None:
         try:
-            record = client.fetch_patient_record(patient_id)
+            read = read_patient(client, patient_id)
         except fhir_errors.FhirNotFound as exc:
             raise PatientNotFound("Patient not found on the FHIR server") from exc
         except fhir_errors.FhirGone as exc:
             raise PatientNotFound("Patient was deleted on the FHIR server") from exc
         except fhir_errors.FhirError as exc:
             raise _upstream(exc, "record read") from exc
+        record, existing = read.record, read.existing
     elif not any(r.get("resourceType") == "Patient" for r in record if isinstance(r, dict)):
         raise BadRequest("the supplied record holds no Patient resource")
-    return build_twin(patient_id, record, as_of or today())
+    else:
+        record = [r for r in record if not is_generated(r)]  # fhirtwin's outputs are never twin inputs
+    return build_twin(patient_id, record, as_of or today()), existing
 
 
 def _created(response: dict[str, Any]) -> int:
@@ -356,7 +363,7 @@ def simulate_patient(
     write would supersede. A restricted ``scenario`` is what-if only: the CarePlan identifier does not
     encode the scenario set, so writing it would collide with the full plan (400).
     """
-    from fhirtwin.pipeline import fetch_existing_results, prepare_write
+    from fhirtwin.pipeline import fetch_existing_results, prepare_write, reinstate_results
     from fhirtwin.sim.inputs import InsufficientData
     from fhirtwin.sim.model import MechanisticTwin
     from fhirtwin.sim.planner import plan
@@ -372,7 +379,7 @@ def simulate_patient(
                          expression=["scenario"])
     started = time.monotonic()
     client = client if client is not None else get_client(settings)
-    state = _build_state(client, patient_id, record, as_of)
+    state, existing = _build_state(client, patient_id, record, as_of)
     try:
         model = MechanisticTwin().fit(state)
     except InsufficientData as exc:
@@ -383,11 +390,16 @@ def simulate_patient(
                        scenarios=scenarios)
     run = TwinRun(state, result_plan, None)
     key = get_signing_key(settings)
-    with patient_lock(patient_id):
-        try:
-            existing = fetch_existing_results(client, patient_id)
-        except (fhir_errors.FhirError, RuntimeError) as exc:
-            raise _upstream(exc, "search of stored results") from exc
+    lock = patient_lock(patient_id)
+    if not lock.acquire(blocking=False):
+        lock.acquire()
+        existing = None  # another front door wrote this patient meanwhile: what we read may be stale
+    try:
+        if existing is None:
+            try:
+                existing = fetch_existing_results(client, patient_id)
+            except (fhir_errors.FhirError, RuntimeError) as exc:
+                raise _upstream(exc, "search of stored results") from exc
         prepared = prepare_write(run, key, existing=existing)
         result = SimulationResult(patient_id, run, prepared.bundle, written=False,
                                   superseded=list(prepared.superseded))
@@ -398,17 +410,12 @@ def simulate_patient(
                 raise _upstream(exc, "write transaction") from exc
             result.written = True
             result.created = _created(result.response)
-            for ref in prepared.reinstate:
-                rtype, rid = ref.split("/")
-                try:
-                    client.operation("meta-delete", resource_type=rtype, resource_id=rid, retry_safe=True,
-                                     parameters={"resourceType": "Parameters", "parameter": [
-                                         {"name": "meta", "valueMeta": {"tag": [
-                                             {"system": "https://fhirtwin.org/CodeSystem/fhirtwin",
-                                              "code": "superseded"}]}}]})
-                except fhir_errors.FhirError as exc:
-                    raise _upstream(exc, "reinstating earlier results") from exc
-                result.reinstated.append(ref)
+            try:
+                result.reinstated = reinstate_results(client, prepared.reinstate)
+            except fhir_errors.FhirError as exc:
+                raise _upstream(exc, "reinstating earlier results") from exc
+    finally:
+        lock.release()
     result.duration_ms = int((time.monotonic() - started) * 1000)
     log_event("simulate", patient=patient_hash(patient_id), write=write, created=result.created,
               superseded=len(result.superseded), reinstated=len(result.reinstated),
