@@ -58,7 +58,7 @@ def cmd_sandbox_load(args: argparse.Namespace) -> int:
               "nothing to do (use --force to upload again)")
         return 0
     print(f"loaded {report.patients} patients ({report.entries} resources in {report.bundles} transactions, "
-          f"{report.profiles} conformance resources) into {base_url} in {report.seconds:.1f} s")
+          f"{report.profiles} conformance and registration resources) into {base_url} in {report.seconds:.1f} s")
     return 0
 
 

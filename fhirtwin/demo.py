@@ -56,7 +56,7 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
     report = load_sandbox(sandbox.base_url, n_patients=n, cohort_dir=sandbox.data_dir / "cohort")
     action = "already loaded" if report.skipped else f"loaded in {report.seconds:.0f} s"
     print(f"2. cohort: {report.patients} synthetic patients, {report.entries} resources, "
-          f"{report.profiles} conformance resources ({action})")
+          f"{report.profiles} conformance and registration resources ({action})")
 
     client = FhirClient(sandbox.base_url)
     ids = [bundle["entry"][0]["resource"]["id"] for bundle in generate_cohort(n_patients=n).bundles]

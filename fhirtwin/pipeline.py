@@ -242,15 +242,30 @@ def check_outgoing(bundle: dict[str, Any]) -> None:
         check_emittable(entry["resource"])
 
 
-def prepare_write(run: TwinRun, key: Any, *, existing: Iterable[dict[str, Any]] = (), now: datetime | None = None):
-    """The transaction for one TwinRun (``fhirtwin.writeback.transaction.PatientWrite``), validated."""
+def prepare_write(run: TwinRun, key: Any, *, existing: Iterable[dict[str, Any]] = (), now: datetime | None = None,
+                  include_device: bool = True):
+    """The transaction for one TwinRun (``fhirtwin.writeback.transaction.PatientWrite``), validated.
+
+    ``include_device=False`` leaves out the PUTs of fhirtwin's Device and Organization, for writers whose
+    (user-level) authorisation covers only the patient's results: they must already be registered
+    (see :func:`fhirtwin_registration`).
+    """
     from fhirtwin.writeback.transaction import build_patient_write
 
     if run.plan is None:
         raise ValueError(f"no prediction: {run.error}")
-    write = build_patient_write(run.plan, run.state, key=key, existing=existing, now=now)
+    write = build_patient_write(run.plan, run.state, key=key, existing=existing, now=now,
+                                include_device=include_device)
     check_outgoing(write.bundle)
     return write
+
+
+def fhirtwin_registration() -> list[dict[str, Any]]:
+    """The Organization and the Device of every registered model: what a server needs once, before writes."""
+    from fhirtwin.sim.model import _REGISTRY
+    from fhirtwin.writeback.device import device_resource, organization_resource
+
+    return [organization_resource(), *(device_resource(cls.name, cls.version) for cls in _REGISTRY.values())]
 
 
 SUPERSEDED_TAG = {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "superseded"}

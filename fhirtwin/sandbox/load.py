@@ -134,7 +134,9 @@ def load_sandbox(
     if cohort_dir is not None:
         write_cohort(cohort, cohort_dir)
     session = requests.Session()
-    profiles = conformance_resources()
+    from fhirtwin.pipeline import fhirtwin_registration
+
+    profiles = conformance_resources() + fhirtwin_registration()
     digest = fingerprint(cohort, profiles)
     entries_total = sum(len(b.get("entry", [])) for b in cohort.bundles)
     if not force and loaded_fingerprint(session, base_url) == digest:

@@ -354,6 +354,7 @@ def simulate_patient(
     record: list[dict[str, Any]] | None = None,
     client: Any = None,
     as_of: date | None = None,
+    include_device: bool = True,
 ) -> SimulationResult:
     """Read, build the twin, simulate and build (``write=False``) or commit (``write=True``) the results.
 
@@ -400,7 +401,7 @@ def simulate_patient(
                 existing = fetch_existing_results(client, patient_id)
             except (fhir_errors.FhirError, RuntimeError) as exc:
                 raise _upstream(exc, "search of stored results") from exc
-        prepared = prepare_write(run, key, existing=existing)
+        prepared = prepare_write(run, key, existing=existing, include_device=include_device)
         result = SimulationResult(patient_id, run, prepared.bundle, written=False,
                                   superseded=list(prepared.superseded))
         if write:

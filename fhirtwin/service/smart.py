@@ -464,7 +464,9 @@ def write_run(settings: Any, session: Session) -> dict[str, Any]:
     from fhirtwin.service.engine import EngineError, simulate_patient
 
     try:
-        result = simulate_patient(settings, session.patient, write=True, client=_client(settings, session))
+        # the user's token covers the patient's results only; fhirtwin's Device is registered beforehand
+        result = simulate_patient(settings, session.patient, write=True, client=_client(settings, session),
+                                  include_device=False)
     except EngineError as exc:
         return {"status": "failed", "http_status": 502 if exc.http_status >= 500 else exc.http_status,
                 "message": exc.message}
