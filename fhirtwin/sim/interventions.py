@@ -117,7 +117,7 @@ def choose_statin(inputs: PatientInputs, intensity: str) -> tuple[Intervention, 
         notes.append(f"SLCO1B1 {inputs.slco1b1_phenotype}: not simvastatin (CPIC 2022)")
         options = kept
     agent, dose = options[0]
-    verb = "Intensify" if inputs.on_statin else "Start"
+    verb = "Intensify to" if inputs.on_statin else "Start"
     label = f"{verb} {intensity}-intensity statin ({agent} {dose:g} mg)"
     choice = Intervention("statin", label, intensity=intensity, agent=agent, dose_mg=float(dose), notes=tuple(notes))
     return choice, excluded
