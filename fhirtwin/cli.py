@@ -289,6 +289,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return module.main(argv)
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Upload fhirtwin's profiles, CodeSystem, ValueSets and OperationDefinition, its Organization and
+    Devices to a FHIR server, once, with an administrator's (system) credentials. Every entry is a PUT
+    to a stable id, so registering twice changes nothing."""
+    from fhirtwin.pipeline import fhirtwin_registration
+    from fhirtwin.sandbox.load import _transaction, conformance_resources
+
+    resources = conformance_resources() + fhirtwin_registration()
+    response = _client(args).transaction(_transaction(resources))
+    statuses: dict[str, int] = {}
+    for entry in response.get("entry", []):
+        code = str(entry.get("response", {}).get("status", "")).split(" ")[0]
+        statuses[code] = statuses.get(code, 0) + 1
+    print(f"registered {len(resources)} resources on {args.server}: "
+          + ", ".join(f"{n} x HTTP {code}" for code, n in sorted(statuses.items())))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fhirtwin.demo import run_demo
 
@@ -398,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep", action="store_true", help="keep the patient copies the benchmark makes")
     bench.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bench.set_defaults(func=cmd_bench)
+
+    register = commands.add_parser("register", help="upload fhirtwin's profiles and Device to a FHIR server (once)")
+    register.add_argument("--server", required=True, help="FHIR R4 base URL")
+    register.add_argument("--insecure", action="store_true", help="do not verify TLS (never in production)")
+    register.set_defaults(func=cmd_register)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=int, default=None)
