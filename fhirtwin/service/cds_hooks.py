@@ -357,17 +357,24 @@ def discovery() -> dict[str, Any]:
     }]}
 
 
+async def _json_body(service_id: str, request: Request) -> Any:
+    """The request's JSON body, or the CDS Hooks error answer for an unknown service or a non-JSON body."""
+    if service_id != SERVICE_ID:
+        return error_response(404, "not_found", "no such CDS service")
+    try:
+        return await request.json()
+    except ValueError:
+        return error_response(400, "bad_request", "request body is not JSON")
+
+
 @router.post("/cds-services/{service_id}")
 async def call_service(service_id: str, request: Request) -> JSONResponse:
     """Answer a ``patient-view`` call with cards (or a JSON error)."""
     from fhirtwin.fhir.errors import FhirError, FhirNotFound, FhirUnauthorized
 
-    if service_id != SERVICE_ID:
-        return error_response(404, "not_found", "no such CDS service")
-    try:
-        body = await request.json()
-    except ValueError:
-        return error_response(400, "bad_request", "request body is not JSON")
+    body = await _json_body(service_id, request)
+    if isinstance(body, JSONResponse):
+        return body
     settings = request.app.state.settings
     try:
         req = parse_request(body, service_id)
@@ -392,12 +399,9 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
 @router.post("/cds-services/{service_id}/feedback")
 async def feedback(service_id: str, request: Request) -> JSONResponse:
     """Store card feedback in memory (accepted/overridden); answers 200 with nothing."""
-    if service_id != SERVICE_ID:
-        return error_response(404, "not_found", "no such CDS service")
-    try:
-        body = await request.json()
-    except ValueError:
-        return error_response(400, "bad_request", "request body is not JSON")
+    body = await _json_body(service_id, request)
+    if isinstance(body, JSONResponse):
+        return body
     items = body.get("feedback") if isinstance(body, dict) else None
     if not isinstance(items, list) or not items:
         return error_response(400, "bad_request", "feedback must be a non-empty array")
