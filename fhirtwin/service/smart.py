@@ -395,16 +395,24 @@ def _check_csrf(request: Request, session: Session) -> bool:
     return bool(sent) and hmac.compare_digest(sent.encode(), session.csrf.encode())
 
 
-@router.post("/patient/whatif")
-async def whatif(request: Request) -> JSONResponse:
-    """Risks and charts for a chosen set of eligible interventions (indices into the page's list)."""
-    from starlette.concurrency import run_in_threadpool
-
+def _session_for_post(request: Request) -> Any:
+    """The signed-in session of a state-changing call, or the 401/403 answer (no session, bad CSRF)."""
     session = _authorized(request)
     if session is None:
         return JSONResponse({"error": "not signed in"}, status_code=401)
     if not _check_csrf(request, session):
         return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+    return session
+
+
+@router.post("/patient/whatif")
+async def whatif(request: Request) -> JSONResponse:
+    """Risks and charts for a chosen set of eligible interventions (indices into the page's list)."""
+    from starlette.concurrency import run_in_threadpool
+
+    session = _session_for_post(request)
+    if isinstance(session, JSONResponse):
+        return session
     try:
         body = await request.json()
     except ValueError:
@@ -481,11 +489,9 @@ async def write_to_chart(request: Request) -> JSONResponse:
     """Send the proposal to the EHR's FHIR server as the signed-in user; answers what was written."""
     from starlette.concurrency import run_in_threadpool
 
-    session = _authorized(request)
-    if session is None:
-        return JSONResponse({"error": "not signed in"}, status_code=401)
-    if not _check_csrf(request, session):
-        return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+    session = _session_for_post(request)
+    if isinstance(session, JSONResponse):
+        return session
     settings = request.app.state.settings
 
     def work() -> JSONResponse:
