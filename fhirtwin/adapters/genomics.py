@@ -41,16 +41,18 @@ def tables() -> dict[str, Any]:
     return read_json("genomics.json")
 
 
-def _keyset(names: list[str]) -> set[tuple[str, str]]:
+@cache
+def _keyset(section: str, group: str) -> frozenset[tuple[str, str]]:
+    """The (normalised system, code) pairs of one code group, built once."""
     out = set()
-    for item in names:
+    for item in tables()[section][group]:
         system, code = item.split("|", 1)
         out.add((system_uri(system), code))
-    return out
+    return frozenset(out)
 
 
 def _is(concept: Any, group: str, section: str = "codes") -> bool:
-    keys = _keyset(tables()[section][group])
+    keys = _keyset(section, group)
     return any((s, c) in keys for s, c, _ in codings(concept))
 
 
