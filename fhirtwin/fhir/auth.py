@@ -12,8 +12,6 @@ logs, reprs or exception messages.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import secrets
 import threading
@@ -23,12 +21,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from requests.auth import AuthBase
 
+from fhirtwin import jose
 from fhirtwin.fhir.errors import FhirAuthError, FhirError, FhirValidationError
+from fhirtwin.jose import b64url, compact_jws
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE",
@@ -49,11 +48,6 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME_S = 300
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-
-def b64url(data: bytes) -> str:
-    """base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def load_private_key(pem: bytes | str, password: bytes | None = None) -> PrivateKey:
@@ -80,52 +74,13 @@ def _check_key_alg(key: PrivateKey, alg: str) -> None:
 
 def sign_jwt(header: Mapping[str, Any], claims: Mapping[str, Any], key: PrivateKey) -> str:
     """Compact JWS of ``claims`` with ``header['alg']`` (RS384 or ES384)."""
-    alg = str(header.get("alg"))
-    _check_key_alg(key, alg)
-    signing_input = (
-        b64url(json.dumps(dict(header), separators=(",", ":")).encode())
-        + "."
-        + b64url(json.dumps(dict(claims), separators=(",", ":")).encode())
-    ).encode("ascii")
-    if isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(signing_input, padding.PKCS1v15(), hashes.SHA384())
-    else:
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA384())))
-        signature = r.to_bytes(48, "big") + s.to_bytes(48, "big")
-    return signing_input.decode("ascii") + "." + b64url(signature)
+    _check_key_alg(key, str(header.get("alg")))
+    return compact_jws(header, claims, key)
 
 
 def public_jwk(key: PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey, kid: str, alg: str) -> dict[str, str]:
     """Public JWK of ``key`` (RSA ``n``/``e``; EC ``crv``/``x``/``y``) to register with the server."""
-    public = key.public_key() if isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)) else key
-    if isinstance(public, rsa.RSAPublicKey):
-        numbers = public.public_numbers()
-        return {
-            "kty": "RSA",
-            "kid": kid,
-            "alg": alg,
-            "use": "sig",
-            "key_ops": ["verify"],
-            "n": b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
-            "e": b64url(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")),
-        }
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        curves = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48), "secp521r1": ("P-521", 66)}
-        if public.curve.name not in curves:
-            raise ValueError(f"unsupported EC curve {public.curve.name}")
-        crv, size = curves[public.curve.name]
-        numbers = public.public_numbers()
-        return {
-            "kty": "EC",
-            "kid": kid,
-            "alg": alg,
-            "use": "sig",
-            "key_ops": ["verify"],
-            "crv": crv,
-            "x": b64url(numbers.x.to_bytes(size, "big")),
-            "y": b64url(numbers.y.to_bytes(size, "big")),
-        }
-    raise ValueError("only RSA and EC keys are supported")
+    return {**jose.public_jwk(key), "kid": kid, "alg": alg, "use": "sig", "key_ops": ["verify"]}
 
 
 def public_jwks(*keys: tuple[PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey, str, str]) -> dict[str, Any]:

@@ -32,10 +32,8 @@ Tests start it with uvicorn on a free loopback port (see ``run_in_thread``).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
 import secrets
 import threading
 import time
@@ -44,11 +42,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import requests
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
+
+from fhirtwin.jose import b64url, compact_jws, public_jwk
 
 CODE_LIFETIME_S = 120
 TOKEN_LIFETIME_S = 3600
@@ -56,13 +55,9 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-encodin
                "proxy-authenticate", "proxy-authorization", "te", "trailer", "host", "authorization"}
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def s256(verifier: str) -> str:
     """The PKCE S256 code challenge of a verifier (RFC 7636 §4.2)."""
-    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+    return b64url(hashlib.sha256(verifier.encode("ascii")).digest())
 
 
 @dataclass
@@ -105,10 +100,7 @@ def create_simulator(
         header = {"alg": "RS256", "typ": "JWT", "kid": kid}
         claims = {"iss": fhir_base, "sub": subject, "aud": client_id, "iat": now, "exp": now + 300,
                   "fhirUser": f"{fhir_base}/Practitioner/{subject}", **nonce_claims}
-        signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
-                         + _b64url(json.dumps(claims, separators=(",", ":")).encode()))
-        signature = key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
-        return signing_input + "." + _b64url(signature)
+        return compact_jws(header, claims, key)
 
     @app.get("/fhir/.well-known/smart-configuration")
     def smart_configuration() -> JSONResponse:
@@ -129,10 +121,7 @@ def create_simulator(
 
     @app.get("/jwks")
     def jwks() -> dict[str, Any]:
-        numbers = key.public_key().public_numbers()
-        return {"keys": [{"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig",
-                          "n": _b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
-                          "e": _b64url(numbers.e.to_bytes(3, "big"))}]}
+        return {"keys": [{**public_jwk(key), "kid": kid, "alg": "RS256", "use": "sig"}]}
 
     def new_launch(patient: str) -> dict[str, str]:
         launch = secrets.token_urlsafe(16)

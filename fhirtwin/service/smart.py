@@ -20,7 +20,6 @@ Settings read from ``settings.extra``: ``smart_client_id`` (default ``fhirtwin``
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -37,6 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from fhirtwin.jose import b64url
 from fhirtwin.service import twin_view
 
 log = logging.getLogger("fhirtwin.service.smart")
@@ -60,11 +60,6 @@ STANDALONE_SCOPES = f"launch/patient openid fhirUser {RECORD_SCOPES} {WRITE_SCOP
 
 
 # ------------------------------------------------------------------------------------------------ PKCE
-
-
-def b64url(data: bytes) -> str:
-    """base64url without padding."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def new_code_verifier() -> str:

@@ -1,7 +1,7 @@
 """Detached JWS (RFC 7515 Appendix F) with ``cryptography`` only: ES256 (default), ES384, RS256.
 
 Why by hand: the Provenance signature needs the compact form ``header..signature`` over bytes that
-fhirtwin canonicalises itself (see ``signing.py``); ~60 lines on ``cryptography`` avoid a JOSE
+fhirtwin canonicalises itself (see ``signing.py``); the primitives of :mod:`fhirtwin.jose` avoid a JOSE
 dependency and any model dump. Keys come from ``FHIRTWIN_SIGNING_KEY`` (PEM text) or
 ``FHIRTWIN_SIGNING_KEY_FILE`` (path), else a development key generated once in a folder the caller
 names (the sandbox data folder, which is never committed).
@@ -9,7 +9,6 @@ names (the sandbox data folder, which is never committed).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -17,49 +16,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from fhirtwin import jose
+from fhirtwin.jose import b64url, b64url_decode
 
 ENV_KEY = "FHIRTWIN_SIGNING_KEY"
 ENV_KEY_FILE = "FHIRTWIN_SIGNING_KEY_FILE"
 DEV_KEY_NAME = "fhirtwin-dev-signing-key.pem"
 
-_EC = {"P-256": ("ES256", hashes.SHA256, 32), "P-384": ("ES384", hashes.SHA384, 48)}
-_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+_EC = {"P-256": "ES256", "P-384": "ES384"}  # curves the Provenance signature accepts, and their alg
 
 
 class JwsError(ValueError):
     """A signature is malformed, made with another key, or does not match the content."""
 
 
-def b64url(data: bytes) -> str:
-    """Base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Inverse of :func:`b64url`."""
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def public_jwk(key: Any) -> dict[str, str]:
-    """Public JWK of an EC or RSA key (private or public)."""
-    pub = key.public_key() if hasattr(key, "public_key") else key
-    if isinstance(pub, ec.EllipticCurvePublicKey):
-        crv = _CURVES.get(pub.curve.name)
-        if crv is None:
-            raise JwsError(f"unsupported curve {pub.curve.name}")
-        size = _EC[crv][2]
-        nums = pub.public_numbers()
-        return {"kty": "EC", "crv": crv, "x": b64url(nums.x.to_bytes(size, "big")),
-                "y": b64url(nums.y.to_bytes(size, "big"))}
-    if isinstance(pub, rsa.RSAPublicKey):
-        nums = pub.public_numbers()
-        return {"kty": "RSA", "e": b64url(nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")),
-                "n": b64url(nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big"))}
-    raise JwsError("key must be EC (P-256/P-384) or RSA")
+    """Public JWK of an EC (P-256/P-384) or RSA key (private or public)."""
+    try:
+        jwk = jose.public_jwk(key)
+    except ValueError as exc:
+        raise JwsError(str(exc)) from exc
+    if jwk["kty"] == "EC" and jwk["crv"] not in _EC:
+        raise JwsError(f"unsupported curve {jwk['crv']}")
+    return jwk
 
 
 def thumbprint(key: Any) -> str:
@@ -72,7 +54,7 @@ def thumbprint(key: Any) -> str:
 def algorithm_for(key: Any) -> str:
     """The JWS ``alg`` a key signs with: ES256/ES384 by curve, RS256 for RSA."""
     jwk = public_jwk(key)
-    return _EC[jwk["crv"]][0] if jwk["kty"] == "EC" else "RS256"
+    return _EC[jwk["crv"]] if jwk["kty"] == "EC" else "RS256"
 
 
 @dataclass(frozen=True)
@@ -146,12 +128,7 @@ def sign_detached(payload: bytes, key: SigningKey, extra_header: dict[str, Any] 
     header = {"alg": key.alg, "kid": key.kid, **(extra_header or {})}
     protected = b64url(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     signing_input = f"{protected}.{b64url(payload)}".encode("ascii")
-    if key.alg.startswith("ES"):
-        _, hash_cls, size = _EC[public_jwk(key.private_key)["crv"]]
-        r, s = decode_dss_signature(key.private_key.sign(signing_input, ec.ECDSA(hash_cls())))
-        raw = r.to_bytes(size, "big") + s.to_bytes(size, "big")
-    else:
-        raw = key.private_key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    raw = jose.sign(signing_input, key.private_key, key.alg)
     return f"{protected}..{b64url(raw)}"
 
 
@@ -175,16 +152,6 @@ def verify_detached(jws: str, payload: bytes, public_key: Any) -> dict[str, Any]
     if header.get("kid") not in (None, thumbprint(public_key)):
         raise JwsError("JWS was signed with another key (kid differs)")
     signing_input = f"{parts[0]}.{b64url(payload)}".encode("ascii")
-    raw = b64url_decode(parts[2])
-    try:
-        if alg.startswith("ES"):
-            _, hash_cls, size = _EC[public_jwk(public_key)["crv"]]
-            if len(raw) != 2 * size:
-                raise JwsError("ECDSA signature has the wrong length")
-            der = encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
-            public_key.verify(der, signing_input, ec.ECDSA(hash_cls()))
-        else:
-            public_key.verify(raw, signing_input, padding.PKCS1v15(), hashes.SHA256())
-    except InvalidSignature as exc:
-        raise JwsError("signature does not match the signed content") from exc
+    if not jose.verify(signing_input, b64url_decode(parts[2]), public_key, alg):
+        raise JwsError("signature does not match the signed content")
     return header

@@ -1,0 +1,110 @@
+"""JOSE primitives on ``cryptography`` alone: base64url, public JWKs, compact JWS signing and checking.
+
+Why one module: SMART client assertions (RS384/ES384), Provenance signatures (ES256/ES384/RS256), the
+test SMART simulator's id_token (RS256) and PKCE all need the same few lines; each caller keeps its own
+policy (which algorithms, which header) and calls these for the bit-level work. No layer owns it, so
+every layer may import it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+#: JWS ``alg`` → (key type, hash); EC coordinate sizes follow from the key's curve.
+ALGORITHMS: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
+    "RS256": ("RSA", hashes.SHA256),
+    "RS384": ("RSA", hashes.SHA384),
+    "ES256": ("EC", hashes.SHA256),
+    "ES384": ("EC", hashes.SHA384),
+}
+#: cryptography curve name → (JWK ``crv``, coordinate size in bytes).
+CURVES: dict[str, tuple[str, int]] = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48),
+                                      "secp521r1": ("P-521", 66)}
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding (RFC 7515 §2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Inverse of :func:`b64url`."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _public(key: Any) -> Any:
+    return key.public_key() if isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)) else key
+
+
+def public_jwk(key: Any) -> dict[str, str]:
+    """The public members of an RSA or EC key's JWK (``kty`` with ``n``/``e`` or ``crv``/``x``/``y``)."""
+    public = _public(key)
+    if isinstance(public, rsa.RSAPublicKey):
+        numbers = public.public_numbers()
+        return {"kty": "RSA",
+                "n": b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
+                "e": b64url(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"))}
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name not in CURVES:
+            raise ValueError(f"unsupported EC curve {public.curve.name}")
+        crv, size = CURVES[public.curve.name]
+        numbers = public.public_numbers()
+        return {"kty": "EC", "crv": crv, "x": b64url(numbers.x.to_bytes(size, "big")),
+                "y": b64url(numbers.y.to_bytes(size, "big"))}
+    raise ValueError("only RSA and EC keys are supported")
+
+
+def _check(key: Any, alg: str) -> type[hashes.HashAlgorithm]:
+    if alg not in ALGORITHMS:
+        raise ValueError(f"unsupported JWS alg {alg!r}")
+    kind, hash_cls = ALGORITHMS[alg]
+    public = _public(key)
+    if kind == "RSA" and not isinstance(public, rsa.RSAPublicKey):
+        raise ValueError(f"{alg} needs an RSA key")
+    if kind == "EC" and not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{alg} needs an EC key")
+    return hash_cls
+
+
+def sign(signing_input: bytes, key: Any, alg: str) -> bytes:
+    """The raw JWS signature of ``signing_input`` (ECDSA as ``r‖s``, RFC 7518 §3.4)."""
+    hash_cls = _check(key, alg)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(signing_input, padding.PKCS1v15(), hash_cls())
+    size = CURVES[key.curve.name][1]
+    r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hash_cls())))
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def verify(signing_input: bytes, signature: bytes, key: Any, alg: str) -> bool:
+    """True if ``signature`` (raw, as :func:`sign` makes it) is valid for ``signing_input`` under ``key``."""
+    hash_cls = _check(key, alg)
+    public = _public(key)
+    try:
+        if isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, signing_input, padding.PKCS1v15(), hash_cls())
+        else:
+            size = CURVES[public.curve.name][1]
+            if len(signature) != 2 * size:
+                return False
+            der = encode_dss_signature(int.from_bytes(signature[:size], "big"),
+                                       int.from_bytes(signature[size:], "big"))
+            public.verify(der, signing_input, ec.ECDSA(hash_cls()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def compact_jws(header: Mapping[str, Any], claims: Mapping[str, Any], key: Any) -> str:
+    """``header.payload.signature`` of JSON ``claims`` with ``header['alg']`` (a signed JWT)."""
+    signing_input = (b64url(json.dumps(dict(header), separators=(",", ":")).encode()) + "."
+                     + b64url(json.dumps(dict(claims), separators=(",", ":")).encode()))
+    return signing_input + "." + b64url(sign(signing_input.encode("ascii"), key, str(header.get("alg"))))
