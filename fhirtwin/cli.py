@@ -294,10 +294,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     Devices to a FHIR server, once, with an administrator's (system) credentials. Every entry is a PUT
     to a stable id, so registering twice changes nothing."""
     from fhirtwin.pipeline import fhirtwin_registration
-    from fhirtwin.sandbox.load import _transaction, conformance_resources
+    from fhirtwin.sandbox.load import conformance_resources, put_entries
 
     resources = conformance_resources() + fhirtwin_registration()
-    response = _client(args).transaction(_transaction(resources))
+    response = _client(args).transaction(put_entries(resources))
     statuses: dict[str, int] = {}
     for entry in response.get("entry", []):
         code = str(entry.get("response", {}).get("status", "")).split(" ")[0]

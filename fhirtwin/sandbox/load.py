@@ -2,7 +2,8 @@
 
 Every entry is a PUT to a stable id, so loading twice creates nothing new: HAPI treats an update
 with unchanged content as a no-op and keeps the version. Bundles are posted by a few workers in
-parallel; a transaction of PUTs is idempotent, so a failed post is retried.
+parallel, each with its own FhirClient; a transaction of PUTs is idempotent, so the client's retry
+rule repeats it on throttling and server errors.
 """
 
 from __future__ import annotations
@@ -15,18 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
+from fhirtwin.fhir.client import FhirClient
+from fhirtwin.fhir.errors import FhirGone, FhirNotFound
 from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, DEFAULT_SEED, Cohort, bundle_json, generate_cohort, write_cohort
 
-FHIR_JSON = "application/fhir+json"
 MARKER_ID = "fhirtwin-cohort-marker"
 MARKER_SYSTEM = "https://fhirtwin.org/sid/cohort-fingerprint"
-_RETRYABLE = {429, 500, 502, 503, 504}
-
-
-class LoadError(RuntimeError):
-    """A bundle could not be loaded; carries the server's answer."""
+LOAD_TIMEOUT = (5, 300)  # a patient's transaction of ~200 PUTs can take seconds on a busy server
 
 
 @dataclass(frozen=True)
@@ -55,34 +51,9 @@ def conformance_resources(folder: Path | None = None) -> list[dict]:
     return resources
 
 
-def _transaction(resources: Iterable[dict]) -> dict:
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-            for r in resources
-        ],
-    }
-
-
-def post_transaction(session: requests.Session, base_url: str, bundle: dict, *, attempts: int = 4) -> dict:
-    """POST one transaction of PUTs, retrying on throttling and server errors (safe: idempotent)."""
-    body = json.dumps(bundle)
-    for attempt in range(1, attempts + 1):
-        try:
-            response = session.post(base_url, data=body, timeout=(5, 300),
-                                    headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            if attempt == attempts:
-                raise LoadError(f"transaction failed after {attempts} attempts: {exc}") from exc
-        else:
-            if response.status_code < 300:
-                return response.json()
-            if response.status_code not in _RETRYABLE or attempt == attempts:
-                raise LoadError(f"transaction rejected with HTTP {response.status_code}: {response.text[:2000]}")
-        time.sleep(min(8.0, 0.5 * 2**attempt))
-    raise AssertionError("unreachable")
+def put_entries(resources: Iterable[dict]) -> list[dict]:
+    """Transaction entries that PUT each resource to its own id (idempotent, retry-safe)."""
+    return [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]
 
 
 def fingerprint(cohort: Cohort, profiles: list[dict]) -> str:
@@ -105,13 +76,13 @@ def _marker(digest: str) -> dict:
     }
 
 
-def loaded_fingerprint(session: requests.Session, base_url: str) -> str | None:
+def loaded_fingerprint(client: FhirClient) -> str | None:
     """The fingerprint of the last complete load into this server, or None if there was none."""
-    response = session.get(f"{base_url}/Basic/{MARKER_ID}", headers={"Accept": FHIR_JSON}, timeout=(5, 30))
-    if response.status_code in (404, 410):
+    try:
+        marker = client.read("Basic", MARKER_ID)
+    except (FhirNotFound, FhirGone):
         return None
-    response.raise_for_status()
-    identifiers = response.json().get("identifier", [])
+    identifiers = marker.get("identifier", [])
     return next((i.get("value") for i in identifiers if i.get("system") == MARKER_SYSTEM), None)
 
 
@@ -133,26 +104,26 @@ def load_sandbox(
     cohort = generate_cohort(n_patients=n_patients, seed=seed)
     if cohort_dir is not None:
         write_cohort(cohort, cohort_dir)
-    session = requests.Session()
     from fhirtwin.pipeline import fhirtwin_registration
+
+    client = FhirClient(base_url, timeout=LOAD_TIMEOUT)
 
     profiles = conformance_resources() + fhirtwin_registration()
     digest = fingerprint(cohort, profiles)
     entries_total = sum(len(b.get("entry", [])) for b in cohort.bundles)
-    if not force and loaded_fingerprint(session, base_url) == digest:
+    if not force and loaded_fingerprint(client) == digest:
         return LoadReport(len(cohort.truth), len(cohort.bundles), entries_total, len(profiles),
                           time.monotonic() - started, skipped=True)
     if profiles:
-        post_transaction(session, base_url, _transaction(profiles))
+        client.transaction(put_entries(profiles))
 
     def post(bundle: dict) -> int:
-        with requests.Session() as worker_session:
-            post_transaction(worker_session, base_url, bundle)
+        FhirClient(base_url, timeout=LOAD_TIMEOUT).transaction(bundle)
         return len(bundle.get("entry", []))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         entries = sum(pool.map(post, cohort.bundles))
-    post_transaction(session, base_url, _transaction([_marker(digest)]))
+    client.transaction(put_entries([_marker(digest)]))
     return LoadReport(
         patients=len(cohort.truth),
         bundles=len(cohort.bundles),

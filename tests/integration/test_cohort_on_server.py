@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import requests
 
-from fhirtwin.sandbox.load import post_transaction
+from fhirtwin.fhir.client import FhirClient
 
 pytestmark = pytest.mark.integration
 
@@ -70,12 +70,12 @@ def test_variant_observations_exist_for_fh_and_apol1(loaded_cohort, base_url, ht
 
 
 def test_loading_again_creates_no_new_versions(loaded_cohort, base_url: str) -> None:
-    session = requests.Session()
+    client = FhirClient(base_url, timeout=(5, 300))
 
     def versions(response: dict) -> list[str]:
         return [entry["response"]["etag"].removeprefix("W/").strip('"') for entry in response["entry"]]
 
     for bundle in loaded_cohort.bundles[:3]:
-        first = versions(post_transaction(session, base_url, bundle))
-        again = versions(post_transaction(session, base_url, bundle))
+        first = versions(client.transaction(bundle))
+        again = versions(client.transaction(bundle))
         assert again == first, "an unchanged PUT must not create a new version"
