@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fhirtwin {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def server_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", required=True, help="FHIR R4 base URL")
+        p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+
     def sandbox_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--port", type=int, default=None, help="default 8080 or $FHIRTWIN_SANDBOX_PORT")
         p.add_argument("--data-dir", default=None, help="database and log folder (default sandbox/data)")
@@ -349,15 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sandbox_load)
 
     state = commands.add_parser("state", help="read one patient and print the multi-scale TwinState")
-    state.add_argument("--server", required=True, help="FHIR R4 base URL")
+    server_options(state)
     state.add_argument("--patient", required=True, help="Patient id")
     state.add_argument("--as-of", default=None, help="reference date (YYYY-MM-DD, default today)")
     state.add_argument("--json", action="store_true", help="print JSON (scales, ledger, requests, pages_followed)")
-    state.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
     state.set_defaults(func=cmd_state)
 
     run = commands.add_parser("run", help="read -> twin -> write RiskAssessment, CarePlan, signed Provenance")
-    run.add_argument("--server", required=True, help="FHIR R4 base URL")
+    server_options(run)
     who = run.add_mutually_exclusive_group(required=True)
     who.add_argument("--patient", action="append", help="Patient id (repeat for several)")
     who.add_argument("--all", action="store_true", help="every Patient on the server")
@@ -366,14 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--group", type=int, default=1, help="patients per transaction (default 1)")
     run.add_argument("--as-of", default=None, help="reference date (YYYY-MM-DD, default today)")
     run.add_argument("--json", action="store_true", help="print per-patient results as JSON")
-    run.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
     run.set_defaults(func=cmd_run)
 
     verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server")
-    verify.add_argument("--server", required=True, help="FHIR R4 base URL")
+    server_options(verify)
     verify.add_argument("provenance", help="Provenance/ID")
     verify.add_argument("--key", default=None, help="public (or private) key PEM; default the signing key")
-    verify.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
     verify.set_defaults(func=cmd_verify)
 
     serve = commands.add_parser("serve", help="the web service: $simulate, Subscription webhook, CDS Hooks, SMART")
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     subscribe = commands.add_parser("subscribe", help="create the rest-hook Subscriptions that feed the webhook")
-    subscribe.add_argument("--server", required=True, help="FHIR R4 base URL")
+    server_options(subscribe)
     subscribe.add_argument("--endpoint", required=True, help="webhook base URL, e.g. http://host:8765/hooks/fhir")
     subscribe.add_argument("--payload", action=argparse.BooleanOptionalAction, default=True,
                            help="deliver the resource (PUT endpoint/Type/id) or an empty ping (default payload)")
@@ -397,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "e.g. _tag=SYSTEM|CODE (repeat for several)")
     subscribe.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for status active")
     subscribe.add_argument("--off", action="store_true", help="turn off fhirtwin's Subscriptions to this endpoint")
-    subscribe.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in prod)")
     subscribe.set_defaults(func=cmd_subscribe)
 
     smart = actions.add_parser("smart", help="run the SMART launch simulator (tests and local trials only)")
@@ -418,8 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     register = commands.add_parser("register", help="upload fhirtwin's profiles and Device to a FHIR server (once)")
-    register.add_argument("--server", required=True, help="FHIR R4 base URL")
-    register.add_argument("--insecure", action="store_true", help="do not verify TLS (never in production)")
+    server_options(register)
     register.set_defaults(func=cmd_register)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
