@@ -188,16 +188,9 @@ def write_cohort(cohort: Cohort, out_dir: Path) -> None:
 # helpers
 
 
-def egfr_ckd_epi_2021(scr_mg_dl: float, age: float, female: bool) -> float:
-    """CKD-EPI 2021 creatinine eGFR (Inker et al., NEJM 2021) in mL/min/1.73 m2."""
-    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
-    ratio = scr_mg_dl / kappa
-    value = 142.0 * min(ratio, 1.0) ** alpha * max(ratio, 1.0) ** -1.200 * 0.9938**age
-    return value * (1.012 if female else 1.0)
-
-
 def creatinine_for_egfr(egfr: float, age: float, female: bool) -> float:
-    """Invert CKD-EPI 2021: the serum creatinine (mg/dL) that gives ``egfr`` at this age and sex."""
+    """Invert CKD-EPI 2021 (``fhirtwin.sim.equations.egfr_ckd_epi_2021``, Inker et al., NEJM 2021): the serum
+    creatinine (mg/dL) that gives ``egfr`` at this age and sex."""
     kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
     at_kappa = 142.0 * 0.9938**age * (1.012 if female else 1.0)
     if egfr >= at_kappa:

@@ -21,13 +21,18 @@ from fhirtwin.sandbox.cohort import (
     bundle_json,
     codes,
     creatinine_for_egfr,
-    egfr_ckd_epi_2021,
     generate_cohort,
     messy_counts,
     write_cohort,
 )
+from fhirtwin.sim.equations import egfr_ckd_epi_2021 as _egfr
 
 LOINC = "http://loinc.org"
+
+
+def egfr_ckd_epi_2021(scr: float, age: float, female: bool) -> float:
+    """The published equation (fhirtwin.sim.equations), positional for brevity in these tests."""
+    return float(_egfr(sex="female" if female else "male", age_years=age, serum_creatinine_mg_dl=scr))
 SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 HGNC = "http://www.genenames.org"
