@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.errors import FhirGone, FhirNotFound
+from fhirtwin.package_data import conformance_resources
 from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, DEFAULT_SEED, Cohort, bundle_json, generate_cohort, write_cohort
 
 MARKER_ID = "fhirtwin-cohort-marker"
@@ -33,22 +34,6 @@ class LoadReport:
     profiles: int
     seconds: float
     skipped: bool = False
-
-
-def profiles_dir() -> Path:
-    """The repository's ``profiles/`` folder of conformance resources (JSON)."""
-    return Path(__file__).resolve().parents[2] / "profiles"
-
-
-def conformance_resources(folder: Path | None = None) -> list[dict]:
-    """Every JSON conformance resource under ``profiles/`` (empty until profiles are written)."""
-    folder = folder or profiles_dir()
-    resources = []
-    for path in sorted(folder.rglob("*.json")) if folder.exists() else []:
-        resource = json.loads(path.read_text())
-        if "resourceType" in resource and "id" in resource:
-            resources.append(resource)
-    return resources
 
 
 def put_entries(resources: Iterable[dict]) -> list[dict]:

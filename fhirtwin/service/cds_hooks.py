@@ -24,7 +24,6 @@ import re
 import threading
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -57,7 +56,6 @@ REQUIRED_KEYS = ("patient", "observations", "conditions", "medicationRequests", 
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 USER_REF = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
-MODEL_CARD = Path(__file__).resolve().parents[2] / "docs" / "model-card.md"
 
 _feedback: list[dict[str, Any]] = []
 _feedback_lock = threading.Lock()
@@ -436,6 +434,6 @@ def stored_feedback() -> list[dict[str, Any]]:
 @router.get("/model-card", response_class=PlainTextResponse)
 def model_card() -> PlainTextResponse:
     """The model card linked from every card's ``source.url`` (Markdown served as text)."""
-    if not MODEL_CARD.is_file():
-        return PlainTextResponse("model card not installed with this deployment", status_code=404)
-    return PlainTextResponse(MODEL_CARD.read_text(encoding="utf-8"), media_type="text/plain; charset=utf-8")
+    from fhirtwin.package_data import model_card_markdown
+
+    return PlainTextResponse(model_card_markdown(), media_type="text/plain; charset=utf-8")

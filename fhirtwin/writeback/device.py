@@ -60,6 +60,6 @@ def device_resource(model: str, model_version: str, org_id: str = DEFAULT_ORGANI
             {"type": {"text": "model"}, "value": model_version},
         ],
         "owner": {"reference": f"Organization/{org_id}"},
-        "note": [{"text": "Model card: docs/model-card.md in the fhirtwin repository "
+        "note": [{"text": "Model card: fhirtwin/model-card.md in the fhirtwin package "
                           f"({MODEL_CARD_URI}). Proposals need clinician review."}],
     }

@@ -13,7 +13,7 @@ from fhirtwin.writeback.device import device_resource
 from fhirtwin.writeback.identifiers import prediction_key
 from fhirtwin.writeback.riskassessment import build_risk_assessment, qualitative, risk_key
 
-PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+PROFILES = Path(__file__).resolve().parents[2] / "fhirtwin" / "profiles"
 
 
 def _ra(outcome: str = "total_cvd") -> dict:
