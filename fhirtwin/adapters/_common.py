@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from fhirtwin.twin import Evidence, Ledger, LedgerKind, SourceRef, TimePoint
+from fhirtwin.vocabulary import CODESYSTEM
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -23,7 +24,7 @@ ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 UCUM = "http://unitsofmeasure.org"
-FHIRTWIN = "https://fhirtwin.org/codesystem/fhirtwin"
+FHIRTWIN = CODESYSTEM  # matched loosely (scheme, case) like every system
 GENOMICS_TBD = "http://hl7.org/fhir/uv/genomics-reporting/codesystem/tbd-codes-cs"
 
 #: Short names used in the data files.

@@ -20,9 +20,10 @@ from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.errors import FhirGone, FhirNotFound
 from fhirtwin.package_data import conformance_resources
 from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, DEFAULT_SEED, Cohort, bundle_json, generate_cohort, write_cohort
+from fhirtwin.vocabulary import CODESYSTEM, COHORT_FINGERPRINT_SYSTEM
 
 MARKER_ID = "fhirtwin-cohort-marker"
-MARKER_SYSTEM = "https://fhirtwin.org/sid/cohort-fingerprint"
+MARKER_SYSTEM = COHORT_FINGERPRINT_SYSTEM
 LOAD_TIMEOUT = (5, 300)  # a patient's transaction of ~200 PUTs can take seconds on a busy server
 
 
@@ -57,7 +58,7 @@ def _marker(digest: str) -> dict:
         "resourceType": "Basic",
         "id": MARKER_ID,
         "identifier": [{"system": MARKER_SYSTEM, "value": digest}],
-        "code": {"coding": [{"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "cohort-marker"}]},
+        "code": {"coding": [{"system": CODESYSTEM, "code": "cohort-marker"}]},
     }
 
 

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fhirtwin.service import twin_view
+from fhirtwin.vocabulary import coding
 
 log = logging.getLogger("fhirtwin.service.cds_hooks")
 
@@ -279,8 +280,7 @@ def build_cards(run: Any, settings: Any, *, optional_missing: list[str] = (), dr
     """The card(s) for one twin run (one card; an info card when data are insufficient)."""
     public = settings.public_url.rstrip("/")
     source = {"label": "fhirtwin digital twin", "url": f"{public}/model-card",
-              "topic": {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "cardiorenal-risk",
-                        "display": "Cardiorenal risk forecast"}}
+              "topic": coding("cardiorenal-risk")}
     link = {"label": "Open the fhirtwin patient page (risks, trajectories, what-ifs)", "url": f"{public}/launch",
             "type": "smart"}
     if run.plan is None:

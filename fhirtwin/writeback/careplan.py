@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from fhirtwin.writeback.codes import EXT_EXPECTED_BENEFIT, LOINC, UCUM, coding, concept, meta
+from fhirtwin.vocabulary import EXT_EXPECTED_BENEFIT, LOINC, UCUM, coding, concept, meta
 from fhirtwin.writeback.identifiers import identifier, prediction_key
 from fhirtwin.writeback.riskassessment import OUTCOME_TEXT, outcome_concept
 

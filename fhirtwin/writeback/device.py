@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from fhirtwin import __version__
-from fhirtwin.writeback.codes import (
+from fhirtwin.vocabulary import (
     DEVICE_ID_SYSTEM,
     EXT_MODEL_CARD,
     MODEL_CARD_URI,

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from fhirtwin.writeback.codes import PREDICTION_ID_SYSTEM
+from fhirtwin.vocabulary import PREDICTION_ID_SYSTEM
 
 
 def prediction_key(

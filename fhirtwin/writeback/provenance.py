@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from fhirtwin.writeback.codes import (
+from fhirtwin.vocabulary import (
     AUTO_VERSION_EXT,
     DATA_OPERATION,
     MODEL_CARD_URI,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
-from fhirtwin.writeback.codes import (
+from fhirtwin.vocabulary import (
     EXT_PROBABILITY_INTERVAL,
     EXT_SUPERSEDES,
     OUTCOMES,

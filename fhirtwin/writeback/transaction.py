@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fhirtwin.writeback.careplan import build_care_plan, build_goals, care_plan_key, goal_keys
-from fhirtwin.writeback.codes import (
+from fhirtwin.vocabulary import (
     AUTO_VERSION_EXT,
     OUTCOMES,
     PREDICTION_ID_SYSTEM,
     SUPERSEDED_TAG,
 )
+from fhirtwin.writeback.careplan import build_care_plan, build_goals, care_plan_key, goal_keys
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
 from fhirtwin.writeback.identifiers import if_none_exist, run_key
 from fhirtwin.writeback.jws import SigningKey

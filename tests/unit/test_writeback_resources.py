@@ -7,8 +7,8 @@ from pathlib import Path
 
 from writeback_fixtures import NOW, changed_run, cohort_run
 
+from fhirtwin.vocabulary import CODESYSTEM, CONCEPTS, GENERATED_TAG, PREDICTION_ID_SYSTEM, is_fhirtwin_generated
 from fhirtwin.writeback.careplan import build_care_plan, build_goals
-from fhirtwin.writeback.codes import CODESYSTEM, CONCEPTS, GENERATED_TAG, PREDICTION_ID_SYSTEM, is_fhirtwin_generated
 from fhirtwin.writeback.device import device_resource
 from fhirtwin.writeback.identifiers import prediction_key
 from fhirtwin.writeback.riskassessment import build_risk_assessment, qualitative, risk_key

@@ -7,7 +7,7 @@ import copy
 import pytest
 from writeback_fixtures import NOW, changed_run, cohort_run
 
-from fhirtwin.writeback.codes import SUPERSEDED_TAG
+from fhirtwin.vocabulary import SUPERSEDED_TAG
 from fhirtwin.writeback.jws import JwsError, generate_key
 from fhirtwin.writeback.signing import verify_targets
 from fhirtwin.writeback.transaction import build_patient_write, is_superseded, key_of, merge_bundles
