@@ -78,7 +78,9 @@ def sign_jwt(header: Mapping[str, Any], claims: Mapping[str, Any], key: PrivateK
     return compact_jws(header, claims, key)
 
 
-def public_jwk(key: PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey, kid: str, alg: str) -> dict[str, str]:
+def public_jwk(
+    key: PrivateKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey, kid: str, alg: str
+) -> dict[str, str | list[str]]:
     """Public JWK of ``key`` (RSA ``n``/``e``; EC ``crv``/``x``/``y``) to register with the server."""
     return {**jose.public_jwk(key), "kid": kid, "alg": alg, "use": "sig", "key_ops": ["verify"]}
 

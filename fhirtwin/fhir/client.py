@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict, overload
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
@@ -62,6 +62,7 @@ from fhirtwin.fhir.errors import (
 
 __all__ = [
     "DEFAULT_RECORD_TYPES",
+    "ClientHooks",
     "FhirClient",
     "RequestHook",
     "ResponseHook",
@@ -90,6 +91,14 @@ DEFAULT_RECORD_TYPES: dict[str, str] = {
 
 RequestHook = Callable[[requests.PreparedRequest], None]
 ResponseHook = Callable[[requests.Response], None]
+
+
+class ClientHooks(TypedDict, total=False):
+    """Hooks by kind: ``request`` hooks get each PreparedRequest before it is sent, ``response`` hooks each Response."""
+
+    request: Iterable[RequestHook]
+    response: Iterable[ResponseHook]
+
 Params = Mapping[str, Any] | Sequence[tuple[str, Any]] | None
 
 
@@ -248,7 +257,7 @@ class FhirClient:
         max_backoff: float = 30.0,
         max_retry_after: float = 120.0,
         page_limit: int = 100,
-        hooks: Mapping[str, Iterable[Callable[..., Any]]] | None = None,
+        hooks: ClientHooks | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -270,9 +279,14 @@ class FhirClient:
         self.rng = rng or random.Random()
         self.request_hooks: list[RequestHook] = []
         self.response_hooks: list[ResponseHook] = []
-        for kind, funcs in (hooks or {}).items():
-            for func in funcs:
-                self.add_hook(kind, func)
+        hooks = hooks or {}
+        for kind in hooks:
+            if kind not in ("request", "response"):
+                raise ValueError(f"unknown hook kind {kind!r}; use 'request' or 'response'")
+        for request_hook in hooks.get("request", ()):
+            self.add_hook("request", request_hook)
+        for response_hook in hooks.get("response", ()):
+            self.add_hook("response", response_hook)
         self.request_counts: Counter[str] = Counter()
         self.pages_followed = 0  # paging links followed (each is also counted in request_counts)
         self._lock = threading.Lock()
@@ -280,7 +294,13 @@ class FhirClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def add_hook(self, kind: str, func: Callable[..., Any]) -> None:
+    @overload
+    def add_hook(self, kind: Literal["request"], func: RequestHook) -> None: ...
+
+    @overload
+    def add_hook(self, kind: Literal["response"], func: ResponseHook) -> None: ...
+
+    def add_hook(self, kind: str, func: Callable[[Any], None]) -> None:
         """Register ``func`` for ``"request"`` (gets the PreparedRequest) or ``"response"`` (gets the Response)."""
         if kind == "request":
             self.request_hooks.append(func)
@@ -348,8 +368,8 @@ class FhirClient:
             )
             if not send_auth:
                 prepared.headers.pop("Authorization", None)
-            for hook in self.request_hooks:
-                hook(prepared)
+            for request_hook in self.request_hooks:
+                request_hook(prepared)
             settings = self.session.merge_environment_settings(prepared.url, {}, stream, self.verify, None)
             started = time.monotonic()
             with self._lock:
@@ -378,8 +398,8 @@ class FhirClient:
                 elapsed_ms,
                 attempt,
             )
-            for hook in self.response_hooks:
-                hook(response)
+            for response_hook in self.response_hooks:
+                response_hook(response)
             status = response.status_code
             if status == 401 and send_auth and not refreshed_auth and hasattr(self.auth, "invalidate"):
                 refreshed_auth = True

@@ -15,6 +15,7 @@ a server (tested shapes: the Bulk Data 2.0 IG and HAPI, whose status URL is
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -177,7 +178,7 @@ def _types(types: Iterable[str] | Mapping[str, str] | None) -> list[str]:
     return [t for t in types if t != "Patient"]
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
