@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 #: JWS ``alg`` → (key type, hash); EC coordinate sizes follow from the key's curve.
@@ -28,6 +29,8 @@ ALGORITHMS: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
 #: cryptography curve name → (JWK ``crv``, coordinate size in bytes).
 CURVES: dict[str, tuple[str, int]] = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48),
                                       "secp521r1": ("P-521", 66)}
+#: Any key ``cryptography`` loads; the functions here accept it and raise ValueError unless it is RSA or EC.
+Key = PrivateKeyTypes | PublicKeyTypes
 
 
 def b64url(data: bytes) -> str:
@@ -40,29 +43,29 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _public(key: Any) -> Any:
+def _public(key: Key) -> Key:
     return key.public_key() if isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)) else key
 
 
-def public_jwk(key: Any) -> dict[str, str]:
+def public_jwk(key: Key) -> dict[str, str]:
     """The public members of an RSA or EC key's JWK (``kty`` with ``n``/``e`` or ``crv``/``x``/``y``)."""
     public = _public(key)
     if isinstance(public, rsa.RSAPublicKey):
-        numbers = public.public_numbers()
+        rsa_numbers = public.public_numbers()
         return {"kty": "RSA",
-                "n": b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
-                "e": b64url(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"))}
+                "n": b64url(rsa_numbers.n.to_bytes((rsa_numbers.n.bit_length() + 7) // 8, "big")),
+                "e": b64url(rsa_numbers.e.to_bytes((rsa_numbers.e.bit_length() + 7) // 8, "big"))}
     if isinstance(public, ec.EllipticCurvePublicKey):
         if public.curve.name not in CURVES:
             raise ValueError(f"unsupported EC curve {public.curve.name}")
         crv, size = CURVES[public.curve.name]
-        numbers = public.public_numbers()
-        return {"kty": "EC", "crv": crv, "x": b64url(numbers.x.to_bytes(size, "big")),
-                "y": b64url(numbers.y.to_bytes(size, "big"))}
+        ec_numbers = public.public_numbers()
+        return {"kty": "EC", "crv": crv, "x": b64url(ec_numbers.x.to_bytes(size, "big")),
+                "y": b64url(ec_numbers.y.to_bytes(size, "big"))}
     raise ValueError("only RSA and EC keys are supported")
 
 
-def _check(key: Any, alg: str) -> type[hashes.HashAlgorithm]:
+def _check(key: Key, alg: str) -> type[hashes.HashAlgorithm]:
     if alg not in ALGORITHMS:
         raise ValueError(f"unsupported JWS alg {alg!r}")
     kind, hash_cls = ALGORITHMS[alg]
@@ -74,36 +77,40 @@ def _check(key: Any, alg: str) -> type[hashes.HashAlgorithm]:
     return hash_cls
 
 
-def sign(signing_input: bytes, key: Any, alg: str) -> bytes:
+def sign(signing_input: bytes, key: Key, alg: str) -> bytes:
     """The raw JWS signature of ``signing_input`` (ECDSA as ``r‖s``, RFC 7518 §3.4)."""
     hash_cls = _check(key, alg)
     if isinstance(key, rsa.RSAPrivateKey):
         return key.sign(signing_input, padding.PKCS1v15(), hash_cls())
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{alg} signing needs a private key")
     size = CURVES[key.curve.name][1]
     r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hash_cls())))
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
-def verify(signing_input: bytes, signature: bytes, key: Any, alg: str) -> bool:
+def verify(signing_input: bytes, signature: bytes, key: Key, alg: str) -> bool:
     """True if ``signature`` (raw, as :func:`sign` makes it) is valid for ``signing_input`` under ``key``."""
     hash_cls = _check(key, alg)
     public = _public(key)
     try:
         if isinstance(public, rsa.RSAPublicKey):
             public.verify(signature, signing_input, padding.PKCS1v15(), hash_cls())
-        else:
+        elif isinstance(public, ec.EllipticCurvePublicKey):
             size = CURVES[public.curve.name][1]
             if len(signature) != 2 * size:
                 return False
             der = encode_dss_signature(int.from_bytes(signature[:size], "big"),
                                        int.from_bytes(signature[size:], "big"))
             public.verify(der, signing_input, ec.ECDSA(hash_cls()))
+        else:  # _check admits RSA and EC keys only
+            raise ValueError("only RSA and EC keys are supported")
     except InvalidSignature:
         return False
     return True
 
 
-def compact_jws(header: Mapping[str, Any], claims: Mapping[str, Any], key: Any) -> str:
+def compact_jws(header: Mapping[str, Any], claims: Mapping[str, Any], key: Key) -> str:
     """``header.payload.signature`` of JSON ``claims`` with ``header['alg']`` (a signed JWT)."""
     signing_input = (b64url(json.dumps(dict(header), separators=(",", ":")).encode()) + "."
                      + b64url(json.dumps(dict(claims), separators=(",", ":")).encode()))
