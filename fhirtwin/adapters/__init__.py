@@ -32,7 +32,7 @@ GROUPING_TYPES = {"DiagnosticReport", "Encounter", "Provenance", "Practitioner",
 @dataclass
 class _Input:
     resource: dict[str, Any]
-    src: SourceRef | None
+    src: SourceRef
     label: str
 
 
@@ -78,7 +78,7 @@ def _prepare(resources: Iterable[Any], patient_id: str, ctx: Context) -> list[_I
             continue
         key = src.unversioned
         if key in latest:
-            keep, drop = sorted((latest[key].src, src), key=_version_key, reverse=True)  # type: ignore[arg-type]
+            keep, drop = sorted((latest[key].src, src), key=_version_key, reverse=True)
             ctx.record(drop, LedgerKind.DUPLICATE, f"same resource given twice; version {keep.version_id} kept")
             if keep is src:
                 latest[key] = _Input(res, src, key)
@@ -88,7 +88,6 @@ def _prepare(resources: Iterable[Any], patient_id: str, ctx: Context) -> list[_I
     out = []
     for key in order:
         item = latest[key]
-        assert item.src is not None
         other = item.src.id if item.src.resource_type == "Patient" else _subject_id(item.resource)
         if other is not None and other != patient_id:
             ctx.record(item.src, LedgerKind.WRONG_SUBJECT, "resource belongs to another patient: not used")
@@ -182,7 +181,6 @@ def build_twin(
     genomic: list[tuple[dict[str, Any], SourceRef]] = []
     deferred_meds: list[_Input] = []
     for item in inputs:
-        assert item.src is not None
         rtype = item.src.resource_type
         try:
             if rtype == "Patient":
@@ -206,7 +204,6 @@ def build_twin(
         except Exception as exc:  # noqa: BLE001 - one bad resource must not stop the build
             _malformed(item.src, exc, ctx)
     for item in deferred_meds:
-        assert item.src is not None
         try:
             evidence.extend(adapt_medication(item.resource, item.src, ctx))
         except Exception as exc:  # noqa: BLE001
@@ -249,7 +246,6 @@ def _account(inputs: list[_Input], state: TwinState, ctx: Context) -> None:
     for item in inputs:
         if item.label in used or item.label in ledgered:
             continue
-        assert item.src is not None
         if item.src.resource_type == "Medication":
             ctx.record(item.src, LedgerKind.UNSUPPORTED, "Medication not referenced by any request")
         else:

@@ -326,7 +326,7 @@ def _phenotype(item: _Item, genes_by_ref: dict[str, str | None], ctx: Context) -
         ctx.record(item.src, LedgerKind.UNMAPPED, f"phenotype for gene {gene or 'unknown'} not used by the twin")
         return []
     term = _answer(concept, "phenotype_answers") or _term(concept_text(concept), spec["terms"])
-    if term not in spec["terms"]:
+    if term is None or term not in spec["terms"]:
         ctx.record(item.src, LedgerKind.UNMAPPED, f"{gene}: phenotype answer not a CPIC term", spec["variable"])
         return []
     return [_ev(spec["variable"], term, item, f"{gene} phenotype reported")]
