@@ -14,7 +14,8 @@ _DIR = Path(__file__).resolve().parent
 def load(filename: str) -> dict[str, Any]:
     """Parse one JSON data file once per process (the ensemble reads it on every call)."""
     with open(_DIR / filename, encoding="utf-8") as fh:
-        return json.load(fh)
+        data: dict[str, Any] = json.load(fh)
+    return data
 
 
 def dynamics_parameters() -> dict[str, Any]:

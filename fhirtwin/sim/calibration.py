@@ -19,6 +19,7 @@ Priors and noise levels live in ``dynamics_parameters.json`` with their sources/
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def bayes_linear(
     return post_mean, 0.5 * (post_cov + post_cov.T)
 
 
-def total_cv(spec: dict) -> float:
+def total_cv(spec: dict[str, Any]) -> float:
     """Within-person CV of one measurement: biological (CVI) and analytical (CVA) combined in quadrature."""
     return float(np.hypot(spec["within_subject_cv"], spec["analytical_cv"]))
 
@@ -139,10 +140,11 @@ def noise_sd(
     values = np.asarray(values, dtype=float)
     if "absolute" in spec:
         return np.full(values.shape, float(spec["absolute"]))
-    cv = total_cv(spec)
+    cv: float | np.ndarray = total_cv(spec)
     if spec.get("propagate_through") == "ckd_epi_2021":
         cv = cv * egfr_creatinine_elasticity(values, sex, age_years)
-    return np.maximum(cv * np.abs(values), 1e-6)
+    sd: np.ndarray = np.maximum(cv * np.abs(values), 1e-6)
+    return sd
 
 
 def noise_scale_posterior(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fhirtwin.sim._params import dynamics_parameters
+from fhirtwin.sim.calibration import LinearPosterior
 from fhirtwin.sim.ensemble import ParameterDraws
 from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.interventions import Scenario
@@ -60,12 +61,14 @@ def interpolation_matrix(knot_t: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def interpolate_knots(knots: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Linear interpolation of yearly knots (draws, years+1) at t = 0, 1, 2... onto times t (years)."""
-    return knots @ interpolation_matrix(np.arange(knots.shape[1], dtype=float), t)
+    values: np.ndarray = knots @ interpolation_matrix(np.arange(knots.shape[1], dtype=float), t)
+    return values
 
 
 def onset(t: np.ndarray, tau: float) -> np.ndarray:
     """First-order approach to a new steady state after a change at t=0 (0 before, ->1 after)."""
-    return 1.0 - np.exp(-np.maximum(t, 0.0) / tau)
+    approach: np.ndarray = 1.0 - np.exp(-np.maximum(t, 0.0) / tau)
+    return approach
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +90,7 @@ def _statin_fraction(inputs: PatientInputs, draws: ParameterDraws) -> np.ndarray
 
 def simulate_trajectories(
     inputs: PatientInputs,
-    posteriors: dict,
+    posteriors: dict[str, LinearPosterior],
     draws: ParameterDraws,
     scenario: Scenario,
     t: np.ndarray,
@@ -107,9 +110,9 @@ def simulate_trajectories(
             return np.broadcast_to(level, (draws.n, t.size)).copy()
         path = level + ab[:, 1:] * t
         walk = interpolate_knots(draws.walk_knots[variable], t)
-        if "relative" in bio[variable]["process_sd_per_sqrt_year"]:
-            return path * np.exp(walk)
-        return path + walk
+        relative = "relative" in bio[variable]["process_sd_per_sqrt_year"]
+        values: np.ndarray = path * np.exp(walk) if relative else path + walk
+        return values
 
     # LDL-C
     ldl = natural("ldl_cholesterol_mg_dl")
@@ -119,6 +122,7 @@ def simulate_trajectories(
         ldl = ldl * (1.0 - r_cur * onset(t - post_ldl.pending_regimen_start, tau["statin"]))
     statin = scenario.has("statin")
     if statin is not None:
+        assert statin.intensity is not None  # a statin Intervention always has one (checked on creation)
         r_new = draws.ldl_lowering[statin.intensity][:, None]
         rho = (1.0 - np.maximum(r_new, r_cur)) / (1.0 - r_cur)
         ldl = ldl * (1.0 - (1.0 - rho) * onset(t, tau["statin"]))

@@ -73,7 +73,8 @@ def _prevent_kwargs(inputs: PatientInputs, model: str) -> dict[str, Any]:
 
 
 def _cum_hazard(risk: Any) -> np.ndarray:
-    return -np.log1p(-np.clip(np.asarray(risk, dtype=float), 0.0, 1.0 - 1e-12))
+    cum: np.ndarray = -np.log1p(-np.clip(np.asarray(risk, dtype=float), 0.0, 1.0 - 1e-12))
+    return cum
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,7 +166,8 @@ def _knot_index(t: np.ndarray) -> np.ndarray:
 
 def _interp_knots_to_months(values: np.ndarray, knot_t: np.ndarray, t_mid: np.ndarray) -> np.ndarray:
     """Linear interpolation along axis 1 from knot times to month midpoints (vectorised)."""
-    return values @ interpolation_matrix(knot_t, t_mid)
+    at_months: np.ndarray = values @ interpolation_matrix(knot_t, t_mid)
+    return at_months
 
 
 def prevent_log_ratio(
@@ -203,7 +205,7 @@ def kfre_log_hazard(inputs: PatientInputs, traj: Trajectories) -> tuple[np.ndarr
     # age is held at baseline: the 5-year risk already integrates ageing over its horizon, and KFRE's age
     # term is weak (and protective), so updating it would double count
     ages = np.full(knot_t.shape, inputs.age_years)
-    common = dict(sex=inputs.sex, uacr_mg_g=inputs.uacr_mg_g, clip=True)
+    common: dict[str, Any] = dict(sex=inputs.sex, uacr_mg_g=inputs.uacr_mg_g, clip=True)
     egfr_c = np.clip(egfr, *KFRE_EGFR_RANGE)
     log_h = np.log(_cum_hazard(kfre_risk(horizon_years=5, age_years=ages, egfr_ml_min_1_73m2=egfr_c, **common)) / 5)
     hi = np.log(_cum_hazard(kfre_risk(horizon_years=5, age_years=ages, egfr_ml_min_1_73m2=60.0, **common)))
@@ -217,11 +219,13 @@ def background_death_hazard(inputs: PatientInputs, t_mid: np.ndarray) -> np.ndar
     """Non-CVD death hazard per year at month midpoints (Gompertz assumption, see the data file)."""
     spec = dynamics_parameters()["background_mortality"]
     age = inputs.age_years + t_mid
-    return spec["h60"][inputs.sex] * np.exp(spec["b_per_year"] * (age - 60.0)) * spec["non_cvd_share"]
+    hazard: np.ndarray = spec["h60"][inputs.sex] * np.exp(spec["b_per_year"] * (age - 60.0)) * spec["non_cvd_share"]
+    return hazard
 
 
 def _mid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (x[:, 1:] + x[:, :-1])
+    mid: np.ndarray = 0.5 * (x[:, 1:] + x[:, :-1])
+    return mid
 
 
 def hazard_paths(
@@ -262,7 +266,8 @@ def hazard_paths(
         if not dynamic:
             return np.broadcast_to(base, (draws.n, t_mid.size))
         log_r, knot_t = prevent_log_ratio(inputs, anchors, traj, outcome)
-        return base * np.exp(_interp_knots_to_months(log_r, knot_t, t_mid))
+        hazard: np.ndarray = base * np.exp(_interp_knots_to_months(log_r, knot_t, t_mid))
+        return hazard
 
     share = float(min(1.0, anchors.hazard_per_decade["ascvd"][0] / anchors.hazard_per_decade["total_cvd"][0]))
     ascvd_mult = np.exp(log_ldl + log_gen[:, None])

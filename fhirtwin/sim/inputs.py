@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from fhirtwin.twin import Evidence, TwinState
+    from fhirtwin.twin import Evidence, TimePoint, TwinState
 
 _YEAR_DAYS = 365.25
 HISTORY_VARIABLES = (
@@ -101,7 +101,8 @@ class PatientInputs:
         """History of one of ``HISTORY_VARIABLES`` as an (n, 2) array (time in years, value)."""
         if variable not in HISTORY_VARIABLES:
             raise KeyError(variable)
-        return getattr(self, f"history_{variable}")
+        arr: np.ndarray = getattr(self, f"history_{variable}")
+        return arr
 
     @property
     def apol1_high_risk(self) -> bool:
@@ -114,7 +115,7 @@ class PatientInputs:
 # ------------------------------------------------------------------------------------------------
 
 
-def _instant(t: Any) -> datetime:
+def _instant(t: TimePoint) -> datetime:
     if isinstance(t, datetime):
         return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
     if isinstance(t, date):
@@ -122,14 +123,14 @@ def _instant(t: Any) -> datetime:
     raise TypeError(f"not a date or datetime: {t!r}")
 
 
-def _years(t: Any, as_of: datetime) -> float:
+def _years(t: TimePoint, as_of: datetime) -> float:
     return (_instant(t) - as_of).total_seconds() / (86400.0 * _YEAR_DAYS)
 
 
 class _Reader:
     """Collects values and their sources while reading one TwinState."""
 
-    def __init__(self, state: TwinState, as_of: Any) -> None:
+    def __init__(self, state: TwinState, as_of: TimePoint) -> None:
         self.state = state
         self.as_of_arg = as_of
         self.as_of = _instant(as_of)
@@ -282,6 +283,9 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
     missing = [*missing, *reader.missing]
     if missing:
         raise InsufficientData(pid, missing)
+    # nothing is missing, so every required number was found
+    assert tc is not None and hdl is not None and ldl is not None
+    assert sbp is not None and egfr is not None and bmi is not None
 
     on_statin = bool(reader.flag("on_statin", _MED_CONVENTION))
     intensity_ev = reader.get("statin_intensity") if on_statin else None
@@ -304,12 +308,12 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         patient_id=pid,
         sex=str(sex),
         age_years=float(age),
-        total_cholesterol_mg_dl=float(tc),  # type: ignore[arg-type]
-        hdl_cholesterol_mg_dl=float(hdl),  # type: ignore[arg-type]
+        total_cholesterol_mg_dl=float(tc),
+        hdl_cholesterol_mg_dl=float(hdl),
         ldl_cholesterol_mg_dl=float(ldl),
-        systolic_bp_mm_hg=float(sbp),  # type: ignore[arg-type]
-        egfr_ml_min_1_73m2=float(egfr),  # type: ignore[arg-type]
-        bmi_kg_m2=float(bmi),  # type: ignore[arg-type]
+        systolic_bp_mm_hg=float(sbp),
+        egfr_ml_min_1_73m2=float(egfr),
+        bmi_kg_m2=float(bmi),
         diabetes=bool(diabetes),
         current_smoker=bool(smoker),
         on_bp_treatment=bool(reader.flag("on_bp_treatment", _MED_CONVENTION)),

@@ -229,7 +229,8 @@ def lognormal_draws(name: str, rng: np.random.Generator, n: int) -> np.ndarray:
     spec = intervention_parameters()["ratios"][name]
     lo, hi = spec["ci95"]
     sigma = (np.log(hi) - np.log(lo)) / (2 * 1.959964)
-    return np.exp(np.log(spec["value"]) + sigma * rng.standard_normal(n))
+    draws: np.ndarray = np.exp(np.log(spec["value"]) + sigma * rng.standard_normal(n))
+    return draws
 
 
 def ldl_lowering_draws(intensity: str, rng: np.random.Generator, n: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from fhirtwin.sim.hazards import (
 )
 from fhirtwin.sim.inputs import PatientInputs, inputs_from_state
 from fhirtwin.sim.interventions import BASELINE, Scenario
+
+if TYPE_CHECKING:
+    from fhirtwin.twin import TwinState
 
 MAX_HORIZON_YEARS = 30.0
 COMPETING_GROUPS: tuple[tuple[str, ...], ...] = (("total_cvd", "death"),)
@@ -175,7 +178,7 @@ class TwinModel(ABC):
     version: ClassVar[str] = ""
 
     @abstractmethod
-    def fit(self, data: Any, as_of: date | datetime | None = None) -> Self:
+    def fit(self, data: TwinState | PatientInputs, as_of: date | datetime | None = None) -> Self:
         """Calibrate to one patient (TwinState or PatientInputs); learned attributes end in ``_``."""
 
     @abstractmethod
@@ -194,7 +197,7 @@ class TwinModel(ABC):
 # ------------------------------------------------------------------------------------------------
 
 
-def _as_inputs(data: Any, as_of: date | datetime | None) -> PatientInputs:
+def _as_inputs(data: TwinState | PatientInputs, as_of: date | datetime | None) -> PatientInputs:
     if isinstance(data, PatientInputs):
         return data
     return inputs_from_state(data, as_of)
@@ -269,7 +272,7 @@ class MechanisticTwin(TwinModel):
     def __init__(self, background_mortality: bool = True) -> None:
         self.background_mortality = background_mortality
 
-    def fit(self, data: Any, as_of: date | datetime | None = None) -> Self:
+    def fit(self, data: TwinState | PatientInputs, as_of: date | datetime | None = None) -> Self:
         """Read inputs, calibrate levels/drifts and evaluate the anchoring equations."""
         inputs = _as_inputs(data, as_of)
         self.inputs_: PatientInputs = inputs

@@ -52,7 +52,8 @@ class UnknownCategoryError(EquationInputError):
 def load_data(filename: str) -> dict[str, Any]:
     """Read a coefficient file once per process (the equations run inside large ensembles)."""
     with open(_DATA_DIR / filename, encoding="utf-8") as fh:
-        return json.load(fh)
+        data: dict[str, Any] = json.load(fh)
+    return data
 
 
 def is_scalar_call(*values: Any) -> bool:
@@ -77,7 +78,8 @@ def check_range(
     """Raise OutOfRangeError for values outside bounds, or clip them when clip=True."""
     low, high = float(bounds[0]), float(bounds[1])
     if clip:
-        return np.clip(arr, low, high)
+        clipped: np.ndarray = np.clip(arr, low, high)
+        return clipped
     bad = (arr < low) | (arr > high)
     if bad.any():
         first = arr[bad].flat[0] if arr.ndim else float(arr)
