@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fhirtwin.sim.model import Forecast
 
 #: Outcome labels (keys of Forecast.cif).
 OUTCOME_LABELS: dict[str, str] = {
@@ -128,7 +131,7 @@ def svg_chart(
     return "".join(out)
 
 
-def risk_chart(forecasts: Sequence[tuple[str, Any]], outcome: str) -> str:
+def risk_chart(forecasts: Sequence[tuple[str, Forecast]], outcome: str) -> str:
     """Cumulative incidence of one outcome over the horizon for one or more scenarios (percent)."""
     series = []
     for i, (label, forecast) in enumerate(forecasts):
@@ -140,7 +143,7 @@ def risk_chart(forecasts: Sequence[tuple[str, Any]], outcome: str) -> str:
                      y_format="{:g}")
 
 
-def trajectory_chart(forecasts: Sequence[tuple[str, Any]], variable: str) -> str | None:
+def trajectory_chart(forecasts: Sequence[tuple[str, Forecast]], variable: str) -> str | None:
     """Median and 90 % band of a biomarker under one or more scenarios (None when not simulated)."""
     label, unit = SHOWN_TRAJECTORIES.get(variable, (variable, ""))
     series = []

@@ -9,12 +9,26 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from fhirtwin.charts import SHOWN_TRAJECTORIES, risk_chart, trajectory_chart
 
+if TYPE_CHECKING:
+    from fhirtwin.sim import Forecast, Plan
+    from fhirtwin.twin import TwinState
 
-def forecast_plots(forecast: Any) -> list[str]:
+
+class ReportedRun(Protocol):
+    """What the report reads of one patient's run: the twin and its plan (None when not simulated)."""
+
+    @property
+    def state(self) -> TwinState: ...
+
+    @property
+    def plan(self) -> Plan | None: ...
+
+
+def forecast_plots(forecast: Forecast) -> list[str]:
     """The cumulative-incidence chart of total CVD and one chart per simulated biomarker."""
     scenario = [("current care", forecast)]
     plots = [risk_chart(scenario, "total_cvd")]
@@ -26,7 +40,7 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def write_report(runs: Sequence[Any], path: Path, *, title: str = "fhirtwin report") -> Path:
+def write_report(runs: Sequence[ReportedRun], path: Path, *, title: str = "fhirtwin report") -> Path:
     """Write an HTML page for the given TwinRuns (those with a plan): risks, options, plots, ledger counts."""
     sections = []
     for run in runs:
