@@ -220,14 +220,15 @@ def _parallel(func: Callable[[Any, Any], Any], items: Sequence[Any], workers: in
 
 def run_patient(client: Any, patient_id: str, key: Any) -> dict[str, Any]:
     """The run path for one patient, with its stage times and request counts."""
-    from fhirtwin.pipeline import read_twin_and_results, simulate_twin, write_predictions
+    from fhirtwin.engine import Engine
 
+    engine = Engine(client, signing_key=key)
     t0, n0 = time.perf_counter(), client.request_count
-    state, existing = read_twin_and_results(client, patient_id)
+    record = engine.read(patient_id)
     t1, n1 = time.perf_counter(), client.request_count
-    run = simulate_twin(state)
+    run = engine.simulate(engine.twin(record), stored=record.stored)
     t2 = time.perf_counter()
-    [result] = write_predictions(client, [run], key, existing={patient_id: existing})
+    [result] = list(engine.write([run]))
     t3, n3 = time.perf_counter(), client.request_count
     return {"status": result.status, "created": result.created, "read_requests": n1 - n0,
             "write_requests": n3 - n1, "read_s": t1 - t0, "simulate_s": t2 - t1, "write_s": t3 - t2}
@@ -235,26 +236,25 @@ def run_patient(client: Any, patient_id: str, key: Any) -> dict[str, Any]:
 
 def prepare(client: Any, patient_id: str, key: Any) -> Any:
     """Dry run: the PatientWrite the run path would send (None when the patient cannot be simulated)."""
-    from fhirtwin.pipeline import prepare_write, read_twin_and_results, simulate_twin
+    from fhirtwin.engine import Engine
 
-    state, existing = read_twin_and_results(client, patient_id)
-    run = simulate_twin(state)
-    return prepare_write(run, key, existing=existing) if run.plan is not None else None
+    engine = Engine(client, signing_key=key)
+    run = engine.run(patient_id)
+    return engine.prepare(run) if run.plan is not None else None
 
 
 def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: Callable[[str], None]
                  ) -> dict[str, Any]:
     """Request counts and the end-to-end vs direct-ingest throughput on fresh copies of cohort patients."""
-    import argparse as _argparse
-
-    from fhirtwin.cli import _signing_key
+    from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES
     from fhirtwin.fhir.client import FhirClient
+    from fhirtwin.keys import signing_key_for
 
     def make_client() -> FhirClient:
         return FhirClient(server)
 
     client = make_client()
-    key = _signing_key(_argparse.Namespace(server=server))
+    key = signing_key_for(server)
     out: dict[str, Any] = {"hapi_version": versions(client)}
     ids = sorted(r["id"] for r in client.search_all("Patient", {"_elements": "id", "_count": 500}, max_pages=100)
                  if str(r.get("id", "")).startswith(COHORT_PREFIX))
@@ -272,7 +272,7 @@ def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: 
     if len(sources) < need:
         raise SystemExit(f"only {len(sources)} simulable cohort patients on {server}; need {need}")
     log(f"copying {need} patients (fresh ids)")
-    records = client.fetch_patients_records(sources)
+    records = client.fetch_patients_records(sources, RECORD_TYPES, include=RECORD_INCLUDES)
     copies = _parallel(lambda c, pid: copy_record(c, records[pid]), sources, concurrency, make_client)
     copy_ids = [pid for pid, _ in copies]
     prov_queries: dict[str, list[str]] = {pid: [] for pid in copy_ids}
@@ -404,8 +404,8 @@ def bench_cds(server: str, calls: int, log: Callable[[str], None]) -> dict[str, 
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "import sys; from fhirtwin.cli import main; sys.exit(main())",
-           "serve", "--fhir-server", server, "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "fhirtwin", "serve", "--fhir-server", server, "--port", str(port),
+           "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
     http = requests.Session()
     try:

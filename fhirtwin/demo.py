@@ -8,19 +8,19 @@ report. Every step prints what it did and what it measured.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from fhirtwin.engine import Engine, TwinRun
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.pipeline import TwinRun, read_twins, simulate_twin, verify_provenance, write_predictions
+from fhirtwin.keys import signing_key_for
+from fhirtwin.progress import progress
 from fhirtwin.report import write_report
 from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, generate_cohort
 from fhirtwin.sandbox.load import load_sandbox
 from fhirtwin.sandbox.server import Sandbox
 from fhirtwin.twin import Scale
-from fhirtwin.writeback.jws import load_signing_key
 
 DEMO_DRAWS = 500
 
@@ -29,10 +29,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:4.1f}%"
 
 
-def _progress(label: str, done: int, total: int) -> None:
-    if not sys.stderr.isatty():
-        return
-    print(f"\r   {label}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+def _words(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in counts.most_common()) or "nothing"
 
 
 def _scale_rows(runs: list[TwinRun]) -> list[tuple[str, int, float]]:
@@ -59,22 +57,17 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
           f"{report.profiles} conformance and registration resources ({action})")
 
     client = FhirClient(sandbox.base_url)
+    engine = Engine(client, signing_key=signing_key_for(sandbox.base_url), draws=DEMO_DRAWS)
     ids = [bundle["entry"][0]["resource"]["id"] for bundle in generate_cohort(n_patients=n).bundles]
     started = time.monotonic()
-    states = []
-    for state in read_twins(client, ids):
-        states.append(state)
-        _progress("read", len(states), len(ids))
+    states = [engine.twin(record) for record in progress(engine.read_many(ids), total=len(ids), desc="read")]
     read_s = time.monotonic() - started
     ledger = Counter(entry.kind.value for state in states for entry in state.ledger)
     print(f"3. read: {len(states)} twins from {client.request_count} HTTP requests in {read_s:.1f} s; "
-          "data-quality ledger: " + ", ".join(f"{k} {v}" for k, v in ledger.most_common()))
+          f"data-quality ledger: {_words(ledger)}")
 
     started = time.monotonic()
-    runs = []
-    for state in states:
-        runs.append(simulate_twin(state, draws=DEMO_DRAWS))
-        _progress("simulate", len(runs), len(states))
+    runs: list[TwinRun] = [engine.simulate(state) for state in progress(states, desc="simulate")]
     sim_s = time.monotonic() - started
     planned = [r for r in runs if r.plan is not None]
     print(f"4. simulate: {len(planned)} of {len(runs)} patients ({DEMO_DRAWS} draws x 10 years, baseline and "
@@ -84,16 +77,17 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
     print("\n   10-year total CVD risk by the scales of data available:")
     for label, count, median in _scale_rows(planned):
         print(f"     {label:<28} {count:>4} patients   median {_pct(median)}")
-    print("\n   highest risks:\n   patient    age sex     10-y total CVD (90% interval)   best option (ARR, NNT)")
+    print("\n   highest risks (ARR: absolute risk reduction in percentage points over 10 years):"
+          "\n   patient    age sex     10-y total CVD (90% interval)   best option (ARR, NNT)")
     ranked = sorted(planned, key=lambda r: -r.plan.baseline.at_horizon("total_cvd")["median"])
     for run in ranked[:show]:
-        state, plan = run.state, run.plan
+        state, plan = run.state, run.require_plan()
         risk = plan.baseline.at_horizon("total_cvd")
         best = plan.options[0] if plan.options else None
         option = "none eligible"
         if best is not None:
             nnt = f"NNT {best.nnt:.0f}" if best.nnt else "NNT n/a"
-            option = f"{best.scenario.name} ({_pct(best.arr['median']).strip()}, {nnt})"
+            option = f"{best.scenario.name} ({100 * best.arr['median']:.1f} points, {nnt})"
         print(f"   {state.patient_id:<10} {state.age_years():>3} {str(state.demographics.sex):<7} "
               f"{_pct(risk['median'])} ({_pct(risk['p05'])}-{_pct(risk['p95'])})      {option}")
     lacking = [r.state.patient_id for r in runs if r.error]
@@ -101,19 +95,18 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
         print(f"   not simulated ({len(lacking)}): required inputs missing, e.g. "
               f"`fhirtwin state --server {sandbox.base_url} --patient {lacking[0]}` shows what the twin holds")
 
-    key = load_signing_key(sandbox.data_dir / "keys")
     before = client.request_count
     started = time.monotonic()
-    results = write_predictions(client, runs, key)
+    results = list(progress(engine.write(runs), total=len(runs), desc="write"))
     write_s = time.monotonic() - started
     status = Counter(r.status for r in results)
     created = sum(r.created for r in results)
-    print(f"\n5. write-back: {dict(status)}; {created} resources created (RiskAssessment, Goal, CarePlan, "
-          f"Provenance) with {client.request_count - before} requests in {write_s:.1f} s; "
+    print(f"\n5. write-back: {_words(status)} patients; {created} resources created (RiskAssessment, Goal, "
+          f"CarePlan, Provenance) with {client.request_count - before} requests in {write_s:.1f} s; "
           "a rerun creates nothing")
     signed = next((r.provenance for r in results if r.provenance), None)
     if signed:
-        verdict = verify_provenance(client, signed, key.private_key.public_key())
+        verdict = engine.verify(signed)
         print(f"6. signature: {signed} {'verifies' if verdict.valid else 'DOES NOT verify'} against its "
               f"{len(verdict.targets)} targets ({verdict.message})")
     path = write_report(ranked[:show], sandbox.data_dir / "report.html", title="fhirtwin demo: highest risks")

@@ -65,6 +65,24 @@ def public_jwk(key: Key) -> dict[str, str]:
     raise ValueError("only RSA and EC keys are supported")
 
 
+def public_key_from_jwk(jwk: Mapping[str, Any]) -> Any:
+    """The public key of an RSA or EC JWK (inverse of :func:`public_jwk`); raises ValueError."""
+    kty = jwk.get("kty")
+    if kty == "RSA":
+        n = int.from_bytes(b64url_decode(str(jwk["n"])), "big")
+        e = int.from_bytes(b64url_decode(str(jwk["e"])), "big")
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    if kty == "EC":
+        names = {crv: name for name, (crv, _) in CURVES.items()}
+        if jwk.get("crv") not in names:
+            raise ValueError(f"unsupported EC curve {jwk.get('crv')}")
+        curve = ec.SECP256R1() if jwk["crv"] == "P-256" else ec.SECP384R1() if jwk["crv"] == "P-384" else ec.SECP521R1()
+        x = int.from_bytes(b64url_decode(str(jwk["x"])), "big")
+        y = int.from_bytes(b64url_decode(str(jwk["y"])), "big")
+        return ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
+    raise ValueError("only RSA and EC JWKs are supported")
+
+
 def _check(key: Key, alg: str) -> type[hashes.HashAlgorithm]:
     if alg not in ALGORITHMS:
         raise ValueError(f"unsupported JWS alg {alg!r}")

@@ -15,6 +15,7 @@ PREDICTION_ID_SYSTEM = "https://fhirtwin.org/sid/prediction"
 RUN_TAG_SYSTEM = "https://fhirtwin.org/sid/run"
 DEVICE_ID_SYSTEM = "https://fhirtwin.org/sid/model"
 ORGANIZATION_ID_SYSTEM = "https://fhirtwin.org/sid/organization"
+SIGNING_KEY_ID_SYSTEM = "https://fhirtwin.org/sid/signing-key"
 SUBSCRIPTION_TAG_SYSTEM = "https://fhirtwin.org/sid/subscription"
 COHORT_FINGERPRINT_SYSTEM = "https://fhirtwin.org/sid/cohort-fingerprint"
 
@@ -44,6 +45,7 @@ EXT_PROBABILITY_INTERVAL = profile("probability-interval")
 EXT_EXPECTED_BENEFIT = profile("expected-benefit")
 EXT_SUPERSEDES = profile("supersedes")
 EXT_MODEL_CARD = profile("model-card")
+EXT_SIGNING_KEY = profile("signing-key")
 
 #: fhirtwin code -> display. The CodeSystem resource in ``fhirtwin/profiles/`` lists exactly these.
 CONCEPTS: dict[str, str] = {

@@ -233,8 +233,7 @@ def _malformed(src: SourceRef, exc: Exception, ctx: Context) -> None:
     # AdapterError messages are written to hold codes only; other exceptions may echo data, so only
     # their type is recorded.
     reason = str(exc) if isinstance(exc, AdapterError) else f"unexpected {type(exc).__name__} while reading"
-    ctx.record(src, LedgerKind.MALFORMED, reason)
-    log.warning("malformed %s resource: %s", src.resource_type, type(exc).__name__)
+    ctx.record(src, LedgerKind.MALFORMED, reason)  # counted in the build's one summary line, never one per resource
 
 
 def _account(inputs: list[_Input], state: TwinState, ctx: Context) -> None:

@@ -61,7 +61,6 @@ from fhirtwin.fhir.errors import (
 )
 
 __all__ = [
-    "DEFAULT_RECORD_TYPES",
     "ClientHooks",
     "FhirClient",
     "RequestHook",
@@ -78,16 +77,6 @@ log = logging.getLogger("fhirtwin.fhir")
 FHIR_JSON = "application/fhir+json"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 SAFE_ENTRY_METHODS = frozenset({"GET", "HEAD", "PUT"})
-
-#: Resource types read for one patient's twin, with the search parameter that points at the patient.
-DEFAULT_RECORD_TYPES: dict[str, str] = {
-    "Observation": "patient",
-    "Condition": "patient",
-    "MedicationRequest": "patient",
-    "MedicationStatement": "patient",
-    "MolecularSequence": "patient",
-    "DiagnosticReport": "patient",
-}
 
 RequestHook = Callable[[requests.PreparedRequest], None]
 ResponseHook = Callable[[requests.Response], None]
@@ -634,14 +623,20 @@ class FhirClient:
     def fetch_patient_record(
         self,
         patient_id: str,
-        types: Mapping[str, str] | Iterable[str] | None = None,
+        types: Mapping[str, str] | Iterable[str],
         *,
+        include: Iterable[str] = (),
         count: int = 1000,
         max_pages: int | None = None,
         strategy: str = "batch",
         extra_searches: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
         """One patient's record (Patient first) in one HTTP request when it fits in one page per type.
+
+        ``types`` maps each resource type to the search parameter naming the patient (a plain list means
+        ``patient``); the caller decides what a record is (``fhirtwin.adapters.reads``). ``include``
+        (``Type:param``) adds ``_include`` to that type's search, so referenced resources such as a
+        Medication come in the same request.
 
         ``strategy="batch"`` sends a batch Bundle of ``Patient/<id>`` plus one search per type and then
         follows only the paging that a type's size requires. ``strategy="everything"`` uses
@@ -668,7 +663,7 @@ class FhirClient:
             raise ValueError("strategy must be 'batch' or 'everything'")
         entries = [{"request": {"method": "GET", "url": f"Patient/{_seg(patient_id)}"}}]
         for resource_type, param in type_params.items():
-            query = _query({param: patient_id, "_count": count})
+            query = _query([(param, patient_id), ("_count", count), *_includes(include, resource_type)])
             entries.append({"request": {"method": "GET", "url": f"{_seg(resource_type)}?{query}"}})
         for url in extra:
             if not isinstance(url, str) or "?" not in url or url.startswith(("/", "http:", "https:")):
@@ -686,8 +681,9 @@ class FhirClient:
     def fetch_patients_records(
         self,
         patient_ids: Iterable[str],
-        types: Mapping[str, str] | Iterable[str] | None = None,
+        types: Mapping[str, str] | Iterable[str],
         *,
+        include: Iterable[str] = (),
         chunk_size: int = 20,
         count: int = 1000,
         max_pages: int | None = None,
@@ -696,7 +692,8 @@ class FhirClient:
 
         Returns ``{patient_id: [Patient, ...]}`` in input order. A requested patient the server does not
         have raises :class:`FhirNotFound`; a resource that cannot be attributed to a requested patient
-        raises :class:`FhirValidationError` (it would otherwise be silently lost).
+        raises :class:`FhirValidationError` (it would otherwise be silently lost). A resource that came
+        through ``include`` (no patient of its own) joins every record of the chunk that refers to it.
         """
         ids = list(dict.fromkeys(patient_ids))
         for patient_id in ids:
@@ -708,10 +705,11 @@ class FhirClient:
             joined = ",".join(chunk)
             entries = [{"request": {"method": "GET", "url": f"Patient?{_query({'_id': joined, '_count': count})}"}}]
             for resource_type, param in type_params.items():
-                query = _query({param: joined, "_count": count})
+                query = _query([(param, joined), ("_count", count), *_includes(include, resource_type)])
                 entries.append({"request": {"method": "GET", "url": f"{_seg(resource_type)}?{query}"}})
             results = self._batch_read(entries)
             seen: set[tuple[str, str]] = set()
+            included: list[dict[str, Any]] = []
             for result in results:
                 for resource in self.iter_bundle_pages(result.resource or {}, max_pages=max_pages):
                     key = (str(resource.get("resourceType")), str(resource.get("id")))
@@ -719,12 +717,20 @@ class FhirClient:
                         continue
                     seen.add(key)
                     owner = patient_reference_id(resource)
+                    if owner is None and resource.get("resourceType") not in type_params:
+                        included.append(resource)
+                        continue
                     if owner not in records:
                         raise FhirValidationError(
                             f"{resource.get('resourceType')} returned for the chunk is not attributable to a "
                             "requested patient"
                         )
                     records[owner].append(resource)
+            for resource in included:
+                ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+                for patient_id in chunk:
+                    if any(ref in references(r) for r in records[patient_id]):
+                        records[patient_id].append(resource)
             missing = [i for i in chunk if not records[i] or records[i][0].get("resourceType") != "Patient"]
             if missing:
                 raise FhirNotFound(f"{len(missing)} requested patient(s) not found on the server")
@@ -838,12 +844,33 @@ def _query(params: Params) -> str:
     return "&".join(f"{quote(k, safe='_:.-')}={quote(v, safe=',|:/_.-')}" for k, v in _param_items(params))
 
 
-def _type_params(types: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
-    if types is None:
-        return dict(DEFAULT_RECORD_TYPES)
+def _type_params(types: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
     if isinstance(types, Mapping):
         return {k: str(v) for k, v in types.items()}
-    return {t: DEFAULT_RECORD_TYPES.get(t, "patient") for t in types}
+    return {t: "patient" for t in types}
+
+
+def _includes(include: Iterable[str], resource_type: str) -> list[tuple[str, str]]:
+    """The ``_include`` parameters that belong to ``resource_type``'s search."""
+    return [("_include", i) for i in include if i.split(":", 1)[0] == resource_type]
+
+
+def references(node: Any) -> set[str]:
+    """Every relative ``Type/id`` a resource refers to (versions and bases stripped)."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str):
+            parts = ref.split("/_history")[0].rstrip("/").split("/")
+            if len(parts) >= 2:
+                found.add("/".join(parts[-2:]))
+        for value in node.values():
+            if isinstance(value, dict | list):
+                found |= references(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= references(value)
+    return found
 
 
 def _check_patient_id(patient_id: Any) -> None:

@@ -31,7 +31,6 @@ from urllib.parse import quote
 import requests
 
 from fhirtwin.fhir.client import (
-    DEFAULT_RECORD_TYPES,
     FhirClient,
     parse_retry_after,
     patient_reference_id,
@@ -126,29 +125,56 @@ class NdjsonSource:
     # -------------------------------------------------------------- patient records
 
     def fetch_patient_record(
-        self, patient_id: str, types: Iterable[str] | Mapping[str, str] | None = None
+        self, patient_id: str, types: Iterable[str] | Mapping[str, str], *, include: Iterable[str] = (),
+        extra_searches: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
-        """The Patient followed by its resources of ``types`` (default: the client's record types)."""
+        """The Patient followed by its resources of ``types`` and what ``include`` (``Type:param``) adds.
+
+        An ``include`` resolves the references of that type's resources to resources of the folder
+        (e.g. a MedicationRequest's ``medicationReference``). ``extra_searches`` are accepted for parity
+        with the FHIR client and add nothing: a folder holds no results of earlier runs.
+        """
+        del extra_searches
         patient_index = self._type_index("Patient")
         if patient_id not in patient_index:
             raise FhirNotFound("Patient not found in the NDJSON folder")
         record = list(self._load(patient_index[patient_id], "Patient"))[:1]
+        includes = [i.split(":", 1) for i in include]
         for resource_type in _types(types):
-            record.extend(self._load(self._type_index(resource_type).get(patient_id, []), resource_type))
+            found = list(self._load(self._type_index(resource_type).get(patient_id, []), resource_type))
+            record.extend(found)
+            for source_type, param in includes:
+                if source_type == resource_type:
+                    record.extend(self._referenced(found, param))
         return record
 
+    def _referenced(self, resources: list[dict[str, Any]], param: str) -> Iterator[dict[str, Any]]:
+        """Resources the ``param`` element (``medication`` → ``medicationReference``) of each resource names."""
+        seen: set[str] = set()
+        for resource in resources:
+            ref = (resource.get(f"{param}Reference") or {}).get("reference") if isinstance(
+                resource.get(f"{param}Reference"), dict) else None
+            if not isinstance(ref, str) or ref.count("/") < 1 or ref in seen:
+                continue
+            seen.add(ref)
+            rtype, rid = ref.split("/_history")[0].split("/")[-2:]
+            try:
+                yield self.read(rtype, rid)
+            except FhirNotFound:
+                continue  # an unresolved reference is the adapters' to ledger
+
     def fetch_patients_records(
-        self, patient_ids: Iterable[str], types: Iterable[str] | Mapping[str, str] | None = None
+        self, patient_ids: Iterable[str], types: Iterable[str] | Mapping[str, str], *, include: Iterable[str] = ()
     ) -> dict[str, list[dict[str, Any]]]:
         """``{patient_id: record}`` for several patients, in input order."""
-        return {pid: self.fetch_patient_record(pid, types) for pid in dict.fromkeys(patient_ids)}
+        return {pid: self.fetch_patient_record(pid, types, include=include) for pid in dict.fromkeys(patient_ids)}
 
     def iter_patient_records(
-        self, types: Iterable[str] | Mapping[str, str] | None = None
+        self, types: Iterable[str] | Mapping[str, str], *, include: Iterable[str] = ()
     ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         """``(patient_id, record)`` for every patient in the folder (population runs)."""
         for patient_id in list(self._type_index("Patient")):
-            yield patient_id, self.fetch_patient_record(patient_id, types)
+            yield patient_id, self.fetch_patient_record(patient_id, types, include=include)
 
     def _type_index(self, resource_type: str) -> dict[str, list[tuple[Path, int]]]:
         if resource_type not in self._index:
@@ -172,9 +198,7 @@ class NdjsonSource:
                     yield _parse_line(handle.readline(), path, None, resource_type)
 
 
-def _types(types: Iterable[str] | Mapping[str, str] | None) -> list[str]:
-    if types is None:
-        return list(DEFAULT_RECORD_TYPES)
+def _types(types: Iterable[str] | Mapping[str, str]) -> list[str]:
     return [t for t in types if t != "Patient"]
 
 

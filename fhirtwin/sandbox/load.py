@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.errors import FhirGone, FhirNotFound
-from fhirtwin.package_data import conformance_resources
 from fhirtwin.sandbox.cohort import DEFAULT_PATIENTS, DEFAULT_SEED, Cohort, bundle_json, generate_cohort, write_cohort
 from fhirtwin.vocabulary import CODESYSTEM, COHORT_FINGERPRINT_SYSTEM
 
@@ -90,11 +89,13 @@ def load_sandbox(
     cohort = generate_cohort(n_patients=n_patients, seed=seed)
     if cohort_dir is not None:
         write_cohort(cohort, cohort_dir)
-    from fhirtwin.pipeline import fhirtwin_registration
+    from fhirtwin.engine import Engine
+    from fhirtwin.keys import signing_key_for
+    from fhirtwin.progress import progress
 
     client = FhirClient(base_url, timeout=LOAD_TIMEOUT)
 
-    profiles = conformance_resources() + fhirtwin_registration()
+    profiles = Engine(client, signing_key=signing_key_for(base_url)).registration()
     digest = fingerprint(cohort, profiles)
     entries_total = sum(len(b.get("entry", [])) for b in cohort.bundles)
     if not force and loaded_fingerprint(client) == digest:
@@ -108,7 +109,8 @@ def load_sandbox(
         return len(bundle.get("entry", []))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        entries = sum(pool.map(post, cohort.bundles))
+        entries = sum(progress(pool.map(post, cohort.bundles), total=len(cohort.bundles), unit="patient",
+                               desc="load"))
     client.transaction(put_entries([_marker(digest)]))
     return LoadReport(
         patients=len(cohort.truth),

@@ -7,27 +7,14 @@ the shared `ServiceSettings` from `request.app.state.settings`.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI
 
 from fhirtwin import __version__
+from fhirtwin.service.runtime import ServiceSettings
 
-log = logging.getLogger("fhirtwin.service")
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Where the service finds its FHIR server and how it presents itself."""
-
-    fhir_server: str
-    public_url: str = "http://127.0.0.1:8765"
-    verify_tls: bool = True
-    draws: int = 1000
-    horizon_years: float = 10.0
-    signing_key_file: str | None = None
-    extra: dict = field(default_factory=dict)
+__all__ = ["ServiceSettings", "create_app"]
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -38,7 +25,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.settings = settings
 
     @app.get("/health")
-    def health() -> dict:
+    def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "fhir_server": settings.fhir_server}
 
     for module in (operations, webhook, cds_hooks, smart):

@@ -23,14 +23,27 @@ import logging
 import re
 import threading
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from fhirtwin.engine import (
+    Engine,
+    EngineError,
+    PatientNotFound,
+    PatientRecord,
+    TwinRun,
+    UpstreamError,
+    UpstreamUnauthorized,
+    prefetch_templates,
+)
+from fhirtwin.fhir.client import FhirClient
+from fhirtwin.package_data import model_card_markdown
 from fhirtwin.service import twin_view
+from fhirtwin.service.runtime import ServiceSettings
 from fhirtwin.vocabulary import coding
 
 log = logging.getLogger("fhirtwin.service.cds_hooks")
@@ -41,18 +54,10 @@ SERVICE_ID = "fhirtwin-cardiorenal-risk"
 HOOK = "patient-view"
 CARD_DRAWS = 200
 SUMMARY_LIMIT = 139  # "fewer than 140 characters"
-GENOMIC_CODES = ",".join(f"http://loinc.org|{c}" for c in ("69548-6", "84413-4", "84414-2", "53040-2", "102040-3"))
 
-#: Prefetch templates: key -> FHIR query. ``REQUIRED_KEYS`` must be available (prefetched or fetchable).
-PREFETCH: dict[str, str] = {
-    "patient": "Patient/{{context.patientId}}",
-    "observations": "Observation?patient={{context.patientId}}&_count=1000",
-    "genomics": f"Observation?patient={{{{context.patientId}}}}&code={GENOMIC_CODES}&_count=200",
-    "conditions": "Condition?patient={{context.patientId}}&_count=500",
-    "medicationRequests": "MedicationRequest?patient={{context.patientId}}&_count=500",
-    "medicationStatements": "MedicationStatement?patient={{context.patientId}}&_count=500",
-    "molecularSequences": "MolecularSequence?patient={{context.patientId}}&_count=100",
-}
+#: Prefetch templates (key -> FHIR query), derived from what the twin reads. ``REQUIRED_KEYS`` must be
+#: available (prefetched or fetchable); the others only refine the forecast.
+PREFETCH: dict[str, str] = prefetch_templates()
 REQUIRED_KEYS = ("patient", "observations", "conditions", "medicationRequests", "medicationStatements")
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -190,20 +195,20 @@ def _resources_of(value: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [value]
 
 
-def _fhir_client(settings: Any, req: HookRequest) -> Any:
+def _fhir_client(settings: ServiceSettings, req: HookRequest) -> FhirClient:
     from fhirtwin.fhir.auth import BearerToken
-    from fhirtwin.fhir.client import FhirClient
 
+    assert req.fhirServer is not None
     auth = BearerToken(req.fhirAuthorization.access_token) if req.fhirAuthorization else None
     return FhirClient(req.fhirServer, auth=auth, verify=settings.verify_tls, timeout=(3, 20), max_retries=1)
 
 
-def gather_record(settings: Any, req: HookRequest) -> tuple[list[dict[str, Any]], list[str]]:
+def gather_record(settings: ServiceSettings, req: HookRequest) -> tuple[PatientRecord, list[str]]:
     """The patient's record from prefetch, completed from ``fhirServer``; also the optional keys missing.
 
     Raises :class:`CdsError` 412 when a required key is neither prefetched nor fetchable.
     """
-    from fhirtwin.fhir.client import batch_results, patient_reference_id
+    from fhirtwin.fhir.client import batch_results, patient_reference_id, references
 
     patient_id = req.context.patientId
     prefetch = req.prefetch or {}
@@ -222,7 +227,7 @@ def gather_record(settings: Any, req: HookRequest) -> tuple[list[dict[str, Any]]
     elif missing:
         client = _fhir_client(settings, req)
         if not prefetch:
-            resources = client.fetch_patient_record(patient_id)
+            resources = Engine(client).read(patient_id, with_stored=False).resources
         else:
             entries = [{"request": {"method": "GET", "url": render_template(PREFETCH[k], req.context)}}
                        for k in missing]
@@ -243,16 +248,25 @@ def gather_record(settings: Any, req: HookRequest) -> tuple[list[dict[str, Any]]
         raise CdsError(412, "precondition_failed", "the patient resource for context.patientId is not available")
     record = [patients[0]]
     seen = {("Patient", patient_id)}
+    unowned: list[dict[str, Any]] = []
     for r in resources:
         key = (str(r.get("resourceType")), str(r.get("id")))
         if r.get("resourceType") == "Patient" or (r.get("id") is not None and key in seen):
             continue
-        owner = patient_reference_id(r)
-        if owner != patient_id:
-            raise CdsError(400, "bad_request", f"prefetch holds a {r.get('resourceType')} of another patient")
         seen.add(key)
+        owner = patient_reference_id(r)
+        if owner is None:
+            unowned.append(r)  # an _include'd Medication: kept only if the record refers to it
+        elif owner != patient_id:
+            raise CdsError(400, "bad_request", f"prefetch holds a {r.get('resourceType')} of another patient")
+        else:
+            record.append(r)
+    referred = set().union(*(references(r) for r in record))
+    for r in unowned:
+        if f"{r.get('resourceType')}/{r.get('id')}" not in referred:
+            raise CdsError(400, "bad_request", f"prefetch holds a {r.get('resourceType')} the record does not use")
         record.append(r)
-    return record, optional_missing
+    return PatientRecord(patient_id, record), optional_missing
 
 
 # --------------------------------------------------------------------------------------------- cards
@@ -262,21 +276,8 @@ def _summary(text: str) -> str:
     return text if len(text) <= SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 1].rstrip() + "…"
 
 
-def draft_care_plan(run: Any) -> dict[str, Any]:
-    """The proposed CarePlan as a standalone resource (no references to unwritten RiskAssessments)."""
-    from fhirtwin.writeback.careplan import build_care_plan
-    from fhirtwin.writeback.device import device_id
-
-    forecast = run.plan.baseline
-    care_plan = build_care_plan(run.plan, run.state, ra_refs={}, goal_refs={}, occurrence=datetime.now(UTC),
-                                device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
-    for key in ("supportingInfo", "goal"):
-        if not care_plan.get(key):
-            care_plan.pop(key, None)
-    return care_plan
-
-
-def build_cards(run: Any, settings: Any, *, optional_missing: list[str] = (), draws: int = CARD_DRAWS) -> list[dict]:
+def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Sequence[str] = (),
+                draws: int = CARD_DRAWS) -> list[dict[str, Any]]:
     """The card(s) for one twin run (one card; an info card when data are insufficient)."""
     public = settings.public_url.rstrip("/")
     source = {"label": "fhirtwin digital twin", "url": f"{public}/model-card",
@@ -332,7 +333,7 @@ def build_cards(run: Any, settings: Any, *, optional_missing: list[str] = (), dr
             "uuid": str(uuid.uuid4()),
             "isRecommended": False,
             "actions": [{"type": "create", "description": "Draft CarePlan (intent proposal) with the ranked options",
-                         "resource": draft_care_plan(run)}],
+                         "resource": Engine().draft_care_plan(run)}],
         }]
         card["selectionBehavior"] = "at-most-one"
     return [card]
@@ -377,10 +378,21 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
     try:
         req = parse_request(body, service_id)
         record, optional_missing = gather_record(settings, req)
-        run = twin_view.run_twin(settings, req.context.patientId, record=record, draws=CARD_DRAWS)
+        engine = Engine(draws=CARD_DRAWS, horizon_years=settings.horizon_years)
+        run = engine.run(req.context.patientId, record=record)
         cards = build_cards(run, settings, optional_missing=optional_missing)
     except CdsError as exc:
         return error_response(exc.status, exc.error, exc.message)
+    except PatientNotFound:
+        return error_response(412, "precondition_failed", "the patient was not found on fhirServer")
+    except UpstreamUnauthorized:
+        return error_response(412, "precondition_failed", "fhirServer refused access with the given authorization")
+    except UpstreamError as exc:
+        log.warning("CDS call failed reading fhirServer: %s", exc.message)
+        return error_response(502, "fhir_server_error", "fhirServer could not be read")
+    except EngineError as exc:
+        return error_response(exc.http_status, "bad_request" if exc.http_status < 500 else "internal_error",
+                              exc.message)
     except FhirUnauthorized:
         return error_response(412, "precondition_failed", "fhirServer refused access with the given authorization")
     except FhirNotFound:
@@ -434,6 +446,5 @@ def stored_feedback() -> list[dict[str, Any]]:
 @router.get("/model-card", response_class=PlainTextResponse)
 def model_card() -> PlainTextResponse:
     """The model card linked from every card's ``source.url`` (Markdown served as text)."""
-    from fhirtwin.package_data import model_card_markdown
 
     return PlainTextResponse(model_card_markdown(), media_type="text/plain; charset=utf-8")

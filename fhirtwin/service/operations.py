@@ -21,14 +21,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from fhirtwin.service.engine import (
-    BadRequest,
-    EngineError,
-    ensure_json_logging,
-    log_event,
-    operation_outcome,
-    simulate_patient,
-)
+from fhirtwin.engine import BadRequest, EngineError, operation_outcome
+from fhirtwin.service.runtime import engine_for, ensure_json_logging, log_event, patient_hash
 
 router = APIRouter()
 
@@ -138,11 +132,16 @@ def _run(request: Request, patient_id: str, options: dict[str, Any]) -> JSONResp
     settings = request.app.state.settings
     if not _ID.match(patient_id):
         raise BadRequest("invalid patient id (FHIR ids are 1-64 characters A-Z a-z 0-9 - .)")
-    result = simulate_patient(settings, patient_id, write=options["write"], scenario=options["scenario"],
-                              horizon_years=options["horizon_years"])
-    if result.written and result.response is not None:
-        return fhir_response(result.response)
-    return fhir_response(result.bundle)
+    simulation = engine_for(settings).simulate_patient(patient_id, write=options["write"],
+                                                       scenario=options["scenario"],
+                                                       horizon_years=options["horizon_years"])
+    commit = simulation.commit
+    log_event("simulate", patient=patient_hash(patient_id), write=options["write"],
+              created=commit.created if commit else 0, superseded=len(simulation.write.superseded),
+              reinstated=len(commit.reinstated) if commit else 0,
+              scenarios=len(simulation.run.plan.options) if simulation.run.plan else 0,
+              duration_ms=simulation.duration_ms)
+    return fhir_response(commit.response if commit is not None else simulation.bundle)
 
 
 def _guarded(request: Request, patient_id: str, method: str, parse: Any) -> JSONResponse:

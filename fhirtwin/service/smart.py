@@ -7,15 +7,15 @@ Why this shape:
   tokens nor codes are logged or rendered. The session id is replaced after the token exchange.
 * Scopes are least-privilege SMART v2 (read/search of the record types the twin reads, create of the
   types fhirtwin writes); the granted ``scope`` from the token response is kept and shown.
-* ``iss`` must be the service's own FHIR server or listed in ``settings.extra["smart_issuers"]``: the app
+* ``iss`` must be the service's own FHIR server or listed in ``settings.smart_issuers``: the app
   never follows an arbitrary ``iss`` (it would send the user's authorization to it).
 * The page is CSP-friendly: no inline script or style, no external assets; charts are inline SVG drawn
   server side, what-ifs are recomputed on the server (``POST /patient/whatif``, same ensemble seed and
   size as the page, so differences are paired) and "write to chart" sends the proposal with the user's
   token. Both POSTs require the session's CSRF token in ``X-CSRF-Token``.
 
-Settings read from ``settings.extra``: ``smart_client_id`` (default ``fhirtwin``), ``smart_issuers``
-(iterable of extra allowed FHIR bases), ``frame_ancestors`` (CSP, default ``'self'``).
+Settings (:class:`fhirtwin.service.runtime.ServiceSettings`): ``smart_client_id``, ``smart_issuers`` (extra
+allowed FHIR bases) and ``frame_ancestors`` (CSP).
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from fhirtwin.engine import BadRequest, EngineError, Forecast, TwinRun, UpstreamUnauthorized
+from fhirtwin.fhir.client import FhirClient
 from fhirtwin.jose import b64url
 from fhirtwin.service import twin_view
+from fhirtwin.service.runtime import ServiceSettings, engine_for
 
 log = logging.getLogger("fhirtwin.service.smart")
 
@@ -166,7 +169,7 @@ def _set_cookie(response: Response, request: Request, session: Session) -> None:
 
 
 def _security_headers(response: Response, request: Request) -> Response:
-    ancestors = request.app.state.settings.extra.get("frame_ancestors", "'self'")
+    ancestors = request.app.state.settings.frame_ancestors
     response.headers["Content-Security-Policy"] = (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
         f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}")
@@ -186,23 +189,23 @@ def error_page(request: Request, status: int, title: str, message: str) -> HTMLR
 # ----------------------------------------------------------------------------------------------- launch
 
 
-def allowed_issuer(settings: Any, iss: str) -> bool:
+def allowed_issuer(settings: ServiceSettings, iss: str) -> bool:
     """Only the configured FHIR server and explicitly listed issuers may start a launch."""
-    allowed = {settings.fhir_server.rstrip("/"), *(i.rstrip("/") for i in settings.extra.get("smart_issuers", ()))}
+    allowed = {settings.fhir_server.rstrip("/"), *(i.rstrip("/") for i in settings.smart_issuers)}
     return iss.rstrip("/") in allowed
 
 
-def client_id(settings: Any) -> str:
+def client_id(settings: ServiceSettings) -> str:
     """The SMART client id registered for this deployment."""
-    return str(settings.extra.get("smart_client_id", "fhirtwin"))
+    return settings.smart_client_id
 
 
-def redirect_uri(settings: Any) -> str:
+def redirect_uri(settings: ServiceSettings) -> str:
     """The registered redirect URI: ``{public_url}/callback``."""
     return f"{settings.public_url.rstrip('/')}/callback"
 
 
-def authorize_url(config: dict[str, Any], *, settings: Any, iss: str, state: str, verifier: str,
+def authorize_url(config: dict[str, Any], *, settings: ServiceSettings, iss: str, state: str, verifier: str,
                   launch: str | None) -> str:
     """The authorization request URL (EHR launch with ``launch``, standalone without)."""
     params = {
@@ -315,31 +318,30 @@ def _authorized(request: Request) -> Session | None:
     return session
 
 
-def _client(settings: Any, session: Session) -> Any:
+def _client(settings: ServiceSettings, session: Session) -> FhirClient:
     from fhirtwin.fhir.auth import BearerToken
-    from fhirtwin.fhir.client import FhirClient
 
+    assert session.token is not None
     return FhirClient(session.iss, auth=BearerToken(session.token["access_token"]), verify=settings.verify_tls,
                       timeout=(5, 60), max_retries=2)
 
 
-def twin_for(settings: Any, session: Session) -> dict[str, Any]:
-    """The session's twin run, fitted model and eligible interventions (computed once per session)."""
+def twin_for(settings: ServiceSettings, session: Session) -> dict[str, Any]:
+    """The session's twin run and eligible interventions (computed once per session, same seed and draws
+    as a write, so the page shows the numbers a write stores)."""
     with session.lock:
         if "run" not in session.cache:
-            run = twin_view.run_twin(settings, session.patient, client=_client(settings, session))
+            if not session.patient:
+                raise BadRequest("no patient in the launch context")
+            engine = engine_for(settings, client=_client(settings, session))
+            run = engine.run(session.patient)
             session.cache["run"] = run
-            if run.plan is not None:
-                from fhirtwin.sim.interventions import candidate_interventions
-                from fhirtwin.sim.model import MechanisticTwin
-
-                model = MechanisticTwin().fit(run.state)
-                session.cache["model"] = model
-                session.cache["eligible"] = list(candidate_interventions(model.inputs_).eligible)
+            session.cache["eligible"] = engine.eligible(run)
+            session.cache["engine"] = engine
         return session.cache
 
 
-def _charts(forecasts: list[tuple[str, Any]]) -> dict[str, str]:
+def _charts(forecasts: list[tuple[str, Forecast]]) -> dict[str, str]:
     charts = {f"chart-risk-{o}": twin_view.risk_chart(forecasts, o) for o in twin_view.SHOWN_OUTCOMES
               if o in forecasts[0][1].cif}
     for variable in twin_view.SHOWN_TRAJECTORIES:
@@ -352,19 +354,19 @@ def _charts(forecasts: list[tuple[str, Any]]) -> dict[str, str]:
 @router.get("/patient")
 def patient_page(request: Request) -> Response:
     """Risks with 90 % intervals, trajectories, what-if toggles, the ledger and "write to chart"."""
-    from fhirtwin.fhir.errors import FhirError, FhirUnauthorized
-
     settings = request.app.state.settings
     session = _authorized(request)
     if session is None:
         return error_page(request, 401, "Not signed in", "Open this page through a SMART launch from the EHR.")
     try:
         cache = twin_for(settings, session)
-    except FhirUnauthorized:
+    except UpstreamUnauthorized:
         return error_page(request, 403, "Access refused", "The FHIR server refused the record read for this token.")
-    except FhirError:
+    except EngineError as exc:
+        if exc.http_status < 500:
+            return error_page(request, exc.http_status, "Record not available", exc.message)
         return error_page(request, 502, "FHIR server error", "The patient's record could not be read.")
-    run = cache["run"]
+    run: TwinRun = cache["run"]
     context: dict[str, Any] = {
         "patient_id": session.patient, "csrf": session.csrf, "run": run, "error": run.error,
         "granted_scope": (session.token or {}).get("scope", ""),
@@ -418,33 +420,22 @@ async def whatif(request: Request) -> JSONResponse:
     return await run_in_threadpool(_whatif, request.app.state.settings, session, chosen)
 
 
-def _whatif(settings: Any, session: Session, chosen: list[int]) -> JSONResponse:
-    from fhirtwin.sim.interventions import Scenario
-
+def _whatif(settings: ServiceSettings, session: Session, chosen: list[int]) -> JSONResponse:
     cache = twin_for(settings, session)
-    run = cache["run"]
+    run: TwinRun = cache["run"]
     if run.plan is None:
         return JSONResponse({"error": "no forecast for this patient"}, status_code=409)
     eligible = cache["eligible"]
     if any(not 0 <= i < len(eligible) for i in chosen):
         return JSONResponse({"error": "unknown intervention"}, status_code=400)
     picked = [eligible[i] for i in sorted(set(chosen))]
-    if sum(1 for p in picked if p.kind == "statin") > 1:
-        return JSONResponse({"error": "choose at most one statin option"}, status_code=400)
-    base = run.plan.baseline
-    if not picked:
-        forecast = base
-    else:
-        scenario = Scenario(" + ".join(p.label for p in picked), tuple(picked))
-        forecast = cache["model"].simulate(scenario, base.horizon_years, base.draws, base.seed)
-    month = int(round(12 * base.horizon_years))
-    arr = {}
-    for outcome in twin_view.SHOWN_OUTCOMES:
-        if outcome in base.cif:
-            diff = base.cif[outcome][:, month] - forecast.cif[outcome][:, month]
-            arr[outcome] = {"median": float(_quantile(diff, 0.5)), "p05": float(_quantile(diff, 0.05)),
-                            "p95": float(_quantile(diff, 0.95))}
-    series = [("current care", base)] + ([("with selection", forecast)] if picked else [])
+    try:
+        what_if = cache["engine"].what_if(run, picked)
+    except BadRequest as exc:
+        return JSONResponse({"error": exc.message}, status_code=400)
+    forecast = what_if.forecast
+    arr = {o: v for o, v in what_if.arr.items() if o in twin_view.SHOWN_OUTCOMES}
+    series = [("current care", run.plan.baseline)] + ([("with selection", forecast)] if picked else [])
     return JSONResponse({
         "scenario": forecast.scenario.name,
         "interventions": [p.label for p in picked],
@@ -455,28 +446,22 @@ def _whatif(settings: Any, session: Session, chosen: list[int]) -> JSONResponse:
     })
 
 
-def _quantile(values: Any, q: float) -> float:
-    import numpy as np
-
-    return float(np.quantile(values, q))
-
-
-def write_run(settings: Any, session: Session) -> dict[str, Any]:
-    """Write the proposal with the user's token through the shared engine (same draws and seed as the page,
-    so the written numbers are the ones shown); answers status, created count and the Provenance."""
-    from fhirtwin.service.engine import EngineError, simulate_patient
-
+def write_run(settings: ServiceSettings, session: Session) -> dict[str, Any]:
+    """Write the proposal with the user's token through the engine (same draws and seed as the page, so the
+    written numbers are the ones shown); answers status, created count and the Provenance."""
+    if not session.patient:
+        return {"status": "failed", "http_status": 400, "message": "no patient in the launch context"}
     try:
-        # the user's token covers the patient's results only; fhirtwin's Device is registered beforehand
-        result = simulate_patient(settings, session.patient, write=True, client=_client(settings, session),
-                                  include_device=False)
+        # the user's token covers the patient's results only; fhirtwin's Devices are registered beforehand
+        engine = engine_for(settings, client=_client(settings, session))
+        simulation = engine.simulate_patient(session.patient, write=True, include_device=False)
     except EngineError as exc:
         return {"status": "failed", "http_status": 502 if exc.http_status >= 500 else exc.http_status,
                 "message": exc.message}
-    locations = [str(e.get("response", {}).get("location", "")) for e in (result.response or {}).get("entry", [])]
-    provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
-    return {"status": "written" if result.created else "unchanged", "created": result.created,
-            "provenance": provenance}
+    commit = simulation.commit
+    created = commit.created if commit else 0
+    return {"status": "written" if created else "unchanged", "created": created,
+            "provenance": commit.provenance if commit else None}
 
 
 @router.post("/patient/write")

@@ -163,6 +163,11 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered_models() -> list[type[TwinModel]]:
+    """The registered model classes, by name (each needs a Device when results are written)."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
 def get_model(name: str, **kwargs: Any) -> TwinModel:
     """A fresh, unfitted instance of a registered model."""
     try:

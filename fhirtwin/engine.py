@@ -1,0 +1,793 @@
+"""The engine: the one place where read → twin → fit → plan → prepare → commit → what-if are composed.
+
+Every front door (the CLI, ``$simulate``, the Subscription worker, CDS Hooks, the SMART page, the
+benchmark) calls :class:`Engine`; none of them imports ``fhirtwin.adapters``, ``fhirtwin.sim`` or
+``fhirtwin.writeback`` itself, so the same record gives the same answer through every door. Failures
+the caller must answer are :class:`EngineError` subclasses with an HTTP status and an OperationOutcome;
+"not enough data" is an answer (:attr:`TwinRun.error`), not a crash.
+
+Reads go through any :class:`RecordSource` (a live ``FhirClient`` or an offline ``NdjsonSource``);
+what a record is (types, ``_include``) comes from :mod:`fhirtwin.adapters.reads`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from fhirtwin.adapters import build_twin, flatten_resources
+from fhirtwin.adapters.reads import READ_TYPES, RECORD_INCLUDES, RECORD_TYPES, REFERENCED_TYPES, observation_codes
+from fhirtwin.fhir import errors as fhir_errors
+from fhirtwin.fhir.client import batch_results
+from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_resource
+from fhirtwin.keys import key_device, key_device_id, public_key_from_device
+from fhirtwin.package_data import conformance_resources
+from fhirtwin.sim.inputs import InsufficientData
+from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions, combinations
+from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
+from fhirtwin.sim.planner import Plan, plan
+from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
+from fhirtwin.vocabulary import GENERATED_TAG, SUPERSEDED_TAG, is_fhirtwin_generated, token
+from fhirtwin.writeback.careplan import build_care_plan
+from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
+from fhirtwin.writeback.jws import JwsError, SigningKey, header_of
+from fhirtwin.writeback.signing import verify_targets
+from fhirtwin.writeback.transaction import PatientWrite, build_patient_write, merge_bundles
+
+MIN_HORIZON_YEARS = 5.0  # the RiskAssessment reports the 5- and 10-year points; below 5 it would be empty
+MAX_HORIZON_YEARS = 30.0  # the $simulate OperationDefinition documents 5 to 30 years
+RESULT_TYPES = ("RiskAssessment", "Goal", "CarePlan")
+#: fhirtwin CodeSystem intervention codes -> (intervention kind, statin intensity).
+INTERVENTION_CODES: dict[str, tuple[str, str | None]] = {
+    "statin-high-intensity": ("statin", "high"),
+    "statin-moderate-intensity": ("statin", "moderate"),
+    "bp-lowering-agent": ("bp_lowering", None),
+    "sglt2-inhibitor": ("sglt2i", None),
+    "smoking-cessation": ("smoking_cessation", None),
+}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def operation_outcome(message: str, *, code: str = "processing", severity: str = "error",
+                      expression: list[str] | None = None) -> dict[str, Any]:
+    """A one-issue OperationOutcome (the error body of every FHIR front door)."""
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": message}
+    if expression:
+        issue["expression"] = expression
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+class EngineError(Exception):
+    """A failure the caller answers with ``http_status`` and :meth:`outcome` (no stack trace, no PHI)."""
+
+    http_status = 500
+    issue_code = "exception"
+
+    def __init__(self, message: str, *, expression: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+
+    def outcome(self) -> dict[str, Any]:
+        """The OperationOutcome for this error."""
+        return operation_outcome(self.message, code=self.issue_code, expression=self.expression)
+
+
+class BadRequest(EngineError):
+    """The request itself is wrong (a parameter out of range, an unknown scenario)."""
+
+    http_status = 400
+    issue_code = "invalid"
+
+
+class PatientNotFound(EngineError):
+    """The source has no such Patient (or it was deleted)."""
+
+    http_status = 404
+    issue_code = "not-found"
+
+
+class InsufficientPatientData(EngineError):
+    """The record lacks what the twin needs; ``missing`` names the variables (never values)."""
+
+    http_status = 422
+    issue_code = "incomplete"
+
+    def __init__(self, message: str, missing: Sequence[str]) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+class UpstreamError(EngineError):
+    """The FHIR server failed or refused (5xx, unexpected 4xx, broken connection, invalid response)."""
+
+    http_status = 502
+    issue_code = "transient"
+
+    def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+
+class UpstreamTimeout(UpstreamError):
+    """The FHIR server did not answer in time."""
+
+    http_status = 504
+    issue_code = "timeout"
+
+
+class UpstreamUnauthorized(UpstreamError):
+    """The FHIR server refused the credentials (401/403): the caller's token does not cover this."""
+
+    http_status = 403
+    issue_code = "forbidden"
+
+
+def upstream_error(exc: Exception, during: str) -> EngineError:
+    """Map a transport error to an EngineError; the message names the step and status, not the URL."""
+    if isinstance(exc, fhir_errors.FhirTimeout):
+        return UpstreamTimeout(f"FHIR server timed out during {during}")
+    if isinstance(exc, fhir_errors.FhirUnauthorized):
+        return UpstreamUnauthorized(f"FHIR server refused access during {during}")
+    if isinstance(exc, fhir_errors.FhirError):
+        status = getattr(exc, "status", None)
+        codes = ",".join(str(i.get("code", "?")) for i in getattr(exc, "issues", []))
+        detail = f" (HTTP {status}{', issues ' + codes if codes else ''})" if status else ""
+        return UpstreamError(f"FHIR server error during {during}: {type(exc).__name__}{detail}",
+                             upstream_status=status)
+    return UpstreamError(f"FHIR server error during {during}: {type(exc).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- contracts
+
+
+class RecordSource(Protocol):
+    """Where records come from: a live ``FhirClient`` or an ``NdjsonSource`` both satisfy it."""
+
+    def fetch_patient_record(self, patient_id: str, types: Mapping[str, str], *, include: Iterable[str] = (),
+                             extra_searches: Iterable[str] = ()) -> list[dict[str, Any]]: ...
+
+    def fetch_patients_records(self, patient_ids: Iterable[str], types: Mapping[str, str], *,
+                               include: Iterable[str] = ()) -> dict[str, list[dict[str, Any]]]: ...
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One patient's read split in two: the clinical record (twin input) and fhirtwin's stored results.
+
+    Why: the writer needs the stored results to decide what is superseded; reading them in the record's
+    request saves a request per patient, and splitting them out keeps fhirtwin's outputs from ever being
+    read back as inputs. ``stored`` is None when the read did not look for them.
+    """
+
+    patient_id: str
+    resources: list[dict[str, Any]]
+    stored: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def split(cls, patient_id: str, resources: Iterable[Any], *, stored_read: bool) -> PatientRecord:
+        """Separate fhirtwin's own resources from the clinical record."""
+        record: list[dict[str, Any]] = []
+        stored: list[dict[str, Any]] = []
+        for resource in resources:
+            (stored if is_fhirtwin_generated(resource) else record).append(resource)
+        return cls(patient_id, record, [r for r in stored if r.get("resourceType") in RESULT_TYPES]
+                   if stored_read else None)
+
+
+@dataclass(frozen=True, eq=False)
+class TwinRun:
+    """One patient simulated: the twin, the fitted model and the plan — or the reason there is none."""
+
+    state: TwinState
+    model: MechanisticTwin | None
+    plan: Plan | None
+    error: str | None = None
+    missing: tuple[str, ...] = ()
+    stored: list[dict[str, Any]] | None = None
+
+    @property
+    def patient_id(self) -> str:
+        return self.state.patient_id
+
+    def require_plan(self) -> Plan:
+        """The plan, or :class:`InsufficientPatientData` naming what is missing."""
+        if self.plan is None:
+            raise InsufficientPatientData(
+                "insufficient data for a prediction; missing: " + (", ".join(self.missing) or "see ledger"),
+                self.missing)
+        return self.plan
+
+
+@dataclass(frozen=True, eq=False)
+class WhatIf:
+    """A chosen set of interventions against the run's baseline, paired draw by draw."""
+
+    forecast: Forecast
+    interventions: tuple[Intervention, ...]
+    arr: dict[str, dict[str, float]]  # outcome -> median, p05, p95 of baseline - scenario at the horizon
+
+
+@dataclass
+class Commit:
+    """What one committed transaction did."""
+
+    response: dict[str, Any]
+    created: int
+    provenance: str | None
+    reinstated: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Simulation:
+    """A front door's run: the TwinRun, the transaction that was (or would be) sent, and what it did."""
+
+    run: TwinRun
+    write: PatientWrite
+    commit: Commit | None = None
+    duration_ms: int = 0
+
+    @property
+    def bundle(self) -> dict[str, Any]:
+        return self.write.bundle
+
+    def resources(self, resource_type: str | None = None) -> list[dict[str, Any]]:
+        """Resources fhirtwin builds for this patient (RiskAssessment, Goal, CarePlan, Provenance)."""
+        return [r for r in self.write.results if resource_type is None or r["resourceType"] == resource_type]
+
+
+@dataclass
+class WriteResult:
+    """What writing one patient's results did: ``written``, ``unchanged``, ``dry-run``, ``skipped``, ``failed``."""
+
+    patient_id: str
+    status: str
+    created: int = 0
+    updated: int = 0
+    requests: int = 0
+    message: str = ""
+    provenance: str | None = None
+    bundle: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "bundle"}
+        if self.bundle is not None:
+            out["entries"] = [f"{e['request']['method']} {e['request']['url']}" for e in self.bundle["entry"]]
+        return out
+
+
+@dataclass
+class VerifyReport:
+    """Result of checking a Provenance's signature against the targets as they stand on the server."""
+
+    provenance: str
+    valid: bool
+    message: str
+    targets: list[str]
+    changed_versions: list[str]
+    kid: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+def stored_results_searches(patient_id: str) -> list[str]:
+    """Relative search URLs for fhirtwin's RiskAssessments, Goals and CarePlans of a patient."""
+    return [f"{rtype}?subject=Patient/{patient_id}&_tag={token(GENERATED_TAG)}&_count=500"
+            for rtype in RESULT_TYPES]
+
+
+_locks_guard = threading.Lock()
+_patient_locks = [threading.Lock() for _ in range(64)]
+
+
+def patient_lock(patient_id: str) -> threading.Lock:
+    """A lock per patient (striped, process-wide): one write at a time for a patient, across all doors."""
+    digest = hashlib.blake2s(patient_id.encode("utf-8"), digest_size=2).digest()
+    return _patient_locks[int.from_bytes(digest, "big") % len(_patient_locks)]
+
+
+def _ledger_source(resource: Any, position: int) -> str:
+    """The ledger's name for an input: ``Type/id/_history/v``, else the same fallbacks as build_twin."""
+    if not isinstance(resource, dict):
+        return f"input[{position}]"
+    try:
+        return SourceRef.of(resource).reference
+    except ValueError:
+        rtype = resource.get("resourceType")
+        return f"{rtype if isinstance(rtype, str) and rtype else 'Unknown'}/?[{position}]"
+
+
+def _created(response: dict[str, Any]) -> int:
+    return sum(1 for e in response.get("entry", []) if str(e.get("response", {}).get("status", "")).startswith("201"))
+
+
+def state_summary(state: TwinState) -> dict[str, Any]:
+    """The TwinState as JSON grouped by scale (every scale present), with its ledger."""
+    scales = {scale.value: {name: [ev.to_json() for ev in series] for name, series in variables.items()}
+              for scale, variables in state.by_scale().items()}
+    return {"patient_id": state.patient_id,
+            "reference_date": state.reference_date.isoformat() if state.reference_date else None,
+            "scales": scales, "ledger": state.ledger.to_json()}
+
+
+# ---------------------------------------------------------------------------------------------- watching
+
+#: Every resource type whose change can change a twin (the doors that watch for changes use this).
+WATCHED_TYPES: tuple[str, ...] = ("Patient", *RECORD_TYPES, *REFERENCED_TYPES)
+
+
+def subscription_criteria(*, twin_codes_only: bool = False, filters: Iterable[str] = ()) -> list[str]:
+    """One rest-hook criterion per type the twin reads; ``twin_codes_only`` narrows Observations to mapped
+    codes, ``filters`` (``param=value``) are added to every criterion (e.g. ``_tag=…`` for one source)."""
+    extra = [f for f in filters if f]
+    out = []
+    for rtype in WATCHED_TYPES:
+        params = ["code=" + ",".join(observation_codes())] if twin_codes_only and rtype == "Observation" else []
+        out.append(f"{rtype}?" + "&".join(params + extra))
+    return out
+
+
+def referring_searches(reference: str) -> list[str]:
+    """Searches that find the record resources pointing at a referenced resource (``Medication/x``)."""
+    rtype = reference.split("/", 1)[0]
+    return [template.format(ref=reference) for template in REFERENCED_TYPES.get(rtype, ())]
+
+
+def is_watched(resource: Any) -> bool:
+    """True when a changed resource can change a twin: a type the twin reads, not written by fhirtwin."""
+    return (isinstance(resource, dict) and resource.get("resourceType") in READ_TYPES
+            and not is_fhirtwin_generated(resource))
+
+
+def prefetch_templates() -> dict[str, str]:
+    """CDS Hooks prefetch: the Patient and one search per record type (with its ``_include``)."""
+    out = {"patient": "Patient/{{context.patientId}}"}
+    for rtype, param in RECORD_TYPES.items():
+        key = rtype[0].lower() + rtype[1:] + "s"
+        includes = "".join(f"&_include={i}" for i in RECORD_INCLUDES if i.startswith(rtype + ":"))
+        out[key] = f"{rtype}?{param}={{{{context.patientId}}}}&_count=1000{includes}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """One configured engine: a record source, a signing key and the ensemble settings.
+
+    ``source`` is needed for reads and writes (a FhirClient for writes); ``signing_key`` only for
+    :meth:`prepare` and beyond. ``strict`` ledgers and drops resources that fail R4 validation.
+    """
+
+    def __init__(self, source: Any = None, *, signing_key: SigningKey | None = None, draws: int = 1000,
+                 horizon_years: float = 10.0, seed: int = 0, outcome: str = "total_cvd", strict: bool = False,
+                 organization_id: str = DEFAULT_ORGANIZATION) -> None:
+        self.source = source
+        self.signing_key = signing_key
+        self.draws = draws
+        self.horizon_years = horizon_years
+        self.seed = seed
+        self.outcome = outcome
+        self.strict = strict
+        self.organization_id = organization_id
+
+    # -- read
+
+    def read(self, patient_id: str, *, with_stored: bool = True) -> PatientRecord:
+        """The record (and fhirtwin's stored results, in the same request when the source can)."""
+        if not isinstance(patient_id, str) or not patient_id or "," in patient_id or "/" in patient_id:
+            raise BadRequest("invalid patient id")
+        extra = stored_results_searches(patient_id) if with_stored else []
+        try:
+            resources = self._source().fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES,
+                                                            extra_searches=extra)
+        except (fhir_errors.FhirNotFound, fhir_errors.FhirGone) as exc:
+            raise PatientNotFound(f"Patient {patient_id} not found") from exc
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "record read") from exc
+        return PatientRecord.split(patient_id, resources, stored_read=with_stored)
+
+    def read_many(self, patient_ids: Iterable[str], *, chunk_size: int = 20) -> Iterator[PatientRecord]:
+        """Records of many patients, ``chunk_size`` per request (stored results not read)."""
+        ids = list(patient_ids)
+        for start in range(0, len(ids), chunk_size):
+            try:
+                records = self._source().fetch_patients_records(ids[start:start + chunk_size], RECORD_TYPES,
+                                                                include=RECORD_INCLUDES)
+            except fhir_errors.FhirNotFound as exc:
+                raise PatientNotFound(str(exc)) from exc
+            except fhir_errors.FhirError as exc:
+                raise upstream_error(exc, "record read") from exc
+            for patient_id, resources in records.items():
+                yield PatientRecord.split(patient_id, resources, stored_read=False)
+
+    # -- twin
+
+    def twin(self, record: PatientRecord, as_of: date | None = None) -> TwinState:
+        """The TwinState of a record (strict mode: resources failing R4 validation are ledgered, not used)."""
+        when = as_of or today()
+        if not self.strict:
+            return build_twin(record.patient_id, record.resources, when)
+        accepted: list[Any] = []
+        rejected: list[LedgerEntry] = []
+        for i, resource in enumerate(flatten_resources(record.resources)):
+            try:
+                validate_resource(resource)
+                SourceRef.of(resource)
+            except ResourceValidationError as exc:
+                rejected.append(LedgerEntry(_ledger_source(resource, i), LedgerKind.MALFORMED,
+                                            f"failed R4 validation: {exc.summary}"))
+            except ValueError as exc:
+                rejected.append(LedgerEntry(_ledger_source(resource, i), LedgerKind.MALFORMED, str(exc)))
+            else:
+                accepted.append(resource)
+        state = build_twin(record.patient_id, accepted, when)
+        state.ledger.extend(rejected)
+        return state
+
+    # -- fit and plan
+
+    def simulate(self, state: TwinState, *, scenario: str | None = None, horizon_years: float | None = None,
+                 draws: int | None = None, stored: list[dict[str, Any]] | None = None) -> TwinRun:
+        """Fit the mechanistic twin and rank interventions (``scenario`` restricts the plan to one)."""
+        horizon = float(self.horizon_years if horizon_years is None else horizon_years)
+        if not MIN_HORIZON_YEARS <= horizon <= MAX_HORIZON_YEARS:
+            raise BadRequest(f"horizon must be between {MIN_HORIZON_YEARS:g} and {MAX_HORIZON_YEARS:g} years",
+                             expression=["horizon"])
+        try:
+            model = MechanisticTwin().fit(state)
+        except InsufficientData as exc:
+            return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored)
+        scenarios = self._scenarios(model, scenario)
+        result = plan(model, outcome=self.outcome, horizon_years=horizon, draws=draws or self.draws, seed=self.seed,
+                      scenarios=scenarios)
+        return TwinRun(state, model, result, None, (), stored)
+
+    def run(self, patient_id: str, *, record: PatientRecord | None = None, as_of: date | None = None,
+            scenario: str | None = None, horizon_years: float | None = None, draws: int | None = None) -> TwinRun:
+        """Read (unless ``record`` is given), build the twin and simulate one patient."""
+        record = record if record is not None else self.read(patient_id)
+        state = self.twin(record, as_of)
+        return self.simulate(state, scenario=scenario, horizon_years=horizon_years, draws=draws,
+                             stored=record.stored)
+
+    def run_many(self, patient_ids: Iterable[str], *, as_of: date | None = None, draws: int | None = None,
+                 chunk_size: int = 20) -> Iterator[TwinRun]:
+        """Runs of many patients, reading ``chunk_size`` patients per request."""
+        for record in self.read_many(patient_ids, chunk_size=chunk_size):
+            yield self.simulate(self.twin(record, as_of), draws=draws)
+
+    def _scenarios(self, model: MechanisticTwin, scenario: str | None) -> list[Scenario] | None:
+        """The planner's scenario list for a requested name (None = every eligible one).
+
+        Accepts ``baseline``, a scenario name as the planner labels it (case-insensitive) or a fhirtwin
+        intervention code. A known code the patient is not eligible for is insufficient data for that
+        question (422); an unknown name is a bad request (400).
+        """
+        if scenario is None:
+            return None
+        wanted = scenario.strip()
+        if wanted.lower() == "baseline":
+            return []
+        inputs = model.inputs_
+        assert inputs is not None
+        options = combinations(candidate_interventions(inputs).eligible)
+        for option in options:
+            if option.name.lower() == wanted.lower():
+                return [option]
+        if wanted in INTERVENTION_CODES:
+            kind, intensity = INTERVENTION_CODES[wanted]
+            for option in options:
+                only = option.interventions[0] if len(option.interventions) == 1 else None
+                if only is not None and only.kind == kind and (intensity is None or only.intensity == intensity):
+                    return [option]
+            raise InsufficientPatientData(f"scenario {wanted!r} is not eligible for this patient", missing=[])
+        names = ", ".join(["baseline", *INTERVENTION_CODES, *(o.name for o in options)])
+        raise BadRequest(f"unknown scenario {wanted!r}; known: {names}", expression=["scenario"])
+
+    # -- what-if
+
+    def eligible(self, run: TwinRun) -> list[Intervention]:
+        """The interventions this patient is eligible for (what-if choices), in the planner's order."""
+        if run.model is None or run.model.inputs_ is None:
+            return []
+        return list(candidate_interventions(run.model.inputs_).eligible)
+
+    def what_if(self, run: TwinRun, interventions: Sequence[Intervention]) -> WhatIf:
+        """The forecast with ``interventions`` started now, paired with the run's baseline (same draws)."""
+        base = run.require_plan().baseline
+        if run.model is None:
+            raise InsufficientPatientData("no fitted model", run.missing)
+        if sum(1 for i in interventions if i.kind == "statin") > 1:
+            raise BadRequest("choose at most one statin option", expression=["interventions"])
+        if not interventions:
+            forecast = base
+        else:
+            scenario = Scenario(" + ".join(i.label for i in interventions), tuple(interventions))
+            forecast = run.model.simulate(scenario, base.horizon_years, base.draws, base.seed)
+        month = int(round(12 * base.horizon_years))
+        arr = {}
+        for outcome in base.cif:
+            diff = base.cif[outcome][:, month] - forecast.cif[outcome][:, month]
+            arr[outcome] = {"median": float(np.quantile(diff, 0.5)), "p05": float(np.quantile(diff, 0.05)),
+                            "p95": float(np.quantile(diff, 0.95))}
+        return WhatIf(forecast, tuple(interventions), arr)
+
+    def draft_care_plan(self, run: TwinRun) -> dict[str, Any]:
+        """The proposed CarePlan as a standalone resource (for a CDS suggestion; nothing is written)."""
+        result = run.require_plan()
+        forecast = result.baseline
+        care_plan = build_care_plan(result, run.state, ra_refs={}, goal_refs={}, occurrence=datetime.now(UTC),
+                                    device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
+        for key in ("supportingInfo", "goal"):
+            if not care_plan.get(key):
+                care_plan.pop(key, None)
+        return care_plan
+
+    # -- prepare and commit
+
+    def prepare(self, run: TwinRun, *, include_device: bool = True, now: datetime | None = None) -> PatientWrite:
+        """The validated transaction for one run; stored results are searched when the read did not bring them."""
+        result = run.require_plan()
+        stored = run.stored if run.stored is not None else self.stored_results(run.patient_id)
+        key = self._key()
+        write = build_patient_write(result, run.state, key=key, existing=stored, now=now,
+                                    include_device=include_device, organization_id=self.organization_id)
+        if include_device:  # publish the verifying key with the Device that signs (an unchanged PUT is a no-op)
+            device = self._key_device(key)
+            url = f"Device/{device['id']}"
+            base = getattr(self.source, "base_url", None)
+            full_url = (f"{base.rstrip('/')}/{url}" if isinstance(base, str)
+                        else f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}")
+            write.bundle["entry"].insert(0, {"fullUrl": full_url, "resource": device,
+                                             "request": {"method": "PUT", "url": url}})
+        for entry in write.bundle["entry"]:
+            validate_resource(entry["resource"])
+            check_emittable(entry["resource"])
+        return write
+
+    def stored_results(self, patient_id: str) -> list[dict[str, Any]]:
+        """fhirtwin's stored RiskAssessments, Goals and CarePlans of a patient (one batch request)."""
+        client = self._client()
+        entries = [{"request": {"method": "GET", "url": url}} for url in stored_results_searches(patient_id)]
+        try:
+            response = client.batch(entries)
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "search of stored results") from exc
+        found: list[dict[str, Any]] = []
+        for result in batch_results(response, entries):
+            if not result.ok:
+                raise UpstreamError(f"search of stored results failed with HTTP {result.status}",
+                                    upstream_status=result.status)
+            found += [e["resource"] for e in (result.resource or {}).get("entry", []) if "resource" in e]
+        return found
+
+    def commit(self, write: PatientWrite) -> Commit:
+        """Send one prepared transaction and reinstate earlier results it made current again."""
+        client = self._client()
+        try:
+            response = client.transaction(write.bundle)
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "write transaction") from exc
+        locations = [str(e.get("response", {}).get("location", "")) for e in response.get("entry", [])]
+        provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
+        commit = Commit(response, _created(response), provenance)
+        try:
+            commit.reinstated = self.reinstate(write.reinstate)
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "reinstating earlier results") from exc
+        return commit
+
+    def reinstate(self, references: Iterable[str]) -> list[str]:
+        """Make earlier results current again (inputs went back to an earlier state): drop their tag.
+
+        One ``$meta-delete`` per resource, after the transaction (HAPI refuses operations inside one).
+        Safe to repeat, so it is retried like a read.
+        """
+        client = self._client()
+        done = []
+        for ref in references:
+            rtype, rid = ref.split("/")
+            client.operation("meta-delete", resource_type=rtype, resource_id=rid, retry_safe=True, parameters={
+                "resourceType": "Parameters",
+                "parameter": [{"name": "meta", "valueMeta": {"tag": [dict(SUPERSEDED_TAG)]}}]})
+            done.append(ref)
+        return done
+
+    def simulate_patient(self, patient_id: str, *, write: bool, scenario: str | None = None,
+                         horizon_years: float | None = None, record: PatientRecord | None = None,
+                         as_of: date | None = None, include_device: bool = True) -> Simulation:
+        """A front door's whole path: run, prepare and (``write``) commit, one patient at a time.
+
+        Even ``write=False`` reads the stored results, so the bundle shows exactly what a write would
+        supersede. A restricted ``scenario`` is what-if only: the CarePlan identifier does not encode the
+        scenario set, so writing it would collide with the full plan (400).
+        """
+        if write and scenario is not None:
+            raise BadRequest("a scenario restricts the plan and can only be simulated with write=false",
+                             expression=["scenario"])
+        started = time.monotonic()
+        run = self.run(patient_id, record=record, as_of=as_of, scenario=scenario, horizon_years=horizon_years)
+        run.require_plan()
+        lock = patient_lock(patient_id)
+        if not lock.acquire(blocking=False):
+            lock.acquire()
+            run = TwinRun(run.state, run.model, run.plan, run.error, run.missing, None)  # re-read: may be stale
+        try:
+            prepared = self.prepare(run, include_device=include_device)
+            simulation = Simulation(run, prepared)
+            if write:
+                simulation.commit = self.commit(prepared)
+        finally:
+            lock.release()
+        simulation.duration_ms = int((time.monotonic() - started) * 1000)
+        return simulation
+
+    def write(self, runs: Iterable[TwinRun], *, dry_run: bool = False, group: int = 1,
+              now: datetime | None = None) -> Iterator[WriteResult]:
+        """Prepare and send one transaction per patient (``group`` > 1: several patients per transaction).
+
+        A patient without a plan is ``skipped``; a failing patient (or group) is ``failed`` with the
+        reason and never stops the others. ``dry_run`` reads what exists but writes nothing. Results are
+        yielded as their transaction completes (progress bars follow them).
+        """
+        client = self._client()
+        pending: list[tuple[WriteResult, PatientWrite]] = []
+
+        def flush() -> list[WriteResult]:
+            if not pending:
+                return []
+            done = [r for r, _ in pending]
+            writes = [w for _, w in pending]
+            bundle = writes[0].bundle if len(writes) == 1 else merge_bundles(writes)
+            before = client.request_count
+            try:
+                response = client.transaction(bundle)
+            except fhir_errors.FhirError as exc:
+                for result in done:
+                    result.status, result.message = "failed", str(upstream_error(exc, "write transaction"))
+            else:
+                outcomes = batch_results(response, bundle["entry"])
+                by_url = {e.get("fullUrl"): o for e, o in zip(bundle["entry"], outcomes, strict=False)}
+                for result, write in pending:
+                    mine = [(e, by_url.get(e.get("fullUrl"))) for e in write.bundle["entry"]]
+                    result.created = sum(1 for _, o in mine if o is not None and o.status == 201)
+                    result.updated = sum(1 for e, o in mine if o is not None and e["request"]["method"] == "PUT"
+                                         and e["resource"]["resourceType"] in RESULT_TYPES)
+                    prov = [o for e, o in mine if e["resource"]["resourceType"] == "Provenance" and o is not None]
+                    result.provenance = prov[0].location.split("/_history")[0] if prov and prov[0].location else None
+                    result.status = "written" if result.created or result.updated else "unchanged"
+                    result.requests += (client.request_count - before) if len(pending) == 1 else 0
+                    try:
+                        self.reinstate(write.reinstate)
+                    except fhir_errors.FhirError as exc:
+                        result.status, result.message = "failed", str(upstream_error(exc, "reinstating"))
+            pending.clear()
+            return done
+
+        for run in runs:
+            result = WriteResult(run.patient_id, "skipped")
+            if run.plan is None:
+                result.message = f"no prediction: missing {', '.join(run.missing) or 'required data'}"
+                yield result
+                continue
+            before = client.request_count
+            try:
+                write = self.prepare(run, now=now)
+            except (EngineError, ResourceValidationError, JwsError) as exc:
+                result.status, result.message = "failed", str(exc)
+                yield result
+                continue
+            result.requests = client.request_count - before
+            result.bundle = write.bundle
+            if dry_run:
+                result.status = "dry-run"
+                result.message = (f"would send {len(write.bundle['entry'])} entries; supersede "
+                                  f"{len(write.superseded)}; reinstate {len(write.reinstate)}")
+                yield result
+                continue
+            pending.append((result, write))
+            if len(pending) >= max(1, group):
+                yield from flush()
+        yield from flush()
+
+    # -- registration and verification
+
+    def registration(self) -> list[dict[str, Any]]:
+        """What a server needs once before writes: conformance resources, Organization, Devices, the key."""
+        org = organization_resource(self.organization_id)
+        devices = [device_resource(cls.name, cls.version, self.organization_id) for cls in registered_models()]
+        out = [*conformance_resources(), org, *devices]
+        if self.signing_key is not None:
+            out.append(self._key_device(self.signing_key))
+        return out
+
+    def _key_device(self, key: SigningKey) -> dict[str, Any]:
+        model = f"Device/{device_id(MechanisticTwin.name, MechanisticTwin.version)}"
+        return key_device(key, model_device=model, organization=f"Organization/{self.organization_id}")
+
+    def verify(self, provenance_ref: str, public_key: Any = None) -> VerifyReport:
+        """Check a Provenance's JWS against its targets as they now stand on the server.
+
+        Without ``public_key`` the key is the one the server publishes for the signature's ``kid``
+        (see :mod:`fhirtwin.keys`); a kid nobody published is a failed verification, not a crash.
+        """
+        client = self._client()
+        rtype, _, rid = provenance_ref.partition("/")
+        if rtype != "Provenance" or not rid:
+            raise BadRequest("expected Provenance/<id>")
+        try:
+            provenance = client.read("Provenance", rid.split("/_history")[0])
+        except (fhir_errors.FhirNotFound, fhir_errors.FhirGone) as exc:
+            raise PatientNotFound(f"{provenance_ref} not found") from exc
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "Provenance read") from exc
+        refs = [t.get("reference", "") for t in provenance.get("target", [])]
+        signatures = [s for s in provenance.get("signature", []) if s.get("sigFormat") == "application/jose"]
+        if not refs or not signatures:
+            return VerifyReport(provenance_ref, False, "Provenance has no targets or no JWS signature", refs, [])
+        jws = str(signatures[0].get("data", ""))
+        try:
+            kid = str(header_of(jws).get("kid") or "")
+        except JwsError as exc:
+            return VerifyReport(provenance_ref, False, f"INVALID: {exc}", refs, [])
+        if public_key is None:
+            try:
+                public_key = public_key_from_device(client.read("Device", key_device_id(kid)), kid)
+            except (fhir_errors.FhirError, JwsError) as exc:
+                return VerifyReport(provenance_ref, False, f"no published key for kid {kid or '(none)'}: "
+                                    f"{type(exc).__name__} (run `fhirtwin register`, or pass --key)", refs, [], kid)
+        targets, changed = [], []
+        for ref in refs:
+            parts = ref.split("/")
+            try:
+                current = client.read(parts[0], parts[1])
+            except fhir_errors.FhirError as exc:
+                return VerifyReport(provenance_ref, False, f"target {ref} cannot be read: {type(exc).__name__}",
+                                    refs, changed, kid)
+            targets.append(current)
+            if "_history" in parts and current.get("meta", {}).get("versionId") != parts[-1]:
+                changed.append(f"{ref} -> version {current.get('meta', {}).get('versionId')}")
+        try:
+            header = verify_targets(jws, targets, refs, public_key)
+        except JwsError as exc:
+            return VerifyReport(provenance_ref, False, f"INVALID: {exc} (a target was changed after signing, or "
+                                "another key signed it)", refs, changed, kid)
+        note = f"valid {header.get('alg')} signature over {len(refs)} target(s)"
+        if changed:
+            note += "; signed content unchanged although newer versions exist (meta only)"
+        return VerifyReport(provenance_ref, True, note, refs, changed, kid)
+
+    # -- internals
+
+    def _source(self) -> Any:
+        if self.source is None:
+            raise BadRequest("this engine has no record source")
+        return self.source
+
+    def _client(self) -> Any:
+        """The source as a FHIR client (writes and searches need one)."""
+        source = self._source()
+        if not hasattr(source, "transaction"):
+            raise BadRequest("writing needs a FHIR server, not an offline source")
+        return source
+
+    def _key(self) -> SigningKey:
+        if self.signing_key is None:
+            raise BadRequest("no signing key configured for writes")
+        return self.signing_key

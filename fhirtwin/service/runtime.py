@@ -1,0 +1,136 @@
+"""What every door of the web service shares: its settings, the engine they call, and PHI-free logs.
+
+Why here and not in the doors: one FHIR connection pool per server, one signing key per deployment
+(from :mod:`fhirtwin.keys`, never from the sandbox) and one log format, whichever door a request uses.
+The work itself is :class:`fhirtwin.engine.Engine`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fhirtwin.engine import Engine
+from fhirtwin.fhir.client import FhirClient
+from fhirtwin.keys import signing_key_for
+from fhirtwin.writeback.jws import SigningKey
+
+log = logging.getLogger("fhirtwin.service")
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """Debounce and retry of Subscription deliveries (seconds; see ``fhirtwin.service.jobs``)."""
+
+    window: float = 2.0
+    max_wait: float = 10.0
+    max_attempts: int = 4
+    backoff: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Where the service finds its FHIR server, how it presents itself and who may use it."""
+
+    fhir_server: str
+    public_url: str = "http://127.0.0.1:8765"
+    verify_tls: bool = True
+    draws: int = 1000
+    horizon_years: float = 10.0
+    signing_key_file: str | None = None
+    #: SMART: the client id registered with the EHR, extra FHIR bases allowed as ``iss``, CSP frame-ancestors.
+    smart_client_id: str = "fhirtwin"
+    smart_issuers: tuple[str, ...] = ()
+    frame_ancestors: str = "'self'"
+    #: Subscription deliveries must carry ``Authorization: Bearer <secret>`` when set.
+    webhook_secret: str | None = None
+    webhook: WebhookOptions = field(default_factory=WebhookOptions)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+_cache_lock = threading.Lock()
+_clients: dict[tuple[str, bool], FhirClient] = {}
+_keys: dict[tuple[str | None, str], SigningKey] = {}
+
+
+def shared_client(settings: ServiceSettings) -> FhirClient:
+    """The FhirClient for ``settings.fhir_server`` (one connection pool per server and TLS mode)."""
+    cache_key = (settings.fhir_server.rstrip("/"), bool(settings.verify_tls))
+    with _cache_lock:
+        client = _clients.get(cache_key)
+        if client is None:
+            client = _clients[cache_key] = FhirClient(cache_key[0], verify=cache_key[1])
+        return client
+
+
+def signing_key(settings: ServiceSettings) -> SigningKey:
+    """The deployment's Provenance key: ``settings.signing_key_file``, else the key policy for its server."""
+    cache_key = (settings.signing_key_file, settings.fhir_server)
+    with _cache_lock:
+        key = _keys.get(cache_key)
+        if key is None:
+            if settings.signing_key_file:
+                with open(settings.signing_key_file, "rb") as handle:
+                    key = SigningKey.from_pem(handle.read())
+            else:
+                key = signing_key_for(settings.fhir_server)
+            _keys[cache_key] = key
+        return key
+
+
+def engine_for(settings: ServiceSettings, *, client: Any = None, draws: int | None = None) -> Engine:
+    """The engine a door uses: the shared client (or ``client``, e.g. with a user's token), the key, draws."""
+    return Engine(client if client is not None else shared_client(settings), signing_key=signing_key(settings),
+                  draws=draws or settings.draws, horizon_years=settings.horizon_years)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event and the structured fields of the record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", record.getMessage()),
+        }
+        out.update(getattr(record, "fields", {}) or {})
+        return json.dumps(out, separators=(",", ":"), default=str)
+
+
+_logging_lock = threading.Lock()
+
+
+def ensure_json_logging(level: int = logging.INFO) -> None:
+    """Give the ``fhirtwin.service`` logger a JSON-lines stderr handler once (the server has no other)."""
+    with _logging_lock:
+        if any(isinstance(h.formatter, JsonLineFormatter) for h in log.handlers):
+            return
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLineFormatter())
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
+
+
+_SALT = secrets.token_bytes(16)
+
+
+def patient_hash(patient_id: str) -> str:
+    """Short salted hash of a patient id: correlates log lines of one process, reveals nothing."""
+    return hashlib.blake2s(patient_id.encode("utf-8"), key=_SALT, digest_size=6).hexdigest()
+
+
+def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one structured event. Callers pass only PHI-free fields (types, statuses, counts, durations)."""
+    log.log(level, event, extra={"event": event, "fields": fields})
