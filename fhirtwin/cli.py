@@ -513,11 +513,14 @@ def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
     """The message for an expected failure: what went wrong and, for a dead server, what to check."""
     import requests
 
-    from fhirtwin.fhir.errors import FhirError
+    from fhirtwin.engine import PatientNotFound
+    from fhirtwin.fhir.errors import FhirConnectionError
 
     server = getattr(args, "server", None) or getattr(args, "fhir_server", None)
-    if isinstance(exc, requests.ConnectionError) or (
-            isinstance(exc, FhirError) and isinstance(exc.__cause__, requests.ConnectionError)):
+    if isinstance(exc, PatientNotFound) and exc.patient_id:
+        return f"Patient {exc.patient_id} not found on {server}"
+    chain = [exc, exc.__cause__, getattr(exc.__cause__, "__cause__", None)]
+    if any(isinstance(e, requests.ConnectionError | FhirConnectionError) for e in chain):
         return f"cannot connect: is the FHIR server running at {server}?"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "connect" in text.lower() and server:
@@ -527,7 +530,12 @@ def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
     import requests
+
+    # the command reports failures itself, in one line; library warnings (retries) stay out of the terminal
+    logging.getLogger("fhirtwin").addHandler(logging.NullHandler())
 
     from fhirtwin.engine import EngineError
     from fhirtwin.fhir.errors import FhirError

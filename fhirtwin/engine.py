@@ -91,10 +91,15 @@ class BadRequest(EngineError):
 
 
 class PatientNotFound(EngineError):
-    """The source has no such Patient (or it was deleted)."""
+    """The source has no such Patient (or it was deleted). The message never names the patient (it may
+    reach a log or a client); ``patient_id`` is there for a caller who may say it, e.g. the CLI."""
 
     http_status = 404
     issue_code = "not-found"
+
+    def __init__(self, message: str, *, patient_id: str | None = None) -> None:
+        super().__init__(message)
+        self.patient_id = patient_id
 
 
 class InsufficientPatientData(EngineError):
@@ -397,7 +402,7 @@ class Engine:
             resources = self._source().fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES,
                                                             extra_searches=extra)
         except (fhir_errors.FhirNotFound, fhir_errors.FhirGone) as exc:
-            raise PatientNotFound(f"Patient {patient_id} not found") from exc
+            raise PatientNotFound("Patient not found on the FHIR server", patient_id=patient_id) from exc
         except fhir_errors.FhirError as exc:
             raise upstream_error(exc, "record read") from exc
         return PatientRecord.split(patient_id, resources, stored_read=with_stored)
@@ -461,6 +466,9 @@ class Engine:
     def run(self, patient_id: str, *, record: PatientRecord | None = None, as_of: date | None = None,
             scenario: str | None = None, horizon_years: float | None = None, draws: int | None = None) -> TwinRun:
         """Read (unless ``record`` is given), build the twin and simulate one patient."""
+        if record is not None and not any(isinstance(r, dict) and r.get("resourceType") == "Patient"
+                                          for r in record.resources):
+            raise BadRequest("the supplied record holds no Patient resource")
         record = record if record is not None else self.read(patient_id)
         state = self.twin(record, as_of)
         return self.simulate(state, scenario=scenario, horizon_years=horizon_years, draws=draws,

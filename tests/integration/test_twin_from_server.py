@@ -9,8 +9,8 @@ from datetime import date, timedelta
 
 import pytest
 
+from fhirtwin.engine import Engine
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.pipeline import read_twin, read_twins
 from fhirtwin.twin import LedgerKind, TwinState
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,8 @@ INTENSITY_RANK = {"low": 1, "moderate": 2, "high": 3}
 def twins(loaded_cohort, base_url: str) -> dict[str, TwinState]:
     client = FhirClient(base_url)
     ids = [b["entry"][0]["resource"]["id"] for b in loaded_cohort.bundles]
-    states = {state.patient_id: state for state in read_twins(client, ids, REFERENCE)}
+    engine = Engine(client)
+    states = {state.patient_id: state for state in (engine.twin(r, REFERENCE) for r in engine.read_many(ids))}
     assert client.request_count <= len(ids) / 20 + client.pages_followed + 1
     return states
 
@@ -138,7 +139,8 @@ def test_latest_values_follow_the_generated_trends(twins, loaded_cohort) -> None
 def test_one_request_per_patient_when_read_alone(loaded_cohort, base_url: str) -> None:
     for bundle in loaded_cohort.bundles[::10]:
         client = FhirClient(base_url)
-        state = read_twin(client, bundle["entry"][0]["resource"]["id"], REFERENCE)
+        engine = Engine(client)
+        state = engine.twin(engine.read(bundle["entry"][0]["resource"]["id"], with_stored=False), REFERENCE)
         assert client.request_count == 1 and client.pages_followed == 0, state.patient_id
 
 

@@ -9,7 +9,7 @@ dates, empty codings, status codes outside the R4 value sets, references to othe
   never uses a resource it rejected;
 * ``validate_resource``/``check_emittable`` raise nothing but ``ResourceValidationError``, and
   ``validate_bundle_entries`` never raises for a Bundle of such entries;
-* strict mode (``read_twin(..., validate=True)``) never lets a resource that failed validation feed
+* strict mode (``Engine(strict=True)``) never lets a resource that failed validation feed
   the twin, and ledgers each one as ``malformed``.
 """
 
@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fhirtwin.adapters import build_twin, flatten_resources
+from fhirtwin.engine import Engine
 from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_bundle_entries, validate_resource
-from fhirtwin.pipeline import read_twin
 from fhirtwin.twin import LedgerKind, TwinState
 
 REF = date(2025, 1, 1)
@@ -378,15 +378,15 @@ def test_validation_is_deterministic(resource: dict[str, Any]) -> None:
 
 
 class _Source:
-    """An in-memory record source (the pipeline's read interface), for strict mode without a server."""
+    """An in-memory record source (the engine's record source), for strict mode without a server."""
 
     def __init__(self, record: list[Any]) -> None:
         self.record = record
 
-    def fetch_patient_record(self, patient_id: str) -> list[dict[str, Any]]:
+    def fetch_patient_record(self, patient_id: str, types: Any, **_: Any) -> list[dict[str, Any]]:
         return self.record
 
-    def fetch_patients_records(self, patient_ids: Any) -> dict[str, list[dict[str, Any]]]:
+    def fetch_patients_records(self, patient_ids: Any, types: Any, **_: Any) -> dict[str, list[dict[str, Any]]]:
         return {pid: self.record for pid in patient_ids}
 
 
@@ -402,7 +402,8 @@ def test_strict_mode_never_uses_what_it_rejected(record: list[Any]) -> None:
             key = _key(resource)
             if key is not None:
                 failed.add(key)
-    state = read_twin(_Source(record), PID, REF, validate=True)
+    engine = Engine(_Source(record), strict=True)
+    state = engine.twin(engine.read(PID, with_stored=False), REF)
     strict = {e.source.split("/_history/")[0] for e in state.ledger.entries(kind=LedgerKind.MALFORMED)
               if e.message.startswith("failed R4 validation")}
     assert failed <= strict

@@ -1,4 +1,4 @@
-"""Strict mode of the pipeline: resources failing R4 validation never reach the adapters and are ledgered."""
+"""Strict mode of the engine: resources failing R4 validation never reach the adapters and are ledgered."""
 
 from __future__ import annotations
 
@@ -6,10 +6,23 @@ import copy
 from datetime import date
 from typing import Any
 
-from fhirtwin.pipeline import read_twin, read_twins
-from fhirtwin.twin import LedgerKind
+from fhirtwin.engine import Engine
+from fhirtwin.twin import LedgerKind, TwinState
 
 REF = date(2025, 1, 1)
+
+
+def read_twin(source: Any, patient_id: str, reference_date: date, *, validate: bool = False) -> TwinState:
+    """One patient's twin through the engine (``validate``: strict mode)."""
+    engine = Engine(source, strict=validate)
+    return engine.twin(engine.read(patient_id, with_stored=False), reference_date)
+
+
+def read_twins(source: Any, patient_ids: list[str], reference_date: date, *, chunk_size: int = 20,
+               validate: bool = False) -> list[TwinState]:
+    """Many patients' twins through the engine, ``chunk_size`` per read."""
+    engine = Engine(source, strict=validate)
+    return [engine.twin(r, reference_date) for r in engine.read_many(patient_ids, chunk_size=chunk_size)]
 
 
 def patient(pid: str) -> dict[str, Any]:
@@ -32,15 +45,15 @@ def tc(rid: str, pid: str, value: Any = 190.0, **extra: Any) -> dict[str, Any]:
 
 
 class Source:
-    """The pipeline's read interface over in-memory records."""
+    """The engine's record source over in-memory records."""
 
     def __init__(self, records: dict[str, list[Any]]) -> None:
         self.records = records
 
-    def fetch_patient_record(self, patient_id: str) -> list[dict[str, Any]]:
+    def fetch_patient_record(self, patient_id: str, types: Any, **_: Any) -> list[dict[str, Any]]:
         return self.records[patient_id]
 
-    def fetch_patients_records(self, patient_ids: Any) -> dict[str, list[dict[str, Any]]]:
+    def fetch_patients_records(self, patient_ids: Any, types: Any, **_: Any) -> dict[str, list[dict[str, Any]]]:
         return {pid: self.records[pid] for pid in patient_ids}
 
 

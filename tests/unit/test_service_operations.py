@@ -16,12 +16,16 @@ from cryptography.hazmat.primitives import serialization
 from starlette.testclient import TestClient
 from writeback_fixtures import versioned_resources
 
+from fhirtwin import engine
+from fhirtwin.engine import BadRequest, InsufficientPatientData, PatientRecord
 from fhirtwin.fhir import errors as fe
-from fhirtwin.service import engine, operations, webhook
+from fhirtwin.fhir import subscriptions
+from fhirtwin.service import operations, runtime, webhook
 from fhirtwin.service.app import ServiceSettings, create_app
-from fhirtwin.service.engine import BadRequest, InsufficientPatientData
+from fhirtwin.service.jobs import Debouncer, Permanent, WebhookWorker
 from fhirtwin.service.operations import parse_parameters, parse_query
-from fhirtwin.service.webhook import Debouncer, Permanent, WebhookWorker, is_fhirtwin_authored
+from fhirtwin.service.runtime import WebhookOptions
+from fhirtwin.vocabulary import is_fhirtwin_generated
 from fhirtwin.writeback.jws import generate_key
 
 FHIR_JSON = "application/fhir+json"
@@ -47,7 +51,7 @@ class FakeFhir:
         self.error = error
         self.transactions: list[dict] = []
 
-    def fetch_patient_record(self, patient_id: str) -> list[dict]:
+    def fetch_patient_record(self, patient_id: str, types: object, **_: object) -> list[dict]:
         if self.error is not None:
             raise self.error
         return self.record
@@ -80,7 +84,7 @@ def record() -> tuple[str, list[dict]]:
 
 
 def app_with(settings: ServiceSettings, fake: FakeFhir, monkeypatch) -> TestClient:
-    monkeypatch.setattr(engine, "get_client", lambda _settings: fake)
+    monkeypatch.setattr(runtime, "shared_client", lambda _settings: fake)
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
@@ -159,17 +163,17 @@ def test_simulate_with_write_returns_the_transaction_response(settings, record, 
 def test_scenario_restricts_the_plan(settings, record, monkeypatch) -> None:
     patient_id, resources = record
     fake = FakeFhir(resources)
-    monkeypatch.setattr(engine, "get_client", lambda _settings: fake)
-    base = engine.simulate_patient(settings, patient_id, write=False, scenario="baseline")
-    assert base.plan.options == () and len(base.risk_assessments) >= 1
-    full = engine.simulate_patient(settings, patient_id, write=False)
-    name = full.plan.options[0].scenario.name
-    one = engine.simulate_patient(settings, patient_id, write=False, scenario=name.upper())
-    assert [o.scenario.name for o in one.plan.options] == [name]
+    eng = runtime.engine_for(settings, client=fake)
+    base = eng.simulate_patient(patient_id, write=False, scenario="baseline")
+    assert base.run.require_plan().options == () and len(base.resources("RiskAssessment")) >= 1
+    full = eng.simulate_patient(patient_id, write=False)
+    name = full.run.require_plan().options[0].scenario.name
+    one = eng.simulate_patient(patient_id, write=False, scenario=name.upper())
+    assert [o.scenario.name for o in one.run.require_plan().options] == [name]
     with pytest.raises(BadRequest):
-        engine.simulate_patient(settings, patient_id, write=True, scenario=name)
+        eng.simulate_patient(patient_id, write=True, scenario=name)
     with pytest.raises(BadRequest):
-        engine.simulate_patient(settings, patient_id, write=False, horizon_years=2)
+        eng.simulate_patient(patient_id, write=False, horizon_years=2)
 
 
 @pytest.mark.parametrize(("error", "status", "code"), [
@@ -216,7 +220,7 @@ def test_bad_requests_and_unexpected_errors(settings, record, monkeypatch) -> No
     def explode(*args, **kwargs):
         raise RuntimeError("boom at /secret/path")
 
-    monkeypatch.setattr(operations, "simulate_patient", explode)
+    monkeypatch.setattr(operations, "engine_for", explode)
     response = client.get(url)
     assert response.status_code == 500
     assert response.json()["resourceType"] == "OperationOutcome"
@@ -225,12 +229,13 @@ def test_bad_requests_and_unexpected_errors(settings, record, monkeypatch) -> No
 
 def test_engine_raises_insufficient_data_with_missing_list(settings, record, monkeypatch) -> None:
     patient_id, resources = record
+    eng = runtime.engine_for(settings, client=FakeFhir())
     with pytest.raises(InsufficientPatientData) as info:
-        engine.simulate_patient(settings, patient_id, write=False,
-                                record=[r for r in resources if r["resourceType"] == "Patient"], client=FakeFhir())
+        eng.simulate_patient(patient_id, write=False,
+                             record=PatientRecord(patient_id, [r for r in resources if r["resourceType"] == "Patient"]))
     assert "ldl_cholesterol_mg_dl (or triglycerides < 400 mg/dL for Friedewald)" in info.value.missing
     with pytest.raises(BadRequest):
-        engine.simulate_patient(settings, patient_id, write=False, record=[], client=FakeFhir())
+        eng.simulate_patient(patient_id, write=False, record=PatientRecord(patient_id, []))
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -239,11 +244,11 @@ def test_engine_raises_insufficient_data_with_missing_list(settings, record, mon
 def test_json_log_lines_carry_fields_and_hash_patients() -> None:
     record = logging.LogRecord("fhirtwin.service", logging.INFO, __file__, 1, "simulate", None, None)
     record.event = "simulate"
-    record.fields = {"patient": engine.patient_hash("ftp-0001"), "duration_ms": 12}
-    line = json.loads(engine.JsonLineFormatter().format(record))
+    record.fields = {"patient": runtime.patient_hash("ftp-0001"), "duration_ms": 12}
+    line = json.loads(runtime.JsonLineFormatter().format(record))
     assert line["event"] == "simulate" and line["duration_ms"] == 12 and line["level"] == "info"
     assert "ftp-0001" not in json.dumps(line)
-    assert engine.patient_hash("ftp-0001") == engine.patient_hash("ftp-0001") != engine.patient_hash("ftp-0002")
+    assert runtime.patient_hash("ftp-0001") == runtime.patient_hash("ftp-0001") != runtime.patient_hash("ftp-0002")
 
 
 # ------------------------------------------------------------------------------------------- webhook filters
@@ -251,15 +256,18 @@ def test_json_log_lines_carry_fields_and_hash_patients() -> None:
 
 def test_fhirtwin_authored_resources_are_recognised() -> None:
     obs = {"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}
-    assert not is_fhirtwin_authored(obs)
-    assert is_fhirtwin_authored({**obs, "meta": {"tag": [
-        {"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "fhirtwin-generated"}]}})
-    assert is_fhirtwin_authored({**obs, "identifier": [{"system": "https://fhirtwin.org/sid/prediction",
-                                                        "value": "abc"}]})
-    for rtype in ("RiskAssessment", "CarePlan", "Goal", "Provenance", "Device"):
-        assert is_fhirtwin_authored({"resourceType": rtype})
+    assert not is_fhirtwin_generated(obs) and engine.is_watched(obs)
+    tagged = {**obs, "meta": {"tag": [{"system": "https://fhirtwin.org/CodeSystem/fhirtwin",
+                                       "code": "fhirtwin-generated"}]}}
+    assert is_fhirtwin_generated(tagged) and not engine.is_watched(tagged)
+    assert is_fhirtwin_generated({**obs, "identifier": [{"system": "https://fhirtwin.org/sid/prediction",
+                                                         "value": "abc"}]})
+    for rtype in ("RiskAssessment", "CarePlan", "Goal", "Provenance", "Device", "Organization", "Subscription"):
+        assert not engine.is_watched({"resourceType": rtype, "subject": {"reference": "Patient/p1"}})
+    for rtype in ("Patient", "MedicationStatement", "MedicationRequest", "Medication", "MolecularSequence"):
+        assert engine.is_watched({"resourceType": rtype})
     other = {"system": "http://other", "code": "fhirtwin-generated"}
-    assert not is_fhirtwin_authored({**obs, "meta": {"tag": [other]}})
+    assert not is_fhirtwin_generated({**obs, "meta": {"tag": [other]}})
     assert webhook.patient_of(obs) == "p1"
     assert webhook.patient_of({"resourceType": "MedicationRequest",
                                "subject": {"reference": "http://x/fhir/Patient/p2/_history/3"}}) == "p2"
@@ -373,7 +381,7 @@ def test_shutdown_drains_pending_work() -> None:
 
 @pytest.fixture()
 def hook_app(settings):
-    app = create_app(replace(settings, extra={"window": 60.0}))
+    app = create_app(replace(settings, webhook=WebhookOptions(window=60.0)))
     service = webhook.WebhookService(app.state.settings)
     seen: list[str] = []
     service.worker.handlers = {"patient": lambda pid: (seen.append(pid), ("written", []))[1],
@@ -390,7 +398,7 @@ def test_webhook_schedules_patients_and_ignores_own_writes(hook_app) -> None:
     for _ in range(3):
         assert client.put("/hooks/fhir/Observation/o1", json=obs).status_code == 200
     own = {"resourceType": "RiskAssessment", "id": "r1", "subject": {"reference": "Patient/ftp-0099"}}
-    assert client.put("/hooks/fhir/RiskAssessment/r1", json=own).json()["issue"][0]["diagnostics"] == "ignored_own"
+    assert client.put("/hooks/fhir/RiskAssessment/r1", json=own).json()["issue"][0]["diagnostics"] == "ignored_type"
     tagged = {**obs, "meta": {"tag": [{"system": "https://fhirtwin.org/CodeSystem/fhirtwin",
                                        "code": "fhirtwin-generated"}]}}
     assert client.put("/hooks/fhir/Observation/o1", json=tagged).status_code == 200
@@ -401,14 +409,15 @@ def test_webhook_schedules_patients_and_ignores_own_writes(hook_app) -> None:
     assert client.delete("/hooks/fhir/Observation/o1").status_code == 200
     status = client.get("/hooks/fhir/status").json()
     assert status["pending"] == 3  # one patient, one ping, one deletion
-    assert status["received"] == {"deleted": 1, "ignored_own": 2, "invalid": 2, "ping": 1, "scheduled": 3}
+    assert status["received"] == {"deleted": 1, "ignored_own": 1, "ignored_type": 1, "invalid": 2, "ping": 1,
+                                  "scheduled": 3}
     assert "ftp-0099" not in json.dumps(status)
     service.worker.shutdown(5)
     assert sorted(seen) == ["Observation/o1", "ftp-0099", "ping"]
 
 
 def test_webhook_secret_is_required_when_configured(settings) -> None:
-    app = create_app(replace(settings, extra={"webhook_secret": "s3cret", "window": 60.0}))
+    app = create_app(replace(settings, webhook_secret="s3cret", webhook=WebhookOptions(window=60.0)))
     client = TestClient(app)
     obs = {"resourceType": "Observation", "subject": {"reference": "Patient/p"}}
     assert client.put("/hooks/fhir/Observation/1", json=obs).status_code == 401
@@ -450,20 +459,22 @@ class FakeSubscriptions:
 def test_ensure_subscriptions_is_idempotent_and_switches_payload_mode() -> None:
     fake = FakeSubscriptions()
     endpoint = "http://127.0.0.1:9999/hooks/fhir"
-    first = webhook.ensure_subscriptions(fake, endpoint, payload=True)
-    assert len(first.created) == 3 and first.ids == first.created
+    wanted = engine.subscription_criteria()
+    first = subscriptions.ensure_subscriptions(fake, endpoint, wanted, payload=True)
+    n = len(wanted)
+    assert len(first.created) == n and first.ids == first.created
     criteria = sorted(s["criteria"] for s in fake.store.values())
-    assert criteria == ["Condition?", "MedicationRequest?", "Observation?"]
+    assert criteria == sorted(f"{t}?" for t in engine.WATCHED_TYPES)
     assert all(s["channel"] == {"type": "rest-hook", "endpoint": endpoint, "payload": FHIR_JSON}
                for s in fake.store.values())
-    again = webhook.ensure_subscriptions(fake, endpoint, payload=True)
-    assert again.created == [] and sorted(again.unchanged) == sorted(first.ids) and len(fake.store) == 3
-    assert webhook.wait_active(fake, again.ids, sleep=lambda s: None) == {i: "active" for i in again.ids}
-    ping = webhook.ensure_subscriptions(fake, endpoint, payload=False)
-    assert len(ping.created) == 3 and sorted(ping.turned_off) == sorted(first.ids)
+    again = subscriptions.ensure_subscriptions(fake, endpoint, wanted, payload=True)
+    assert again.created == [] and sorted(again.unchanged) == sorted(first.ids) and len(fake.store) == n
+    assert subscriptions.wait_active(fake, again.ids, sleep=lambda s: None) == {i: "active" for i in again.ids}
+    ping = subscriptions.ensure_subscriptions(fake, endpoint, wanted, payload=False)
+    assert len(ping.created) == n and sorted(ping.turned_off) == sorted(first.ids)
     assert all("payload" not in fake.store[i]["channel"] for i in ping.ids)
-    assert sorted(webhook.disable_subscriptions(fake, endpoint)) == sorted(ping.ids)
-    coded = webhook.subscription_criteria(twin_codes_only=True)[0]
+    assert sorted(subscriptions.disable_subscriptions(fake, endpoint)) == sorted(ping.ids)
+    [coded] = [c for c in engine.subscription_criteria(twin_codes_only=True) if c.startswith("Observation?")]
     assert coded.startswith("Observation?code=") and "13457-7" in coded and "69548-6" in coded
 
 
@@ -500,11 +511,11 @@ def test_ping_requeries_changes_since_the_last_look(settings, monkeypatch) -> No
         _changed("Observation", "o2", "p3", "2030-01-01T10:00:05.000Z",
                  tag=[{"system": "https://fhirtwin.org/CodeSystem/fhirtwin", "code": "fhirtwin-generated"}]),
     ])
-    monkeypatch.setattr(webhook, "get_client", lambda _settings: fake)
+    monkeypatch.setattr(webhook, "shared_client", lambda _settings: fake)
     service = webhook.WebhookService(settings)
     service._watermark = webhook._parse_instant("2030-01-01T09:59:00Z")
     assert service.requery("") == ("requeried", ["p1", "p2"])  # fhirtwin's own resource is skipped
-    assert [q[0] for q in fake.queries] == ["Observation", "Condition", "MedicationRequest"]
+    assert [q[0] for q in fake.queries] == list(engine.WATCHED_TYPES)
     assert all(q[2] == {"Cache-Control": "no-cache"} for q in fake.queries)
     assert fake.queries[0][1]["_lastUpdated"] == "ge2030-01-01T09:59:00.000Z"
     # nothing new: the resources at the watermark are not reported again

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 from functools import cache
 
 from fhirtwin.adapters import build_twin
-from fhirtwin.pipeline import TwinRun, simulate_twin
+from fhirtwin.engine import Engine, TwinRun
 from fhirtwin.sandbox.cohort import generate_cohort
 
 NOW = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
@@ -30,7 +30,7 @@ def cohort_run() -> TwinRun:
     """Plan of the first cohort patient (small ensemble; cached for the module)."""
     patient_id, resources = versioned_resources()
     state = build_twin(patient_id, resources, date(2026, 6, 30))
-    run = simulate_twin(state, draws=200)
+    run = Engine().simulate(state, draws=200)
     assert run.plan is not None, run.error
     return run
 
@@ -43,4 +43,4 @@ def changed_run() -> TwinRun:
         if resource["resourceType"] == "Observation" and ("13457-7" in codes or "18262-6" in codes):
             resource["meta"]["versionId"] = "2"
     state = build_twin(patient_id, resources, date(2026, 6, 30))
-    return simulate_twin(state, draws=200)
+    return Engine().simulate(state, draws=200)
