@@ -246,7 +246,7 @@ def prepare(client: Any, patient_id: str, key: Any) -> Any:
 def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: Callable[[str], None]
                  ) -> dict[str, Any]:
     """Request counts and the end-to-end vs direct-ingest throughput on fresh copies of cohort patients."""
-    from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES
+    from fhirtwin.engine import Engine
     from fhirtwin.fhir.client import FhirClient
     from fhirtwin.keys import signing_key_for
 
@@ -272,7 +272,7 @@ def bench_server(server: str, patients: int, concurrency: int, keep: bool, log: 
     if len(sources) < need:
         raise SystemExit(f"only {len(sources)} simulable cohort patients on {server}; need {need}")
     log(f"copying {need} patients (fresh ids)")
-    records = client.fetch_patients_records(sources, RECORD_TYPES, include=RECORD_INCLUDES)
+    records = {r.patient_id: r.resources for r in Engine(client).read_many(sources)}
     copies = _parallel(lambda c, pid: copy_record(c, records[pid]), sources, concurrency, make_client)
     copy_ids = [pid for pid, _ in copies]
     prov_queries: dict[str, list[str]] = {pid: [] for pid in copy_ids}

@@ -261,7 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a Provenance's JWS against its targets as they now stand on the server."""
-    from fhirtwin.writeback.jws import load_public_key
+    from fhirtwin.keys import load_public_key
 
     public_key = None
     if args.key:
@@ -539,9 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fhirtwin.engine import EngineError
     from fhirtwin.fhir.errors import FhirError
-    from fhirtwin.keys import KeyPolicyError
+    from fhirtwin.keys import JwsError, KeyPolicyError
     from fhirtwin.sandbox.server import SandboxError
-    from fhirtwin.writeback.jws import JwsError
 
     try:
         return int(args.func(args) or 0)

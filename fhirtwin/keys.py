@@ -33,7 +33,18 @@ from cryptography.hazmat.primitives import serialization
 
 from fhirtwin import jose
 from fhirtwin.vocabulary import EXT_SIGNING_KEY, SIGNING_KEY_ID_SYSTEM, meta
-from fhirtwin.writeback.jws import ENV_KEY, ENV_KEY_FILE, JwsError, SigningKey, generate_key, thumbprint
+from fhirtwin.writeback.jws import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    JwsError,
+    SigningKey,
+    generate_key,
+    load_public_key,
+    thumbprint,
+)
+
+__all__ = ["JwsError", "KeyPolicyError", "SigningKey", "is_loopback", "key_device", "key_device_id", "key_store",
+           "load_public_key", "public_key_from_device", "signing_key_for", "store_path"]
 
 ENV_KEY_STORE = "FHIRTWIN_KEY_STORE"
 

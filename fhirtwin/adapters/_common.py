@@ -83,12 +83,6 @@ def code_label(concept: Any) -> str:
     return ",".join(c for _, c, _ in cs) if cs else "(no coding)"
 
 
-def has_code(concept: Any, system: str, code: str) -> bool:
-    """True if any coding matches (system, code)."""
-    want = system_uri(system)
-    return any(s == want and c == code for s, c, _ in codings(concept))
-
-
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
 

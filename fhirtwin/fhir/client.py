@@ -36,7 +36,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, overload
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -216,12 +215,6 @@ def _reference_id(reference: str, resource_type: str) -> str | None:
     if len(parts) >= 2 and parts[-2] == resource_type and parts[-1]:
         return parts[-1]
     return None
-
-
-@dataclass
-class _Page:
-    bundle: dict[str, Any]
-    next_url: str | None
 
 
 class FhirClient:

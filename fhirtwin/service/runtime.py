@@ -18,8 +18,7 @@ from typing import Any
 
 from fhirtwin.engine import Engine
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.keys import signing_key_for
-from fhirtwin.writeback.jws import SigningKey
+from fhirtwin.keys import SigningKey, signing_key_for
 
 log = logging.getLogger("fhirtwin.service")
 

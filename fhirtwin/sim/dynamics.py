@@ -18,7 +18,6 @@ integrated draw by draw with ``solve_ivp`` in ``benchmarks/bench_ensemble.py`` a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,12 +167,3 @@ def simulate_trajectories(
     out["egfr_ml_min_1_73m2"] = np.maximum(egfr, floor)
     return Trajectories(t, out, np.maximum(egfr_nat, floor))
 
-
-def horizon_months(horizon_years: float) -> int:
-    """Number of monthly steps for a horizon."""
-    return int(round(12 * horizon_years))
-
-
-def years_for(horizon_years: float) -> int:
-    """Number of yearly knots needed to cover a horizon."""
-    return int(math.ceil(horizon_years))
