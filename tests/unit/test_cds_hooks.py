@@ -35,26 +35,28 @@ def records() -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
+def searchset(resources: list[dict[str, Any]], included: list[dict[str, Any]] = ()) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
-            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]
+            + [{"resource": r, "search": {"mode": "include"}} for r in included]}
 
 
 def prefetch_for(record: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a CDS client sends for the service's prefetch templates (from the patient's resources)."""
+    """What a CDS client sends for the service's prefetch templates (from the patient's resources).
+
+    Medications are ``_include``d with the MedicationRequests (the template's ``_include``).
+    """
     by_type: dict[str, list[dict[str, Any]]] = {}
     for r in record:
         by_type.setdefault(r["resourceType"], []).append(r)
-    genomic = {c for c in cds_hooks.GENOMIC_CODES.replace("http://loinc.org|", "").split(",")}
     return {
         "patient": by_type["Patient"][0],
         "observations": searchset(by_type.get("Observation", [])),
-        "genomics": searchset([o for o in by_type.get("Observation", [])
-                               if {c.get("code") for c in o["code"].get("coding", [])} & genomic]),
         "conditions": searchset(by_type.get("Condition", [])),
-        "medicationRequests": searchset(by_type.get("MedicationRequest", [])),
+        "medicationRequests": searchset(by_type.get("MedicationRequest", []), by_type.get("Medication", [])),
         "medicationStatements": searchset(by_type.get("MedicationStatement", [])),
         "molecularSequences": searchset(by_type.get("MolecularSequence", [])),
+        "diagnosticReports": searchset(by_type.get("DiagnosticReport", [])),
     }
 
 
@@ -71,9 +73,16 @@ def test_discovery_lists_the_patient_view_service_with_prefetch(client: TestClie
     assert service["hook"] == "patient-view" and service["id"] == cds_hooks.SERVICE_ID
     assert service["title"] and service["description"]
     assert service["prefetch"]["patient"] == "Patient/{{context.patientId}}"
-    for key in ("observations", "conditions", "medicationRequests", "medicationStatements", "genomics"):
+    searches = ("observations", "conditions", "medicationRequests", "medicationStatements", "molecularSequences",
+                "diagnosticReports")
+    assert set(service["prefetch"]) == {"patient", *searches}
+    for key in searches:
         assert "patient={{context.patientId}}" in service["prefetch"][key]
-    assert "69548-6" in service["prefetch"]["genomics"]
+    assert service["prefetch"]["medicationRequests"].endswith("&_include=MedicationRequest:medication")
+    assert service["prefetch"]["medicationStatements"].endswith("&_include=MedicationStatement:medication")
+    # genomic results (69548-6 variants, phenotypes) come with the observations: that query is not narrowed
+    assert service["prefetch"]["observations"].startswith("Observation?")
+    assert "code=" not in service["prefetch"]["observations"]
 
 
 @pytest.mark.parametrize("mutate, fragment", [
@@ -148,6 +157,49 @@ def test_prefetch_patient_must_be_the_context_patient(client: TestClient, record
     assert response.status_code == 412
 
 
+def by_reference(record: list[dict[str, Any]], medication_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A copy of ``record`` whose first MedicationRequest names its drug through a Medication (returned too)."""
+    record = copy.deepcopy(record)
+    request = next(r for r in record if r["resourceType"] == "MedicationRequest")
+    medication = {"resourceType": "Medication", "id": medication_id, "meta": {"versionId": "2"},
+                  "code": request.pop("medicationCodeableConcept")}
+    request["medicationReference"] = {"reference": f"Medication/{medication_id}"}
+    return record, medication
+
+
+def test_included_medication_the_record_refers_to_reaches_the_twin(client: TestClient, records: dict,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    record, medication = by_reference(records["ftp-0001"], "med-by-ref")
+    runs: list[Any] = []
+    build_cards = cds_hooks.build_cards
+
+    def spy(run: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        runs.append(run)
+        return build_cards(run, *args, **kwargs)
+
+    monkeypatch.setattr(cds_hooks, "build_cards", spy)
+    prefetch = prefetch_for([*record, medication])
+    assert prefetch["medicationRequests"]["entry"][-1] == {"resource": medication, "search": {"mode": "include"}}
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
+    assert response.status_code == 200, response.text
+    [card] = response.json()["cards"]
+    check_card(card)
+    [run] = runs
+    # the drug was resolved through the Medication: it is a source of the twin, and nothing was left unresolved
+    assert "Medication/med-by-ref/_history/2" in {s.reference for s in run.state.sources()}
+    assert not [e for e in run.state.ledger.entries() if "Medication" in e.message and "not in the input" in e.message]
+
+
+def test_included_medication_the_record_does_not_use_is_400(client: TestClient, records: dict) -> None:
+    record, medication = by_reference(records["ftp-0001"], "med-by-ref")
+    stray = {"resourceType": "Medication", "id": "med-stray", "code": copy.deepcopy(medication["code"])}
+    response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch_for([*record, medication, stray])))
+    assert response.status_code == 400
+    error = response.json()
+    assert error["error"] == "bad_request" and "Medication" in error["message"]
+    assert "med-stray" not in response.text  # messages name types, never ids
+
+
 def check_card(card: dict[str, Any]) -> None:
     uuid.UUID(card["uuid"])
     assert 0 < len(card["summary"]) < 140
@@ -204,18 +256,18 @@ def test_indicator_thresholds() -> None:
 def test_null_prefetch_value_means_queried_and_empty(client: TestClient, records: dict) -> None:
     prefetch = prefetch_for(records["ftp-0001"])
     prefetch["molecularSequences"] = None
-    del prefetch["genomics"]  # optional key missing, no fhirServer: answered with a caveat
+    del prefetch["diagnosticReports"]  # optional key missing, no fhirServer: answered with a caveat
     response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
     assert response.status_code == 200
     [card] = response.json()["cards"]
     check_card(card)
-    assert "not provided: genomics" in card.get("detail", "")
+    assert "not provided: diagnosticReports" in card.get("detail", "")
+    assert "molecularSequences" not in card.get("detail", "")  # null is queried-and-empty, not missing
 
 
 def test_insufficient_data_gives_an_info_card(client: TestClient, records: dict) -> None:
     prefetch = prefetch_for(records["ftp-0001"])
-    prefetch["observations"] = searchset([])
-    prefetch["genomics"] = searchset([])
+    prefetch["observations"] = searchset([])  # genomic Observations included: they come in this key
     response = client.post(SERVICE, json=hook_request("ftp-0001", prefetch=prefetch))
     assert response.status_code == 200
     [card] = response.json()["cards"]

@@ -14,6 +14,7 @@ import requests
 import responses
 from responses import matchers
 
+from fhirtwin.adapters.reads import RECORD_TYPES
 from fhirtwin.fhir.client import FhirClient, batch_results, check_transaction_response, is_retry_safe
 from fhirtwin.fhir.errors import (
     FhirConflict,
@@ -534,7 +535,7 @@ def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) 
         BASE,
         json=batch_response((200, {"resourceType": "Patient", "id": "p1"}), *[(200, searchset([]))] * 6),
     )
-    record = client.fetch_patient_record("p1")
+    record = client.fetch_patient_record("p1", RECORD_TYPES)
     assert record == [{"resourceType": "Patient", "id": "p1"}]
     assert client.request_count == 1
     urls = [e["request"]["url"].split("?")[0] for e in json.loads(responses.calls[0].request.body)["entry"]]
@@ -552,9 +553,9 @@ def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) 
 @pytest.mark.parametrize("bad", [None, "", "a,b"])
 def test_fetch_patient_record_refuses_bad_ids(client: FhirClient, bad) -> None:
     with pytest.raises(ValueError):
-        client.fetch_patient_record(bad)
+        client.fetch_patient_record(bad, ["Observation"])
     with pytest.raises(ValueError):
-        client.fetch_patients_records(["ok", bad])
+        client.fetch_patients_records(["ok", bad], ["Observation"])
 
 
 @responses.activate

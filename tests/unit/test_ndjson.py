@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import responses
 
+from fhirtwin.adapters.reads import RECORD_TYPES
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.errors import BulkExportError, FhirError, FhirNotFound, NdjsonFormatError
 from fhirtwin.fhir.ndjson import NdjsonSource, bulk_export, download_manifest
@@ -65,15 +66,15 @@ def test_source_lists_types_and_streams_files_in_order(export_dir: Path) -> None
 
 def test_fetch_patient_record_uses_patient_and_subject_references(export_dir: Path) -> None:
     source = NdjsonSource(export_dir)
-    assert ids(source.fetch_patient_record("a")) == ["a", "o1", "o3"]
+    assert ids(source.fetch_patient_record("a", RECORD_TYPES)) == ["a", "o1", "o3"]
     assert ids(source.fetch_patient_record("b", types=["Observation", "Condition"])) == ["b", "o2", "o4", "c1"]
     with pytest.raises(FhirNotFound):
-        source.fetch_patient_record("nobody")
+        source.fetch_patient_record("nobody", RECORD_TYPES)
     assert {k: ids(v) for k, v in source.fetch_patients_records(["b", "a"], ["Condition"]).items()} == {
         "b": ["b", "c1"],
         "a": ["a"],
     }
-    assert [pid for pid, _ in source.iter_patient_records()] == ["a", "b"]
+    assert [pid for pid, _ in source.iter_patient_records(RECORD_TYPES)] == ["a", "b"]
 
 
 def test_search_all_subset_semantics(export_dir: Path) -> None:
@@ -195,7 +196,7 @@ def test_download_manifest_writes_a_readable_source(tmp_path: Path) -> None:
     assert all(c.request.headers["Accept"] == "application/fhir+ndjson" for c in responses.calls)
     assert all(c.request.headers["Authorization"] == "Bearer t" for c in responses.calls)
     source = NdjsonSource(tmp_path / "out")
-    assert ids(source.fetch_patient_record("a")) == ["a", "o1", "o2"]
+    assert ids(source.fetch_patient_record("a", RECORD_TYPES)) == ["a", "o1", "o2"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["transactionTime"].startswith("2026")
     assert not list((tmp_path / "out").glob("*.part"))
 
