@@ -38,8 +38,8 @@ from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
 from fhirtwin.vocabulary import GENERATED_TAG, SUPERSEDED_TAG, is_fhirtwin_generated, token
 from fhirtwin.writeback.careplan import build_care_plan
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
-from fhirtwin.writeback.jws import JwsError, SigningKey, header_of
-from fhirtwin.writeback.signing import verify_targets
+from fhirtwin.writeback.jws import JwsError, SigningKey
+from fhirtwin.writeback.signing import signature_header, verify_targets
 from fhirtwin.writeback.transaction import PatientWrite, build_patient_write, merge_bundles
 
 MIN_HORIZON_YEARS = 5.0  # the RiskAssessment reports the 5- and 10-year points; below 5 it would be empty
@@ -751,7 +751,7 @@ class Engine:
             return VerifyReport(provenance_ref, False, "Provenance has no targets or no JWS signature", refs, [])
         jws = str(signatures[0].get("data", ""))
         try:
-            kid = str(header_of(jws).get("kid") or "")
+            kid = str(signature_header(jws).get("kid") or "")
         except JwsError as exc:
             return VerifyReport(provenance_ref, False, f"INVALID: {exc}", refs, [])
         if public_key is None:

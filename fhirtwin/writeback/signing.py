@@ -155,3 +155,14 @@ def verify_targets(
     if header_of(jws).get("canon") != CANONICALIZATION:
         raise JwsError("signature was made with an unknown canonicalization")
     return verify_detached(jws, signed_payload(targets, target_refs), public_key)
+
+
+def signature_header(signature_data: str) -> dict[str, Any]:
+    """The (unverified) JWS header inside ``Signature.data``: where a verifier reads the ``kid``."""
+    from fhirtwin.writeback.jws import JwsError
+
+    try:
+        jws = base64.b64decode(signature_data, validate=True).decode("ascii")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JwsError("Signature.data is not base64 of a compact JWS") from exc
+    return header_of(jws)
