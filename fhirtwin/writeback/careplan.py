@@ -24,7 +24,7 @@ RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 # < 70 mg/dL (1.8 mmol/L) at high risk, < 100 mg/dL (2.6 mmol/L) at moderate risk. SBP: 2017 ACC/AHA
 # blood pressure guideline (Whelton PK et al., Hypertension 2018;71:e13-e115): < 130 mmHg.
 LDL_HIGH_RISK_CUTOFF = 0.20
-GOALS = {
+GOALS: dict[str, dict[str, Any]] = {
     "ldl": {"code": "ldl-target",
             "loinc": ("13457-7", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation"),
             "unit": "mg/dL"},
@@ -154,7 +154,7 @@ def _activities(plan: Any, ra_refs: dict[str, str], goal_refs: dict[str, str]) -
             activity["extension"] = [benefit_extension(singles[intervention], plan)]
         activities.append(activity)
     kinds = {i.kind for i in seen}
-    monitoring = []
+    monitoring: list[tuple[str, str, str | None]] = []
     if "statin" in kinds:
         monitoring.append(("monitoring-lipids", "Repeat lipid panel 4-12 weeks after a statin change", "ldl"))
     if "bp_lowering" in kinds:

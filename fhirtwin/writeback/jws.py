@@ -61,7 +61,7 @@ def algorithm_for(key: Any) -> str:
 class SigningKey:
     """A private key with its algorithm and key id."""
 
-    private_key: Any
+    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     alg: str
     kid: str
 
@@ -135,9 +135,10 @@ def sign_detached(payload: bytes, key: SigningKey, extra_header: dict[str, Any] 
 def header_of(jws: str) -> dict[str, Any]:
     """The protected header of a compact JWS (not verified)."""
     try:
-        return json.loads(b64url_decode(jws.split(".")[0]))
+        header: dict[str, Any] = json.loads(b64url_decode(jws.split(".")[0]))
     except (ValueError, IndexError) as exc:
         raise JwsError("malformed JWS header") from exc
+    return header
 
 
 def verify_detached(jws: str, payload: bytes, public_key: Any) -> dict[str, Any]:

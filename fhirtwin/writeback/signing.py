@@ -126,7 +126,8 @@ def signing_form(resource: Mapping[str, Any], target_refs: Sequence[str]) -> dic
             return [walk(v) for v in node]
         return node
 
-    return walk({k: v for k, v in resource.items() if k not in REMOVED})
+    prepared: dict[str, Any] = walk({k: v for k, v in resource.items() if k not in REMOVED})
+    return prepared
 
 
 def signed_payload(targets: Sequence[Mapping[str, Any]], target_refs: Sequence[str]) -> bytes:

@@ -126,7 +126,7 @@ def build_patient_write(
     stored = [r for r in existing if r.get("resourceType") in RESULT_TYPES and key_of(r)]
     to_supersede = [r for r in stored if key_of(r) not in wanted and not is_superseded(r)]
     reinstate = sorted({f"{r['resourceType']}/{r['id']}" for r in stored if key_of(r) in wanted and is_superseded(r)})
-    old_ra_by_code = {}
+    old_ra_by_code: dict[str | None, list[str]] = {}
     for r in to_supersede:
         if r["resourceType"] == "RiskAssessment":
             code = next((c.get("code") for c in r.get("code", {}).get("coding", [])), None)
