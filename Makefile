@@ -24,11 +24,13 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/fhirtwin sandbox start
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 sandbox: $(STAMP)
 	$(BIN)/fhirtwin sandbox start

@@ -38,7 +38,7 @@ def _scale_rows(runs: list[TwinRun]) -> list[tuple[str, int, float]]:
     rows = []
     for scale in (Scale.MOLECULAR, Scale.ENVIRONMENTAL, Scale.BEHAVIORAL):
         for has in (True, False):
-            risks = sorted(r.plan.baseline.at_horizon("total_cvd")["median"] for r in runs
+            risks = sorted(r.require_plan().baseline.at_horizon("total_cvd")["median"] for r in runs
                            if bool(r.state.by_scale()[scale]) is has)
             if risks:
                 rows.append((f"{'with' if has else 'without'} {scale.value} data", len(risks), risks[len(risks) // 2]))
@@ -79,7 +79,7 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
         print(f"     {label:<28} {count:>4} patients   median {_pct(median)}")
     print("\n   highest risks (ARR: absolute risk reduction in percentage points over 10 years):"
           "\n   patient    age sex     10-y total CVD (90% interval)   best option (ARR, NNT)")
-    ranked = sorted(planned, key=lambda r: -r.plan.baseline.at_horizon("total_cvd")["median"])
+    ranked = sorted(planned, key=lambda r: -r.require_plan().baseline.at_horizon("total_cvd")["median"])
     for run in ranked[:show]:
         state, plan = run.state, run.require_plan()
         risk = plan.baseline.at_horizon("total_cvd")

@@ -760,7 +760,8 @@ class Engine:
             except (fhir_errors.FhirError, JwsError) as exc:
                 return VerifyReport(provenance_ref, False, f"no published key for kid {kid or '(none)'}: "
                                     f"{type(exc).__name__} (run `fhirtwin register`, or pass --key)", refs, [], kid)
-        targets, changed = [], []
+        targets: list[dict[str, Any]] = []
+        changed: list[str] = []
         for ref in refs:
             parts = ref.split("/")
             try:

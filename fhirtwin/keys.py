@@ -143,7 +143,7 @@ def key_device(key: SigningKey, *, model_device: str, organization: str) -> dict
 
 def public_key_from_device(device: dict[str, Any], kid: str) -> Any:
     """The public key a key Device publishes, checked against ``kid`` (raises :class:`JwsError`)."""
-    texts = [e.get("valueString") for e in device.get("extension") or []
+    texts = [str(e.get("valueString")) for e in device.get("extension") or []
              if isinstance(e, dict) and e.get("url") == EXT_SIGNING_KEY]
     for text in texts:
         try:

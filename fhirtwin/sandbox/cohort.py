@@ -474,10 +474,10 @@ class _PatientGenerator:
             reason = "fh" if self.fh_dx_t is not None else ("hyperlipidemia" if not ascvd else None)
             product = statin_product(intensity, start)
             first = self._add_med("statin", start, None, reason, product=product)
-            later_mi = self.mi_t is not None and self.mi_t > start + 0.1 and intensity != "high"
-            if later_mi:
-                first["end"] = self.mi_t
-                self._add_med("statin", self.mi_t + 0.01, None, None, product=statin_product("high", self.mi_t))
+            mi_t = self.mi_t
+            if mi_t is not None and mi_t > start + 0.1 and intensity != "high":
+                first["end"] = mi_t
+                self._add_med("statin", mi_t + 0.01, None, None, product=statin_product("high", mi_t))
             elif intensity != "high" and self._chance(0.2):
                 switch = start + self._u(1.0, 3.0)
                 if switch < -0.3:
@@ -674,7 +674,7 @@ class _PatientGenerator:
         resource = self._obs(key, t, hour, minute, valueQuantity=_quantity(value, entry["unit"], entry["unit_text"]))
         return self._new_item("Observation", resource, resource["effectiveDateTime"], key, lab=lab)
 
-    def _bp(self, t: float, hour: int, minute: int, sbp: int, dbp: int) -> _Item:
+    def _bp(self, t: float, hour: int, minute: int, sbp: float, dbp: float) -> _Item:
         sbp_c, dbp_c = codes()["observations"]["sbp"], codes()["observations"]["dbp"]
         components = [
             {"code": _obs_code("sbp"), "valueQuantity": _quantity(sbp, sbp_c["unit"], sbp_c["unit_text"])},
@@ -756,7 +756,8 @@ class _PatientGenerator:
         if uacr:
             log_u = self.uacr_log0 + 0.08 * (t - self.t0) + (0.8 if self.egfr(t) < 60 else 0)
             log_u -= 0.35 if ras else 0
-            log_u -= 0.3 if self._sglt2_start() is not None and t >= self._sglt2_start() else 0
+            sglt2_start = self._sglt2_start()
+            log_u -= 0.3 if sglt2_start is not None and t >= sglt2_start else 0
             value = float(np.clip(math.exp(log_u + self._n(0, 0.45)), 2.0, 3000.0))
             self._qty_obs("uacr", t, hour, minute, _round(value, 1), lab=True)
 
@@ -936,7 +937,8 @@ class _PatientGenerator:
             "issued": self._dt(t + 14 / _YEAR_DAYS, hour, minute),
             "result": [self._ref(item) for item in results],
         }
-        results.append(self._new_item("DiagnosticReport", report, report["effectiveDateTime"] + "~", "genomic-report"))
+        when = str(report["effectiveDateTime"])
+        results.append(self._new_item("DiagnosticReport", report, when + "~", "genomic-report"))
         for item in results:
             item.genomic = True
 

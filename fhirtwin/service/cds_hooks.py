@@ -250,10 +250,10 @@ def gather_record(settings: ServiceSettings, req: HookRequest) -> tuple[PatientR
     seen = {("Patient", patient_id)}
     unowned: list[dict[str, Any]] = []
     for r in resources:
-        key = (str(r.get("resourceType")), str(r.get("id")))
-        if r.get("resourceType") == "Patient" or (r.get("id") is not None and key in seen):
+        rkey = (str(r.get("resourceType")), str(r.get("id")))
+        if r.get("resourceType") == "Patient" or (r.get("id") is not None and rkey in seen):
             continue
-        seen.add(key)
+        seen.add(rkey)
         owner = patient_reference_id(r)
         if owner is None:
             unowned.append(r)  # an _include'd Medication: kept only if the record refers to it

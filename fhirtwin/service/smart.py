@@ -33,7 +33,7 @@ from urllib.parse import urlencode
 
 import requests
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from fhirtwin.engine import BadRequest, EngineError, Forecast, TwinRun, UpstreamUnauthorized
@@ -179,7 +179,7 @@ def _security_headers(response: Response, request: Request) -> Response:
     return response
 
 
-def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:
+def error_page(request: Request, status: int, title: str, message: str) -> Response:
     """A plain error page (the message never contains tokens, codes or record values)."""
     response = templates.TemplateResponse(request, "error.html", {"title": title, "message": message},
                                           status_code=status)
