@@ -203,10 +203,13 @@ def build_care_plan(
         "period": {"start": _start(state, occurrence).isoformat()},
         "created": occurrence.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "author": {"reference": device_reference},
-        "supportingInfo": [{"reference": ref} for ref in ra_refs.values()],
-        "goal": [{"reference": ref} for ref in goal_refs.values()],
         "note": notes,
     }
+    # FHIR JSON has no empty arrays: supportingInfo and goal only when there is something to reference.
+    if ra_refs:
+        care_plan["supportingInfo"] = [{"reference": ref} for ref in ra_refs.values()]
+    if goal_refs:
+        care_plan["goal"] = [{"reference": ref} for ref in goal_refs.values()]
     if plan.options:
         care_plan["extension"] = [benefit_extension(plan.options[0], plan)]
     if conditions:
@@ -214,4 +217,29 @@ def build_care_plan(
     activities = _activities(plan, ra_refs, goal_refs)
     if activities:
         care_plan["activity"] = activities
+    return care_plan
+
+
+def draft_care_plan_key(plan: Any) -> str:
+    """Business identifier value of the standalone draft CarePlan (differs from the written CarePlan's)."""
+    return _key(plan, "CarePlan/draft")
+
+
+def build_draft_care_plan(plan: Any, state: Any, *, occurrence: datetime, device_reference: str) -> dict[str, Any]:
+    """A standalone draft CarePlan proposal, e.g. for a CDS Hooks suggestion (nothing else is written).
+
+    It conforms to the ``fhirtwin-careplan`` profile on its own: with no RiskAssessment stored to point
+    at, ``supportingInfo`` (required by the profile) lists the versioned input resources the forecast used
+    (``plan.baseline.sources``): R4 defines supportingInfo as information considered as part of the plan,
+    which is what the inputs are. There are no Goals to reference. Its identifier is keyed as
+    ``CarePlan/draft``, not as the CarePlan a write-back creates: if a clinician accepts the draft, a later
+    write-back still creates its own signed CarePlan instead of matching the draft's identifier (the
+    Provenance signature covers the CarePlan fhirtwin built, not the accepted draft).
+    """
+    care_plan = build_care_plan(plan, state, ra_refs={}, goal_refs={}, occurrence=occurrence,
+                                device_reference=device_reference)
+    care_plan["identifier"] = [identifier(draft_care_plan_key(plan))]
+    care_plan["supportingInfo"] = [{"reference": ref} for ref in sorted(plan.baseline.sources)]
+    care_plan["note"].append({"text": "Draft for review: the risk assessments behind it are not stored yet; "
+                                      "supportingInfo lists the record entries the forecast used."})
     return care_plan

@@ -1,7 +1,8 @@
 """The signed Provenance of one run for one patient.
 
 ``target`` = everything written in the run (versioned after storage: HAPI resolves the ``urn:uuid``
-references and, through its auto-version meta extension, stores the version it assigned), ``entity`` =
+references and, through its auto-version meta extension, stores the version it assigned; other servers
+get the versions with ``transaction.versioned_provenance_update``), ``entity`` =
 every input (versioned reference, role ``source``) plus superseded earlier results (role ``revision``),
 ``agent`` = the fhirtwin Device (author, on behalf of the Organization) and the Organization
 (custodian), ``signature`` = the detached JWS defined in ``signing.py``.
@@ -41,11 +42,17 @@ def build_provenance(
     recorded: datetime,
     run_key: str,
     revisions: Sequence[str] = (),
+    hapi: bool = True,
 ) -> dict[str, Any]:
-    """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form."""
+    """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form.
+
+    ``hapi``: write HAPI's auto-version meta extension (only HAPI knows it; see ``transaction.py``).
+    """
     target_refs = [ref for ref, _ in targets]
     run_meta = meta("fhirtwin-provenance", {"system": RUN_TAG_SYSTEM, "code": run_key})
-    run_meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path} for path in ("target", "entity.what")]
+    if hapi:
+        run_meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path}
+                                 for path in ("target", "entity.what")]
     entities = [{"role": "source", "what": {"reference": ref}} for ref in sorted(sources)]
     entities += [{"role": "revision", "what": {"reference": ref}} for ref in revisions]
     return {

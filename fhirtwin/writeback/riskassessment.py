@@ -22,6 +22,7 @@ from datetime import date, datetime
 from typing import Any
 
 from fhirtwin.vocabulary import (
+    CONCEPTS,
     EXT_PROBABILITY_INTERVAL,
     EXT_SUPERSEDES,
     OUTCOMES,
@@ -31,6 +32,7 @@ from fhirtwin.vocabulary import (
     coding,
     concept,
     meta,
+    profile,
 )
 from fhirtwin.writeback.identifiers import identifier, prediction_key
 
@@ -79,21 +81,50 @@ def _add_years(start: date, years: float) -> date:
         return start.replace(year=start.year + whole, day=28)
 
 
+#: PREVENT model (``method_of("prevent_risk", model)["variant"]``) -> fhirtwin code of the equation variant.
+PREVENT_CODES = {"base": "prevent-2024-base", "uacr": "prevent-2024-uacr", "hba1c": "prevent-2024-hba1c",
+                 "sdi": "prevent-2024-sdi", "full": "prevent-2024-full"}
+#: KFRE model -> fhirtwin code.
+KFRE_CODES = {"4-variable": "kfre-4var", "8-variable": "kfre-8var"}
+EXT_SIMULATION_MODEL = profile("simulation-model")
+
+
 def method_concept(forecast: Any, outcome: str) -> dict[str, Any]:
-    """``method``: the fhirtwin model plus the equation variant that anchors this outcome."""
-    codings = [coding("fhirtwin-mechanistic")]
+    """``method``: the one published equation (and variant) that anchors this outcome's risk.
+
+    A CodeableConcept's codings must all mean the same concept, so ``method`` names only the anchoring
+    equation: PREVENT (its model variant) for the cardiovascular outcomes; for kidney failure the KFRE
+    variant, or, without a UACR, the simulated CKD-EPI 2021 eGFR falling below 15. The simulation model that
+    projects it over time is in the ``simulation-model`` extension (:func:`simulation_model_extension`).
+    """
     method = forecast.method or {}
-    if outcome == "kidney_failure" and method.get("kidney_mode") == "kfre":
-        anchor = method.get("kfre", {})
-        if str(anchor.get("variant", "")).startswith("4-variable"):
-            codings.append(coding("kfre-4var"))
+    code = None
+    if outcome == "kidney_failure":
+        if method.get("kidney_mode") == "kfre":
+            anchor = method.get("kfre") or {}
+            code = KFRE_CODES.get(str(anchor.get("variant", "")))
+        else:
+            anchor = method.get("egfr") or {}
+            code = "egfr-trajectory-g5"
     else:
-        anchor = method.get("prevent", {})
-        if anchor.get("variant") == "full":
-            codings.append(coding("prevent-2024-full"))
-    text = (f"{forecast.model} {forecast.model_version}; anchored on {anchor.get('model', 'n/a')} "
-            f"(variant {anchor.get('variant', 'n/a')}, implementation {anchor.get('implementation_version', 'n/a')})")
-    return {"coding": codings, "text": text}
+        anchor = method.get("prevent") or {}
+        code = PREVENT_CODES.get(str(anchor.get("variant", "")))
+    text = (f"{anchor.get('model', 'n/a')} (variant {anchor.get('variant', 'n/a')}, implementation "
+            f"{anchor.get('implementation_version', 'n/a')})")
+    if code == "egfr-trajectory-g5":
+        text = f"Simulated eGFR below 15 mL/min/1.73m2 (KDIGO G5); eGFR by {text}"
+    out: dict[str, Any] = {"text": text}
+    if code:
+        out["coding"] = [coding(code)]
+    return out
+
+
+def simulation_model_extension(forecast: Any) -> dict[str, Any]:
+    """``simulation-model``: the fhirtwin model (code) and its version (text) that projected the risk."""
+    value: dict[str, Any] = {"text": f"{forecast.model} {forecast.model_version}"}
+    if forecast.model in CONCEPTS:
+        value["coding"] = [coding(forecast.model)]
+    return {"url": EXT_SIMULATION_MODEL, "valueCodeableConcept": value}
 
 
 def outcome_concept(outcome: str) -> dict[str, Any]:
@@ -208,8 +239,8 @@ def build_risk_assessment(
         "basis": [{"reference": ref} for ref in sorted(forecast.sources)],
         "prediction": predictions,
     }
-    if supersedes:
-        resource["extension"] = [{"url": EXT_SUPERSEDES, "valueReference": {"reference": ref}} for ref in supersedes]
+    resource["extension"] = [simulation_model_extension(forecast)]
+    resource["extension"] += [{"url": EXT_SUPERSEDES, "valueReference": {"reference": ref}} for ref in supersedes]
     text = mitigation(plan, outcome)
     if text:
         resource["mitigation"] = text

@@ -6,6 +6,18 @@
   retried request or a Subscription echo therefore creates nothing. The Provenance (R4: no identifier)
   is conditional on its run tag ``https://fhirtwin.org/sid/run|<digest of the target keys>``.
 * The Device and Organization are ``PUT`` to stable ids (an unchanged body is a no-op).
+* ``fullUrl``: results created in the run get ``urn:uuid:`` (the server assigns their ids); entries that
+  ``PUT`` a resource with a known id (Device, Organization, superseded results) get the absolute URL of
+  that resource on the server (``base_url`` + ``Type/id``), or, when the base is not known, a ``urn:uuid:``
+  derived deterministically from ``Type/id`` (:func:`full_url`). Relative ``fullUrl``s are not allowed in
+  a Bundle (R4 Bundle.entry.fullUrl).
+* Versioned references: ``RiskAssessment.basis`` and ``Provenance.entity.what`` are written with the input
+  versions (``_history/N``). HAPI strips versions from references unless told otherwise, so for a HAPI
+  server (``hapi=True``) each resource carries HAPI's ``auto-version-references-at-path`` meta extension,
+  and HAPI also fills in the versions of the Provenance ``target``s it assigns. Other servers keep the
+  versions as written and ignore the HAPI extension, which is then not written; the Provenance targets
+  (``urn:uuid`` references the server resolves to unversioned ids) are made versioned afterwards with
+  :func:`versioned_provenance_update` from the transaction response.
 * **Supersede**: when inputs changed, the keys change, new results are created, and every earlier
   fhirtwin result of the patient that is not part of the new set gets the meta tag
   ``https://fhirtwin.org/CodeSystem/fhirtwin|superseded`` (a ``PUT`` of the stored body plus the tag,
@@ -67,6 +79,14 @@ def _urn(key: str, kind: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'https://fhirtwin.org/{kind}/{key}')}"
 
 
+def full_url(resource_type: str, resource_id: str, base_url: str | None) -> str:
+    """``fullUrl`` of an entry that writes ``Type/id``: absolute on ``base_url``, else a ``urn:uuid:`` of it."""
+    ref = f"{resource_type}/{resource_id}"
+    if base_url:
+        return f"{base_url.rstrip('/')}/{ref}"
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, ref)}"
+
+
 def key_of(resource: dict[str, Any]) -> str | None:
     """The fhirtwin prediction key of a stored resource, if it has one."""
     return next((i.get("value") for i in resource.get("identifier", []) or []
@@ -85,7 +105,7 @@ def _versioned(resource: dict[str, Any]) -> str:
     return f"{ref}/_history/{version}" if version else ref
 
 
-def _supersede_entry(resource: dict[str, Any]) -> dict[str, Any]:
+def _supersede_entry(resource: dict[str, Any], base_url: str | None) -> dict[str, Any]:
     body = copy.deepcopy(resource)
     tags = body.setdefault("meta", {}).setdefault("tag", [])
     tags.append(dict(SUPERSEDED_TAG))
@@ -93,7 +113,8 @@ def _supersede_entry(resource: dict[str, Any]) -> dict[str, Any]:
     version = resource.get("meta", {}).get("versionId")
     if version:
         request["ifMatch"] = f'W/"{version}"'
-    return {"fullUrl": f"{resource['resourceType']}/{resource['id']}", "resource": body, "request": request}
+    return {"fullUrl": full_url(resource["resourceType"], resource["id"], base_url), "resource": body,
+            "request": request}
 
 
 def build_patient_write(
@@ -105,11 +126,18 @@ def build_patient_write(
     now: datetime | None = None,
     organization_id: str = DEFAULT_ORGANIZATION,
     include_device: bool = True,
+    base_url: str | None = None,
+    hapi: bool = True,
 ) -> PatientWrite:
     """The transaction Bundle for one patient's Plan.
 
     ``existing`` are the fhirtwin results already stored for this patient (RiskAssessment, Goal, CarePlan;
     current and superseded), as read by the caller; they decide what is superseded or reinstated.
+    ``base_url`` is the server's base URL: entries that ``PUT`` a known resource get its absolute URL as
+    ``fullUrl`` (``urn:uuid:`` of ``Type/id`` when None). ``hapi`` says whether the server is HAPI FHIR
+    (its CapabilityStatement ``software.name`` contains "HAPI"): only then is HAPI's
+    ``auto-version-references-at-path`` meta extension written; otherwise call
+    :func:`versioned_provenance_update` with the transaction response.
     """
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     forecast = plan.baseline
@@ -138,7 +166,8 @@ def build_patient_write(
     for outcome in outcomes:
         ra = build_risk_assessment(plan, state, outcome, occurrence=now, device_reference=device_ref,
                                    supersedes=old_ra_by_code.get(OUTCOMES[outcome][2], ()))
-        ra["meta"]["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": "basis"}]
+        if hapi:
+            ra["meta"]["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": "basis"}]
         targets.append((ra_refs[outcome], ra))
     goals = build_goals(plan, state, ra_refs, now)
     targets += [(goal_refs[name], goal) for name, goal in goals.items()]
@@ -150,14 +179,15 @@ def build_patient_write(
     rkey = run_key(keys.values())
     provenance = build_provenance(targets, forecast.sources, device_reference=device_ref,
                                   organization_reference=org_ref, key=key, recorded=now, run_key=rkey,
-                                  revisions=[_versioned(r) for r in to_supersede])
+                                  revisions=[_versioned(r) for r in to_supersede], hapi=hapi)
 
     entries: list[dict[str, Any]] = []
     if include_device:
         for resource in (organization_resource(organization_id),
                          device_resource(forecast.model, forecast.model_version, organization_id)):
             url = f"{resource['resourceType']}/{resource['id']}"
-            entries.append({"fullUrl": url, "resource": resource, "request": {"method": "PUT", "url": url}})
+            entries.append({"fullUrl": full_url(resource["resourceType"], resource["id"], base_url),
+                            "resource": resource, "request": {"method": "PUT", "url": url}})
     for (ref, resource), kind in zip(targets, [*[f"RiskAssessment/{o}" for o in outcomes],
                                                *[f"Goal/{n}" for n in goals], "CarePlan"], strict=True):
         entries.append({"fullUrl": ref, "resource": resource,
@@ -166,7 +196,7 @@ def build_patient_write(
     entries.append({"fullUrl": _urn(rkey, "Provenance"), "resource": provenance,
                     "request": {"method": "POST", "url": "Provenance",
                                 "ifNoneExist": f"_tag={provenance['meta']['tag'][1]['system']}|{rkey}"}})
-    entries += [_supersede_entry(r) for r in to_supersede]
+    entries += [_supersede_entry(r, base_url) for r in to_supersede]
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     return PatientWrite(patient_id, bundle, keys, rkey, [_versioned(r) for r in to_supersede], reinstate)
 
@@ -182,3 +212,60 @@ def merge_bundles(writes: Sequence[PatientWrite]) -> dict[str, Any]:
             seen.add(entry["fullUrl"])
             entries.append(entry)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _location_reference(location: str) -> str | None:
+    """``Type/id/_history/N`` from a response ``location`` (absolute or relative), None without a version."""
+    parts = location.split("?")[0].rstrip("/").split("/")
+    if len(parts) < 4 or parts[-2] != "_history":
+        return None
+    return "/".join(parts[-4:])
+
+
+def versioned_provenance_update(write: PatientWrite, response: dict[str, Any]) -> dict[str, Any] | None:
+    """The Provenance body to ``PUT`` again so that its targets are versioned, or None.
+
+    For servers other than HAPI (``build_patient_write(..., hapi=False)``): the server resolves the
+    ``urn:uuid`` target references of the Provenance to the ids it assigned, without versions. This reads
+    the transaction-response Bundle ``response`` (entries in request order, ``response.location`` =
+    ``Type/id/_history/N``, absolute or relative) and returns the Provenance as sent with every ``target``
+    that pointed at an entry of this write replaced by that entry's versioned reference and ``id`` set
+    from the Provenance's own location; the caller ``PUT``s it to ``Provenance/<id>``. The signature needs
+    no change: it covers the targets' content, not the Provenance. Returns None when there is nothing to
+    change: the Provenance was not created (its status is not ``201``: the conditional create matched the
+    Provenance of an identical earlier run, whose targets were set then) or no target maps to a versioned
+    location. With ``hapi=True`` HAPI versions the targets itself and the update is not needed.
+    A pure function: no I/O.
+    """
+    entries = write.bundle["entry"]
+    answers = response.get("entry", []) or []
+    locations: dict[str, str] = {}
+    provenance_entry = None
+    provenance_location = None
+    for entry, answer in zip(entries, answers, strict=False):
+        result = (answer or {}).get("response") or {}
+        location = result.get("location")
+        if not location:
+            continue
+        versioned = _location_reference(location)
+        if entry["resource"]["resourceType"] == "Provenance":
+            if str(result.get("status", "")).startswith("201"):
+                provenance_entry, provenance_location = entry, versioned
+        elif versioned:
+            locations[entry["fullUrl"]] = versioned
+    if provenance_entry is None or provenance_location is None:
+        return None
+    body = copy.deepcopy(provenance_entry["resource"])
+    changed = False
+    for target in body.get("target", []):
+        new = locations.get(target.get("reference", ""))
+        if new and target["reference"] != new:
+            target["reference"] = new
+            changed = True
+    if not changed:
+        return None
+    body["id"] = provenance_location.split("/")[1]
+    meta = body.get("meta", {})
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    return body

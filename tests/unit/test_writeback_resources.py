@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from writeback_fixtures import NOW, changed_run, cohort_run
 
-from fhirtwin.vocabulary import CODESYSTEM, CONCEPTS, GENERATED_TAG, PREDICTION_ID_SYSTEM, is_fhirtwin_generated
-from fhirtwin.writeback.careplan import build_care_plan, build_goals
+from fhirtwin.vocabulary import (
+    CODESYSTEM,
+    CONCEPTS,
+    GENERATED_TAG,
+    PREDICTION_ID_SYSTEM,
+    coding,
+    is_fhirtwin_generated,
+)
+from fhirtwin.writeback.careplan import build_care_plan, build_draft_care_plan, build_goals
 from fhirtwin.writeback.device import device_resource
 from fhirtwin.writeback.identifiers import prediction_key
-from fhirtwin.writeback.riskassessment import build_risk_assessment, qualitative, risk_key
+from fhirtwin.writeback.riskassessment import (
+    KFRE_CODES,
+    PREVENT_CODES,
+    build_risk_assessment,
+    method_concept,
+    qualitative,
+    risk_key,
+    simulation_model_extension,
+)
 
 PROFILES = Path(__file__).resolve().parents[2] / "fhirtwin" / "profiles"
 
@@ -54,14 +70,31 @@ def test_qualitative_thresholds_only_where_published() -> None:
     assert qualitative("total_cvd", 5.0, 0.5) is None
 
 
-def test_method_codes_model_and_variant_and_mitigation_names_interventions() -> None:
+def test_method_is_one_concept_the_anchoring_equation_and_mitigation_names_interventions() -> None:
     ra = _ra()
-    codes = [c["code"] for c in ra["method"]["coding"]]
-    assert codes[0] == "fhirtwin-mechanistic" and "prevent-2024-full" in codes
-    assert "0.1.0" in ra["method"]["text"]
+    # one concept per CodeableConcept: the equation variant in method, the simulation model in its extension
+    assert [c["code"] for c in ra["method"]["coding"]] == ["prevent-2024-full"]
+    model = next(e for e in ra["extension"] if e["url"].endswith("/simulation-model"))["valueCodeableConcept"]
+    assert [c["code"] for c in model["coding"]] == ["fhirtwin-mechanistic"] and "0.1.0" in model["text"]
     assert cohort_run().plan.options[0].scenario.name in ra["mitigation"]
     kidney = _ra("kidney_failure")
-    assert "kfre-4var" in [c["code"] for c in kidney["method"]["coding"]]
+    assert [c["code"] for c in kidney["method"]["coding"]] == ["kfre-4var"]
+
+
+def test_method_codes_every_variant_and_the_egfr_route() -> None:
+    def forecast(**method: object) -> SimpleNamespace:
+        return SimpleNamespace(method=method, model="fhirtwin-equations", model_version="0.1.0")
+
+    for variant, code in PREVENT_CODES.items():
+        assert method_concept(forecast(prevent={"variant": variant}), "ascvd")["coding"] == [coding(code)]
+    egfr = method_concept(forecast(kidney_mode="egfr_threshold", egfr={"variant": "creatinine_2021"}),
+                          "kidney_failure")
+    assert egfr["coding"] == [coding("egfr-trajectory-g5")] and "15" in egfr["text"]
+    kfre8 = method_concept(forecast(kidney_mode="kfre", kfre={"variant": "8-variable"}), "kidney_failure")
+    assert kfre8["coding"] == [coding("kfre-8var")]
+    assert all(c in CONCEPTS for c in [*PREVENT_CODES.values(), *KFRE_CODES.values()])
+    ext = simulation_model_extension(forecast())
+    assert ext["valueCodeableConcept"]["coding"] == [coding("fhirtwin-equations")]
 
 
 def test_identifiers_deterministic_and_input_sensitive() -> None:
@@ -98,6 +131,23 @@ def test_goals_and_care_plan() -> None:
     assert {"arr", "arrLower", "arrUpper", "outcome", "horizon"} <= parts
     assert "extension" in care_plan  # the best combined option
     assert all("reasonReference" not in a["detail"] for a in activities)
+    assert "goal" not in build_care_plan(run.plan, run.state, ra_refs=ra_refs, goal_refs={}, occurrence=NOW,
+                                         device_reference="Device/d")  # FHIR JSON has no empty arrays
+
+
+def test_draft_care_plan_stands_alone_with_its_inputs_as_supporting_info() -> None:
+    run = cohort_run()
+    draft = build_draft_care_plan(run.plan, run.state, occurrence=NOW, device_reference="Device/d")
+    written = build_care_plan(run.plan, run.state, ra_refs={"total_cvd": "urn:uuid:1"}, goal_refs={},
+                              occurrence=NOW, device_reference="Device/d")
+    assert draft["meta"]["profile"] == ["https://fhirtwin.org/fhir/StructureDefinition/fhirtwin-careplan"]
+    assert [s["reference"] for s in draft["supportingInfo"]] == sorted(run.plan.baseline.sources)
+    assert all("/_history/" in s["reference"] for s in draft["supportingInfo"])
+    assert "goal" not in draft and "urn:uuid" not in json.dumps(draft)
+    assert draft["identifier"][0]["system"] == PREDICTION_ID_SYSTEM
+    assert draft["identifier"] != written["identifier"]  # accepting the draft never satisfies a write's ifNoneExist
+    assert [a["detail"]["code"] for a in draft["activity"]] == [a["detail"]["code"] for a in written["activity"]]
+    assert (draft["status"], draft["intent"]) == ("draft", "proposal")
 
 
 def test_device_and_generated_marker() -> None:
@@ -127,3 +177,11 @@ def test_profiles_are_r4_and_codesystem_matches_codes() -> None:
     assert profiles_used <= declared
     op = next(r for r in resources if r["resourceType"] == "OperationDefinition")
     assert op["code"] == "simulate" and op["instance"] and op["resource"] == ["Patient"]
+    assert op["affectsState"] is True  # write=true (the default) commits
+    horizon = next(p for p in op["parameter"] if p["name"] == "horizon")
+    assert "5 to 30 inclusive" in horizon["documentation"]
+    vs_codes = {r["id"]: {c["code"] for i in r["compose"]["include"] for c in i.get("concept", [])}
+                for r in resources if r["resourceType"] == "ValueSet"}
+    assert all(codes <= set(CONCEPTS) for codes in vs_codes.values())
+    assert {*PREVENT_CODES.values(), *KFRE_CODES.values(), "egfr-trajectory-g5"} <= vs_codes["fhirtwin-models"]
+    assert vs_codes["fhirtwin-simulation-models"] == {"fhirtwin-mechanistic", "fhirtwin-equations"}

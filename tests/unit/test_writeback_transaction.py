@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from writeback_fixtures import NOW, changed_run, cohort_run
 
-from fhirtwin.vocabulary import SUPERSEDED_TAG
+from fhirtwin.vocabulary import AUTO_VERSION_EXT, EXT_SUPERSEDES, SUPERSEDED_TAG
 from fhirtwin.writeback.jws import JwsError, generate_key
 from fhirtwin.writeback.signing import verify_targets
-from fhirtwin.writeback.transaction import build_patient_write, is_superseded, key_of, merge_bundles
+from fhirtwin.writeback.transaction import (
+    build_patient_write,
+    full_url,
+    is_superseded,
+    key_of,
+    merge_bundles,
+    versioned_provenance_update,
+)
 
 KEY = generate_key()
+BASE = "https://ehr.example.org/fhir"
 
 
-def _write(run=None, existing=()):
+def _write(run=None, existing=(), **options):
     run = run or cohort_run()
-    return build_patient_write(run.plan, run.state, key=KEY, existing=existing, now=NOW)
+    return build_patient_write(run.plan, run.state, key=KEY, existing=existing, now=NOW, **options)
 
 
 def _store(write) -> list[dict]:
@@ -99,7 +108,9 @@ def test_changed_inputs_supersede_previous_results() -> None:
         assert {k: v for k, v in entry["resource"].items() if k != "meta"} == {
             k: v for k, v in stored.items() if k != "meta"}, "only the tag changes: status stays as it was"
     new_ras = [r for r in write.results if r["resourceType"] == "RiskAssessment"]
-    assert all(r["extension"][0]["valueReference"]["reference"].startswith("RiskAssessment/id") for r in new_ras)
+    assert all([e["valueReference"]["reference"] for e in r["extension"] if e["url"] == EXT_SUPERSEDES]
+               and all(e["valueReference"]["reference"].startswith("RiskAssessment/id")
+                       for e in r["extension"] if e["url"] == EXT_SUPERSEDES) for r in new_ras)
     revisions = [e for e in write.results[-1]["entity"] if e["role"] == "revision"]
     assert len(revisions) == len(supersede) and all("/_history/1" in e["what"]["reference"] for e in revisions)
     # already superseded results are left alone
@@ -121,5 +132,77 @@ def test_merge_bundles_keeps_shared_puts_once() -> None:
     a, b = _write(), _write(changed_run())
     merged = merge_bundles([a, b])
     urls = [e["fullUrl"] for e in merged["entry"]]
-    assert urls.count("Device/fhirtwin-mechanistic-0-1-0") == 1
+    assert urls.count(full_url("Device", "fhirtwin-mechanistic-0-1-0", None)) == 1
     assert len(merged["entry"]) == len(a.bundle["entry"]) + len(b.bundle["entry"]) - 2
+
+
+def test_full_urls_are_absolute_or_urn_never_relative() -> None:
+    old = _store(_write())
+    for base in (None, BASE, BASE + "/"):
+        write = _write(changed_run(), existing=old, base_url=base)
+        puts = [e for e in write.bundle["entry"] if e["request"]["method"] == "PUT"]
+        assert len(puts) == 2 + len(old) - 1  # Organization, Device and the superseded results
+        for entry in write.bundle["entry"]:
+            assert entry["fullUrl"].startswith(("urn:uuid:", "https://")), entry["fullUrl"]
+        for entry in puts:
+            ref = f"{entry['resource']['resourceType']}/{entry['resource']['id']}"
+            assert entry["request"]["url"] == ref
+            if base:  # a PUT of a known resource: its absolute URL on the server
+                assert entry["fullUrl"] == f"{BASE}/{ref}"
+            else:  # deterministic urn:uuid of Type/id
+                assert entry["fullUrl"] == full_url(*ref.split("/"), None) == full_url(*ref.split("/"), None)
+    assert full_url("Device", "a", None) != full_url("Organization", "a", None)
+
+
+def test_hapi_auto_version_extension_only_for_hapi() -> None:
+    hapi = _write()
+    other = _write(hapi=False)
+    assert AUTO_VERSION_EXT in json.dumps(hapi.bundle)
+    assert AUTO_VERSION_EXT not in json.dumps(other.bundle)
+    for write in (hapi, other):  # input versions are written either way
+        for resource in write.results:
+            refs = [b["reference"] for b in resource.get("basis", [])]
+            refs += [e["what"]["reference"] for e in resource.get("entity", [])]
+            assert all("/_history/" in r for r in refs)
+
+
+def _response(write, provenance_status: str = "201 Created", absolute: bool = False) -> dict:
+    """A transaction-response Bundle as a server answers ``write`` (entries in request order)."""
+    entries = []
+    for n, entry in enumerate(write.bundle["entry"]):
+        resource = entry["resource"]
+        rid = resource.get("id") or f"srv{n}"
+        location = f"{resource['resourceType']}/{rid}/_history/1"
+        status = provenance_status if resource["resourceType"] == "Provenance" else (
+            "201 Created" if entry["request"]["method"] == "POST" else "200 OK")
+        entries.append({"response": {"status": status,
+                                     "location": f"{BASE}/{location}" if absolute else location}})
+    return {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
+
+
+def test_versioned_provenance_update_versions_the_targets_from_the_response() -> None:
+    write = _write(hapi=False)
+    sent = write.results[-1]
+    for absolute in (False, True):
+        body = versioned_provenance_update(write, _response(write, absolute=absolute))
+        assert body is not None and body["resourceType"] == "Provenance"
+        prov_n = len(write.bundle["entry"]) - 1
+        assert body["id"] == f"srv{prov_n}"
+        expected = [f"{e['resource']['resourceType']}/srv{n}/_history/1"
+                    for n, e in enumerate(write.bundle["entry"]) if e["request"]["method"] == "POST"][:-1]
+        assert [t["reference"] for t in body["target"]] == expected
+        # everything else as sent (the signature covers the targets, not the Provenance)
+        assert {k: v for k, v in body.items() if k not in ("target", "id")} == {
+            k: v for k, v in sent.items() if k != "target"}
+        assert AUTO_VERSION_EXT not in json.dumps(body)
+    assert sent["target"][0]["reference"].startswith("urn:uuid:")  # the write itself is not modified
+
+
+def test_versioned_provenance_update_nothing_to_do() -> None:
+    write = _write(hapi=False)
+    assert versioned_provenance_update(write, _response(write, provenance_status="200 OK")) is None  # matched
+    assert versioned_provenance_update(write, {"resourceType": "Bundle", "entry": []}) is None
+    unversioned = _response(write)
+    for entry in unversioned["entry"]:
+        entry["response"]["location"] = entry["response"]["location"].split("/_history")[0]
+    assert versioned_provenance_update(write, unversioned) is None
