@@ -44,12 +44,13 @@ def _rewrite(node: Any, refs: dict[str, str]) -> Any:
 
 @pytest.fixture(scope="module")
 def fresh_patient(loaded_cohort, base_url: str) -> str:
-    """A copy of a cohort patient under server-assigned ids, so tampering here touches no other test."""
+    """A copy of a cohort patient under server-assigned ids and without its identifiers, so tampering here
+    touches no other test (and the cohort's identifier counts stay exact)."""
     source = loaded_cohort.bundles[4]
     resources = [e["resource"] for e in source["entry"]]
     refs = {f"{r['resourceType']}/{r['id']}": f"urn:uuid:{uuid.uuid4()}" for r in resources}
     entries = [{"fullUrl": refs[f"{r['resourceType']}/{r['id']}"],
-                "resource": _rewrite({k: v for k, v in r.items() if k not in ("id", "meta")}, refs),
+                "resource": _rewrite({k: v for k, v in r.items() if k not in ("id", "meta", "identifier")}, refs),
                 "request": {"method": "POST", "url": r["resourceType"]}} for r in resources]
     response = FhirClient(base_url).transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
     location = next(e["response"]["location"] for e in response["entry"]
