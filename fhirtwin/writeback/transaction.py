@@ -255,7 +255,7 @@ def versioned_provenance_update(write: PatientWrite, response: dict[str, Any]) -
             locations[entry["fullUrl"]] = versioned
     if provenance_entry is None or provenance_location is None:
         return None
-    body = copy.deepcopy(provenance_entry["resource"])
+    body: dict[str, Any] = copy.deepcopy(provenance_entry["resource"])
     changed = False
     for target in body.get("target", []):
         new = locations.get(target.get("reference", ""))
