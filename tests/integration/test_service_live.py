@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from fhirtwin.cli import main
+from fhirtwin.engine import WATCHED_TYPES
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +126,7 @@ def test_subscription_round_trip(service, patients, base_url, http, capsys) -> N
         assert main(["subscribe", "--server", base_url, "--endpoint", endpoint, "--payload", *only_ours]) == 0
         out = capsys.readouterr().out
         ids = [line.split()[0].split("/")[1] for line in out.splitlines() if line.startswith("Subscription/")]
-        assert len(ids) == 3 and all(line.endswith(" active") for line in out.splitlines() if line)
+        assert len(ids) == len(WATCHED_TYPES) and all(line.endswith(" active") for line in out.splitlines() if line)
         # idempotent: a second run creates nothing
         assert main(["subscribe", "--server", base_url, "--endpoint", endpoint, *only_ours]) == 0
         assert "created" not in capsys.readouterr().out
