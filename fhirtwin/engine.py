@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -36,11 +35,17 @@ from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
 from fhirtwin.sim.planner import Plan, plan
 from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
 from fhirtwin.vocabulary import GENERATED_TAG, SUPERSEDED_TAG, is_fhirtwin_generated, token
-from fhirtwin.writeback.careplan import build_care_plan
+from fhirtwin.writeback.careplan import build_draft_care_plan
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
 from fhirtwin.writeback.jws import JwsError, SigningKey
 from fhirtwin.writeback.signing import signature_header, verify_targets
-from fhirtwin.writeback.transaction import PatientWrite, build_patient_write, merge_bundles
+from fhirtwin.writeback.transaction import (
+    PatientWrite,
+    build_patient_write,
+    full_url,
+    merge_bundles,
+    versioned_provenance_update,
+)
 
 MIN_HORIZON_YEARS = 5.0  # the RiskAssessment reports the 5- and 10-year points; below 5 it would be empty
 MAX_HORIZON_YEARS = 30.0  # the $simulate OperationDefinition documents 5 to 30 years
@@ -390,6 +395,7 @@ class Engine:
         self.outcome = outcome
         self.strict = strict
         self.organization_id = organization_id
+        self._hapi: bool | None = None
 
     # -- read
 
@@ -540,12 +546,8 @@ class Engine:
         """The proposed CarePlan as a standalone resource (for a CDS suggestion; nothing is written)."""
         result = run.require_plan()
         forecast = result.baseline
-        care_plan = build_care_plan(result, run.state, ra_refs={}, goal_refs={}, occurrence=datetime.now(UTC),
-                                    device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
-        for key in ("supportingInfo", "goal"):
-            if not care_plan.get(key):
-                care_plan.pop(key, None)
-        return care_plan
+        return build_draft_care_plan(result, run.state, occurrence=datetime.now(UTC),
+                                     device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
 
     # -- prepare and commit
 
@@ -554,16 +556,16 @@ class Engine:
         result = run.require_plan()
         stored = run.stored if run.stored is not None else self.stored_results(run.patient_id)
         key = self._key()
+        base = getattr(self.source, "base_url", None)
+        base_url = base if isinstance(base, str) else None
         write = build_patient_write(result, run.state, key=key, existing=stored, now=now,
-                                    include_device=include_device, organization_id=self.organization_id)
+                                    include_device=include_device, organization_id=self.organization_id,
+                                    base_url=base_url, hapi=self.server_is_hapi())
         if include_device:  # publish the verifying key with the Device that signs (an unchanged PUT is a no-op)
             device = self._key_device(key)
-            url = f"Device/{device['id']}"
-            base = getattr(self.source, "base_url", None)
-            full_url = (f"{base.rstrip('/')}/{url}" if isinstance(base, str)
-                        else f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}")
-            write.bundle["entry"].insert(0, {"fullUrl": full_url, "resource": device,
-                                             "request": {"method": "PUT", "url": url}})
+            write.bundle["entry"].insert(0, {"fullUrl": full_url("Device", device["id"], base_url),
+                                             "resource": device,
+                                             "request": {"method": "PUT", "url": f"Device/{device['id']}"}})
         for entry in write.bundle["entry"]:
             validate_resource(entry["resource"])
             check_emittable(entry["resource"])
@@ -596,10 +598,30 @@ class Engine:
         provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
         commit = Commit(response, _created(response), provenance)
         try:
+            self._version_targets(write, response)
             commit.reinstated = self.reinstate(write.reinstate)
         except fhir_errors.FhirError as exc:
-            raise upstream_error(exc, "reinstating earlier results") from exc
+            raise upstream_error(exc, "finishing the write") from exc
         return commit
+
+    def server_is_hapi(self) -> bool:
+        """Whether the server's CapabilityStatement names HAPI FHIR (it then versions references itself)."""
+        if self._hapi is None:
+            capabilities = getattr(self.source, "capabilities", None)
+            try:
+                software = (capabilities() if callable(capabilities) else {}).get("software") or {}
+            except fhir_errors.FhirError:
+                software = {}
+            self._hapi = "hapi" in str(software.get("name", "")).lower()
+        return self._hapi
+
+    def _version_targets(self, write: PatientWrite, response: dict[str, Any]) -> None:
+        """On servers other than HAPI, PUT the new Provenance again with versioned target references."""
+        if self.server_is_hapi():
+            return
+        update = versioned_provenance_update(write, response)
+        if update is not None:
+            self._client().update(update)
 
     def reinstate(self, references: Iterable[str]) -> list[str]:
         """Make earlier results current again (inputs went back to an earlier state): drop their tag.
@@ -682,9 +704,10 @@ class Engine:
                     result.status = "written" if result.created or result.updated else "unchanged"
                     result.requests += (client.request_count - before) if len(pending) == 1 else 0
                     try:
+                        self._version_targets(write, self._response_part(response, bundle, write))
                         self.reinstate(write.reinstate)
                     except fhir_errors.FhirError as exc:
-                        result.status, result.message = "failed", str(upstream_error(exc, "reinstating"))
+                        result.status, result.message = "failed", str(upstream_error(exc, "finishing the write"))
             pending.clear()
             return done
 
@@ -713,6 +736,13 @@ class Engine:
             if len(pending) >= max(1, group):
                 yield from flush()
         yield from flush()
+
+    @staticmethod
+    def _response_part(response: dict[str, Any], bundle: dict[str, Any], write: PatientWrite) -> dict[str, Any]:
+        """The entries of a (merged) transaction response that answer ``write``'s entries, in its order."""
+        by_url = {e.get("fullUrl"): a for e, a in zip(bundle["entry"], response.get("entry", []), strict=False)}
+        return {"resourceType": "Bundle", "type": "transaction-response",
+                "entry": [by_url.get(e.get("fullUrl"), {}) for e in write.bundle["entry"]]}
 
     # -- registration and verification
 

@@ -229,7 +229,10 @@ def test_card_from_complete_prefetch(client: TestClient, records: dict, patient_
     assert care_plan["resourceType"] == "CarePlan" and care_plan["status"] == "draft"
     assert care_plan["intent"] == "proposal"
     assert care_plan["subject"]["reference"] == f"Patient/{patient_id}"
-    assert "supportingInfo" not in care_plan  # no dangling references to unwritten RiskAssessments
+    # the profile requires supportingInfo: the draft cites the inputs it used, never unwritten RiskAssessments
+    inputs = {f"{r['resourceType']}/{r['id']}" for r in records[patient_id]}
+    cited = [i["reference"] for i in care_plan["supportingInfo"]]
+    assert cited and all(ref.split("/_history")[0] in inputs for ref in cited)
 
 
 def test_indicator_follows_the_total_cvd_median(client: TestClient, records: dict) -> None:

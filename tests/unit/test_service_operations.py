@@ -50,6 +50,14 @@ class FakeFhir:
         self.record = record or []
         self.error = error
         self.transactions: list[dict] = []
+        self.updates: list[dict] = []
+
+    def capabilities(self) -> dict:
+        return {"resourceType": "CapabilityStatement", "software": {"name": "Some other FHIR server"}}
+
+    def update(self, resource: dict) -> dict:
+        self.updates.append(resource)
+        return resource
 
     def fetch_patient_record(self, patient_id: str, types: object, **_: object) -> list[dict]:
         if self.error is not None:
@@ -158,6 +166,11 @@ def test_simulate_with_write_returns_the_transaction_response(settings, record, 
     assert response.status_code == 200
     assert response.json()["type"] == "transaction-response"
     assert len(fake.transactions) == 1
+    # not HAPI: no HAPI-only meta extension, and the Provenance is put again with versioned targets
+    assert "hapifhir.io" not in json.dumps(fake.transactions[0])
+    [provenance] = fake.updates
+    assert provenance["resourceType"] == "Provenance" and provenance["id"]
+    assert all("/_history/" in t["reference"] for t in provenance["target"])
 
 
 def test_scenario_restricts_the_plan(settings, record, monkeypatch) -> None:
