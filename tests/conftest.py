@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+from ports import free_port
 
 from fhirtwin.sandbox.server import Sandbox
 
@@ -96,15 +97,6 @@ def loaded_cohort(base_url: str, cohort):
 
     load_sandbox(base_url)
     return cohort
-
-
-def free_port() -> int:
-    """A free loopback port for a test server."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

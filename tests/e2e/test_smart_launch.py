@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from conftest import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.e2e
 

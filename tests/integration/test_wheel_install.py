@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.integration
 
