@@ -12,6 +12,7 @@ what a record is (types, ``_include``) comes from :mod:`fhirtwin.adapters.reads`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -33,8 +34,9 @@ from fhirtwin.sim.inputs import InsufficientData
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions, combinations
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
 from fhirtwin.sim.planner import Plan, plan
+from fhirtwin.sim.scope import ScopeDecision, decide_scope
 from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
-from fhirtwin.vocabulary import GENERATED_TAG, SUPERSEDED_TAG, is_fhirtwin_generated, token
+from fhirtwin.vocabulary import CONCEPTS, GENERATED_TAG, SUPERSEDED_TAG, coding, is_fhirtwin_generated, token
 from fhirtwin.writeback.careplan import build_draft_care_plan
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
 from fhirtwin.writeback.jws import JwsError, SigningKey
@@ -116,6 +118,22 @@ class InsufficientPatientData(EngineError):
     def __init__(self, message: str, missing: Sequence[str]) -> None:
         super().__init__(message)
         self.missing = list(missing)
+
+
+class OutOfScope(EngineError):
+    """The anchoring equations do not apply to this patient; ``scope`` is the coded decision."""
+
+    http_status = 422
+    issue_code = "not-supported"
+
+    def __init__(self, decision: ScopeDecision) -> None:
+        super().__init__(f"out of scope for a primary-prevention forecast: {CONCEPTS[decision.code]}")
+        self.scope = decision
+
+    def outcome(self) -> dict[str, Any]:
+        outcome = super().outcome()
+        outcome["issue"][0]["details"] = {"coding": [coding(self.scope.code)], "text": CONCEPTS[self.scope.code]}
+        return outcome
 
 
 class UpstreamError(EngineError):
@@ -205,13 +223,16 @@ class TwinRun:
     error: str | None = None
     missing: tuple[str, ...] = ()
     stored: list[dict[str, Any]] | None = None
+    scope: ScopeDecision | None = None
 
     @property
     def patient_id(self) -> str:
         return self.state.patient_id
 
     def require_plan(self) -> Plan:
-        """The plan, or :class:`InsufficientPatientData` naming what is missing."""
+        """The plan, or :class:`OutOfScope` / :class:`InsufficientPatientData` saying why there is none."""
+        if self.plan is None and self.scope is not None and not self.scope.in_scope:
+            raise OutOfScope(self.scope)
         if self.plan is None:
             raise InsufficientPatientData(
                 "insufficient data for a prediction; missing: " + (", ".join(self.missing) or "see ledger"),
@@ -460,14 +481,17 @@ class Engine:
         if not MIN_HORIZON_YEARS <= horizon <= MAX_HORIZON_YEARS:
             raise BadRequest(f"horizon must be between {MIN_HORIZON_YEARS:g} and {MAX_HORIZON_YEARS:g} years",
                              expression=["horizon"])
+        decision = decide_scope(state)
+        if not decision.in_scope:
+            return TwinRun(state, None, None, f"out of scope: {CONCEPTS[decision.code]}", (), stored, decision)
         try:
             model = MechanisticTwin().fit(state)
         except InsufficientData as exc:
-            return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored)
+            return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored, decision)
         scenarios = self._scenarios(model, scenario)
         result = plan(model, outcome=self.outcome, horizon_years=horizon, draws=draws or self.draws, seed=self.seed,
                       scenarios=scenarios)
-        return TwinRun(state, model, result, None, (), stored)
+        return TwinRun(state, model, dataclasses.replace(result, scope=decision.code), None, (), stored, decision)
 
     def run(self, patient_id: str, *, record: PatientRecord | None = None, as_of: date | None = None,
             scenario: str | None = None, horizon_years: float | None = None, draws: int | None = None) -> TwinRun:
@@ -657,7 +681,7 @@ class Engine:
         lock = patient_lock(patient_id)
         if not lock.acquire(blocking=False):
             lock.acquire()
-            run = TwinRun(run.state, run.model, run.plan, run.error, run.missing, None)  # re-read: may be stale
+            run = dataclasses.replace(run, stored=None)  # another door wrote meanwhile: re-read what is stored
         try:
             prepared = self.prepare(run, include_device=include_device)
             simulation = Simulation(run, prepared)
@@ -714,7 +738,8 @@ class Engine:
         for run in runs:
             result = WriteResult(run.patient_id, "skipped")
             if run.plan is None:
-                result.message = f"no prediction: missing {', '.join(run.missing) or 'required data'}"
+                result.message = (f"no prediction: {run.error}" if run.scope is not None and not run.scope.in_scope
+                                  else f"no prediction: missing {', '.join(run.missing) or 'required data'}")
                 yield result
                 continue
             before = client.request_count

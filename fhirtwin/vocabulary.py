@@ -46,6 +46,7 @@ EXT_EXPECTED_BENEFIT = profile("expected-benefit")
 EXT_SUPERSEDES = profile("supersedes")
 EXT_MODEL_CARD = profile("model-card")
 EXT_SIGNING_KEY = profile("signing-key")
+EXT_SCOPE_DECISION = profile("scope-decision")
 
 #: fhirtwin code -> display. The CodeSystem resource in ``fhirtwin/profiles/`` lists exactly these.
 CONCEPTS: dict[str, str] = {
@@ -91,6 +92,16 @@ CONCEPTS: dict[str, str] = {
     "monitoring-kidney": "Kidney function follow-up (eGFR and UACR)",
     # decision support
     "cardiorenal-risk": "Cardiorenal risk forecast",
+    # scope decisions (whether the anchoring equations apply; fhirtwin.sim.scope)
+    "scope-primary-prevention": ("In scope: adult 30-79 without established ASCVD, heart failure, kidney "
+                                 "replacement therapy or pregnancy"),
+    "scope-established-ascvd": ("Out of scope: established atherosclerotic cardiovascular disease "
+                                "(secondary prevention)"),
+    "scope-heart-failure": "Out of scope: heart failure",
+    "scope-dialysis": "Out of scope: on dialysis (kidney replacement therapy)",
+    "scope-kidney-transplant": "Out of scope: kidney transplant recipient (kidney replacement therapy)",
+    "scope-pregnancy": "Out of scope: pregnancy",
+    "scope-age": "Out of scope: age outside the equations' range (30-79 years)",
     # plan
     "twin-care-plan": "fhirtwin proposed care plan",
     "ldl-target": "LDL cholesterol target",

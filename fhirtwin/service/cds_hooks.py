@@ -44,7 +44,7 @@ from fhirtwin.fhir.client import FhirClient
 from fhirtwin.package_data import model_card_markdown
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings
-from fhirtwin.vocabulary import coding
+from fhirtwin.vocabulary import CONCEPTS, EXT_SCOPE_DECISION, coding
 
 log = logging.getLogger("fhirtwin.service.cds_hooks")
 
@@ -284,6 +284,13 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
               "topic": coding("cardiorenal-risk")}
     link = {"label": "Open the fhirtwin patient page (risks, trajectories, what-ifs)", "url": f"{public}/launch",
             "type": "smart"}
+    if run.plan is None and run.scope is not None and not run.scope.in_scope:
+        return [{"uuid": str(uuid.uuid4()), "summary": _summary("fhirtwin: no primary-prevention forecast (out of "
+                                                                  "scope)"),
+                 "indicator": "info", "source": source, "links": [link],
+                 "detail": f"{html.escape(CONCEPTS[run.scope.code])}. The equations fhirtwin is anchored on (PREVENT, "
+                           "KFRE) were derived in people without this condition, so no number is shown.",
+                 "extension": {EXT_SCOPE_DECISION: coding(run.scope.code)}}]
     if run.plan is None:
         return [{"uuid": str(uuid.uuid4()), "summary": "fhirtwin: not enough data for a cardiorenal risk forecast",
                  "indicator": "info", "source": source, "links": [link],
@@ -327,6 +334,8 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
               "review, not an order."]
     card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": _summary(summary), "indicator": indicator,
                             "detail": "\n".join(lines), "source": source, "links": [link]}
+    if run.scope is not None:
+        card["extension"] = {EXT_SCOPE_DECISION: coding(run.scope.code)}
     if run.plan.options:
         card["suggestions"] = [{
             "label": "Create the draft CarePlan proposal for review",

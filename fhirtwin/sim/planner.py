@@ -56,6 +56,8 @@ class Plan:
     forecasts: dict[str, Forecast]
     excluded: tuple[Exclusion, ...]
     notes: tuple[str, ...]
+    #: The scope decision the plan was made under (fhirtwin.sim.scope; only in-scope patients get a plan).
+    scope: str = "scope-primary-prevention"
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict summary."""

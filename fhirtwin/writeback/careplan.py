@@ -14,7 +14,7 @@ from typing import Any
 
 from fhirtwin.vocabulary import EXT_EXPECTED_BENEFIT, LOINC, UCUM, coding, concept, meta
 from fhirtwin.writeback.identifiers import identifier, prediction_key
-from fhirtwin.writeback.riskassessment import OUTCOME_TEXT, outcome_concept
+from fhirtwin.writeback.riskassessment import OUTCOME_TEXT, outcome_concept, scope_extension
 
 RXNORM_INGREDIENTS = {"atorvastatin": "83367", "rosuvastatin": "301542", "simvastatin": "36567",
                       "pravastatin": "42463"}
@@ -212,6 +212,7 @@ def build_care_plan(
         care_plan["goal"] = [{"reference": ref} for ref in goal_refs.values()]
     if plan.options:
         care_plan["extension"] = [benefit_extension(plan.options[0], plan)]
+    care_plan.setdefault("extension", []).append(scope_extension(plan.scope))
     if conditions:
         care_plan["addresses"] = [{"reference": ref} for ref in conditions]
     activities = _activities(plan, ra_refs, goal_refs)

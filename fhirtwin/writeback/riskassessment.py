@@ -24,6 +24,7 @@ from typing import Any
 from fhirtwin.vocabulary import (
     CONCEPTS,
     EXT_PROBABILITY_INTERVAL,
+    EXT_SCOPE_DECISION,
     EXT_SUPERSEDES,
     OUTCOMES,
     RISK_PROBABILITY,
@@ -117,6 +118,11 @@ def method_concept(forecast: Any, outcome: str) -> dict[str, Any]:
     if code:
         out["coding"] = [coding(code)]
     return out
+
+
+def scope_extension(scope: str) -> dict[str, Any]:
+    """The coded scope decision (``scope-decision`` extension) that an integration engine can filter on."""
+    return {"url": EXT_SCOPE_DECISION, "valueCodeableConcept": concept(scope)}
 
 
 def simulation_model_extension(forecast: Any) -> dict[str, Any]:
@@ -239,7 +245,7 @@ def build_risk_assessment(
         "basis": [{"reference": ref} for ref in sorted(forecast.sources)],
         "prediction": predictions,
     }
-    resource["extension"] = [simulation_model_extension(forecast)]
+    resource["extension"] = [simulation_model_extension(forecast), scope_extension(plan.scope)]
     resource["extension"] += [{"url": EXT_SUPERSEDES, "valueReference": {"reference": ref}} for ref in supersedes]
     text = mitigation(plan, outcome)
     if text:
