@@ -19,6 +19,7 @@ from fhirtwin.adapters.genomics import adapt_genomics, is_genomic
 from fhirtwin.adapters.medications import adapt_medication
 from fhirtwin.adapters.observations import adapt_observation
 from fhirtwin.adapters.patient import adapt_patient
+from fhirtwin.adapters.procedures import adapt_procedure
 from fhirtwin.twin import Evidence, Ledger, LedgerKind, SourceRef, TimePoint, TwinState, get_variable, to_instant
 
 __all__ = ["BuildOptions", "build_twin", "flatten_resources"]
@@ -191,6 +192,8 @@ def build_twin(
                 evidence.extend(adapt_observation(item.resource, item.src, ctx))
             elif rtype == "Condition":
                 evidence.extend(adapt_condition(item.resource, item.src, ctx))
+            elif rtype == "Procedure":
+                evidence.extend(adapt_procedure(item.resource, item.src, ctx))
             elif rtype in ("MedicationRequest", "MedicationStatement"):
                 deferred_meds.append(item)
             elif rtype == "Medication":

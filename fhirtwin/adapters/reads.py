@@ -20,6 +20,7 @@ RECORD_TYPES: dict[str, str] = {
     "MedicationStatement": "patient",
     "MolecularSequence": "patient",
     "DiagnosticReport": "patient",
+    "Procedure": "patient",
 }
 
 #: ``_include`` parameters of the record read: resources the record points at (a MedicationRequest's

@@ -50,32 +50,115 @@ def build(*resources: dict[str, Any], **opts: Any):
     return build_twin("p1", list(resources), REF, BuildOptions(**opts) if opts else None)
 
 
+ASCVD = {"established_ascvd": ""}
+
+
 @pytest.mark.parametrize(
     ("system", "code", "expected"),
     [
-        (SNOMED, "44054006", {"diabetes": ""}),
-        (ICD, "E11.9", {"diabetes": ""}),
-        (ICD, "E1165", {"diabetes": ""}),
+        (SNOMED, "44054006", {"diabetes": "", "diabetes_type": "type2"}),
+        (ICD, "E11.9", {"diabetes": "", "diabetes_type": "type2"}),
+        (ICD, "E1165", {"diabetes": "", "diabetes_type": "type2"}),  # dots ignored
+        (ICD, "e11.65", {"diabetes": "", "diabetes_type": "type2"}),  # case ignored
+        (ICD, "E10.9", {"diabetes": "", "diabetes_type": "type1"}),
         (SNOMED, "59621000", {"hypertension": ""}),
         (ICD, "I10", {"hypertension": ""}),
         (ICD, "N18.31", {"ckd": "", "ckd_stage": "3a"}),
         (ICD, "N18.3", {"ckd": "", "ckd_stage": "3"}),
         (ICD, "N18.4", {"ckd": "", "ckd_stage": "4"}),
+        (ICD, "N18.6", {"ckd": "", "ckd_stage": "5"}),
         (SNOMED, "700379002", {"ckd": "", "ckd_stage": "3b"}),
-        (ICD, "I21.4", {"prior_mi": ""}),
-        (ICD, "I25.2", {"prior_mi": ""}),
-        (ICD, "I63.9", {"prior_stroke": ""}),
-        (ICD, "Z86.73", {"prior_stroke": ""}),
+        (ICD, "I21.4", {"prior_mi": ""} | ASCVD),
+        (ICD, "I22.1", {"prior_mi": ""} | ASCVD),  # local category I22, descendants included
+        (ICD, "I25.2", {"prior_mi": "", "atherosclerotic_disease": ""} | ASCVD),
+        (ICD, "I63.9", {"prior_stroke": "", "cerebrovascular_disease": ""} | ASCVD),
+        # behaviour change: Z86.73 (history of TIA or cerebral infarction) is CMS347 cerebrovascular disease,
+        # not an ischaemic stroke diagnosis; it still counts as established ASCVD
+        (ICD, "Z86.73", {"cerebrovascular_disease": ""} | ASCVD),
+        (ICD, "G45.9", {"tia": "", "cerebrovascular_disease": ""} | ASCVD),
         (ICD, "I50.22", {"heart_failure": ""}),
         (ICD, "E78.01", {"familial_hypercholesterolemia": ""}),
-        (ICD, "I13.0", {"hypertension": "", "ckd": "", "heart_failure": ""}),
+        # behaviour change: I13.0 no longer implies CKD (no published CKD value set lists I12/I13)
+        (ICD, "I13.0", {"hypertension": "", "heart_failure": ""}),
         (ICD, "E78.5", {}),
-        (ICD, "I25.10", {}),
+        # behaviour change: coronary atherosclerosis is coronary heart disease (CMS145) and CMS347 atherosclerosis
+        (ICD, "I25.10", {"coronary_heart_disease": "", "atherosclerotic_disease": ""} | ASCVD),
+        (ICD, "I70.213", {"peripheral_arterial_disease": "", "atherosclerotic_disease": ""} | ASCVD),
+        (ICD, "I48.0", {"atrial_fibrillation": ""}),
+        (ICD, "I61.9", {}),  # haemorrhagic stroke is not ischaemic stroke (behaviour change)
+        (ICD, "Z94.0", {"kidney_transplant": ""}),
     ],
 )
 def test_code_tables(system, code, expected):
     got = {var: val for var, (val, _) in map_codes({"coding": [{"system": system, "code": code}]}).items()}
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "variable"),
+    [
+        ("414545008", "coronary_heart_disease"),  # ischaemic heart disease (VSAC 2.16.840.1.113762.1.4.1047.46)
+        ("399261000", "coronary_revascularisation"),  # history of CABG (documented local addition)
+        ("127013003", "diabetic_kidney_disease"),  # VSAC Diabetic Nephropathy
+        ("90781000119102", "diabetic_kidney_disease"),  # local addition
+        ("157141000119108", "diabetic_kidney_disease"),  # local addition
+        ("422034002", "diabetic_retinopathy"),  # VSAC Diabetic Retinopathy and Diabetes
+        ("161665007", "kidney_transplant"),  # VSAC Kidney Transplant Recipient 20180310 member, local addition
+    ],
+)
+def test_issue_codes_map(code, variable):
+    got = map_codes({"coding": [{"system": SNOMED, "code": code}]})
+    assert variable in got
+    if variable in ("coronary_heart_disease", "coronary_revascularisation"):
+        assert "established_ascvd" in got
+    if variable.startswith("diabetic_"):
+        assert "diabetes" in got
+
+
+def test_issue_codes_reach_the_twin():
+    st = build(
+        cond("ihd", "414545008"),
+        cond("cabg", "399261000", clinical="resolved", abatementDateTime="2016-01-01"),
+        cond("dkd", "90781000119102"),
+        cond("tx", "161665007", clinical="inactive", recordedDate="2016-01-01"),
+    )
+    assert st.value("coronary_heart_disease") is True
+    assert st.value("coronary_revascularisation") is True  # history: counts after resolution
+    assert st.value("established_ascvd") is True
+    assert st.value("diabetes") is True and st.value("diabetes_type") == "type2"
+    assert st.value("diabetic_kidney_disease") is True
+    assert st.value("kidney_transplant") is True
+
+
+def test_who_icd10_matches_the_same_icd10cm_code():
+    got = map_codes({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11.9"}]})
+    assert got["diabetes"][0] == ""
+
+
+def test_pregnancy_is_current_within_its_window_only():
+    st = build(cond("p", "77386006", onset="2024-06-01"), cond("old", "77386006", onset="2019-01-01"))
+    assert st.value("pregnancy") is True
+    assert st.value("pregnancy", as_of=date(2025, 6, 1)) is False
+    assert st.value("pregnancy", as_of=date(2019, 6, 1)) is True
+
+
+def test_refuted_ascvd_not_counted():
+    st = build(
+        cond("r", "414545008", verification="refuted"),
+        cond("e", "399261000", clinical=None, verification="entered-in-error"),
+    )
+    assert st.latest_or_none("established_ascvd") is None
+    assert st.ledger.kinds_for("Condition/r") == {LedgerKind.REFUTED}
+    assert st.ledger.kinds_for("Condition/e") == {LedgerKind.ENTERED_IN_ERROR}
+
+
+def test_abated_current_flags_end_but_history_flags_stay():
+    st = build(
+        cond("dm", "44054006", clinical="resolved", onset="2010-01-01", abatementDateTime="2012-01-01"),
+        cond("mi", "22298006", clinical="resolved", onset="2010-01-01", abatementDateTime="2010-02-01"),
+    )
+    assert st.value("diabetes") is False and st.value("diabetes_type") == "none"
+    assert st.value("prior_mi") is True and st.value("established_ascvd") is True
 
 
 def test_icd10_and_snomed_both_mapped_to_flags():
