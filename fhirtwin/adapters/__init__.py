@@ -194,7 +194,7 @@ def build_twin(
                 evidence.extend(adapt_condition(item.resource, item.src, ctx))
             elif rtype == "Procedure":
                 evidence.extend(adapt_procedure(item.resource, item.src, ctx))
-            elif rtype in ("MedicationRequest", "MedicationStatement"):
+            elif rtype in ("MedicationRequest", "MedicationStatement", "MedicationDispense"):
                 deferred_meds.append(item)
             elif rtype == "Medication":
                 continue  # read through the requests that reference it

@@ -18,6 +18,7 @@ RECORD_TYPES: dict[str, str] = {
     "Condition": "patient",
     "MedicationRequest": "patient",
     "MedicationStatement": "patient",
+    "MedicationDispense": "patient",
     "MolecularSequence": "patient",
     "DiagnosticReport": "patient",
     "Procedure": "patient",
@@ -25,11 +26,19 @@ RECORD_TYPES: dict[str, str] = {
 
 #: ``_include`` parameters of the record read: resources the record points at (a MedicationRequest's
 #: ``medicationReference``) that belong to no patient compartment.
-RECORD_INCLUDES: tuple[str, ...] = ("MedicationRequest:medication", "MedicationStatement:medication")
+RECORD_INCLUDES: tuple[str, ...] = (
+    "MedicationRequest:medication",
+    "MedicationStatement:medication",
+    "MedicationDispense:medication",
+)
 
 #: Types read only through a reference from a record type, and the searches that find who refers to them.
 REFERENCED_TYPES: dict[str, tuple[str, ...]] = {
-    "Medication": ("MedicationRequest?medication={ref}", "MedicationStatement?medication={ref}"),
+    "Medication": (
+        "MedicationRequest?medication={ref}",
+        "MedicationStatement?medication={ref}",
+        "MedicationDispense?medication={ref}",
+    ),
 }
 
 #: Every type whose change can change a twin (the Patient itself: birth date, sex, race, address).
