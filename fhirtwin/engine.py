@@ -44,6 +44,7 @@ from fhirtwin.writeback.signing import signature_header, verify_targets
 from fhirtwin.writeback.transaction import (
     PatientWrite,
     build_patient_write,
+    build_retirement,
     full_url,
     merge_bundles,
     versioned_provenance_update,
@@ -647,6 +648,23 @@ class Engine:
         if update is not None:
             self._client().update(update)
 
+    def retire(self, run: TwinRun) -> int:
+        """Supersede a patient's current results when the patient is now out of scope; returns how many.
+
+        Nothing new is written: a stale primary-prevention number after, say, a myocardial infarction
+        would be worse than none. Under the patient lock, from a fresh search of what is stored.
+        """
+        with patient_lock(run.patient_id):
+            retirement = build_retirement(self.stored_results(run.patient_id),
+                                          getattr(self.source, "base_url", None))
+            if retirement is None:
+                return 0
+            try:
+                self._client().transaction(retirement)
+            except fhir_errors.FhirError as exc:
+                raise upstream_error(exc, "retiring results of an out-of-scope patient") from exc
+            return len(retirement["entry"])
+
     def reinstate(self, references: Iterable[str]) -> list[str]:
         """Make earlier results current again (inputs went back to an earlier state): drop their tag.
 
@@ -677,6 +695,8 @@ class Engine:
                              expression=["scenario"])
         started = time.monotonic()
         run = self.run(patient_id, record=record, as_of=as_of, scenario=scenario, horizon_years=horizon_years)
+        if write and run.scope is not None and not run.scope.in_scope:
+            self.retire(run)
         run.require_plan()
         lock = patient_lock(patient_id)
         if not lock.acquire(blocking=False):
@@ -737,6 +757,13 @@ class Engine:
 
         for run in runs:
             result = WriteResult(run.patient_id, "skipped")
+            if run.plan is None and run.scope is not None and not run.scope.in_scope and not dry_run:
+                try:
+                    result.updated = self.retire(run)
+                except EngineError as exc:
+                    result.status, result.message = "failed", str(exc)
+                    yield result
+                    continue
             if run.plan is None:
                 result.message = (f"no prediction: {run.error}" if run.scope is not None and not run.scope.in_scope
                                   else f"no prediction: missing {', '.join(run.missing) or 'required data'}")

@@ -34,6 +34,7 @@ from fhirtwin.engine import (
     WATCHED_TYPES,
     BadRequest,
     InsufficientPatientData,
+    OutOfScope,
     PatientNotFound,
     is_watched,
     referring_searches,
@@ -78,6 +79,8 @@ class WebhookService:
             simulation = engine_for(self.settings).simulate_patient(patient_id, write=True)
         except InsufficientPatientData:
             return "insufficient_data", []
+        except OutOfScope:
+            return "out_of_scope", []  # its earlier results were retired; nothing to retry
         except (PatientNotFound, BadRequest) as exc:
             raise Permanent(type(exc).__name__) from exc
         created = simulation.commit.created if simulation.commit else 0

@@ -117,6 +117,19 @@ def _supersede_entry(resource: dict[str, Any], base_url: str | None) -> dict[str
             "request": request}
 
 
+def build_retirement(existing: Iterable[dict[str, Any]], base_url: str | None = None) -> dict[str, Any] | None:
+    """The transaction that supersedes every current fhirtwin result of a patient, or None if there is none.
+
+    For a patient who has left the population the results were made for (e.g. a myocardial infarction is
+    now recorded): the earlier primary-prevention results must stop being current, and nothing replaces
+    them. Same mechanism as superseding by a newer run (a tag added with ``ifMatch``), so a retry is safe.
+    """
+    current = [r for r in existing if r.get("resourceType") in RESULT_TYPES and key_of(r) and not is_superseded(r)]
+    if not current:
+        return None
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [_supersede_entry(r, base_url) for r in current]}
+
+
 def build_patient_write(
     plan: Any,
     state: Any,
