@@ -56,7 +56,9 @@ def prefetch_for(record: list[dict[str, Any]]) -> dict[str, Any]:
         "medicationRequests": searchset(by_type.get("MedicationRequest", []), by_type.get("Medication", [])),
         "medicationStatements": searchset(by_type.get("MedicationStatement", [])),
         "molecularSequences": searchset(by_type.get("MolecularSequence", [])),
+        "medicationDispenses": searchset(by_type.get("MedicationDispense", [])),
         "diagnosticReports": searchset(by_type.get("DiagnosticReport", [])),
+        "procedures": searchset(by_type.get("Procedure", [])),
     }
 
 
@@ -73,8 +75,8 @@ def test_discovery_lists_the_patient_view_service_with_prefetch(client: TestClie
     assert service["hook"] == "patient-view" and service["id"] == cds_hooks.SERVICE_ID
     assert service["title"] and service["description"]
     assert service["prefetch"]["patient"] == "Patient/{{context.patientId}}"
-    searches = ("observations", "conditions", "medicationRequests", "medicationStatements", "molecularSequences",
-                "diagnosticReports")
+    searches = ("observations", "conditions", "medicationRequests", "medicationStatements", "medicationDispenses",
+                "molecularSequences", "diagnosticReports", "procedures")
     assert set(service["prefetch"]) == {"patient", *searches}
     for key in searches:
         assert "patient={{context.patientId}}" in service["prefetch"][key]

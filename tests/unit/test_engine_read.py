@@ -39,7 +39,7 @@ def test_record_and_existing_results_in_one_request(client: FhirClient) -> None:
     ra = {"resourceType": "RiskAssessment", "id": "ra1", "meta": GENERATED, "status": "final",
           "subject": {"reference": "Patient/p1"}}
     goal = {"resourceType": "Goal", "id": "g1", "meta": GENERATED, "subject": {"reference": "Patient/p1"}}
-    responses.post(BASE, json=_batch_response(patient, _searchset([obs]), *[_searchset([])] * 5,
+    responses.post(BASE, json=_batch_response(patient, _searchset([obs]), *[_searchset([])] * 7,
                                               _searchset([ra]), _searchset([goal]), _searchset([])))
     read = Engine(client).read("p1")
     assert client.request_count == 1
@@ -56,7 +56,7 @@ def test_generated_resources_never_reach_the_twin(client: FhirClient) -> None:
     ra = {"resourceType": "RiskAssessment", "id": "ra1", "meta": GENERATED, "status": "final",
           "subject": {"reference": "Patient/p1"}}
     # a misbehaving server returning an own result in a record search is split out all the same
-    responses.post(BASE, json=_batch_response(patient, _searchset([ra]), *[_searchset([])] * 8))
+    responses.post(BASE, json=_batch_response(patient, _searchset([ra]), *[_searchset([])] * 10))
     engine = Engine(client)
     record = engine.read("p1")
     state = engine.twin(record)

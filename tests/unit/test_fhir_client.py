@@ -533,7 +533,8 @@ def test_fetch_patient_record_one_request_and_paging_of_one_entry(client: FhirCl
 def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) -> None:
     responses.post(
         BASE,
-        json=batch_response((200, {"resourceType": "Patient", "id": "p1"}), *[(200, searchset([]))] * 6),
+        json=batch_response((200, {"resourceType": "Patient", "id": "p1"}),
+                            *[(200, searchset([]))] * len(RECORD_TYPES)),
     )
     record = client.fetch_patient_record("p1", RECORD_TYPES)
     assert record == [{"resourceType": "Patient", "id": "p1"}]
@@ -545,8 +546,10 @@ def test_fetch_patient_record_without_paging_is_one_request(client: FhirClient) 
         "Condition",
         "MedicationRequest",
         "MedicationStatement",
+        "MedicationDispense",
         "MolecularSequence",
         "DiagnosticReport",
+        "Procedure",
     ]
 
 

@@ -26,6 +26,7 @@ BASE = "https://fhir.example.org/r4"
 INCLUDE_TARGETS = {
     "MedicationRequest:medication": "Medication",
     "MedicationStatement:medication": "Medication",
+    "MedicationDispense:medication": "Medication",
 }
 
 

@@ -20,7 +20,7 @@ from fhirtwin.writeback.jws import generate_key
 
 #: What the twin reads (adapters/__init__.build_twin routes these), written out independently.
 EXPECTED_TRIGGERS = {"Patient", "Observation", "Condition", "MedicationRequest", "MedicationStatement",
-                     "Medication", "MolecularSequence", "DiagnosticReport"}
+                     "MedicationDispense", "Medication", "MolecularSequence", "DiagnosticReport", "Procedure"}
 NOT_TRIGGERS = ("RiskAssessment", "CarePlan", "Goal", "Provenance", "Device", "Organization", "Encounter",
                 "Practitioner", "Subscription")
 
@@ -31,7 +31,7 @@ def resource_of(rtype: str, patient: str) -> dict:
     if rtype == "Medication":
         return {"resourceType": "Medication", "id": "med-1"}
     key = "subject" if rtype in ("Observation", "Condition", "MedicationRequest", "MedicationStatement",
-                                 "DiagnosticReport") else "patient"
+                                 "MedicationDispense", "DiagnosticReport", "Procedure") else "patient"
     return {"resourceType": rtype, "id": f"{rtype.lower()}-1", key: {"reference": f"Patient/{patient}"}}
 
 
