@@ -89,7 +89,10 @@ def adapt_observation(resource: dict[str, Any], src: SourceRef, ctx: Context) ->
         return []
     when, time_note = timed
     if row.handler == "quantity":
-        ev = quantity_evidence(resource, row.variable, src, status, when, ctx, code, time_note)
+        variable = row.variable
+        if variable == "egfr_ml_min_1_73m2" and not _per_body_surface(resource):
+            variable = "egfr_ml_min"  # mL/min: normalised with height and weight later, never taken as-is
+        ev = quantity_evidence(resource, variable, src, status, when, ctx, code, time_note)
         return [ev] if ev else []
     if row.handler == "bp_panel":
         return _bp_panel(resource, src, status, when, time_note, ctx)
@@ -116,3 +119,19 @@ def _bp_panel(
     if not seen:
         ctx.record(src, LedgerKind.NO_VALUE, "BP panel without systolic/diastolic components")
     return out
+
+
+def _per_body_surface(resource: dict[str, Any]) -> bool:
+    """Whether a GFR result's unit is normalised to 1.73 m2 (``mL/min/{1.73_m2}`` and its spellings).
+
+    The annotation-stripping unit comparison cannot tell ``mL/min/{1.73_m2}`` from ``mL/min``; the
+    numbers differ by the patient's body surface area, so an unnormalised result must not pass as eGFR.
+    A quantity without any unit is left to the unit rules (rejected as missing).
+    """
+    quantity = resource.get("valueQuantity")
+    if not isinstance(quantity, dict):
+        return True
+    texts = [str(quantity.get(k) or "") for k in ("code", "unit")]
+    if not any(texts):
+        return True
+    return any("1.73" in t for t in texts)

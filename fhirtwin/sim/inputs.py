@@ -72,6 +72,8 @@ class PatientInputs:
     prior_ascvd: bool = False
     heart_failure: bool = False
     statin_intensity: str | None = None
+    statin_agent: str | None = None
+    statin_daily_dose_mg: float | None = None
     on_sglt2i: bool = False
     on_clopidogrel: bool = False
     fh_variant: bool | None = None
@@ -189,8 +191,42 @@ _MED_CONVENTION = "no active medication record (closed-world medication list con
 _PROBLEM_CONVENTION = "no recorded condition (closed-world problem list convention)"
 
 
+#: A reported eGFR disagrees with the creatinine-derived one when they differ by more than both 30 % and
+#: 10 mL/min/1.73 m2 (fhirtwin's tolerance: CKD-EPI 2009/2021 and MDRD differ by up to ~10-15 % at the same
+#: creatinine, Inker et al., NEJM 2021;385:1737; a larger gap means another sample or a data error).
+EGFR_CONFLICT_RELATIVE, EGFR_CONFLICT_ABSOLUTE = 0.30, 10.0
+
+
+def _bsa_m2(weight_kg: float, height_cm: float) -> float:
+    """Body surface area, DuBois & DuBois (Arch Intern Med 1916;17:863): 0.007184 W^0.425 H^0.725."""
+    return float(0.007184 * weight_kg**0.425 * height_cm**0.725)
+
+
+def _normalised_gfr(reader: _Reader) -> list[tuple[float, float]]:
+    """GFR reported in mL/min, normalised to 1.73 m2 with the patient's height and weight (else unused)."""
+    absolute = reader.series("egfr_ml_min")
+    if not len(absolute):
+        return []
+    height = reader.series("height_cm")
+    weight = reader.series("weight_kg")
+    if not len(height) or not len(weight):
+        reader.defaults.append("GFR reported in mL/min (not per 1.73 m2) without height and weight: not used")
+        return []
+    out = []
+    for t, v in absolute:
+        h = height[np.argmin(np.abs(height[:, 0] - t)), 1]
+        w = weight[np.argmin(np.abs(weight[:, 0] - t)), 1]
+        out.append((float(t), float(v) * 1.73 / _bsa_m2(w, h)))
+    reader.defaults.append("GFR reported in mL/min normalised to 1.73 m2 with DuBois body surface area")
+    return out
+
+
 def _egfr_series(reader: _Reader, sex: str, birth_age_at_as_of: float) -> np.ndarray:
-    """Creatinine-derived eGFR (CKD-EPI 2021) at each creatinine time, plus reported eGFR otherwise."""
+    """Creatinine-derived eGFR (CKD-EPI 2021) at each creatinine time, plus reported eGFR otherwise.
+
+    A reported eGFR within two days of a creatinine is a cross-check: the creatinine-derived value is used,
+    and a disagreement beyond the tolerance is recorded (and shown) as a data-quality conflict.
+    """
     from fhirtwin.sim.equations import egfr_ckd_epi_2021
 
     creat = reader.series("creatinine_mg_dl")
@@ -199,13 +235,60 @@ def _egfr_series(reader: _Reader, sex: str, birth_age_at_as_of: float) -> np.nda
         ages = birth_age_at_as_of + creat[:, 0]
         egfr = egfr_ckd_epi_2021(sex=sex, age_years=ages, serum_creatinine_mg_dl=creat[:, 1])
         rows.extend(zip(creat[:, 0].tolist(), np.atleast_1d(egfr).tolist(), strict=True))
-    reported = reader.series("egfr_ml_min_1_73m2")
+    derived = dict(rows)
+    reported = [*((float(t), float(v)) for t, v in reader.series("egfr_ml_min_1_73m2")), *_normalised_gfr(reader)]
     creat_times = creat[:, 0] if len(creat) else np.zeros(0)
+    conflicts = 0
     for t, v in reported:
         if not len(creat_times) or np.min(np.abs(creat_times - t)) > 2.0 / _YEAR_DAYS:
             rows.append((t, v))
+            continue
+        near = float(derived[float(creat_times[np.argmin(np.abs(creat_times - t))])])
+        if abs(v - near) > max(EGFR_CONFLICT_ABSOLUTE, EGFR_CONFLICT_RELATIVE * near):
+            conflicts += 1
+    if conflicts:
+        reader.defaults.append(f"reported eGFR disagrees with the creatinine-derived eGFR ({conflicts} time(s), "
+                               "beyond 30 % and 10 mL/min/1.73 m2): creatinine-derived value used")
     rows.sort()
     return np.array(rows, dtype=float).reshape(-1, 2)
+
+
+#: Diagnostic threshold per test (ADA Standards of Care 2024, section 2: HbA1c >= 6.5 %, fasting plasma glucose
+#: >= 126 mg/dL; in the absence of unequivocal hyperglycaemia two abnormal results are required).
+_DIABETES_LAB_CRITERIA = (("hba1c_percent", 6.5), ("fasting_glucose_mg_dl", 126.0))
+_DIABETES_CLOSED_WORLD = ("no diabetes diagnosis, no diabetes-specific medication and no two diagnostic "
+                          "HbA1c/fasting glucose results (closed-world convention)")
+
+
+def _diabetes(reader: _Reader) -> bool:
+    """The one missing-data rule for diabetes, applied in order (stated in the model card):
+
+    1. a recorded diagnosis (any diabetes value-set member, complications included) -> yes;
+    2. insulin or another diabetes-specific glucose-lowering agent (not metformin, SGLT2 inhibitors or GLP-1
+       receptor agonists alone: they have non-diabetic indications) -> yes;
+    3. two diagnostic results on different days (HbA1c >= 6.5 % or fasting glucose >= 126 mg/dL) -> yes;
+    4. otherwise no, as a closed-world default recorded in ``defaults_used`` (this function is reached only
+       for records that hold lipids and blood pressure, i.e. a basis to expect a recorded diagnosis).
+    """
+    if reader.flag("diabetes", None):
+        return True
+    if reader.flag("on_diabetes_specific_treatment", None):
+        reader.defaults.append("diabetes from treatment: insulin or another diabetes-specific agent, "
+                               "no diagnosis recorded")
+        return True
+    days = set()
+    for variable, threshold in _DIABETES_LAB_CRITERIA:
+        for ev in reader.state.history(variable):
+            if (isinstance(ev.value, int | float) and not isinstance(ev.value, bool) and not ev.censored
+                    and float(ev.value) >= threshold and ev.instant < reader.as_of):
+                days.add(ev.instant.date())
+                reader._use(ev)
+    if len(days) >= 2:
+        reader.defaults.append("diabetes from two diagnostic HbA1c/fasting glucose results (ADA criterion), "
+                               "no diagnosis recorded")
+        return True
+    reader.defaults.append(f"diabetes=False: {_DIABETES_CLOSED_WORLD}")
+    return False
 
 
 def _friedewald(tc: float, hdl: float, tg: float | None) -> float | None:
@@ -269,13 +352,7 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
     if egfr is None:
         missing.append("creatinine_mg_dl or egfr_ml_min_1_73m2")
 
-    diabetes = reader.flag("diabetes", None)
-    if diabetes is None:
-        if hba1c is not None:
-            diabetes = hba1c >= 6.5
-            reader.defaults.append("diabetes from HbA1c >= 6.5% (ADA diagnostic criterion), no condition recorded")
-        else:
-            missing.append("diabetes (condition or HbA1c)")
+    diabetes = _diabetes(reader)
     smoker = reader.flag("current_smoker", None)
     if smoker is None:
         missing.append("current_smoker (smoking status)")
@@ -290,6 +367,11 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
     on_statin = bool(reader.flag("on_statin", _MED_CONVENTION))
     intensity_ev = reader.get("statin_intensity") if on_statin else None
     intensity = str(intensity_ev.value) if intensity_ev is not None and intensity_ev.value != "none" else None
+    agent_ev = reader.get("statin_agent") if on_statin else None
+    agent = str(agent_ev.value) if agent_ev is not None and agent_ev.value not in ("none", None) else None
+    dose_ev = reader.get("statin_daily_dose_mg") if on_statin else None
+    dose = float(dose_ev.value) if dose_ev is not None and isinstance(dose_ev.value, int | float) \
+        and not isinstance(dose_ev.value, bool) else None
     if on_statin and intensity is None:
         intensity = "moderate"
         reader.defaults.append("statin_intensity=moderate: statin without a known dose (most common intensity)")
@@ -326,6 +408,8 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         prior_ascvd=bool(prior_mi or prior_stroke),
         heart_failure=bool(reader.flag("heart_failure", _PROBLEM_CONVENTION)),
         statin_intensity=intensity,
+        statin_agent=agent,
+        statin_daily_dose_mg=dose,
         on_sglt2i=bool(reader.flag("on_sglt2i", _MED_CONVENTION)),
         on_clopidogrel=bool(reader.flag("on_clopidogrel", _MED_CONVENTION)),
         fh_variant=None if fh is None else bool(fh),

@@ -337,3 +337,14 @@ def test_malformed_observations_do_not_crash():
     assert st.value("total_cholesterol_mg_dl") == 180.0
     for rid in ("nocode", "text", "str"):
         assert st.ledger.kinds_for(f"Observation/{rid}") == {LedgerKind.MALFORMED}, rid
+
+
+def test_gfr_in_ml_min_is_never_taken_as_per_body_surface():
+    st = build(
+        obs("gfr-abs", "98979-8", 73.0, "mL/min"),
+        obs("gfr-norm", "33914-3", 61.0, "mL/min/1.73m2", ucum=False, when="2024-06-01T08:00:00Z"),
+    )
+    assert st.value("egfr_ml_min_1_73m2") == 61.0
+    assert [ev.source.id for ev in st.history("egfr_ml_min_1_73m2")] == ["gfr-norm"]
+    assert [ev.source.id for ev in st.history("egfr_ml_min")] == ["gfr-abs"]
+    assert st.value("egfr_ml_min") == 73.0

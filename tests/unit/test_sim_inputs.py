@@ -72,9 +72,46 @@ def test_missing_required_data_is_named_not_invented():
     assert "systolic_bp_mm_hg" in msg and "creatinine" in msg and "current_smoker" in msg
 
 
-def test_diabetes_from_hba1c_is_a_recorded_convention():
-    inp = inputs_from_state(state(drop=("diabetes",)))
-    assert inp.diabetes  # HbA1c 7.1 >= 6.5
-    assert any("HbA1c >= 6.5" in d for d in inp.defaults_used)
-    with pytest.raises(InsufficientData):
-        inputs_from_state(state(drop=("diabetes", "hba1c_percent")))
+def test_one_missing_data_rule_for_diabetes():
+    # one diagnostic HbA1c is not enough (ADA: two results); no diagnosis or treatment: a recorded "no"
+    one = inputs_from_state(state(drop=("diabetes",)))
+    assert not one.diabetes and any(d.startswith("diabetes=False") for d in one.defaults_used)
+    # a second diagnostic result on another day (HbA1c or fasting glucose): yes, as a recorded rule
+    two = state(drop=("diabetes",))
+    two.add(ev("fasting_glucose_mg_dl", 131.0, date(2025, 9, 1), "fpg"))
+    inp = inputs_from_state(two)
+    assert inp.diabetes and any("two diagnostic" in d for d in inp.defaults_used)
+    assert "Observation/fpg/_history/1" in inp.sources
+    # insulin without a diagnosis: yes; metformin alone is not diabetes evidence
+    treated = state(drop=("diabetes", "hba1c_percent"))
+    treated.add(ev("on_diabetes_specific_treatment", True, date(2024, 1, 1), "ins"))
+    assert inputs_from_state(treated).diabetes
+    metformin = state(drop=("diabetes", "hba1c_percent"))
+    metformin.add(ev("on_metformin", True, date(2024, 1, 1), "met"))
+    assert not inputs_from_state(metformin).diabetes
+    # a patient with lipids, BP, age, sex and smoking is never refused for lack of diabetes evidence
+    nothing = inputs_from_state(state(drop=("diabetes", "hba1c_percent")))
+    assert nothing.diabetes is False
+
+
+def test_reported_egfr_that_disagrees_with_creatinine_is_recorded_and_not_used():
+    s = state()
+    s.add(ev("egfr_ml_min_1_73m2", 18.0, date(2026, 3, 1), "egfr-lab"))  # creatinine 1.1 gives ~58
+    inp = inputs_from_state(s)
+    assert inp.egfr_ml_min_1_73m2 > 50
+    assert any("disagrees with the creatinine-derived" in d for d in inp.defaults_used)
+    near = state()
+    near.add(ev("egfr_ml_min_1_73m2", 55.0, date(2026, 3, 1), "egfr-close"))
+    assert not any("disagrees" in d for d in inputs_from_state(near).defaults_used)
+
+
+def test_gfr_in_ml_min_is_normalised_only_with_height_and_weight():
+    s = state(drop=("creatinine_mg_dl",))
+    s.add(ev("egfr_ml_min", 80.0, date(2026, 3, 1), "gfr-abs"))
+    with pytest.raises(InsufficientData):  # no height and weight: not used (and no other kidney function)
+        inputs_from_state(s)
+    s.add(ev("height_cm", 160.0, date(2025, 3, 1), "h"))
+    s.add(ev("weight_kg", 60.0, date(2026, 3, 1), "w"))
+    inp = inputs_from_state(s)
+    bsa = 0.007184 * 60.0**0.425 * 160.0**0.725  # DuBois & DuBois 1916
+    assert inp.egfr_ml_min_1_73m2 == pytest.approx(80.0 * 1.73 / bsa)
