@@ -721,6 +721,7 @@ class Engine:
         yielded as their transaction completes (progress bars follow them).
         """
         client = self._client()
+        self.server_is_hapi()  # once per engine, before any patient's request count starts
         pending: list[tuple[WriteResult, PatientWrite]] = []
 
         def flush() -> list[WriteResult]:

@@ -271,7 +271,7 @@ class MechanisticTwin(TwinModel):
     """
 
     name = "fhirtwin-mechanistic"
-    version = "0.1.0"
+    version = "0.2.0"
     dynamic: ClassVar[bool] = True
 
     def __init__(self, background_mortality: bool = True) -> None:
@@ -346,5 +346,5 @@ class EquationTwin(MechanisticTwin):
     """
 
     name = "fhirtwin-equations"
-    version = "0.1.0"
+    version = "0.2.0"
     dynamic = False

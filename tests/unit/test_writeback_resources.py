@@ -75,7 +75,7 @@ def test_method_is_one_concept_the_anchoring_equation_and_mitigation_names_inter
     # one concept per CodeableConcept: the equation variant in method, the simulation model in its extension
     assert [c["code"] for c in ra["method"]["coding"]] == ["prevent-2024-full"]
     model = next(e for e in ra["extension"] if e["url"].endswith("/simulation-model"))["valueCodeableConcept"]
-    assert [c["code"] for c in model["coding"]] == ["fhirtwin-mechanistic"] and "0.1.0" in model["text"]
+    assert [c["code"] for c in model["coding"]] == ["fhirtwin-mechanistic"] and "0.2.0" in model["text"]
     assert cohort_run().plan.options[0].scenario.name in ra["mitigation"]
     kidney = _ra("kidney_failure")
     assert [c["code"] for c in kidney["method"]["coding"]] == ["kfre-4var"]

@@ -8,7 +8,9 @@ import json
 import pytest
 from writeback_fixtures import NOW, changed_run, cohort_run
 
+from fhirtwin.sim.model import MechanisticTwin
 from fhirtwin.vocabulary import AUTO_VERSION_EXT, EXT_SUPERSEDES, SUPERSEDED_TAG
+from fhirtwin.writeback.device import device_id
 from fhirtwin.writeback.jws import JwsError, generate_key
 from fhirtwin.writeback.signing import verify_targets
 from fhirtwin.writeback.transaction import (
@@ -132,7 +134,7 @@ def test_merge_bundles_keeps_shared_puts_once() -> None:
     a, b = _write(), _write(changed_run())
     merged = merge_bundles([a, b])
     urls = [e["fullUrl"] for e in merged["entry"]]
-    assert urls.count(full_url("Device", "fhirtwin-mechanistic-0-1-0", None)) == 1
+    assert urls.count(full_url("Device", device_id(MechanisticTwin.name, MechanisticTwin.version), None)) == 1
     assert len(merged["entry"]) == len(a.bundle["entry"]) + len(b.bundle["entry"]) - 2
 
 
