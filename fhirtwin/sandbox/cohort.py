@@ -41,6 +41,47 @@ Messy data is injected at these documented rates (realised counts are in each pa
 * ``condition-refuted`` / ``condition-entered-in-error``: ``RATE_CONDITION_REFUTED`` /
   ``RATE_CONDITION_ENTERED_IN_ERROR`` of patients carry a refuted or an entered-in-error Condition.
 
+Coding variety. Real EHRs code one concept many ways, so every concept is coded per patient from weighted
+variants in ``codes.json`` (``condition_variants``, ``procedures``, ``statin_presentations``,
+``medication_products``, ``insulins``), each code listed in its ``terms`` table with display, source and a
+``checked`` mark. The generator reads only its own tables (never the adapters' value sets), so its tests can
+fail when a reader maps a realistic code wrongly. These choices and the arms below come from a second random
+stream per patient, so the latent draws of the first stream stay as they were:
+
+* conditions: acute MI subtypes (I21.x, I22.x, STEMI/NSTEMI) or old/history-of MI (1755008, 399211009,
+  I25.2); ischaemic stroke subtypes (I63.x) or Z86.73; heart failure subtypes (I50.x); T2D as E11.9/E11.65
+  or by complication (E11.22, 127013003, 90781000119102, 157141000119108, 422034002); CKD by N18.x and the
+  SNOMED stage concepts (stage 3 unsplit for some); hypertension and hyperlipidaemia variants. Category
+  problem-list-item, encounter-diagnosis or health-concern (US Core); ``RATE_NO_CLINICAL_STATUS`` of
+  unabated encounter diagnoses carry no clinicalStatus (US Core allows it).
+* arms: ``RATE_CHD`` coronary heart disease without MI (53741008, 414545008, I25.10, I25.9, angina), and
+  for 45 % of coronary patients a PCI or CABG (a Procedure with performedDateTime, or a history code
+  399261000 / Z95.1 / Z95.5); ``RATE_TIA`` TIA; ``RATE_PAD`` PAD (+2 % for ever-smokers; I70.2x, 399957001);
+  ``RATE_TYPE1_DIABETES`` of diabetics have type 1 (always on insulin, no metformin); of type 2 diabetics
+  ``RATE_DM_COMPLICATION_ONLY`` are coded only by a complication and ``RATE_DM_INSULIN_ONLY`` only by insulin
+  therapy (no diabetes Condition), 12 % more are on insulin; ``RATE_DIALYSIS`` reach dialysis (ESRD N18.6,
+  then monthly dialysis Procedures or a dependence-on-dialysis finding Z99.2) and ``RATE_KIDNEY_TRANSPLANT``
+  have a kidney transplant (a Procedure, or Z94.0 / 161665007). Patients 1..``FIXTURE_PATIENTS`` (fixtures of
+  the write-back and conformance tests) get none of the out-of-scope arms.
+* medications: products (RxNorm SCD/SBD, e.g. "atorvastatin 40 MG Oral Tablet", half-strength tablets taken
+  two at a time) or ingredients; dose in mg, tablets ({tbl}) or insulin units ([iU]); the order names the
+  drug by code (most), ``RATE_MED_REFERENCE`` by ``medicationReference`` to a Medication in the bundle,
+  ``RATE_MED_CONTAINED`` by a contained Medication; ``RATE_MED_DISPENSE_ONLY`` are known only from
+  MedicationDispense fills (90 days each) and ``RATE_MED_DISPENSE_TOO`` from an order and its fills.
+* eGFR: ``RATE_EGFR_REPORTED`` of patients' labs report CKD-EPI 2021 eGFR (98979-8, computed from the
+  reported creatinine) in mL/min/{1.73_m2}; ``RATE_EGFR_ML_MIN`` report it in mL/min (times DuBois BSA/1.73).
+
+Ground truth is meaning-level: besides the latents, each patient's truth says what the record establishes at
+the reference date -- ``ascvd`` (prior_mi, coronary_heart_disease, angina, coronary_revascularisation,
+prior_stroke, tia, peripheral_arterial_disease, established), ``heart_failure``, ``diabetes_type``,
+``diabetes_coded_by``, ``diabetic_kidney_disease``, ``diabetic_retinopathy``, ``ckd_stage`` (and the stage the
+code says, ``ckd_stage_recorded``), ``dialysis``, ``kidney_transplant``, ``statin`` (agent, daily dose,
+intensity from the generator's own ACC/AHA 2018 Table 3), ``on_insulin``, ``egfr_reported`` and ``scope``:
+"scope-primary-prevention" for adults 30-79 without established ASCVD, heart failure, dialysis, kidney
+transplant or pregnancy, else the first that applies of "scope-kidney-transplant", "scope-dialysis",
+"scope-heart-failure", "scope-established-ascvd", "scope-pregnancy", "scope-age". A sparse record carries no
+diagnoses, so its truth has none.
+
 All data is synthetic. Code tables live in ``cohort_data/codes.json`` with their public sources.
 """
 
@@ -74,6 +115,26 @@ RATE_PRELIMINARY = 0.02
 RATE_CONDITION_REFUTED = 0.05
 RATE_CONDITION_ENTERED_IN_ERROR = 0.03
 RATE_GENOMIC_TESTING = 0.70
+
+# Coding variety and the arms of the second random stream (see the module docstring).
+RATE_TYPE1_DIABETES = 0.08
+RATE_DM_COMPLICATION_ONLY = 0.14
+RATE_DM_INSULIN_ONLY = 0.12
+RATE_CHD = 0.05
+RATE_TIA = 0.02
+RATE_PAD = 0.025
+RATE_DIALYSIS = 0.025
+RATE_KIDNEY_TRANSPLANT = 0.02
+RATE_EGFR_REPORTED = 0.38
+RATE_EGFR_ML_MIN = 0.06
+RATE_MED_REFERENCE = 0.20
+RATE_MED_CONTAINED = 0.06
+RATE_MED_DISPENSE_ONLY = 0.08
+RATE_MED_DISPENSE_TOO = 0.06
+RATE_NO_CLINICAL_STATUS = 0.40
+#: Patients ftp-0001..ftp-0010 are the fixtures of the write-back and conformance tests: the out-of-scope arms
+#: of the second stream (CHD, TIA, PAD, dialysis, kidney transplant) are not given to them.
+FIXTURE_PATIENTS = 10
 
 MESSY_KINDS = (
     "sparse-patient",
@@ -209,6 +270,23 @@ def _coding(system_key: str, code: str, display: str | None = None) -> dict:
     return coding
 
 
+_TERM_SYSTEMS = {"snomed": "snomed", "icd10cm": "icd10cm", "loinc": "loinc", "rxnorm": "rxnorm"}
+
+
+def _term(key: str) -> dict:
+    """A coding from the terms table (``system|code``), with the display the table gives it."""
+    system, code = key.split("|", 1)
+    return _coding(_TERM_SYSTEMS[system], code, codes()["terms"][key]["display"])
+
+
+def _ckd_epi_2021(scr_mg_dl: float, age: float, female: bool) -> float:
+    """CKD-EPI 2021 creatinine equation (Inker et al., NEJM 2021;385:1737), as a lab reports it."""
+    kappa, alpha = (0.7, -0.241) if female else (0.9, -0.302)
+    ratio = scr_mg_dl / kappa
+    value = 142.0 * min(ratio, 1.0) ** alpha * max(ratio, 1.0) ** -1.200 * 0.9938**age
+    return value * (1.012 if female else 1.0)
+
+
 def _obs_code(key: str) -> dict:
     entry = codes()["observations"][key]
     return {"coding": [_coding("loinc", entry["code"], entry["display"])], "text": entry["display"]}
@@ -281,6 +359,12 @@ class _PatientGenerator:
         self.pid = f"ftp-{k:04d}"
         self.ref = ref
         self.rng = np.random.default_rng(np.random.SeedSequence([int(seed), k]))
+        # A second stream for how the record is coded (variants, resource shapes) and for the arms added after
+        # the first release (CHD, revascularisation, TIA, PAD, type 1 diabetes, insulin, dialysis, transplant):
+        # patient k's latent draws from the first stream are unchanged by them.
+        self.vr = np.random.default_rng(np.random.SeedSequence([int(seed), k, 1]))
+        self.procedures: list[dict] = []
+        self.egfr_reports: list[tuple] = []
         self.items: list[_Item] = []
         self._seq = 0
         self.conditions: list[dict] = []
@@ -297,6 +381,22 @@ class _PatientGenerator:
 
     def _chance(self, p: float) -> bool:
         return bool(self.rng.random() < p)
+
+    def _vu(self, lo: float = 0.0, hi: float = 1.0) -> float:
+        return float(self.vr.uniform(lo, hi))
+
+    def _vchance(self, p: float) -> bool:
+        return bool(self.vr.random() < p)
+
+    def _vpick(self, options: list, weights: list[float] | None = None):
+        if weights is not None:
+            total = float(sum(weights))
+            weights = [w / total for w in weights]
+        return options[int(self.vr.choice(len(options), p=weights))]
+
+    def _variant(self, kind: str) -> dict:
+        options = codes()["condition_variants"][kind]
+        return self._vpick(options, [o["w"] for o in options])
 
     def _pick(self, options: list, weights: list[float] | None = None):
         idx = int(self.rng.choice(len(options), p=weights))
@@ -430,6 +530,57 @@ class _PatientGenerator:
         )
         self.creatinine_si = self._chance(RATE_CREATININE_SI_PATIENT)
         self.ldl_direct = self._chance(0.3)
+        self._draw_variety_arms()
+
+    def _draw_variety_arms(self) -> None:
+        """Arms and coding choices drawn from the second stream (see ``__init__``)."""
+        if self.smoking_current_code == "current_daily" and self._vchance(0.3):
+            self.smoking_current_code = self._vpick(["current_unknown", "current_heavy", "current_light"])
+        self.t1d = self.diabetes and self._vchance(RATE_TYPE1_DIABETES)
+        if self.t1d:
+            self.dm_onset = self.t0 - self._vu(2.0, 25.0)
+        self.dm_coded_by = None
+        if self.diabetes:
+            self.dm_coded_by = "diagnosis" if self.t1d else self._vpick(
+                ["diagnosis", "complication-only", "insulin-only"],
+                [1 - RATE_DM_COMPLICATION_ONLY - RATE_DM_INSULIN_ONLY, RATE_DM_COMPLICATION_ONLY, RATE_DM_INSULIN_ONLY])
+        self.dm_complication = self.diabetes and (self.dm_coded_by == "complication-only" or self._vchance(0.25))
+        self.insulin = self.diabetes and (self.t1d or self.dm_coded_by == "insulin-only" or self._vchance(0.12))
+        fixture = self.k <= FIXTURE_PATIENTS
+        self.chd_t = self._vu(self.t0 - 6, -0.3) if self._vchance(RATE_CHD) and self.mi_t is None else None
+        if fixture:
+            self.chd_t = None
+        self.revasc = None
+        coronary = self.mi_t if self.mi_t is not None else self.chd_t
+        if coronary is not None and self._vchance(0.45):
+            kind = self._vpick(["pci", "cabg"], [0.65, 0.35])
+            when = coronary + (0.01 if kind == "pci" and self.mi_t is not None else self._vu(0.02, 1.0))
+            if when < -0.3:
+                self.revasc = {"kind": kind, "t": when, "as": self._vpick(["procedure", "history"], [0.7, 0.3])}
+        self.tia_t = self._vu(self.t0 - 4, -0.3) if self._vchance(RATE_TIA) else None
+        pad_rate = RATE_PAD + (0.02 if self.smoking0 != "never" else 0.0)
+        self.pad_t = self._vu(self.t0 - 4, -0.3) if self._vchance(pad_rate) else None
+        self.kidney_arm = self._vpick(["none", "dialysis", "transplant"],
+                                      [1 - RATE_DIALYSIS - RATE_KIDNEY_TRANSPLANT, RATE_DIALYSIS, RATE_KIDNEY_TRANSPLANT])
+        if fixture:
+            self.chd_t = self.tia_t = self.pad_t = None
+            self.kidney_arm = "none"
+        self.dialysis_t = self.transplant_t = None
+        self.kidney_arm_as = None
+        if self.kidney_arm == "dialysis":
+            self.dialysis_t = self._vu(self.t0 + 0.8, -0.4) if self.years > 1.5 else self.t0 - self._vu(0.2, 2.0)
+            if self.dialysis_t > self.t0 + 0.5:
+                self.egfr0 = self._vu(24.0, 36.0)
+                self.egfr_slope = min(-0.5, (14.0 - self.egfr0) / (self.dialysis_t - self.t0))
+            self.ckd_phenotype = True
+            self.kidney_arm_as = self._vpick(["procedure", "dependence-finding"], [0.6, 0.4])
+        elif self.kidney_arm == "transplant":
+            self.transplant_t = min(-0.6, self._vu(self.t0 - 8.0, self.t0 + 1.0))
+            self.egfr0 = self._vu(42.0, 72.0)
+            self.egfr_slope = -self._vu(0.3, 1.5)
+            self.kidney_arm_as = self._vpick(["procedure", "status"], [0.5, 0.5])
+        self.egfr_report = self._vpick(["none", "mL/min/{1.73_m2}", "mL/min"],
+                                       [1 - RATE_EGFR_REPORTED - RATE_EGFR_ML_MIN, RATE_EGFR_REPORTED, RATE_EGFR_ML_MIN])
 
     # -- treatments ------------------------------------------------------------------------------------
 
@@ -437,8 +588,47 @@ class _PatientGenerator:
         if end is not None and end >= -0.02:
             end = None
         med = {"drug": drug, "start": start, "end": end, "reason": reason, **extra}
+        med["presentation"] = self._presentation(med)
+        med["form"] = self._vpick(
+            ["concept", "reference", "contained", "dispense-only", "request+dispense"],
+            [1 - RATE_MED_REFERENCE - RATE_MED_CONTAINED - RATE_MED_DISPENSE_ONLY - RATE_MED_DISPENSE_TOO,
+             RATE_MED_REFERENCE, RATE_MED_CONTAINED, RATE_MED_DISPENSE_ONLY, RATE_MED_DISPENSE_TOO])
         self.meds.append(med)
         return med
+
+    def _presentation(self, med: dict) -> dict:
+        """How the order names the drug: product or ingredient code, tablets per dose, dose unit."""
+        cfg = codes()
+        if med["drug"] == "statin":
+            product = med["product"]
+            options = [{"rxcui": product["rxcui"], "display": product["display"], "strength_mg": product["dose_mg"],
+                        "tablets": 1, "w": 0.6}]
+            for brand in cfg["statin_presentations"].get(product["rxcui"], []):
+                options.append({"rxcui": brand["rxcui"], "display": brand["display"],
+                                "strength_mg": product["dose_mg"], "tablets": 1, "w": 0.2})
+            for half in cfg["statins"]["products"]:
+                if half["ingredient"] == product["ingredient"] and 2 * half["dose_mg"] == product["dose_mg"]:
+                    options.append({"rxcui": half["rxcui"], "display": half["display"],
+                                    "strength_mg": half["dose_mg"], "tablets": 2, "w": 0.15})
+            choice = dict(self._vpick(options, [o["w"] for o in options]))
+            choice["dose_unit"] = "{tbl}" if choice["tablets"] > 1 or self._vchance(0.5) else "mg"
+            choice["daily_dose_mg"] = choice["strength_mg"] * choice["tablets"]
+            return choice
+        if med["drug"] == "insulin":
+            key = self._vpick(["glargine_lantus", "glargine", "lispro_humalog", "lispro"], [0.4, 0.3, 0.15, 0.15])
+            entry = cfg["insulins"][key]
+            units = int(self.vr.integers(8, 41))
+            return {"rxcui": entry["rxcui"], "display": entry["display"], "units": units,
+                    "per_day": 1 if entry["basal"] else 3, "dose_unit": "[iU]"}
+        entry = cfg["medications"][med["drug"]]
+        products = cfg["medication_products"].get(med["drug"], [])
+        if products and self._vchance(0.6):
+            product = self._vpick(products)
+            return {"rxcui": product["rxcui"], "display": product["display"], "strength_mg": product["strength_mg"],
+                    "tablets": product["tablets"], "per_day": entry["per_day"],
+                    "dose_unit": "{tbl}" if product["tablets"] > 1 or self._vchance(0.4) else "mg"}
+        return {"rxcui": entry["rxcui"], "display": med["drug"], "strength_mg": entry["dose_mg"], "tablets": 1,
+                "per_day": entry["per_day"], "dose_unit": "mg", "ingredient_only": True}
 
     def _plan_treatments(self) -> None:
         statins = codes()["statins"]["products"]
@@ -450,7 +640,7 @@ class _PatientGenerator:
                 options = [p for p in options if p["ingredient"] != "simvastatin"] or options
             return options[int(self.rng.integers(0, len(options)))]
 
-        ascvd = [t for t in (self.mi_t, self.stroke_t) if t is not None]
+        ascvd = [t for t in (self.mi_t, self.stroke_t, self.chd_t, self.tia_t, self.pad_t) if t is not None]
         high = bool(self.fh_gene) or self.ldl0 >= 190 or bool(ascvd)
         age0 = self.age + self.t0
         moderate = (self.diabetes and 40 <= age0 <= 75) or self.ldl0 >= 160 or (self.ldl0 >= 130 and self._chance(0.35))
@@ -504,8 +694,17 @@ class _PatientGenerator:
                     if add < -0.2:
                         self._add_med(self._pick(others), add, None, "htn", effect=float(np.clip(self._n(7, 3), 2, 14)))
 
-        if self.diabetes and self.dm_onset is not None and self._chance(0.9):
+        if self.diabetes and self.dm_onset is not None and self._chance(0.9) and not self.t1d:
             self._add_med("metformin", self.dm_onset + self._u(0.0, 0.25), None, "t2d")
+        if self.insulin and self.dm_onset is not None:
+            if self.t1d:
+                start = max(self.dm_onset, self.t0 - 3.0) + self._vu(0.0, 0.3)
+            elif self.dm_coded_by == "insulin-only":
+                start = max(self.dm_onset, self.t0) + self._vu(0.0, 0.5)
+            else:
+                start = self.dm_onset + self._vu(1.0, 5.0)
+            start = min(start, -0.15)
+            self._add_med("insulin", start, None, "t1d" if self.t1d else "t2d")
         if self.mi_t is not None:
             self._add_med("clopidogrel", self.mi_t + 0.01, self.mi_t + 1.0, "mi")
         if self.stroke_t is not None:
@@ -539,6 +738,8 @@ class _PatientGenerator:
             value = self.egfr0 + self.egfr_slope * (t - self.t0)
         else:
             value = self.egfr0 + self.egfr_slope * (ts - self.t0) + 0.6 * self.egfr_slope * (t - ts)
+        if self.dialysis_t is not None:
+            return 8.0 if t >= self.dialysis_t else max(15.0, value)
         return max(16.0, value)
 
     def statin_reduction(self, t: float) -> float:
@@ -568,6 +769,8 @@ class _PatientGenerator:
             value -= 1.0
         if self._active(t, lambda m: m["drug"] in ("empagliflozin", "dapagliflozin")):
             value -= 0.6
+        if self._active(t, lambda m: m["drug"] == "insulin"):
+            value -= 0.8
         return max(5.7, value)
 
     def smoking_at(self, t: float) -> str:
@@ -588,23 +791,66 @@ class _PatientGenerator:
 
     # -- conditions ----------------------------------------------------------------------------------
 
+    def _coded(self, cond: dict, variant: dict | None = None) -> dict:
+        """Choose how the record codes ``cond`` (variant, category, whether clinicalStatus is sent)."""
+        variant = variant or self._variant(cond["kind"])
+        cond["variant"] = variant
+        if variant.get("form") == "history":
+            cond["abatement"], cond["clinical"] = None, "active"
+        if variant.get("form") == "acute":
+            cond["category"] = self._vpick(["encounter-diagnosis", "problem-list-item"], [0.6, 0.4])
+        else:
+            cond["category"] = self._vpick(["problem-list-item", "encounter-diagnosis", "health-concern"],
+                                           [0.7, 0.25, 0.05])
+        cond["drop_clinical_status"] = cond["category"] == "encounter-diagnosis" and self._vchance(
+            RATE_NO_CLINICAL_STATUS)
+        return cond
+
     def _plan_conditions(self) -> None:
-        def add(kind: str, onset: float, abatement: float | None = None, clinical: str = "active") -> dict:
+        def add(kind: str, onset: float, abatement: float | None = None, clinical: str = "active",
+                variant: dict | None = None) -> dict:
             cond = {"kind": kind, "onset": onset, "abatement": abatement, "clinical": clinical,
                     "verification": "confirmed"}
-            self.conditions.append(cond)
+            self.conditions.append(self._coded(cond, variant))
             return cond
 
+        acute = 28 / _YEAR_DAYS
         if self.dm_onset is not None and self.dm_onset < -0.05:
-            add("t2d", self.dm_onset)
+            if self.dm_coded_by == "diagnosis":
+                add("t1d" if self.t1d else "t2d", self.dm_onset)
+            if self.dm_complication:
+                onset = self.dm_onset if self.dm_coded_by == "complication-only" else self.dm_onset + self._vu(1, 5)
+                if onset < -0.1:
+                    add("t1d_complication" if self.t1d else "t2d_complication", onset)
         if self.htn_onset is not None and self.htn_onset < -0.05:
             add("htn", self.htn_onset)
         if self.mi_t is not None:
-            add("mi", self.mi_t, self.mi_t + 28 / _YEAR_DAYS, "resolved")
+            add("mi", self.mi_t, self.mi_t + acute, "resolved")
+        if self.chd_t is not None:
+            add("chd", self.chd_t)
+        if self.revasc is not None:
+            if self.revasc["as"] == "procedure":
+                kind = self.revasc["kind"]
+                if kind == "pci" and self._vchance(0.5):
+                    kind = "pci_stent"
+                self.procedures.append({"kind": kind, "t": self.revasc["t"]})
+            else:
+                options = [v for v in codes()["condition_variants"]["revasc_history"]
+                           if v["procedure"] == self.revasc["kind"]]
+                add("revasc_history", self.revasc["t"] + 0.05, variant=self._vpick(options, [v["w"] for v in options]))
         if self.stroke_t is not None:
-            add("stroke", self.stroke_t, self.stroke_t + 28 / _YEAR_DAYS, "resolved")
+            add("stroke", self.stroke_t, self.stroke_t + acute, "resolved")
+        if self.tia_t is not None:
+            add("tia", self.tia_t, self.tia_t + acute, "resolved")
+        if self.pad_t is not None:
+            add("pad", self.pad_t)
         if self.hf_t is not None:
             add("hf", self.hf_t)
+        if self.transplant_t is not None:
+            if self.kidney_arm_as == "procedure":
+                self.procedures.append({"kind": "kidney_transplant", "t": self.transplant_t})
+            else:
+                add("transplant_status", self.transplant_t + 0.02)
         if self.fh_dx_t is not None:
             add("fh", self.fh_dx_t)
         elif self.meds and any(m["drug"] == "statin" and m["reason"] == "hyperlipidemia" for m in self.meds):
@@ -620,12 +866,27 @@ class _PatientGenerator:
                 break
             t = crossings[stage]
             onset = t - self._u(0.2, 2.0) if t <= self.t0 else t + 0.25
-            if onset >= -0.05:
+            if onset >= -0.05 or (self.dialysis_t is not None and onset >= self.dialysis_t - 0.05):
                 break
             if previous is not None:
                 previous["abatement"] = max(onset, previous["onset"] + 0.01)
                 previous["clinical"] = "resolved"
+                previous["drop_clinical_status"] = False
             previous = add(stage, onset)
+        if self.dialysis_t is not None:
+            if previous is not None:
+                previous["abatement"] = max(self.dialysis_t, previous["onset"] + 0.01)
+                previous["clinical"] = "resolved"
+                previous["drop_clinical_status"] = False
+            add("esrd", self.dialysis_t)
+            if self.kidney_arm_as == "dependence-finding":
+                add("dialysis_dependence", self.dialysis_t)
+            else:
+                kind = "hemodialysis" if self._vchance(0.8) else "peritoneal_dialysis"
+                when = max(self.dialysis_t, -1.0)
+                while when < -0.02:
+                    self.procedures.append({"kind": kind, "t": when})
+                    when += 30.4 / _YEAR_DAYS
         for med in self.meds:
             if med["reason"] is not None and not any(c["kind"] == med["reason"] for c in self.conditions):
                 med["reason"] = None
@@ -747,9 +1008,21 @@ class _PatientGenerator:
         age = self.age + t
         scr = creatinine_for_egfr(self.egfr(t), age, self.female) * (1 + self._n(0, CREATININE_TOTAL_CV))
         if self.creatinine_si:
-            self._qty_obs("creatinine_molar", t, hour, minute, _round(scr * UMOL_L_PER_MG_DL_CREATININE, 0), lab=True)
+            reported = _round(scr * UMOL_L_PER_MG_DL_CREATININE, 0)
+            self._qty_obs("creatinine_molar", t, hour, minute, reported, lab=True)
+            scr_reported = reported / UMOL_L_PER_MG_DL_CREATININE
         else:
-            self._qty_obs("creatinine", t, hour, minute, _round(scr, 2), lab=True)
+            scr_reported = _round(scr, 2)
+            self._qty_obs("creatinine", t, hour, minute, scr_reported, lab=True)
+        if self.egfr_report != "none" and self._vchance(0.9):
+            # The lab's eGFR from the reported creatinine (CKD-EPI 2021); a few labs send it in mL/min, i.e.
+            # multiplied by the DuBois body-surface area / 1.73 m2 (eGFR-absolute).
+            egfr = _ckd_epi_2021(float(scr_reported), age, self.female)
+            if self.egfr_report == "mL/min":
+                h_m = self.height / 100.0
+                weight = (self.bmi0 + self.bmi_drift * (t - self.t0)) * h_m * h_m
+                egfr *= 0.007184 * weight**0.425 * self.height**0.725 / 1.73
+            self.egfr_reports.append((t, hour, minute, _round(egfr, 0)))
         ras = bool(self._active(t, lambda m: m["drug"] in ("lisinopril", "losartan")))
         k = self._n(4.25, 0.3) + (0.25 if self.egfr(t) < 45 else 0) + (0.15 if ras else 0)
         self._qty_obs("potassium", t, hour, minute, _round(float(np.clip(k, 3.1, 6.0)), 1), lab=True)
@@ -943,60 +1216,137 @@ class _PatientGenerator:
             item.genomic = True
 
     def _condition_resource(self, cond: dict) -> dict:
-        entry = codes()["conditions"][cond["kind"]]
+        variant = cond["variant"]
+        codings = [_term(key) for key in variant["codes"]]
         recorded = max(cond["onset"], self.t0)
+        if cond["category"] == "health-concern":
+            category = _coding("us_core_cond_category", "health-concern", "Health Concern")
+        else:
+            category = _coding("cond_category", cond["category"],
+                               "Problem List Item" if cond["category"] == "problem-list-item" else "Encounter Diagnosis")
         resource = {
             "resourceType": "Condition",
             "verificationStatus": {"coding": [_coding("cond_ver", cond["verification"])]},
-            "category": [{"coding": [_coding("cond_category", "problem-list-item", "Problem List Item")]}],
-            "code": {
-                "coding": [
-                    _coding("snomed", entry["snomed"], entry["snomed_display"]),
-                    _coding("icd10cm", entry["icd10cm"], entry["icd_display"]),
-                ],
-                "text": entry["snomed_display"],
-            },
+            "category": [{"coding": [category]}],
+            "code": {"coding": codings, "text": codings[0]["display"]},
             "subject": self._subject(),
             "onsetDateTime": self._date(cond["onset"]).isoformat(),
             "recordedDate": self._date(recorded).isoformat(),
         }
-        if cond["clinical"] is not None:
+        if cond["clinical"] is not None and not (cond["drop_clinical_status"] and cond["abatement"] is None):
             resource["clinicalStatus"] = {"coding": [_coding("cond_clinical", cond["clinical"])]}
         if cond["abatement"] is not None:
             resource["abatementDateTime"] = self._date(cond["abatement"]).isoformat()
         return resource
 
-    def _med_resource(self, med: dict, condition_ids: dict[str, str]) -> dict:
-        if med["drug"] == "statin":
-            product = med["product"]
-            rxcui, display, dose, per_day = product["rxcui"], product["display"], product["dose_mg"], 1
-            drug_name = product["ingredient"]
+    def _procedure_resource(self, proc: dict) -> dict:
+        codings = [_term(key) for key in codes()["procedures"][proc["kind"]]["codes"]]
+        return {
+            "resourceType": "Procedure",
+            "status": "completed",
+            "code": {"coding": codings, "text": codings[0]["display"]},
+            "subject": self._subject(),
+            "performedDateTime": self._dt(proc["t"], 9, 30),
+        }
+
+    def _med_concept(self, med: dict) -> dict:
+        pres = med["presentation"]
+        return {"coding": [_coding("rxnorm", pres["rxcui"], pres["display"])], "text": pres["display"]}
+
+    def _medication(self, med: dict, mid: str) -> dict:
+        """A Medication resource for a product (code, and for tablets the ingredient with its strength)."""
+        pres = med["presentation"]
+        resource: dict = {"resourceType": "Medication", "id": mid, "code": self._med_concept(med)}
+        if "strength_mg" in pres and not pres.get("ingredient_only"):
+            if med["drug"] == "statin":
+                ing_code, ing_name = med["product"]["ingredient_rxcui"], med["product"]["ingredient"]
+            else:
+                ing_code, ing_name = codes()["medications"][med["drug"]]["rxcui"], med["drug"]
+            resource["ingredient"] = [{
+                "itemCodeableConcept": {"coding": [_coding("rxnorm", ing_code, ing_name)]},
+                "strength": {"numerator": _quantity(pres["strength_mg"], "mg", "mg"),
+                             "denominator": _quantity(1, "{tbl}", "tablet")},
+            }]
+        return resource
+
+    def _dosage(self, med: dict) -> dict:
+        pres = med["presentation"]
+        per_day = pres.get("per_day", 1)
+        times = {1: "once daily", 2: "twice daily", 3: "three times daily"}[per_day]
+        name = med["product"]["ingredient"] if med["drug"] == "statin" else med["drug"]
+        if pres["dose_unit"] == "[iU]":
+            dose, text = _quantity(pres["units"], "[iU]", "units"), f"{pres['display']} {pres['units']} units {times}"
+            if per_day > 1:
+                text += " with meals"
+        elif pres["dose_unit"] == "{tbl}":
+            dose = _quantity(pres["tablets"], "{tbl}", "tablet")
+            tabs = "1 tablet" if pres["tablets"] == 1 else f"{pres['tablets']} tablets"
+            text = f"{pres['display']}: take {tabs} by mouth {times}"
         else:
-            entry = codes()["medications"][med["drug"]]
-            rxcui, display, dose, per_day = entry["rxcui"], med["drug"], entry["dose_mg"], entry["per_day"]
-            drug_name = med["drug"]
+            dose = _quantity(pres["strength_mg"] * pres["tablets"], "mg", "mg")
+            text = f"{name} {pres['strength_mg'] * pres['tablets']} mg by mouth {times}"
+        return {
+            "text": text,
+            "timing": {"repeat": {"frequency": per_day, "period": 1, "periodUnit": "d"}},
+            "doseAndRate": [{"doseQuantity": dose}],
+        }
+
+    def _med_resource(self, med: dict, condition_ids: dict[str, str]) -> dict:
         start = self._date(med["start"]).isoformat()
         validity = {"start": start}
         if med["end"] is not None:
             validity["end"] = self._date(med["end"]).isoformat()
-        times = "once daily" if per_day == 1 else "twice daily"
-        resource = {
+        resource: dict = {
             "resourceType": "MedicationRequest",
             "status": "stopped" if med["end"] is not None else "active",
             "intent": "order",
-            "medicationCodeableConcept": {"coding": [_coding("rxnorm", rxcui, display)], "text": display},
+        }
+        if med["form"] == "reference":
+            resource["medicationReference"] = {"reference": f"Medication/{med['medication_id']}",
+                                               "display": med["presentation"]["display"]}
+        elif med["form"] == "contained":
+            resource["contained"] = [self._medication(med, "med")]
+            resource["medicationReference"] = {"reference": "#med"}
+        else:
+            resource["medicationCodeableConcept"] = self._med_concept(med)
+        resource.update({
             "subject": self._subject(),
             "authoredOn": start,
-            "dosageInstruction": [{
-                "text": f"{drug_name} {dose} mg by mouth {times}",
-                "timing": {"repeat": {"frequency": per_day, "period": 1, "periodUnit": "d"}},
-                "doseAndRate": [{"doseQuantity": _quantity(dose, "mg", "mg")}],
-            }],
+            "dosageInstruction": [self._dosage(med)],
             "dispenseRequest": {"validityPeriod": validity},
-        }
+        })
         if med["reason"] in condition_ids:
             resource["reasonReference"] = [{"reference": f"Condition/{condition_ids[med['reason']]}"}]
         return resource
+
+    def _dispenses(self, med: dict) -> list[dict]:
+        """Pharmacy fills of 90 days' supply every 84 days from the order's start (or the history start) until it
+        stops, so an active drug's supply covers the reference date."""
+        out = []
+        when = max(med["start"], self.t0)
+        stop = med["end"] if med["end"] is not None else -0.01
+        pres = med["presentation"]
+        while when < stop:
+            if pres["dose_unit"] == "[iU]":
+                quantity = _quantity(30 if pres["per_day"] > 1 else 15, "mL", "mL")
+            else:
+                quantity = _quantity(90 * pres.get("per_day", 1) * pres.get("tablets", 1), "{tbl}", "tablet")
+            resource = {
+                "resourceType": "MedicationDispense",
+                "status": "completed",
+                "medicationCodeableConcept": self._med_concept(med),
+                "subject": self._subject(),
+                "quantity": quantity,
+                "daysSupply": _quantity(90, "d", "days"),
+                "whenPrepared": self._dt(when, 10, 0),
+                "whenHandedOver": self._dt(when, 15, 0),
+                "dosageInstruction": [self._dosage(med)],
+            }
+            if med["form"] == "request+dispense":
+                resource["authorizingPrescription"] = [{"reference": f"MedicationRequest/{med['request_id']}"}]
+            out.append(resource)
+            when += 84 / _YEAR_DAYS  # refilled a week before the supply runs out
+        return out
 
     # -- messy data ------------------------------------------------------------------------------------
 
@@ -1068,14 +1418,36 @@ class _PatientGenerator:
                 cond = {"kind": self._pick(options), "onset": self._u(self.t0, -0.2), "abatement": None,
                         "clinical": "inactive", "verification": "refuted", "messy": "condition-refuted"}
                 self.conditions.append(cond)
+                cond.update(variant=self._variant(cond["kind"]), category="problem-list-item",
+                            drop_clinical_status=False)
         if self._chance(RATE_CONDITION_ENTERED_IN_ERROR):
             options = [k for k in ("mi", "stroke", "hf", "t2d") if k not in present]
             if options:
                 cond = {"kind": self._pick(options), "onset": self._u(self.t0, -0.2), "abatement": None,
                         "clinical": None, "verification": "entered-in-error", "messy": "condition-entered-in-error"}
                 self.conditions.append(cond)
+                cond.update(variant=self._variant(cond["kind"]), category="problem-list-item",
+                            drop_clinical_status=False)
 
     # -- assembly ----------------------------------------------------------------------------------------
+
+    def _egfr_items(self) -> None:
+        """Reported eGFR results (after the messy-data injection: they are never messy themselves)."""
+        entry = codes()["terms"]["loinc|98979-8"]
+        unit, text = (("mL/min", "mL/min") if self.egfr_report == "mL/min"
+                      else ("mL/min/{1.73_m2}", "mL/min/1.73m2"))
+        for t, hour, minute, value in self.egfr_reports:
+            resource = {
+                "resourceType": "Observation",
+                "status": "final",
+                "category": _category("laboratory"),
+                "code": {"coding": [_coding("loinc", "98979-8", entry["display"])], "text": "eGFR (CKD-EPI 2021)"},
+                "subject": self._subject(),
+                "effectiveDateTime": self._dt(t, hour, minute),
+                "issued": self._dt(t, min(hour + 3, 23), minute),
+                "valueQuantity": _quantity(value, unit, text),
+            }
+            self._new_item("Observation", resource, resource["effectiveDateTime"], "egfr", lab=True)
 
     def _sparse_items(self) -> None:
         n = int(self.rng.integers(0, 3))
@@ -1099,6 +1471,7 @@ class _PatientGenerator:
             if self.tested:
                 self._genomics()
             self._inject_messy()
+            self._egfr_items()
 
         conditions = sorted(self.conditions, key=lambda c: (c["onset"], c["kind"]))
         condition_ids: dict[str, str] = {}
@@ -1114,10 +1487,29 @@ class _PatientGenerator:
             cond["id"] = cid
         meds = sorted(self.meds, key=lambda m: (m["start"], m["drug"]))
         med_entries = []
+        medication_entries = []
+        dispense_entries = []
         for i, med in enumerate(meds, start=1):
-            mid = f"{self.pid}-med-{i:02d}"
-            med["id"] = mid
-            med_entries.append({"id": mid, **self._med_resource(med, condition_ids)})
+            if med["form"] == "reference":
+                med["medication_id"] = f"{self.pid}-medication-{i:02d}"
+                medication_entries.append(self._medication(med, med["medication_id"]))
+            med["request_id"] = None
+            if med["form"] != "dispense-only":
+                med["request_id"] = f"{self.pid}-med-{i:02d}"
+                med_entries.append({"id": med["request_id"], **self._med_resource(med, condition_ids)})
+            med["dispense_ids"] = []
+            if med["form"] in ("dispense-only", "request+dispense"):
+                for dispense in self._dispenses(med):
+                    did = f"{self.pid}-disp-{len(dispense_entries) + 1:03d}"
+                    med["dispense_ids"].append(did)
+                    dispense_entries.append({"id": did, **dispense})
+            med["id"] = med["request_id"] or (med["dispense_ids"][0] if med["dispense_ids"] else None)
+        meds = [m for m in meds if m["id"] is not None]
+        procedures = sorted(self.procedures, key=lambda p: (p["t"], p["kind"]))
+        procedure_entries = []
+        for i, proc in enumerate(procedures, start=1):
+            proc["id"] = f"{self.pid}-proc-{i:02d}"
+            procedure_entries.append({"id": proc["id"], **self._procedure_resource(proc)})
 
         ordered = sorted(self.items, key=lambda i: (i.when, i.seq))
         ids: dict[int, str] = {}
@@ -1145,16 +1537,106 @@ class _PatientGenerator:
                 return [resolve(v) for v in node]
             return node
 
-        resources = [self._patient_resource(), *condition_entries, *med_entries]
+        resources = [self._patient_resource(), *condition_entries, *procedure_entries, *medication_entries,
+                     *med_entries, *dispense_entries]
         resources += [{"id": ids[item.seq], **resolve(item.resource)} for item in ordered]
         bundle = {
             "resourceType": "Bundle",
             "type": "transaction",
             "entry": [_entry(r) for r in resources],
         }
-        return bundle, self._truth(conditions, meds)
+        return bundle, self._truth(conditions, meds, procedures)
 
-    def _truth(self, conditions: list[dict], meds: list[dict]) -> dict:
+    def _med_truth(self, m: dict) -> dict:
+        pres = m["presentation"]
+        table = codes()["statin_intensity_table"]
+        if m["drug"] == "statin":
+            agent, klass = m["product"]["ingredient"], "statin"
+            ingredient_rxcui = m["product"]["ingredient_rxcui"]
+            daily = pres["daily_dose_mg"]
+            intensity = table[agent][str(daily)]
+        elif m["drug"] == "insulin":
+            agent, klass = codes()["insulins"][self._insulin_key(pres)]["ingredient"], "insulin"
+            ingredient_rxcui, daily, intensity = None, None, None
+        else:
+            entry = codes()["medications"][m["drug"]]
+            agent, klass, ingredient_rxcui = m["drug"], entry["class"], entry["rxcui"]
+            daily = pres["strength_mg"] * pres["tablets"] * pres["per_day"]
+            intensity = None
+        return {"agent": agent, "class": klass, "ingredient_rxcui": ingredient_rxcui, "daily_dose_mg": daily,
+                "intensity": intensity}
+
+    @staticmethod
+    def _insulin_key(pres: dict) -> str:
+        return next(k for k, v in codes()["insulins"].items() if not k.startswith("_") and v["rxcui"] == pres["rxcui"])
+
+    def _record_truth(self, conditions: list[dict], meds: list[dict], procedures: list[dict]) -> dict:
+        """Meaning-level truth of what the record says at the reference date (sparse records say nothing)."""
+        kinds = {c["kind"]: c for c in conditions if not c.get("messy")}
+        procs = {p["kind"] for p in procedures}
+        chd_variant = kinds.get("chd", {}).get("variant", {})
+        ascvd = {
+            "prior_mi": "mi" in kinds,
+            "coronary_heart_disease": "chd" in kinds,
+            "angina": bool(chd_variant.get("angina")),
+            "coronary_revascularisation": "revasc_history" in kinds or bool(procs & {"cabg", "pci", "pci_stent"}),
+            "prior_stroke": "stroke" in kinds,
+            "tia": "tia" in kinds,
+            "peripheral_arterial_disease": "pad" in kinds,
+        }
+        ascvd["established"] = any(ascvd.values())
+        heart_failure = "hf" in kinds
+        dialysis = "dialysis_dependence" in kinds or bool(procs & {"hemodialysis", "peritoneal_dialysis"})
+        transplant = "transplant_status" in kinds or "kidney_transplant" in procs
+        stage_of = {"ckd3a": "3a", "ckd3b": "3b", "ckd4": "4", "esrd": "5"}
+        active_stage = [c for c in conditions if c["kind"] in stage_of and not c.get("messy")
+                        and c["clinical"] == "active"]
+        ckd_stage = stage_of[active_stage[-1]["kind"]] if active_stage else None
+        ckd_stage_recorded = active_stage[-1]["variant"]["stage"] if active_stage else None
+        complications = {c["variant"]["complication"] for c in conditions if not c.get("messy")
+                         and c["kind"] in ("t2d_complication", "t1d_complication")}
+        active = [m for m in meds if m["end"] is None and m["start"] <= 0.0]
+        statins = [m for m in active if m["drug"] == "statin"]
+        statin = None
+        if statins:
+            s = self._med_truth(statins[-1])
+            statin = {"agent": s["agent"], "daily_dose_mg": s["daily_dose_mg"], "intensity": s["intensity"]}
+        diabetes_in_record = bool({"t1d", "t2d", "t1d_complication", "t2d_complication"} & set(kinds)) or any(
+            m["drug"] == "insulin" for m in meds)
+        if self.sparse:
+            diabetes_in_record = False
+        if transplant:
+            scope = "scope-kidney-transplant"
+        elif dialysis:
+            scope = "scope-dialysis"
+        elif heart_failure:
+            scope = "scope-heart-failure"
+        elif ascvd["established"]:
+            scope = "scope-established-ascvd"
+        elif not 30 <= self.age <= 79:
+            scope = "scope-age"
+        else:
+            scope = "scope-primary-prevention"
+        return {
+            "ascvd": ascvd,
+            "heart_failure": heart_failure,
+            "diabetes_type": ("type1" if self.t1d else "type2") if diabetes_in_record else None,
+            "diabetes_coded_by": self.dm_coded_by if diabetes_in_record else None,
+            "diabetic_kidney_disease": "kidney" in complications,
+            "diabetic_retinopathy": "retinopathy" in complications,
+            "ckd_stage": ckd_stage,
+            "ckd_stage_recorded": ckd_stage_recorded,
+            "dialysis": dialysis,
+            "kidney_transplant": transplant,
+            "kidney_recorded_as": self.kidney_arm_as if (dialysis or transplant) else None,
+            "statin": statin,
+            "on_insulin": any(m["drug"] == "insulin" for m in active),
+            "egfr_reported": self.egfr_report if self.egfr_reports else None,
+            "pregnancy": False,
+            "scope": scope,
+        }
+
+    def _truth(self, conditions: list[dict], meds: list[dict], procedures: list[dict]) -> dict:
         def d(t: float | None) -> str | None:
             return None if t is None else self._date(t).isoformat()
 
@@ -1214,17 +1696,30 @@ class _PatientGenerator:
             },
             "conditions": [
                 {"id": c["id"], "kind": c["kind"], "onset": d(c["onset"]), "abatement": d(c["abatement"]),
-                 "clinical_status": c["clinical"], "verification_status": c["verification"]}
+                 "clinical_status": c["clinical"], "verification_status": c["verification"],
+                 "codes": list(c["variant"]["codes"]), "category": c["category"],
+                 "clinical_status_sent": c["clinical"] is not None
+                 and not (c["drop_clinical_status"] and c["abatement"] is None)}
                 for c in conditions if not c.get("messy")
+            ],
+            "procedures": [
+                {"id": p["id"], "kind": p["kind"], "date": d(p["t"]),
+                 "codes": list(codes()["procedures"][p["kind"]]["codes"])}
+                for p in procedures
             ],
             "medications": [
                 {
                     "id": m["id"],
-                    "drug": m["product"]["ingredient"] if m["drug"] == "statin" else m["drug"],
-                    "rxcui": m["product"]["rxcui"] if m["drug"] == "statin"
-                    else codes()["medications"][m["drug"]]["rxcui"],
-                    "class": "statin" if m["drug"] == "statin" else codes()["medications"][m["drug"]]["class"],
-                    "intensity": m["product"]["intensity"] if m["drug"] == "statin" else None,
+                    "drug": self._med_truth(m)["agent"],
+                    "rxcui": m["presentation"]["rxcui"],
+                    "ingredient_rxcui": self._med_truth(m)["ingredient_rxcui"],
+                    "class": self._med_truth(m)["class"],
+                    "intensity": self._med_truth(m)["intensity"],
+                    "daily_dose_mg": self._med_truth(m)["daily_dose_mg"],
+                    "form": m["form"],
+                    "request_id": m["request_id"],
+                    "medication_id": m.get("medication_id"),
+                    "dispense_ids": m["dispense_ids"],
                     "sbp_effect_mm_hg": round(m["effect"], 1) if "effect" in m else None,
                     "start": d(m["start"]),
                     "end": d(m["end"]),
@@ -1232,6 +1727,7 @@ class _PatientGenerator:
                 }
                 for m in meds
             ],
+            **self._record_truth(conditions, meds, procedures),
             "units": {"lipids": self.lipid_units, "creatinine": "umol/L" if self.creatinine_si else "mg/dL"},
             "messy": sorted(self.messy, key=lambda m: (m["id"], m["kind"])),
             "messy_counts": {kind: counts[kind] for kind in MESSY_KINDS if counts[kind]},

@@ -36,7 +36,8 @@ def _sample(cohort) -> list[dict]:
     return [by_size[0], by_size[-1], *cohort.bundles[::30]]
 
 
-@pytest.mark.parametrize("resource_type", ["Observation", "Condition", "MedicationRequest", "DiagnosticReport"])
+@pytest.mark.parametrize("resource_type", ["Observation", "Condition", "MedicationRequest", "DiagnosticReport",
+                                           "MedicationDispense", "Procedure"])
 def test_counts_per_patient_match_the_bundles(resource_type, loaded_cohort, base_url, http) -> None:
     for bundle in _sample(loaded_cohort):
         patient_id = _resources(bundle)[0]["id"]
@@ -46,7 +47,7 @@ def test_counts_per_patient_match_the_bundles(resource_type, loaded_cohort, base
 
 
 @pytest.mark.parametrize("code", ["69548-6", "85354-9", "2093-3", "14647-2", "4548-4", "2160-0", "9318-7",
-                                  "72166-2", "84413-4", "102040-3"])
+                                  "72166-2", "84413-4", "102040-3", "98979-8"])
 def test_counts_per_code_match_the_cohort(code, loaded_cohort, base_url, http) -> None:
     expected = Counter()
     for bundle in loaded_cohort.bundles:

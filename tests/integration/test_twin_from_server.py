@@ -16,9 +16,12 @@ from fhirtwin.twin import LedgerKind, TwinState
 pytestmark = pytest.mark.integration
 
 REFERENCE = date(2026, 6, 30)  # the cohort generator's reference date
-CONDITION_FLAGS = {"htn": "hypertension", "t2d": "diabetes", "ckd3a": "ckd", "ckd3b": "ckd", "ckd4": "ckd",
-                   "mi": "prior_mi", "stroke": "prior_stroke", "hf": "heart_failure",
+CONDITION_FLAGS = {"htn": "hypertension", "t2d": "diabetes", "t1d": "diabetes", "t2d_complication": "diabetes",
+                   "t1d_complication": "diabetes", "ckd3a": "ckd", "ckd3b": "ckd", "ckd4": "ckd", "esrd": "ckd",
+                   "mi": "prior_mi", "stroke": "prior_stroke", "hf": "heart_failure", "tia": "tia",
+                   "pad": "peripheral_arterial_disease", "chd": "coronary_heart_disease",
                    "fh": "familial_hypercholesterolemia"}
+HISTORY_KINDS = {"mi", "stroke", "tia"}  # history flags: true whatever the episode's clinical status
 MESSY_LEDGER_KIND = {
     "missing-unit": LedgerKind.MISSING_UNIT,
     "entered-in-error": LedgerKind.ENTERED_IN_ERROR,
@@ -86,7 +89,9 @@ def test_demographics_conditions_medications_and_smoking_match_truth(twins, load
         assert state.demographics.sex == truth["sex"], patient_id
         assert state.age_years(REFERENCE) == truth["age"], patient_id
         active = {CONDITION_FLAGS[c["kind"]] for c in truth["conditions"] if c["kind"] in CONDITION_FLAGS
-                  and c["verification_status"] == "confirmed" and c["clinical_status"] == "active"}
+                  and c["verification_status"] == "confirmed"
+                  and (c["clinical_status"] == "active" or c["kind"] in HISTORY_KINDS)
+                  and c["codes"] != ["icd10cm|Z86.73"]}  # TIA or infarction: see the ASCVD test
         for flag in active:
             assert _value(state, flag) is True, (patient_id, flag)
         statins = [m for m in truth["medications"] if m["class"] == "statin" and m["status"] == "active"
@@ -157,3 +162,94 @@ def test_state_cli_json_shows_every_scale(loaded_cohort, base_url: str) -> None:
     assert isinstance(summary["ledger"], list)
     assert summary["requests"] == 1 and summary["pages_followed"] == 0
     assert with_variant not in result.stderr
+
+
+def _misses(twins, loaded_cohort, check) -> list:
+    out = []
+    for patient_id, truth in loaded_cohort.truth.items():
+        problem = check(twins[patient_id], truth)
+        if problem:
+            out.append((patient_id, problem))
+    return out
+
+
+def _codes(truth: dict, kind: str) -> list[str]:
+    return [k for c in truth["conditions"] if c["kind"] == kind for k in c["codes"]]
+
+
+def test_established_ascvd_and_its_parts_match_truth(twins, loaded_cohort) -> None:
+    def check(state, truth):
+        problems = []
+        if bool(_value(state, "established_ascvd")) != truth["ascvd"]["established"]:
+            problems.append(("established_ascvd", truth["ascvd"], [c["codes"] for c in truth["conditions"]],
+                             [p["codes"] for p in truth["procedures"]]))
+        for part in ("prior_mi", "prior_stroke", "tia", "peripheral_arterial_disease", "coronary_revascularisation"):
+            if part == "prior_stroke" and _codes(truth, "stroke") == ["icd10cm|Z86.73"]:
+                # Z86.73 is history of TIA *or* cerebral infarction: only cerebrovascular disease is certain
+                if _value(state, "cerebrovascular_disease") is not True and _value(state, "prior_stroke") is not True:
+                    problems.append((part, ["icd10cm|Z86.73"]))
+                continue
+            if truth["ascvd"][part] and _value(state, part) is not True:
+                problems.append((part, [c["codes"] for c in truth["conditions"]], [p["codes"] for p in truth["procedures"]]))
+        if truth["ascvd"]["coronary_heart_disease"] and not (_value(state, "coronary_heart_disease")
+                                                            or _value(state, "angina")):
+            problems.append(("coronary_heart_disease", _codes(truth, "chd")))
+        return problems
+    assert _misses(twins, loaded_cohort, check) == []
+
+
+def test_heart_failure_dialysis_transplant_and_scope_match_truth(twins, loaded_cohort) -> None:
+    from fhirtwin.sim.scope import decide_scope
+
+    def check(state, truth):
+        problems = []
+        for flag in ("heart_failure", "dialysis", "kidney_transplant"):
+            if bool(_value(state, flag)) != truth[flag]:
+                problems.append((flag, truth[flag], _value(state, flag), truth["kidney_recorded_as"],
+                                 _codes(truth, {"heart_failure": "hf", "dialysis": "dialysis_dependence",
+                                                "kidney_transplant": "transplant_status"}[flag])))
+        decision = decide_scope(state, REFERENCE)
+        if decision.code != truth["scope"]:
+            problems.append(("scope", truth["scope"], decision.code, decision.reasons))
+        return problems
+    assert _misses(twins, loaded_cohort, check) == []
+
+
+def test_diabetes_type_complications_insulin_and_ckd_stage_match_truth(twins, loaded_cohort) -> None:
+    def check(state, truth):
+        problems = []
+        if truth["diabetes_type"] and _value(state, "diabetes") is not True:
+            problems.append(("diabetes", truth["diabetes_coded_by"], _codes(truth, "t2d_complication")))
+        if truth["diabetes_type"] and truth["diabetes_coded_by"] != "insulin-only":
+            got = _value(state, "diabetes_type")
+            if got != truth["diabetes_type"]:
+                problems.append(("diabetes_type", truth["diabetes_type"], got,
+                                 [c["codes"] for c in truth["conditions"] if "complication" in c["kind"]
+                                  or c["kind"] in ("t1d", "t2d")]))
+        if truth["diabetic_kidney_disease"] and _value(state, "diabetic_kidney_disease") is not True:
+            problems.append(("diabetic_kidney_disease", _codes(truth, "t2d_complication")
+                             + _codes(truth, "t1d_complication")))
+        if truth["diabetic_retinopathy"] and _value(state, "diabetic_retinopathy") is not True:
+            problems.append(("diabetic_retinopathy", _codes(truth, "t2d_complication")))
+        if bool(_value(state, "on_insulin")) != truth["on_insulin"]:
+            problems.append(("on_insulin", truth["on_insulin"],
+                             [(m["rxcui"], m["form"]) for m in truth["medications"] if m["class"] == "insulin"]))
+        if truth["ckd_stage_recorded"] and _value(state, "ckd_stage") != truth["ckd_stage_recorded"]:
+            problems.append(("ckd_stage", truth["ckd_stage_recorded"], _value(state, "ckd_stage"),
+                             [c["codes"] for c in truth["conditions"] if c["clinical_status"] == "active"]))
+        return problems
+    assert _misses(twins, loaded_cohort, check) == []
+
+
+def test_statin_agent_dose_and_intensity_match_truth(twins, loaded_cohort) -> None:
+    def check(state, truth):
+        statin = truth["statin"]
+        if statin is None:
+            return [("on_statin", False, True)] if _value(state, "on_statin") is True else []
+        got = (_value(state, "statin_agent"), _value(state, "statin_daily_dose_mg"), _value(state, "statin_intensity"))
+        if got != (statin["agent"], statin["daily_dose_mg"], statin["intensity"]):
+            meds = [(m["rxcui"], m["form"], m["daily_dose_mg"]) for m in truth["medications"]
+                    if m["class"] == "statin" and m["status"] == "active"]
+            return [("statin", statin, got, meds)]
+        return []
+    assert _misses(twins, loaded_cohort, check) == []

@@ -173,8 +173,9 @@ def test_every_reference_resolves_within_its_bundle(cohort: Cohort) -> None:
     for bundle in cohort.bundles:
         local = {f"{r['resourceType']}/{r['id']}" for r in resources(bundle)}
         for res in resources(bundle):
+            contained = {f"#{c['id']}" for c in res.get("contained", [])}
             for ref in _references(res):
-                assert ref in local, (res["id"], ref)
+                assert ref in local or ref in contained, (res["id"], ref)
                 checked += 1
     assert checked > 10_000
 
@@ -256,19 +257,62 @@ def test_each_condition_kind_and_status_present(cohort: Cohort) -> None:
             assert c["clinicalStatus"]["coding"][0]["code"] in ("resolved", "inactive", "remission")  # con-4
 
 
-def test_medications_cover_every_statin_intensity_and_class(cohort: Cohort) -> None:
-    intensity = {p["rxcui"]: p["intensity"] for p in codes()["statins"]["products"]}
-    reqs = [m for b in cohort.bundles for m in resources(b, "MedicationRequest")]
-    rx = [next(iter(codes_of(m["medicationCodeableConcept"], RXNORM))) for m in reqs]
-    assert {intensity[c] for c in rx if c in intensity} == {"low", "moderate", "high"}
-    for drug in ("lisinopril", "losartan", "amlodipine", "metformin", "clopidogrel"):
-        assert codes()["medications"][drug]["rxcui"] in rx, drug
-    sglt2 = {codes()["medications"][d]["rxcui"] for d in ("empagliflozin", "dapagliflozin")}
-    assert sglt2 & set(rx)
-    assert {m["status"] for m in reqs} == {"active", "stopped"}
-    for m in reqs:
-        assert m["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["code"] == "mg"
+def _medication_codes(bundle: dict, res: dict) -> set[str]:
+    """RxNorm codes of a MedicationRequest/-Dispense: its concept, a contained or a referenced Medication."""
+    if "medicationCodeableConcept" in res:
+        return codes_of(res["medicationCodeableConcept"], RXNORM)
+    ref = res["medicationReference"]["reference"]
+    if ref.startswith("#"):
+        target = next(c for c in res["contained"] if c["id"] == ref[1:])
+    else:
+        target = next(r for r in resources(bundle, "Medication") if f"Medication/{r['id']}" == ref)
+    return codes_of(target["code"], RXNORM)
+
+
+def test_medications_cover_every_statin_intensity_class_and_shape(cohort: Cohort) -> None:
+    table = codes()["statin_intensity_table"]
+    meds = [m for t in cohort.truth.values() for m in t["medications"]]
+    statins = [m for m in meds if m["class"] == "statin"]
+    assert {m["intensity"] for m in statins} == {"low", "moderate", "high"}
+    for m in statins:
+        assert m["intensity"] == table[m["drug"]][str(m["daily_dose_mg"])]
+    assert {m["drug"] for m in meds} >= {"lisinopril", "losartan", "amlodipine", "metformin", "clopidogrel",
+                                          "atorvastatin", "rosuvastatin", "simvastatin"}
+    assert {m["class"] for m in meds} >= {"sglt2-inhibitor", "insulin", "statin", "ace-inhibitor", "arb"}
+    forms = Counter(m["form"] for m in meds)
+    assert set(forms) == {"concept", "reference", "contained", "dispense-only", "request+dispense"}, forms
+    assert all(n >= 5 for n in forms.values()), forms
+    products = {p["rxcui"] for p in codes()["statins"]["products"]}
+    assert any(m["rxcui"] not in products for m in statins), "branded statin products occur"
+    reqs = [(b, m) for b in cohort.bundles for m in resources(b, "MedicationRequest")]
+    assert {m["status"] for _, m in reqs} == {"active", "stopped"}
+    units = Counter()
+    for bundle, m in reqs:
+        assert _medication_codes(bundle, m)
+        dose = m["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]
+        units[dose["code"]] += 1
         assert (m["status"] == "stopped") == ("end" in m["dispenseRequest"]["validityPeriod"])
+    assert set(units) == {"mg", "{tbl}", "[iU]"}, units
+    for bundle in cohort.bundles:
+        for d in resources(bundle, "MedicationDispense"):
+            assert d["daysSupply"]["code"] == "d" and d["status"] == "completed" and _medication_codes(bundle, d)
+
+
+def test_truth_statin_and_insulin_follow_the_orders(cohort: Cohort) -> None:
+    insulin = 0
+    for truth in cohort.truth.values():
+        active = [m for m in truth["medications"] if m["status"] == "active" and m["start"] <= "2026-06-30"]
+        statins = [m for m in active if m["class"] == "statin"]
+        if statins:
+            assert truth["statin"] == {"agent": statins[-1]["drug"], "daily_dose_mg": statins[-1]["daily_dose_mg"],
+                                       "intensity": statins[-1]["intensity"]}
+        else:
+            assert truth["statin"] is None
+        assert truth["on_insulin"] == any(m["class"] == "insulin" for m in active)
+        insulin += truth["on_insulin"]
+        if truth["diabetes_type"] == "type1":
+            assert truth["on_insulin"] and not any(m["drug"] == "metformin" for m in truth["medications"])
+    assert insulin >= 8
 
 
 def test_genomics_follow_the_ig_and_the_truth(cohort: Cohort) -> None:
@@ -495,7 +539,7 @@ def test_ckd_stage_conditions_follow_egfr(cohort: Cohort) -> None:
 
 def test_smoking_status_matches_truth(cohort: Cohort) -> None:
     answers = codes()["smoking_answers"]
-    current = {answers["current_daily"]["code"], answers["current_someday"]["code"]}
+    current = {v["code"] for k, v in answers.items() if k.startswith("current")}
     checked = 0
     for bundle, truth in zip(cohort.bundles, cohort.truth.values(), strict=True):
         obs = sorted((o["effectiveDateTime"], o["valueCodeableConcept"]) for o in resources(bundle, "Observation")
@@ -515,12 +559,22 @@ def test_truth_conditions_and_medications_are_in_the_bundle(cohort: Cohort) -> N
         by_id = {r["id"]: r for r in resources(bundle)}
         for c in truth["conditions"]:
             res = by_id[c["id"]]
-            assert codes()["conditions"][c["kind"]]["snomed"] in codes_of(res["code"], SNOMED)
+            sent = {f"{'snomed' if x['system'] == SNOMED else 'icd10cm'}|{x['code']}" for x in res["code"]["coding"]}
+            assert sent == set(c["codes"])
             assert res["verificationStatus"]["coding"][0]["code"] == c["verification_status"] == "confirmed"
+            assert ("clinicalStatus" in res) == c["clinical_status_sent"]
+            assert res["category"][0]["coding"][0]["code"] == c["category"]
+        for p in truth["procedures"]:
+            res = by_id[p["id"]]
+            assert res["resourceType"] == "Procedure" and res["performedDateTime"][:10] == p["date"]
         for m in truth["medications"]:
             res = by_id[m["id"]]
-            assert m["rxcui"] in codes_of(res["medicationCodeableConcept"], RXNORM)
-            assert res["status"] == m["status"]
+            assert m["rxcui"] in _medication_codes(bundle, res)
+            if res["resourceType"] == "MedicationRequest":
+                assert res["status"] == m["status"]
+                assert ("medicationReference" in res) == (m["form"] in ("reference", "contained"))
+            else:
+                assert m["form"] == "dispense-only"
 
 
 def test_ckd_epi_inverse_round_trips() -> None:
@@ -536,3 +590,123 @@ def test_defaults() -> None:
     assert DEFAULT_SEED == 20261127
     with pytest.raises(ValueError):
         generate_cohort(-1)
+
+
+# --------------------------------------------------------------------------- coding variety and scope
+
+ICD = "http://hl7.org/fhir/sid/icd-10-cm"
+SYSTEM_KEY = {SNOMED: "snomed", ICD: "icd10cm", RXNORM: "rxnorm", LOINC: "loinc"}
+
+
+def test_every_new_code_is_in_the_terms_table_with_display_and_source() -> None:
+    terms = {k: v for k, v in codes()["terms"].items() if not k.startswith("_")}
+    for key, term in terms.items():
+        assert term["display"] and term["source"] and isinstance(term["checked"], bool), key
+    for section in ("condition_variants", "procedures", "statin_presentations", "medication_products", "insulins",
+                    "statin_intensity_table"):
+        assert codes()[section]["_source"], section
+    for kind, variants in codes()["condition_variants"].items():
+        if kind.startswith("_"):
+            continue
+        for variant in variants:
+            assert set(variant["codes"]) <= set(terms), (kind, variant)
+    for proc in (v for k, v in codes()["procedures"].items() if not k.startswith("_")):
+        assert set(proc["codes"]) <= set(terms)
+
+
+def test_conditions_come_in_realistic_variety(cohort: Cohort) -> None:
+    sent: Counter = Counter()
+    categories: Counter = Counter()
+    without_status = 0
+    for bundle in cohort.bundles:
+        for c in resources(bundle, "Condition"):
+            for coding in c["code"]["coding"]:
+                sent[f"{SYSTEM_KEY[coding['system']]}|{coding['code']}"] += 1
+                assert coding["display"] == codes()["terms"][f"{SYSTEM_KEY[coding['system']]}|{coding['code']}"][
+                    "display"]
+            categories[c["category"][0]["coding"][0]["code"]] += 1
+            without_status += "clinicalStatus" not in c and c["verificationStatus"]["coding"][0]["code"] == "confirmed"
+            if "clinicalStatus" not in c and c["verificationStatus"]["coding"][0]["code"] == "confirmed":
+                assert c["category"][0]["coding"][0]["code"] == "encounter-diagnosis" and "abatementDateTime" not in c
+    kinds_sent = {k for t in cohort.truth.values() for c in t["conditions"] for k in c["codes"]}
+    for kind in ("mi", "stroke", "hf", "t2d", "htn", "ckd3a"):
+        variants = {k for v in codes()["condition_variants"][kind] for k in v["codes"]}
+        assert len(variants & kinds_sent) >= 3, kind
+    assert {"problem-list-item", "encounter-diagnosis", "health-concern"} <= set(categories)
+    assert without_status >= 10
+    assert sum(n for k, n in sent.items() if k.startswith("icd10cm|")) > 100
+
+
+def test_out_of_scope_arms_and_procedures_occur(cohort: Cohort) -> None:
+    truths = list(cohort.truth.values())
+    scopes = Counter(t["scope"] for t in truths)
+    assert {"scope-primary-prevention", "scope-established-ascvd", "scope-heart-failure", "scope-dialysis",
+            "scope-kidney-transplant"} <= set(scopes), scopes
+    assert sum(t["dialysis"] for t in truths) >= 3 and sum(t["kidney_transplant"] for t in truths) >= 3
+    procs = Counter(p["kind"] for t in truths for p in t["procedures"])
+    assert {"cabg", "kidney_transplant"} <= set(procs) and procs["pci"] + procs["pci_stent"] >= 1
+    assert procs["hemodialysis"] + procs["peritoneal_dialysis"] >= 1
+    parts = Counter(k for t in truths for k, v in t["ascvd"].items() if v)
+    for part in ("prior_mi", "coronary_heart_disease", "coronary_revascularisation", "prior_stroke", "tia",
+                 "peripheral_arterial_disease"):
+        assert parts[part] >= 1, part
+    coded_by = Counter(t["diabetes_coded_by"] for t in truths if t["diabetes_type"])
+    assert {"diagnosis", "complication-only", "insulin-only"} <= set(coded_by)
+    assert any(t["diabetes_type"] == "type1" for t in truths)
+    assert any(t["diabetic_kidney_disease"] for t in truths) and any(t["diabetic_retinopathy"] for t in truths)
+
+
+def test_scope_follows_the_documented_precedence(cohort: Cohort) -> None:
+    order = [("scope-kidney-transplant", lambda t: t["kidney_transplant"]),
+             ("scope-dialysis", lambda t: t["dialysis"]),
+             ("scope-heart-failure", lambda t: t["heart_failure"]),
+             ("scope-established-ascvd", lambda t: t["ascvd"]["established"]),
+             ("scope-pregnancy", lambda t: t["pregnancy"]),
+             ("scope-age", lambda t: not 30 <= t["age"] <= 79)]
+    for truth in cohort.truth.values():
+        expected = next((code for code, applies in order if applies(truth)), "scope-primary-prevention")
+        assert truth["scope"] == expected, truth["patient_id"]
+        assert truth["ascvd"]["established"] == any(v for k, v in truth["ascvd"].items() if k != "established")
+        if truth["sparse"]:
+            assert truth["scope"] in ("scope-primary-prevention", "scope-age")
+    for k in range(1, cohort_mod.FIXTURE_PATIENTS + 1):
+        truth = cohort.truth[f"ftp-{k:04d}"]
+        assert not (truth["dialysis"] or truth["kidney_transplant"] or truth["ascvd"]["tia"]
+                    or truth["ascvd"]["peripheral_arterial_disease"] or truth["ascvd"]["coronary_heart_disease"])
+
+
+def test_reported_egfr_agrees_with_creatinine_and_some_is_in_ml_min(cohort: Cohort) -> None:
+    units: Counter = Counter()
+    for bundle, truth in zip(cohort.bundles, cohort.truth.values(), strict=True):
+        obs = resources(bundle, "Observation")
+        egfr = [o for o in obs if "98979-8" in codes_of(o["code"])]
+        assert bool(egfr) == (truth["egfr_reported"] is not None)
+        creat = {o["effectiveDateTime"]: o for o in obs if {"2160-0", "14682-9"} & codes_of(o["code"])
+                 and o["status"] != "entered-in-error"}
+        for o in egfr:
+            unit = o["valueQuantity"]["code"]
+            units[unit] += 1
+            assert unit == truth["egfr_reported"] and o["category"][0]["coding"][0]["code"] == "laboratory"
+            c = creat[o["effectiveDateTime"]]["valueQuantity"]
+            if "code" not in c:
+                continue
+            scr = c["value"] / 88.4 if c["code"] == "umol/L" else c["value"]
+            age = (date.fromisoformat(o["effectiveDateTime"][:10]) - date.fromisoformat(truth["birth_date"])).days
+            expected = egfr_ckd_epi_2021(scr, age / 365.25, truth["sex"] == "female")
+            if unit == "mL/min/{1.73_m2}":
+                assert abs(o["valueQuantity"]["value"] - expected) <= 1.0 + 0.02 * expected
+    assert units["mL/min"] >= 10 and units["mL/min/{1.73_m2}"] >= 100
+
+
+def test_new_rates_are_documented() -> None:
+    doc = cohort_mod.__doc__ or ""
+    for name in ("RATE_TYPE1_DIABETES", "RATE_DM_COMPLICATION_ONLY", "RATE_DM_INSULIN_ONLY", "RATE_CHD", "RATE_TIA",
+                 "RATE_PAD", "RATE_DIALYSIS", "RATE_KIDNEY_TRANSPLANT", "RATE_EGFR_REPORTED", "RATE_EGFR_ML_MIN",
+                 "RATE_MED_REFERENCE", "RATE_MED_CONTAINED", "RATE_MED_DISPENSE_ONLY", "RATE_MED_DISPENSE_TOO",
+                 "RATE_NO_CLINICAL_STATUS"):
+        assert name in doc and 0 < getattr(cohort_mod, name) < 0.5, name
+
+
+def test_generator_reads_no_adapter_data() -> None:
+    source = Path(cohort_mod.__file__).read_text()
+    assert "fhirtwin.adapters" not in source and "adapters/data" not in source and "valuesets" not in source
