@@ -16,7 +16,7 @@ from fhirtwin.adapters._common import AdapterError, BuildOptions, Context, evide
 from fhirtwin.adapters.behavioral import pair_exercise_parts
 from fhirtwin.adapters.conditions import adapt_condition
 from fhirtwin.adapters.genomics import adapt_genomics, is_genomic
-from fhirtwin.adapters.medications import adapt_medication
+from fhirtwin.adapters.medications import adapt_medication, one_statin_at_a_time
 from fhirtwin.adapters.observations import adapt_observation
 from fhirtwin.adapters.patient import adapt_patient
 from fhirtwin.adapters.procedures import adapt_procedure
@@ -211,6 +211,7 @@ def build_twin(
             evidence.extend(adapt_medication(item.resource, item.src, ctx))
         except Exception as exc:  # noqa: BLE001
             _malformed(item.src, exc, ctx)
+    evidence = one_statin_at_a_time(evidence, ctx)
     try:
         evidence.extend(adapt_genomics(genomic, ctx))
     except Exception as exc:  # noqa: BLE001 - keep the rest of the twin; record every genomic input

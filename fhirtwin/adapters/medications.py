@@ -44,6 +44,8 @@ PERIOD_DAYS = {"s": 1 / 86400, "min": 1 / 1440, "h": 1 / 24, "d": 1.0, "wk": 7.0
 TIMING_CODES = {"QD": 1.0, "BID": 2.0, "TID": 3.0, "QID": 4.0, "QOD": 0.5, "AM": 1.0, "PM": 1.0, "QHS": 1.0}
 #: UCUM mass units -> mg.
 MASS_MG = {"mg": 1.0, "g": 1000.0, "ug": 0.001}
+#: UCUM units of biological activity (insulin, heparin): valid doses, but no mass, so no mg daily dose.
+ACTIVITY_UNITS = {"[iU]", "[IU]", "U", "[U]"}
 #: UCUM unit-dose spellings (``1`` and any ``{annotation}`` are valid UCUM for "one unit").
 UCUM_UNIT_DOSE = {"1"}
 #: Common non-UCUM spellings of one tablet/capsule: read as one unit dose, ledgered as a conversion.
@@ -434,6 +436,8 @@ def daily_dose(dosages: Any, ingredient: Ingredient, n_ingredients: int) -> Dose
         if ingredient.strength_mg is not None:
             return Dose(amount * ingredient.strength_mg * per_day, note)
         return Dose(None, note)
+    if ucum and unit in ACTIVITY_UNITS:
+        return Dose(None, add_note(note, "dose in international units: no mass daily dose"))
     if low in WORD_UNIT_DOSE and ingredient.strength_mg is not None:
         return Dose(
             amount * ingredient.strength_mg * per_day,
@@ -791,3 +795,41 @@ __all__ = [
     "parse_rxnorm_name",
     "statin_intensity",
 ]
+
+
+#: One statin at a time: every statin variable's episodes end when the next statin prescription starts.
+STATIN_VARIABLES = ("on_statin", "statin_agent", "statin_daily_dose_mg", "statin_intensity")
+
+
+def one_statin_at_a_time(evidence: list[Evidence], ctx: Context) -> list[Evidence]:
+    """A newer statin order replaces an earlier one still marked active (nobody takes two statins).
+
+    EHRs often leave the earlier order ``active`` when the dose is changed; read literally, the patient
+    would be on both, and agent, dose and intensity could come from different orders. Each earlier
+    episode is closed at the start of the next one (a note says so), so all four variables describe the
+    same, latest order.
+    """
+    from dataclasses import replace as _replace
+
+    from fhirtwin.twin import to_instant
+
+    # only an order still open replaces earlier ones: a later order that was itself stopped (a trial of
+    # another statin) leaves the earlier, still-active one in place
+    starts = sorted({to_instant(ev.time) for ev in evidence
+                     if ev.variable == "on_statin" and ev.value is True and ev.end is None})
+    if not starts:
+        return evidence
+    out: list[Evidence] = []
+    closed: set[str] = set()
+    for ev in evidence:
+        if ev.variable in STATIN_VARIABLES:
+            begin = to_instant(ev.time)
+            later = next((s for s in starts if s > begin), None)
+            if later is not None and (ev.end is None or to_instant(ev.end) > later):
+                ev = _replace(ev, end=later, note=add_note(ev.note, "replaced by a later statin order"))
+                if ev.source.reference not in closed:
+                    closed.add(ev.source.reference)
+                    ctx.record(ev.source, LedgerKind.DERIVED, "statin order still active when a later one "
+                               "started: ended at the later order's start", ev.variable)
+        out.append(ev)
+    return out

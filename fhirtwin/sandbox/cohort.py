@@ -561,8 +561,9 @@ class _PatientGenerator:
         self.tia_t = self._vu(self.t0 - 4, -0.3) if self._vchance(RATE_TIA) else None
         pad_rate = RATE_PAD + (0.02 if self.smoking0 != "never" else 0.0)
         self.pad_t = self._vu(self.t0 - 4, -0.3) if self._vchance(pad_rate) else None
+        none_kidney = 1 - RATE_DIALYSIS - RATE_KIDNEY_TRANSPLANT
         self.kidney_arm = self._vpick(["none", "dialysis", "transplant"],
-                                      [1 - RATE_DIALYSIS - RATE_KIDNEY_TRANSPLANT, RATE_DIALYSIS, RATE_KIDNEY_TRANSPLANT])
+                                      [none_kidney, RATE_DIALYSIS, RATE_KIDNEY_TRANSPLANT])
         if fixture:
             self.chd_t = self.tia_t = self.pad_t = None
             self.kidney_arm = "none"
@@ -580,8 +581,9 @@ class _PatientGenerator:
             self.egfr0 = self._vu(42.0, 72.0)
             self.egfr_slope = -self._vu(0.3, 1.5)
             self.kidney_arm_as = self._vpick(["procedure", "status"], [0.5, 0.5])
+        none_reported = 1 - RATE_EGFR_REPORTED - RATE_EGFR_ML_MIN
         self.egfr_report = self._vpick(["none", "mL/min/{1.73_m2}", "mL/min"],
-                                       [1 - RATE_EGFR_REPORTED - RATE_EGFR_ML_MIN, RATE_EGFR_REPORTED, RATE_EGFR_ML_MIN])
+                                       [none_reported, RATE_EGFR_REPORTED, RATE_EGFR_ML_MIN])
 
     # -- treatments ------------------------------------------------------------------------------------
 
@@ -1227,8 +1229,8 @@ class _PatientGenerator:
         if cond["category"] == "health-concern":
             category = _coding("us_core_cond_category", "health-concern", "Health Concern")
         else:
-            category = _coding("cond_category", cond["category"],
-                               "Problem List Item" if cond["category"] == "problem-list-item" else "Encounter Diagnosis")
+            shown = "Problem List Item" if cond["category"] == "problem-list-item" else "Encounter Diagnosis"
+            category = _coding("cond_category", cond["category"], shown)
         resource = {
             "resourceType": "Condition",
             "verificationStatus": {"coding": [_coding("cond_ver", cond["verification"])]},
@@ -1452,7 +1454,7 @@ class _PatientGenerator:
                 "issued": self._dt(t, min(hour + 3, 23), minute),
                 "valueQuantity": _quantity(value, unit, text),
             }
-            self._new_item("Observation", resource, resource["effectiveDateTime"], "egfr", lab=True)
+            self._new_item("Observation", resource, str(resource["effectiveDateTime"]), "egfr", lab=True)
 
     def _sparse_items(self) -> None:
         n = int(self.rng.integers(0, 3))
@@ -1493,7 +1495,7 @@ class _PatientGenerator:
         meds = sorted(self.meds, key=lambda m: (m["start"], m["drug"]))
         med_entries = []
         medication_entries = []
-        dispense_entries = []
+        dispense_entries: list[dict[str, Any]] = []
         for i, med in enumerate(meds, start=1):
             if med["form"] == "reference":
                 med["medication_id"] = f"{self.pid}-medication-{i:02d}"

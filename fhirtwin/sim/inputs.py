@@ -260,6 +260,16 @@ _DIABETES_CLOSED_WORLD = ("no diabetes diagnosis, no diabetes-specific medicatio
                           "HbA1c/fasting glucose results (closed-world convention)")
 
 
+def diabetes_status(state: TwinState, as_of: date | datetime | None = None) -> tuple[bool, str | None]:
+    """Diabetes by the one missing-data rule (see :func:`_diabetes`) and the default it recorded, if any."""
+    when = as_of if as_of is not None else state.reference_date
+    if when is None:
+        raise ValueError("diabetes_status needs as_of when the twin has no reference date")
+    reader = _Reader(state, when)
+    value = _diabetes(reader)
+    return value, (reader.defaults[-1] if reader.defaults else None)
+
+
 def _diabetes(reader: _Reader) -> bool:
     """The one missing-data rule for diabetes, applied in order (stated in the model card):
 

@@ -11,6 +11,7 @@ import pytest
 
 from fhirtwin.engine import Engine
 from fhirtwin.fhir.client import FhirClient
+from fhirtwin.sim.inputs import diabetes_status
 from fhirtwin.twin import LedgerKind, TwinState
 
 pytestmark = pytest.mark.integration
@@ -190,7 +191,8 @@ def test_established_ascvd_and_its_parts_match_truth(twins, loaded_cohort) -> No
                     problems.append((part, ["icd10cm|Z86.73"]))
                 continue
             if truth["ascvd"][part] and _value(state, part) is not True:
-                problems.append((part, [c["codes"] for c in truth["conditions"]], [p["codes"] for p in truth["procedures"]]))
+                problems.append((part, [c["codes"] for c in truth["conditions"]],
+                                 [p["codes"] for p in truth["procedures"]]))
         if truth["ascvd"]["coronary_heart_disease"] and not (_value(state, "coronary_heart_disease")
                                                             or _value(state, "angina")):
             problems.append(("coronary_heart_disease", _codes(truth, "chd")))
@@ -218,8 +220,9 @@ def test_heart_failure_dialysis_transplant_and_scope_match_truth(twins, loaded_c
 def test_diabetes_type_complications_insulin_and_ckd_stage_match_truth(twins, loaded_cohort) -> None:
     def check(state, truth):
         problems = []
-        if truth["diabetes_type"] and _value(state, "diabetes") is not True:
-            problems.append(("diabetes", truth["diabetes_coded_by"], _codes(truth, "t2d_complication")))
+        has_diabetes, _ = diabetes_status(state, REFERENCE)  # the engine's one rule (diagnosis, treatment, labs)
+        if bool(truth["diabetes_type"]) != has_diabetes:
+            problems.append(("diabetes", truth["diabetes_coded_by"], has_diabetes, _codes(truth, "t2d_complication")))
         if truth["diabetes_type"] and truth["diabetes_coded_by"] != "insulin-only":
             got = _value(state, "diabetes_type")
             if got != truth["diabetes_type"]:

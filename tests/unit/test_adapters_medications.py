@@ -545,3 +545,13 @@ def test_dispense_is_read_through_the_declared_record_read():
 
     assert RECORD_TYPES["MedicationDispense"] == "patient"
     assert "MedicationDispense:medication" in RECORD_INCLUDES
+
+
+def test_a_newer_active_statin_order_replaces_an_older_one_still_marked_active():
+    # the dose was lowered: the 20 mg order was never closed in the EHR (seen in independent generated records)
+    st = build(req("old", "312961", "active", authored="2020-12-31", display="Simvastatin 20 MG Oral Tablet"),
+               req("new", "314231", "active", authored="2024-01-26", display="Simvastatin 10 MG Oral Tablet"))
+    assert st.value("statin_agent") == "simvastatin"
+    assert st.value("statin_daily_dose_mg") == 10.0
+    assert st.value("statin_intensity") == "low"  # agent, dose and intensity describe the same (latest) order
+    assert any("a later one started" in e.message for e in st.ledger.entries(source="MedicationRequest/old"))
