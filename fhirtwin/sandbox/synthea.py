@@ -459,3 +459,38 @@ def load_synthea(
             http.close()
     report.seconds = time.monotonic() - started
     return report
+
+
+def as_read_from_a_server(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Synthea transaction bundle's resources as a FHIR server returns them after ingest: every
+    ``urn:uuid`` reference rewritten to ``Type/id`` (Synthea gives each resource its id) and a
+    ``meta.versionId``. No clinical content is touched."""
+    refs = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
+            for e in bundle.get("entry", []) if str(e.get("fullUrl", "")).startswith("urn:uuid:")}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items()}
+            if isinstance(node.get("reference"), str) and node["reference"] in refs:
+                out["reference"] = refs[node["reference"]]
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    resources = []
+    for entry in bundle.get("entry", []):
+        resource = rewrite(entry["resource"])
+        resource.setdefault("meta", {})["versionId"] = "1"
+        resources.append(resource)
+    return resources
+
+
+def patient_records(corpus: Corpus) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``(Patient.id, resources)`` for every patient bundle of a corpus, as read from a server."""
+    for path in sorted(corpus.fhir_dir.glob("*.json")):
+        bundle = json.loads(path.read_text(encoding="utf-8"))
+        resources = as_read_from_a_server(bundle)
+        patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
+        if patient is not None:  # hospital and practitioner bundles hold no Patient
+            yield str(patient["id"]), resources

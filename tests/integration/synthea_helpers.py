@@ -18,12 +18,9 @@ own: the full corpus is tens of thousands of resources (see docs/corpus.md).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from functools import cache
-from typing import Any
 
-from fhirtwin.sandbox.synthea import Corpus, generate
+from fhirtwin.sandbox.synthea import Corpus, as_read_from_a_server, generate, patient_records
 from fhirtwin.sandbox.synthea_truth import Truth, ground_truth
 
 CORPUS_SEED = 7341
@@ -50,37 +47,4 @@ def tiny_corpus() -> Corpus:
     """A two-patient corpus with three years of history, small enough to load inside a test."""
     return Corpus.open(generate(seed=TINY_SEED, population=TINY_POPULATION, years_of_history=TINY_YEARS_OF_HISTORY))
 
-
-def as_read_from_a_server(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    """A Synthea transaction bundle's resources as a FHIR server returns them after ingest: every
-    ``urn:uuid`` reference rewritten to ``Type/id`` (Synthea gives each resource its id) and a
-    ``meta.versionId``. No clinical content is touched."""
-    refs = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}"
-            for e in bundle.get("entry", []) if str(e.get("fullUrl", "")).startswith("urn:uuid:")}
-
-    def rewrite(node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {k: rewrite(v) for k, v in node.items()}
-            if isinstance(node.get("reference"), str) and node["reference"] in refs:
-                out["reference"] = refs[node["reference"]]
-            return out
-        if isinstance(node, list):
-            return [rewrite(v) for v in node]
-        return node
-
-    resources = []
-    for entry in bundle.get("entry", []):
-        resource = rewrite(entry["resource"])
-        resource.setdefault("meta", {})["versionId"] = "1"
-        resources.append(resource)
-    return resources
-
-
-def patient_records(corpus: Corpus) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """``(Patient.id, resources)`` for every patient bundle of a corpus, as read from a server."""
-    for path in sorted(corpus.fhir_dir.glob("*.json")):
-        bundle = json.loads(path.read_text(encoding="utf-8"))
-        resources = as_read_from_a_server(bundle)
-        patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
-        if patient is not None:  # hospital and practitioner bundles hold no Patient
-            yield str(patient["id"]), resources
+__all__ = ["as_read_from_a_server", "patient_records", "synthea_corpus", "tiny_corpus", "truth"]
