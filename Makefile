@@ -2,6 +2,8 @@
 # Both create .venv and install fhirtwin with its test tools on first use.
 PYTHON ?= python3
 VENV   := .venv
+# Generated independent-corpus populations are deterministic per settings: keep them across clones.
+export FHIRTWIN_SYNTHEA_CACHE ?= $(HOME)/.cache/fhirtwin/synthea
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
