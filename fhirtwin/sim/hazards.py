@@ -51,7 +51,7 @@ def prevent_model_for(inputs: PatientInputs) -> str:
     return "base"
 
 
-def _prevent_kwargs(inputs: PatientInputs, model: str) -> dict[str, Any]:
+def prevent_kwargs(inputs: PatientInputs, model: str) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         sex=inputs.sex,
         total_cholesterol_mg_dl=inputs.total_cholesterol_mg_dl,
@@ -94,7 +94,7 @@ class Anchors:
 def compute_anchors(inputs: PatientInputs, horizon_years: float) -> Anchors:
     """Evaluate PREVENT (and KFRE) at the measured baseline, one PREVENT anchor per age decade."""
     model = prevent_model_for(inputs)
-    kw = _prevent_kwargs(inputs, model)
+    kw = prevent_kwargs(inputs, model)
     caveats: list[str] = []
     try:
         for outcome in CVD_OUTCOMES:
@@ -181,7 +181,7 @@ def prevent_log_ratio(
     t = traj.t_years
     ki = _knot_index(t)
     knot_t = t[ki]
-    kw = _prevent_kwargs(inputs, anchors.prevent_model)
+    kw = prevent_kwargs(inputs, anchors.prevent_model)
     age = float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))
     vals = traj.values
     kw["egfr_ml_min_1_73m2"] = inputs.egfr_ml_min_1_73m2 + (

@@ -24,10 +24,10 @@ from fhirtwin.sim.equations import prevent_risk
 from fhirtwin.sim.hazards import (
     OUTCOMES,
     Anchors,
-    _prevent_kwargs,
     compute_anchors,
     cumulative_incidence,
     hazard_paths,
+    prevent_kwargs,
 )
 from fhirtwin.sim.inputs import PatientInputs, inputs_from_state
 from fhirtwin.sim.interventions import BASELINE, Scenario
@@ -217,7 +217,7 @@ _DRIVER_REFERENCES = (
 
 def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ...]:
     """Counterfactual contributions: PREVENT 10-year risk now vs with one factor at a reference value."""
-    kw = _prevent_kwargs(inputs, anchors.prevent_model)
+    kw = prevent_kwargs(inputs, anchors.prevent_model)
     age = float(np.clip(inputs.age_years, 30, 79))
     out: list[Driver] = []
 

@@ -13,6 +13,7 @@ from datetime import date, datetime
 from typing import Any
 
 from fhirtwin.vocabulary import EXT_EXPECTED_BENEFIT, LOINC, UCUM, coding, concept, meta
+from fhirtwin.writeback.contracts import InterventionLike, OptionLike, PlanLike, StateLike
 from fhirtwin.writeback.identifiers import identifier, prediction_key
 from fhirtwin.writeback.riskassessment import OUTCOME_TEXT, outcome_concept, scope_extension
 
@@ -32,26 +33,26 @@ GOALS: dict[str, dict[str, Any]] = {
 }
 
 
-def _activity_code(intervention: Any) -> str:
+def _activity_code(intervention: InterventionLike) -> str:
     if intervention.kind == "statin":
         return "statin-high-intensity" if intervention.intensity == "high" else "statin-moderate-intensity"
     return {"bp_lowering": "bp-lowering-agent", "sglt2i": "sglt2-inhibitor",
             "smoking_cessation": "smoking-cessation"}[intervention.kind]
 
 
-def _start(state: Any, occurrence: datetime) -> date:
+def _start(state: StateLike, occurrence: datetime) -> date:
     ref = state.reference_date
     if isinstance(ref, datetime):
         return ref.date()
     return ref if isinstance(ref, date) else occurrence.date()
 
 
-def _key(plan: Any, kind: str) -> str:
+def _key(plan: PlanLike, kind: str) -> str:
     f = plan.baseline
     return prediction_key(f.patient_id, f.model, f.model_version, f.sources, f.scenario.name, f.horizon_years, kind)
 
 
-def benefit_extension(option: Any, plan: Any) -> dict[str, Any]:
+def benefit_extension(option: OptionLike, plan: PlanLike) -> dict[str, Any]:
     """``expected-benefit``: ARR with 90 % interval and NNT (when defined) on the ranking outcome."""
     arr = option.arr
     parts: list[dict[str, Any]] = [
@@ -72,12 +73,13 @@ def benefit_extension(option: Any, plan: Any) -> dict[str, Any]:
     return {"url": EXT_EXPECTED_BENEFIT, "extension": parts}
 
 
-def goal_keys(plan: Any) -> dict[str, str]:
+def goal_keys(plan: PlanLike) -> dict[str, str]:
     """Business identifier values of the Goals (``ldl``, ``sbp``)."""
     return {name: _key(plan, f"Goal/{name}") for name in GOALS}
 
 
-def build_goals(plan: Any, state: Any, ra_refs: dict[str, str], occurrence: datetime) -> dict[str, dict[str, Any]]:
+def build_goals(plan: PlanLike, state: StateLike, ra_refs: dict[str, str],
+                occurrence: datetime) -> dict[str, dict[str, Any]]:
     """LDL-C and SBP target Goals (lifecycle ``proposed``), addressing the CVD RiskAssessments."""
     risk = plan.baseline.at_horizon("total_cvd")["median"] if "total_cvd" in plan.baseline.cif else 0.0
     ldl_target = 70 if risk >= LDL_HIGH_RISK_CUTOFF else 100
@@ -111,12 +113,12 @@ def build_goals(plan: Any, state: Any, ra_refs: dict[str, str], occurrence: date
     return goals
 
 
-def care_plan_key(plan: Any) -> str:
+def care_plan_key(plan: PlanLike) -> str:
     """Business identifier value of the CarePlan."""
     return _key(plan, "CarePlan")
 
 
-def _activities(plan: Any, ra_refs: dict[str, str], goal_refs: dict[str, str]) -> list[dict[str, Any]]:
+def _activities(plan: PlanLike, ra_refs: dict[str, str], goal_refs: dict[str, str]) -> list[dict[str, Any]]:
     singles = {opt.scenario.interventions[0]: opt for opt in plan.options if len(opt.scenario.interventions) == 1}
     seen: list[Any] = []
     for option in plan.options:
@@ -171,8 +173,8 @@ def _activities(plan: Any, ra_refs: dict[str, str], goal_refs: dict[str, str]) -
 
 
 def build_care_plan(
-    plan: Any,
-    state: Any,
+    plan: PlanLike,
+    state: StateLike,
     *,
     ra_refs: dict[str, str],
     goal_refs: dict[str, str],
@@ -221,12 +223,13 @@ def build_care_plan(
     return care_plan
 
 
-def draft_care_plan_key(plan: Any) -> str:
+def draft_care_plan_key(plan: PlanLike) -> str:
     """Business identifier value of the standalone draft CarePlan (differs from the written CarePlan's)."""
     return _key(plan, "CarePlan/draft")
 
 
-def build_draft_care_plan(plan: Any, state: Any, *, occurrence: datetime, device_reference: str) -> dict[str, Any]:
+def build_draft_care_plan(plan: PlanLike, state: StateLike, *, occurrence: datetime,
+                          device_reference: str) -> dict[str, Any]:
     """A standalone draft CarePlan proposal, e.g. for a CDS Hooks suggestion (nothing else is written).
 
     It conforms to the ``fhirtwin-careplan`` profile on its own: with no RiskAssessment stored to point

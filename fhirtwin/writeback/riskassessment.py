@@ -35,6 +35,7 @@ from fhirtwin.vocabulary import (
     meta,
     profile,
 )
+from fhirtwin.writeback.contracts import ForecastLike, PlanLike, StateLike
 from fhirtwin.writeback.identifiers import identifier, prediction_key
 
 HORIZONS_YEARS = (5.0, 10.0)
@@ -90,7 +91,7 @@ KFRE_CODES = {"4-variable": "kfre-4var", "8-variable": "kfre-8var"}
 EXT_SIMULATION_MODEL = profile("simulation-model")
 
 
-def method_concept(forecast: Any, outcome: str) -> dict[str, Any]:
+def method_concept(forecast: ForecastLike, outcome: str) -> dict[str, Any]:
     """``method``: the one published equation (and variant) that anchors this outcome's risk.
 
     A CodeableConcept's codings must all mean the same concept, so ``method`` names only the anchoring
@@ -125,7 +126,7 @@ def scope_extension(scope: str) -> dict[str, Any]:
     return {"url": EXT_SCOPE_DECISION, "valueCodeableConcept": concept(scope)}
 
 
-def simulation_model_extension(forecast: Any) -> dict[str, Any]:
+def simulation_model_extension(forecast: ForecastLike) -> dict[str, Any]:
     """``simulation-model``: the fhirtwin model (code) and its version (text) that projected the risk."""
     value: dict[str, Any] = {"text": f"{forecast.model} {forecast.model_version}"}
     if forecast.model in CONCEPTS:
@@ -142,7 +143,7 @@ def outcome_concept(outcome: str) -> dict[str, Any]:
     return {"coding": codings, "text": OUTCOME_TEXT[outcome]}
 
 
-def rationale(forecast: Any, outcome: str) -> str:
+def rationale(forecast: ForecastLike, outcome: str) -> str:
     """The main drivers of this outcome's risk, largest first, in percentage points."""
     drivers = sorted((d for d in forecast.drivers if d.outcome == outcome), key=lambda d: -abs(d.contribution))
     parts = [f"{d.factor} {d.value} (reference {d.reference}): {100 * d.contribution:+.1f} percentage points"
@@ -153,7 +154,7 @@ def rationale(forecast: Any, outcome: str) -> str:
     return text + " Probabilities are fractions (0-1): ensemble median, 90 % interval in the extension."
 
 
-def mitigation(plan: Any, outcome: str, top: int = 3) -> str | None:
+def mitigation(plan: PlanLike, outcome: str, top: int = 3) -> str | None:
     """The top-ranked interventions with their effect on this outcome."""
     if not plan.options:
         return None
@@ -171,7 +172,7 @@ def mitigation(plan: Any, outcome: str, top: int = 3) -> str | None:
             "absolute risk reduction: " + "; ".join(lines) + ". See the fhirtwin CarePlan proposal.")
 
 
-def quality_notes(forecast: Any, state: Any) -> list[dict[str, str]]:
+def quality_notes(forecast: ForecastLike, state: StateLike) -> list[dict[str, str]]:
     """Annotations: the Forecast's caveats and a summary of the data-quality ledger (kinds and counts)."""
     notes = []
     if forecast.caveats:
@@ -188,15 +189,15 @@ def quality_notes(forecast: Any, state: Any) -> list[dict[str, str]]:
     return notes
 
 
-def risk_key(forecast: Any, outcome: str) -> str:
+def risk_key(forecast: ForecastLike, outcome: str) -> str:
     """Business identifier value of the RiskAssessment for one outcome."""
     return prediction_key(forecast.patient_id, forecast.model, forecast.model_version, forecast.sources,
                           forecast.scenario.name, forecast.horizon_years, f"RiskAssessment/{outcome}")
 
 
 def build_risk_assessment(
-    plan: Any,
-    state: Any,
+    plan: PlanLike,
+    state: StateLike,
     outcome: str,
     *,
     occurrence: datetime,

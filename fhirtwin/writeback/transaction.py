@@ -49,6 +49,7 @@ from fhirtwin.vocabulary import (
     SUPERSEDED_TAG,
 )
 from fhirtwin.writeback.careplan import build_care_plan, build_goals, care_plan_key, goal_keys
+from fhirtwin.writeback.contracts import PlanLike, StateLike
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
 from fhirtwin.writeback.identifiers import if_none_exist, run_key
 from fhirtwin.writeback.jws import SigningKey
@@ -131,8 +132,8 @@ def build_retirement(existing: Iterable[dict[str, Any]], base_url: str | None = 
 
 
 def build_patient_write(
-    plan: Any,
-    state: Any,
+    plan: PlanLike,
+    state: StateLike,
     *,
     key: SigningKey,
     existing: Iterable[dict[str, Any]] = (),
