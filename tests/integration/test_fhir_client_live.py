@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fhirtwin.adapters.reads import RECORD_TYPES
+from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.errors import FhirConflict, FhirNotFound, FhirTransactionError
 from fhirtwin.fhir.ndjson import NdjsonSource, bulk_export, download_manifest
@@ -27,7 +27,7 @@ def test_one_patient_record_in_one_request(loaded_cohort, base_url: str) -> None
     client = FhirClient(base_url)
     richest = max(loaded_cohort.bundles, key=lambda b: len(b["entry"]))
     patient_id = richest["entry"][0]["resource"]["id"]
-    record = client.fetch_patient_record(patient_id, RECORD_TYPES)
+    record = client.fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES)
     assert client.request_count == 1 and client.pages_followed == 0
     assert record[0]["resourceType"] == "Patient"
     assert _ids(record) == _bundle_ids(richest)
@@ -37,7 +37,7 @@ def test_small_pages_are_followed_and_counted(loaded_cohort, base_url: str) -> N
     client = FhirClient(base_url)
     bundle = loaded_cohort.bundles[0]
     patient_id = bundle["entry"][0]["resource"]["id"]
-    record = client.fetch_patient_record(patient_id, RECORD_TYPES, count=20)
+    record = client.fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES, count=20)
     assert _ids(record) == _bundle_ids(bundle)
     assert client.pages_followed >= 1
     assert client.request_count == 1 + client.pages_followed
@@ -47,7 +47,7 @@ def test_many_patients_share_requests(loaded_cohort, base_url: str) -> None:
     client = FhirClient(base_url)
     bundles = loaded_cohort.bundles[:20]
     ids = [b["entry"][0]["resource"]["id"] for b in bundles]
-    records = client.fetch_patients_records(ids, RECORD_TYPES, chunk_size=20)
+    records = client.fetch_patients_records(ids, RECORD_TYPES, include=RECORD_INCLUDES, chunk_size=20)
     assert list(records) == ids
     for bundle, patient_id in zip(bundles, ids, strict=True):
         got = _ids(records[patient_id])
@@ -100,7 +100,7 @@ def test_bulk_export_round_trips_through_the_ndjson_source(loaded_cohort, base_u
     source = NdjsonSource(tmp_path)
     bundle = loaded_cohort.bundles[5]
     patient_id = bundle["entry"][0]["resource"]["id"]
-    offline = source.fetch_patient_record(patient_id, RECORD_TYPES)
+    offline = source.fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES)
     expected = {i for i in _bundle_ids(bundle) if i.split("/")[0] in ("Patient", "Condition")}
     assert _ids(offline) == expected
 

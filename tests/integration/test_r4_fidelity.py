@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from fhirtwin.adapters.reads import RECORD_TYPES
+from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.models import validate_resource
 
@@ -101,7 +101,7 @@ def test_records_come_back_exactly_as_uploaded(loaded_cohort: Any, base_url: str
     for bundle in bundles:
         uploaded = {(r["resourceType"], r["id"]): r for r in _resources(bundle)}
         patient_id = _resources(bundle)[0]["id"]
-        record = client.fetch_patient_record(patient_id, RECORD_TYPES)
+        record = client.fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES)
         # data that other tests add to a cohort patient carries a test tag; it was never uploaded by the cohort
         record = [r for r in record if not any(t.get("system") == TEST_TAG_SYSTEM
                                                for t in (r.get("meta") or {}).get("tag", []))]

@@ -11,8 +11,12 @@ import pytest
 import requests
 
 from fhirtwin.cli import main
+from fhirtwin.sim.model import MechanisticTwin
+from fhirtwin.writeback.device import device_id
 
 pytestmark = pytest.mark.integration
+
+MODEL_DEVICE = device_id(MechanisticTwin.name, MechanisticTwin.version)
 
 GENERATED = "https://fhirtwin.org/CodeSystem/fhirtwin|fhirtwin-generated"
 SUPERSEDED = "https://fhirtwin.org/CodeSystem/fhirtwin|superseded"
@@ -88,7 +92,7 @@ def test_every_written_resource_validates_against_its_profile(profiles_loaded, h
     resources = [r for t in RESULT_TYPES for r in search(http, base_url, t, {"subject": f"Patient/{PATIENTS[0]}",
                                                                               "_tag:not": SUPERSEDED})]
     resources += provenances(http, base_url, PATIENTS[0])[:1]
-    resources += [http.get(f"{base_url}/Device/fhirtwin-mechanistic-0-1-0").json(),
+    resources += [http.get(f"{base_url}/Device/{MODEL_DEVICE}").json(),
                   http.get(f"{base_url}/Organization/fhirtwin-deployment").json()]
     assert {r["resourceType"] for r in resources} == {*RESULT_TYPES, "Provenance", "Device", "Organization"}
     for resource in resources:

@@ -71,8 +71,9 @@ def test_kidney_transplant_history_code_as_procedure():
 def test_dialysis_is_current_for_a_window_after_the_last_session():
     st = build(proc("d1", "302497006", performedDateTime="2024-12-15"))  # 17 days before the reference date
     assert st.value("dialysis") is True
-    assert st.value("dialysis", as_of=date(2025, 2, 1)) is False  # a month without a session: not dialysing
-    assert build(proc("d2", "302497006", performedDateTime="2024-11-15")).value("dialysis") is False
+    assert st.value("dialysis", as_of=date(2025, 2, 15)) is False  # two months without a record: not dialysing
+    assert build(proc("d2", "302497006", performedDateTime="2024-11-01")).value("dialysis") is False
+    assert build(proc("d3", "302497006", performedDateTime="2024-11-25")).value("dialysis") is True  # monthly
     old = build(proc("d0", "302497006", performedDateTime="2019-12-01"))
     assert old.value("dialysis") is False
 
