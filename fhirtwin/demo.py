@@ -70,9 +70,12 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
     runs: list[TwinRun] = [engine.simulate(state) for state in progress(states, desc="simulate")]
     sim_s = time.monotonic() - started
     planned = [r for r in runs if r.plan is not None]
+    scopes = Counter(r.scope.code for r in runs if r.scope is not None and not r.scope.in_scope)
+    lacking = [r.state.patient_id for r in runs if r.plan is None and (r.scope is None or r.scope.in_scope)]
     print(f"4. simulate: {len(planned)} of {len(runs)} patients ({DEMO_DRAWS} draws x 10 years, baseline and "
-          f"every eligible intervention) in {sim_s:.1f} s; {len(runs) - len(planned)} lacked required data "
-          "and get no prediction (nothing is guessed)")
+          f"every eligible intervention) in {sim_s:.1f} s; {sum(scopes.values())} out of scope for the "
+          f"primary-prevention equations ({_words(scopes)}); {len(lacking)} lacked required data and get no "
+          "prediction (nothing is guessed)")
 
     print("\n   10-year total CVD risk by the scales of data available:")
     for label, count, median in _scale_rows(planned):
@@ -90,7 +93,6 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
             option = f"{best.scenario.name} ({100 * best.arr['median']:.1f} points, {nnt})"
         print(f"   {state.patient_id:<10} {state.age_years():>3} {str(state.demographics.sex):<7} "
               f"{_pct(risk['median'])} ({_pct(risk['p05'])}-{_pct(risk['p95'])})      {option}")
-    lacking = [r.state.patient_id for r in runs if r.error]
     if lacking:
         print(f"   not simulated ({len(lacking)}): required inputs missing, e.g. "
               f"`fhirtwin state --server {sandbox.base_url} --patient {lacking[0]}` shows what the twin holds")
