@@ -17,6 +17,7 @@ from fhirtwin.adapters._common import (
     OBSERVATION_TIME_PATHS,
     AdapterError,
     Context,
+    add_note,
     code_label,
     codings,
     first_time,
@@ -26,7 +27,7 @@ from fhirtwin.adapters._common import (
     system_uri,
 )
 from fhirtwin.adapters._quantity import quantity_evidence
-from fhirtwin.twin import Evidence, LedgerKind, SourceRef, TimePoint, get_variable
+from fhirtwin.twin import Evidence, LedgerKind, SourceRef, TimePoint, get_variable, to_instant
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def adapt_observation(resource: dict[str, Any], src: SourceRef, ctx: Context) ->
         return _bp_panel(resource, src, status, when, time_note, ctx)
     if row.handler == "smoking":
         return behavioral.smoking(resource, src, status, when, time_note, ctx, code)
+    if row.handler == "pregnancy_status":
+        return _pregnancy_status(resource, src, status, when, time_note, ctx, code)
     if row.handler in ("evs_panel", "evs_days", "evs_minutes"):
         return behavioral.exercise_vital_sign(resource, row.handler, src, status, when, time_note, ctx, code)
     raise AdapterError(f"unknown handler {row.handler} in observation_codes.csv")
@@ -135,3 +138,26 @@ def _per_body_surface(resource: dict[str, Any]) -> bool:
     if not any(texts):
         return True
     return any("1.73" in t for t in texts)
+
+
+#: SNOMED CT 77386006 Pregnant (finding): the US Core pregnancy status answer that means pregnant.
+PREGNANT = "77386006"
+#: A positive status counts for at most one pregnancy (301 days, as an open pregnancy condition does).
+PREGNANCY_DAYS = 301
+
+
+def _pregnancy_status(resource: dict[str, Any], src: SourceRef, status: str, when: TimePoint, note: str | None,
+                      ctx: Context, code: str) -> list[Evidence]:
+    """US Core pregnancy status (LOINC 82810-3): "Pregnant" starts a pregnancy episode; other answers
+    (not pregnant, unknown) are recorded and say nothing here (absence of pregnancy is the default)."""
+    from datetime import timedelta
+
+    answers = [c for _, c, _ in codings(resource.get("valueCodeableConcept"))]
+    if PREGNANT not in answers:
+        ctx.record(src, LedgerKind.EXCLUDED, f"{code}: answer {','.join(answers) or '(none)'} is not 'Pregnant'",
+                   "pregnancy")
+        return []
+    var = get_variable("pregnancy")
+    end = to_instant(when) + timedelta(days=PREGNANCY_DAYS)
+    return [Evidence("pregnancy", var.scale, True, None, when, src, status, code=code, end=end,
+                     note=add_note(note, f"pregnancy status 'Pregnant': current for at most {PREGNANCY_DAYS} days"))]

@@ -63,12 +63,45 @@ def _birth_date(text: Any, src: SourceRef, ctx: Context) -> date | None:
     return value
 
 
+#: US Core sex extensions the equations' "sex" is read from, before administrative gender: birth sex (US Core
+#: 3-6, valueCode F/M) and individual sex (US Core 7+, valueCoding SNOMED CT 248152002 Female / 248153007 Male).
+BIRTH_SEX_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
+INDIVIDUAL_SEX_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-individual-sex"
+_BIRTH_SEX = {"F": "female", "M": "male"}
+_INDIVIDUAL_SEX = {"248152002": "female", "248153007": "male"}
+
+
+def _recorded_sex(resource: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(sex, which extension said so) from the US Core sex extensions, else (None, None)."""
+    for ext in resource.get("extension") or []:
+        if not isinstance(ext, dict):
+            continue
+        if ext.get("url") == BIRTH_SEX_URL and ext.get("valueCode") in _BIRTH_SEX:
+            return _BIRTH_SEX[ext["valueCode"]], "US Core birth sex"
+    for ext in resource.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == INDIVIDUAL_SEX_URL:
+            coding = ext.get("valueCoding")
+            code = coding.get("code") if isinstance(coding, dict) else None
+            if isinstance(code, str) and code in _INDIVIDUAL_SEX:
+                return _INDIVIDUAL_SEX[code], "US Core individual sex"
+    return None, None
+
+
 def adapt_patient(resource: dict[str, Any], src: SourceRef, ctx: Context) -> Demographics:
-    """Demographics from a Patient resource (raises AdapterError if it is unreadable)."""
+    """Demographics from a Patient resource (raises AdapterError if it is unreadable).
+
+    The equations' sex is the sex the risk cohorts recorded: the US Core birth-sex or individual-sex
+    extension when present (US Core 7+ may send no administrative gender at all), else ``gender``.
+    """
     gender = resource.get("gender")
     if gender is not None and gender not in SEXES:
         ctx.record(src, LedgerKind.MALFORMED, "gender is not an administrative-gender code")
         gender = None
+    recorded, where = _recorded_sex(resource)
+    if recorded is not None and recorded != gender:
+        ctx.record(src, LedgerKind.DERIVED, f"sex for the risk equations from the {where} extension"
+                   + (" (administrative gender differs)" if gender in ("female", "male") else ""))
+        gender = recorded
     deceased: bool | None = None
     deceased_time = None
     if isinstance(resource.get("deceasedBoolean"), bool):
