@@ -242,11 +242,17 @@ def _malformed(src: SourceRef, exc: Exception, ctx: Context) -> None:
 
 def _account(inputs: list[_Input], state: TwinState, ctx: Context) -> None:
     """Make sure every input is used or ledgered (a resource that fed nothing gets 'unmapped')."""
-    used = evidence_sources(state.all_evidence()) | ctx.used
+    fed = evidence_sources(state.all_evidence())
+    used = fed | ctx.used
     if state.demographics.source is not None:
         used.add(state.demographics.source.unversioned)
     ledgered = {ref.split("/_history/")[0] for ref in ctx.ledger.sources()}
     for item in inputs:
+        if item.src.resource_type == "Medication" and item.label in ctx.used and item.label not in fed \
+                and item.label not in ledgered:
+            ctx.record(item.src, LedgerKind.UNMAPPED, "Medication read through a request, but its drug feeds no "
+                       "twin variable")
+            continue
         if item.label in used or item.label in ledgered:
             continue
         if item.src.resource_type == "Medication":
