@@ -35,6 +35,13 @@ def fhir_base(text: str) -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL (e.g. http://127.0.0.1:8080/fhir)")
+    if "@" in parts.netloc or "\\" in parts.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r}: a FHIR base URL carries no user information (credentials go "
+                                         "in the authorization, never in the URL)")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535 or not a number
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} has an invalid port") from None
     if not parts.path.strip("/"):
         raise argparse.ArgumentTypeError(f"{text!r} has no path: a FHIR base URL ends with its base path, "
                                          "e.g. http://127.0.0.1:8080/fhir")
@@ -212,7 +219,7 @@ def _patient_ids(engine: Any, args: argparse.Namespace) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """read -> twin -> write for each patient; one transaction per patient (or --group per transaction)."""
-    from fhirtwin.engine import PatientNotFound, WriteResult
+    from fhirtwin.engine import EngineError, WriteResult
     from fhirtwin.progress import progress
 
     exporting = args.out is not None
@@ -230,8 +237,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     runs.append(engine.run(patient_id, as_of=args.as_of))
                     ledger.update(f"{e.kind.value} {e.source.split('/')[0]}" for e in runs[-1].state.ledger
                                   if e.kind.value in ("malformed", "unsupported", "unmapped"))
-                except PatientNotFound:
-                    results.append(WriteResult(patient_id, "failed", message=f"Patient {patient_id} not found"))
+                except EngineError as exc:  # this patient failed (unknown, unreadable): the others go on
+                    message = f"Patient {patient_id} not found" if getattr(exc, "patient_id", None) else exc.message
+                    results.append(WriteResult(patient_id, "failed", message=message))
             for result in engine.write(runs, dry_run=args.dry_run or exporting, group=step):
                 if out is not None and result.bundle is not None:
                     out.write(json.dumps(result.bundle, separators=(",", ":")) + "\n")
@@ -270,6 +278,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 public_key = load_public_key(handle.read())
         except OSError as exc:
             raise CliError(f"cannot read --key {args.key}: {exc.strerror}") from exc
+        except (ValueError, TypeError) as exc:
+            raise CliError(f"--key {args.key} is not a PEM public or private key") from exc
     report = _engine(args).verify(args.provenance, public_key)
     stream = sys.stdout if report.valid else sys.stderr
     print(f"{args.provenance}: {report.message}", file=stream)
@@ -547,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fhirtwin: interrupted", file=sys.stderr)
         return 130
-    except (CliError, EngineError, FhirError, KeyPolicyError, SandboxError, JwsError, OSError,
+    except (CliError, EngineError, FhirError, KeyPolicyError, SandboxError, JwsError, OSError, ValueError,
             requests.RequestException) as exc:
         print(f"fhirtwin: {_one_line(exc, args)}", file=sys.stderr)
         return EXIT_ERROR

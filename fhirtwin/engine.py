@@ -34,7 +34,7 @@ from fhirtwin.sim.inputs import InsufficientData
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions, combinations
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
 from fhirtwin.sim.planner import Plan, plan
-from fhirtwin.sim.scope import ScopeDecision, decide_scope
+from fhirtwin.sim.scope import EGFR_KIDNEY_FAILURE, KIDNEY_FAILURE, ScopeDecision, decide_scope
 from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
 from fhirtwin.vocabulary import CONCEPTS, GENERATED_TAG, SUPERSEDED_TAG, coding, is_fhirtwin_generated, token
 from fhirtwin.writeback.careplan import build_draft_care_plan
@@ -333,6 +333,21 @@ def patient_lock(patient_id: str) -> threading.Lock:
     return _patient_locks[int.from_bytes(digest, "big") % len(_patient_locks)]
 
 
+_writes: dict[str, int] = {}
+
+
+def write_generation(patient_id: str) -> int:
+    """How many writes this process has committed for a patient: a read taken at generation g is stale
+    once the generation moved on (another door wrote in between), whether or not the lock was busy."""
+    with _locks_guard:
+        return _writes.get(patient_id, 0)
+
+
+def _wrote(patient_id: str) -> None:
+    with _locks_guard:
+        _writes[patient_id] = _writes.get(patient_id, 0) + 1
+
+
 def _ledger_source(resource: Any, position: int) -> str:
     """The ledger's name for an input: ``Type/id/_history/v``, else the same fallbacks as build_twin."""
     if not isinstance(resource, dict):
@@ -346,6 +361,12 @@ def _ledger_source(resource: Any, position: int) -> str:
 
 def _created(response: dict[str, Any]) -> int:
     return sum(1 for e in response.get("entry", []) if str(e.get("response", {}).get("status", "")).startswith("201"))
+
+
+def _target_reference(ref: str) -> bool:
+    """``Type/id`` or ``Type/id/_history/v``: the only shapes a signed target may have."""
+    parts = ref.split("/")
+    return (len(parts) == 2 or (len(parts) == 4 and parts[2] == "_history")) and all(parts) and parts[0][:1].isupper()
 
 
 def state_summary(state: TwinState) -> dict[str, Any]:
@@ -482,6 +503,9 @@ class Engine:
         if not MIN_HORIZON_YEARS <= horizon <= MAX_HORIZON_YEARS:
             raise BadRequest(f"horizon must be between {MIN_HORIZON_YEARS:g} and {MAX_HORIZON_YEARS:g} years",
                              expression=["horizon"])
+        birth = state.demographics.birth_date
+        if birth is not None and state.reference_date is not None and state.reference_date < birth:
+            raise BadRequest("the reference date is before the patient's birth date", expression=["as-of"])
         decision = decide_scope(state)
         if not decision.in_scope:
             return TwinRun(state, None, None, f"out of scope: {CONCEPTS[decision.code]}", (), stored, decision)
@@ -489,6 +513,10 @@ class Engine:
             model = MechanisticTwin().fit(state)
         except InsufficientData as exc:
             return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored, decision)
+        inputs = model.inputs_
+        if inputs is not None and inputs.egfr_ml_min_1_73m2 < EGFR_KIDNEY_FAILURE:
+            failure = ScopeDecision(KIDNEY_FAILURE, False, (f"eGFR below {EGFR_KIDNEY_FAILURE:g}",))
+            return TwinRun(state, None, None, f"out of scope: {CONCEPTS[KIDNEY_FAILURE]}", (), stored, failure)
         scenarios = self._scenarios(model, scenario)
         result = plan(model, outcome=self.outcome, horizon_years=horizon, draws=draws or self.draws, seed=self.seed,
                       scenarios=scenarios)
@@ -622,6 +650,7 @@ class Engine:
         locations = [str(e.get("response", {}).get("location", "")) for e in response.get("entry", [])]
         provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
         commit = Commit(response, _created(response), provenance)
+        _wrote(write.patient_id)
         try:
             self._version_targets(write, response)
             commit.reinstated = self.reinstate(write.reinstate)
@@ -694,13 +723,14 @@ class Engine:
             raise BadRequest("a scenario restricts the plan and can only be simulated with write=false",
                              expression=["scenario"])
         started = time.monotonic()
+        generation = write_generation(patient_id)
         run = self.run(patient_id, record=record, as_of=as_of, scenario=scenario, horizon_years=horizon_years)
         if write and run.scope is not None and not run.scope.in_scope:
             self.retire(run)
         run.require_plan()
         lock = patient_lock(patient_id)
-        if not lock.acquire(blocking=False):
-            lock.acquire()
+        lock.acquire()
+        if write_generation(patient_id) != generation:
             run = dataclasses.replace(run, stored=None)  # another door wrote meanwhile: re-read what is stored
         try:
             prepared = self.prepare(run, include_device=include_device)
@@ -828,13 +858,20 @@ class Engine:
             raise PatientNotFound(f"{provenance_ref} not found") from exc
         except fhir_errors.FhirError as exc:
             raise upstream_error(exc, "Provenance read") from exc
-        refs = [t.get("reference", "") for t in provenance.get("target", [])]
-        signatures = [s for s in provenance.get("signature", []) if s.get("sigFormat") == "application/jose"]
-        if not refs or not signatures:
+        targets_in = provenance.get("target") if isinstance(provenance.get("target"), list) else []
+        refs = [str(t.get("reference", "")) for t in targets_in if isinstance(t, dict)]
+        signatures = [s for s in provenance.get("signature") or [] if isinstance(s, dict)
+                      and s.get("sigFormat") == "application/jose"]
+        if not refs or not signatures or len(refs) != len(targets_in):
             return VerifyReport(provenance_ref, False, "Provenance has no targets or no JWS signature", refs, [])
+        if not all(_target_reference(ref) for ref in refs):
+            return VerifyReport(provenance_ref, False, "INVALID: a target is not a Type/id reference", refs, [])
         jws = str(signatures[0].get("data", ""))
         try:
-            kid = str(signature_header(jws).get("kid") or "")
+            header = signature_header(jws)
+            if not isinstance(header, dict):
+                raise JwsError("the JWS header is not a JSON object")
+            kid = str(header.get("kid") or "")
         except JwsError as exc:
             return VerifyReport(provenance_ref, False, f"INVALID: {exc}", refs, [])
         if public_key is None:

@@ -21,15 +21,18 @@ pins a key out of band instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
+from urllib3.util import parse_url
 
 from fhirtwin import jose
 from fhirtwin.vocabulary import EXT_SIGNING_KEY, SIGNING_KEY_ID_SYSTEM, meta
@@ -54,8 +57,18 @@ class KeyPolicyError(RuntimeError):
 
 
 def is_loopback(url: str) -> bool:
-    """True when ``url``'s host is a loopback address or ``localhost``."""
+    """True when ``url``'s host is a loopback address or ``localhost``.
+
+    A URL with user information or a backslash in its authority is never loopback: parsers disagree
+    on where such a host ends (``http://evil.example\\@127.0.0.1/`` connects to evil.example), and
+    the host that decides must be the one the HTTP client connects to.
+    """
+    netloc = urlsplit(url).netloc
+    if "@" in netloc or "\\" in netloc:
+        return False
     host = (urlsplit(url).hostname or "").lower()
+    if host != (parse_url(url).host or "").strip("[]").lower():
+        return False
     if host == "localhost":
         return True
     try:
@@ -85,26 +98,38 @@ def store_path(base_url: str, store: Path | None = None) -> Path:
 
 
 def _write_private(path: Path, key: SigningKey) -> None:
+    """Write the key whole or not at all: a temporary file, then a hard link to the final name (never
+    replaces a key another process made first, never exposes a half-written PEM)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".new-", suffix=".pem")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return  # another process made it first: use that one
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        os.chmod(temporary, 0o600)
+        with contextlib.suppress(FileExistsError):  # another process made it first: use that one
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+
+
+def _load(pem: bytes | str, where: str) -> SigningKey:
+    try:
+        return SigningKey.from_pem(pem)
+    except (ValueError, TypeError, JwsError) as exc:
+        raise KeyPolicyError(f"{where} is not a PEM private key (EC P-256/P-384 or RSA)") from exc
 
 
 def signing_key_for(base_url: str, *, store: Path | None = None) -> SigningKey:
     """The key that signs results written to ``base_url`` (see the module docstring for the order)."""
     pem = os.environ.get(ENV_KEY)
     if pem:
-        return SigningKey.from_pem(pem)
+        return _load(pem, ENV_KEY)
     path_text = os.environ.get(ENV_KEY_FILE)
     if path_text:
         try:
-            return SigningKey.from_pem(Path(path_text).read_bytes())
+            return _load(Path(path_text).read_bytes(), ENV_KEY_FILE)
         except OSError as exc:
             raise KeyPolicyError(f"{ENV_KEY_FILE} cannot be read: {exc.strerror}") from exc
     path = store_path(base_url, store)
@@ -113,7 +138,7 @@ def signing_key_for(base_url: str, *, store: Path | None = None) -> SigningKey:
             raise KeyPolicyError(f"no signing key for {_normalised(base_url)}: set {ENV_KEY_FILE} (or {ENV_KEY}), "
                                  f"or place a PEM private key at {path}")
         _write_private(path, generate_key("ES256"))
-    return SigningKey.from_pem(path.read_bytes())
+    return _load(path.read_bytes(), f"the key store's key for {_normalised(base_url)}")
 
 
 # ----------------------------------------------------------------------------------------- publication
@@ -147,8 +172,11 @@ def public_key_from_device(device: dict[str, Any], kid: str) -> Any:
              if isinstance(e, dict) and e.get("url") == EXT_SIGNING_KEY]
     for text in texts:
         try:
-            key = jose.public_key_from_jwk(json.loads(text))
-        except (TypeError, ValueError, KeyError):
+            jwk = json.loads(text)
+            key = jose.public_key_from_jwk(jwk) if isinstance(jwk, dict) else None
+        except (TypeError, ValueError, KeyError, AttributeError):
+            continue
+        if key is None:
             continue
         if thumbprint(key) == kid:
             return key

@@ -97,6 +97,8 @@ CONCEPTS: dict[str, str] = {
                                  "replacement therapy or pregnancy"),
     "scope-established-ascvd": ("Out of scope: established atherosclerotic cardiovascular disease "
                                 "(secondary prevention)"),
+    "scope-kidney-failure": ("Out of scope: kidney failure (eGFR below 15 or CKD stage 5) without kidney "
+                             "replacement therapy"),
     "scope-heart-failure": "Out of scope: heart failure",
     "scope-dialysis": "Out of scope: on dialysis (kidney replacement therapy)",
     "scope-kidney-transplant": "Out of scope: kidney transplant recipient (kidney replacement therapy)",

@@ -18,7 +18,7 @@ from typing import Any
 
 from fhirtwin.engine import Engine
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.keys import SigningKey, signing_key_for
+from fhirtwin.keys import KeyPolicyError, SigningKey, signing_key_for
 
 log = logging.getLogger("fhirtwin.service")
 
@@ -69,25 +69,36 @@ def shared_client(settings: ServiceSettings) -> FhirClient:
         return client
 
 
-def signing_key(settings: ServiceSettings) -> SigningKey:
-    """The deployment's Provenance key: ``settings.signing_key_file``, else the key policy for its server."""
-    cache_key = (settings.signing_key_file, settings.fhir_server)
+def signing_key(settings: ServiceSettings, server: str | None = None) -> SigningKey:
+    """The Provenance key for writes to ``server`` (default the service's FHIR server):
+    ``settings.signing_key_file`` for every server, else the key policy for that server (a SMART launch
+    from another issuer never borrows the development key of a loopback ``fhir_server``)."""
+    server = server or settings.fhir_server
+    cache_key = (settings.signing_key_file, server if not settings.signing_key_file else "")
     with _cache_lock:
         key = _keys.get(cache_key)
         if key is None:
             if settings.signing_key_file:
                 with open(settings.signing_key_file, "rb") as handle:
-                    key = SigningKey.from_pem(handle.read())
+                    pem = handle.read()
+                try:
+                    key = SigningKey.from_pem(pem)
+                except (ValueError, TypeError) as exc:
+                    raise KeyPolicyError(f"{settings.signing_key_file} is not a PEM private key") from exc
             else:
-                key = signing_key_for(settings.fhir_server)
+                key = signing_key_for(server)
             _keys[cache_key] = key
         return key
 
 
-def engine_for(settings: ServiceSettings, *, client: Any = None, draws: int | None = None) -> Engine:
-    """The engine a door uses: the shared client (or ``client``, e.g. with a user's token), the key, draws."""
-    return Engine(client if client is not None else shared_client(settings), signing_key=signing_key(settings),
-                  draws=draws or settings.draws, horizon_years=settings.horizon_years)
+def engine_for(settings: ServiceSettings, *, client: Any = None, draws: int | None = None,
+               signed: bool = True) -> Engine:
+    """The engine a door uses: the shared client (or ``client``, e.g. with a user's token), the key for the
+    server that client writes to (``signed=False``: read-only, no key needed), and the ensemble settings."""
+    source = client if client is not None else shared_client(settings)
+    server = getattr(source, "base_url", None)
+    key = signing_key(settings, server if isinstance(server, str) else None) if signed else None
+    return Engine(source, signing_key=key, draws=draws or settings.draws, horizon_years=settings.horizon_years)
 
 
 # ---------------------------------------------------------------------------------------------- logging

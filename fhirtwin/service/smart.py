@@ -39,6 +39,7 @@ from fastapi.templating import Jinja2Templates
 from fhirtwin.engine import BadRequest, EngineError, Forecast, TwinRun, UpstreamUnauthorized
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.jose import b64url
+from fhirtwin.keys import KeyPolicyError
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings, engine_for
 
@@ -333,7 +334,7 @@ def twin_for(settings: ServiceSettings, session: Session) -> dict[str, Any]:
         if "run" not in session.cache:
             if not session.patient:
                 raise BadRequest("no patient in the launch context")
-            engine = engine_for(settings, client=_client(settings, session))
+            engine = engine_for(settings, client=_client(settings, session), signed=False)
             run = engine.run(session.patient)
             session.cache["run"] = run
             session.cache["eligible"] = engine.eligible(run)
@@ -455,6 +456,9 @@ def write_run(settings: ServiceSettings, session: Session) -> dict[str, Any]:
         # the user's token covers the patient's results only; fhirtwin's Devices are registered beforehand
         engine = engine_for(settings, client=_client(settings, session))
         simulation = engine.simulate_patient(session.patient, write=True, include_device=False)
+    except KeyPolicyError:
+        return {"status": "failed", "http_status": 409,
+                "message": "no signing key is configured for this EHR's FHIR server"}
     except EngineError as exc:
         return {"status": "failed", "http_status": 502 if exc.http_status >= 500 else exc.http_status,
                 "message": exc.message}

@@ -197,6 +197,10 @@ _PROBLEM_CONVENTION = "no recorded condition (closed-world problem list conventi
 EGFR_CONFLICT_RELATIVE, EGFR_CONFLICT_ABSOLUTE = 0.30, 10.0
 
 
+#: A weight counts for normalising a GFR result only within a year of it.
+GFR_WEIGHT_WINDOW_YEARS = 1.0
+
+
 def _bsa_m2(weight_kg: float, height_cm: float) -> float:
     """Body surface area, DuBois & DuBois (Arch Intern Med 1916;17:863): 0.007184 W^0.425 H^0.725."""
     return float(0.007184 * weight_kg**0.425 * height_cm**0.725)
@@ -214,10 +218,13 @@ def _normalised_gfr(reader: _Reader) -> list[tuple[float, float]]:
         return []
     out = []
     for t, v in absolute:
-        h = height[np.argmin(np.abs(height[:, 0] - t)), 1]
-        w = weight[np.argmin(np.abs(weight[:, 0] - t)), 1]
-        out.append((float(t), float(v) * 1.73 / _bsa_m2(w, h)))
-    reader.defaults.append("GFR reported in mL/min normalised to 1.73 m2 with DuBois body surface area")
+        h = height[np.argmin(np.abs(height[:, 0] - t)), 1]  # adult height is stable
+        nearest = int(np.argmin(np.abs(weight[:, 0] - t)))
+        if abs(weight[nearest, 0] - t) > GFR_WEIGHT_WINDOW_YEARS:
+            continue  # no weight near that result: its body surface area is unknown
+        out.append((float(t), float(v) * 1.73 / _bsa_m2(float(weight[nearest, 1]), float(h))))
+    reader.defaults.append("GFR reported in mL/min normalised to 1.73 m2 with DuBois body surface area"
+                           if out else "GFR reported in mL/min without a weight within a year: not used")
     return out
 
 
@@ -276,7 +283,9 @@ def _diabetes(reader: _Reader) -> bool:
     1. a recorded diagnosis (any diabetes value-set member, complications included) -> yes;
     2. insulin or another diabetes-specific glucose-lowering agent (not metformin, SGLT2 inhibitors or GLP-1
        receptor agonists alone: they have non-diabetic indications) -> yes;
-    3. two diagnostic results on different days (HbA1c >= 6.5 % or fasting glucose >= 126 mg/dL) -> yes;
+    3. two diagnostic results (HbA1c >= 6.5 % or fasting glucose >= 126 mg/dL), from two samples or from
+       two tests of the same sample -> yes; a single one -> yes, recorded as unconfirmed (a confident "no"
+       would be wrong, and one result at this level is diabetes far more often than not);
     4. otherwise no, as a closed-world default recorded in ``defaults_used`` (this function is reached only
        for records that hold lipids and blood pressure, i.e. a basis to expect a recorded diagnosis).
     """
@@ -286,16 +295,20 @@ def _diabetes(reader: _Reader) -> bool:
         reader.defaults.append("diabetes from treatment: insulin or another diabetes-specific agent, "
                                "no diagnosis recorded")
         return True
-    days = set()
+    abnormal = set()  # (test, day): two tests of one sample, or one test on two days, confirm each other
     for variable, threshold in _DIABETES_LAB_CRITERIA:
         for ev in reader.state.history(variable):
             if (isinstance(ev.value, int | float) and not isinstance(ev.value, bool) and not ev.censored
                     and float(ev.value) >= threshold and ev.instant < reader.as_of):
-                days.add(ev.instant.date())
+                abnormal.add((variable, ev.instant.date()))
                 reader._use(ev)
-    if len(days) >= 2:
+    if len(abnormal) >= 2:
         reader.defaults.append("diabetes from two diagnostic HbA1c/fasting glucose results (ADA criterion), "
                                "no diagnosis recorded")
+        return True
+    if abnormal:
+        reader.defaults.append("diabetes from one diagnostic HbA1c/fasting glucose result, unconfirmed "
+                               "(ADA asks for two), no diagnosis recorded")
         return True
     reader.defaults.append(f"diabetes=False: {_DIABETES_CLOSED_WORLD}")
     return False

@@ -34,6 +34,10 @@ EXCLUSIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("scope-pregnancy", ("pregnancy",)),
 )
 AGE_OUT_OF_RANGE = "scope-age"
+#: Kidney failure without kidney replacement therapy: CKD stage 5 recorded, or (decided by the engine on the
+#: fitted inputs) a baseline eGFR below 15, where neither PREVENT nor KFRE was derived.
+KIDNEY_FAILURE = "scope-kidney-failure"
+EGFR_KIDNEY_FAILURE = 15.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ def decide_scope(state: TwinState, as_of: date | datetime | None = None) -> Scop
     """The scope decision for one twin at ``as_of`` (default: its reference date)."""
     when = as_of or state.reference_date
     for code, variables in EXCLUSIONS:
+        if code == "scope-heart-failure":  # kidney failure ranks after replacement therapy, before HF
+            stage = state.latest_or_none("ckd_stage", when)
+            if stage is not None and str(stage.value) == "5":
+                return ScopeDecision(KIDNEY_FAILURE, False, ("CKD stage 5 recorded",), (stage.source.reference,))
         found = [(v, ev) for v in variables if _known(v)
                  for ev in [state.latest_or_none(v, when)] if ev is not None and ev.value is True]
         if found:
@@ -65,8 +73,8 @@ def decide_scope(state: TwinState, as_of: date | datetime | None = None) -> Scop
                                  tuple(sorted({ev.source.reference for _, ev in found})))
     try:
         age = state.age_years(when)
-    except MissingEvidence:
-        return ScopeDecision(IN_SCOPE, True)  # a missing age is reported as missing data, not as scope
+    except (MissingEvidence, ValueError):  # no birth date, or a reference date before it: reported as data
+        return ScopeDecision(IN_SCOPE, True)
     if not PREVENT_MIN_AGE <= age <= PREVENT_MAX_AGE:
         return ScopeDecision(AGE_OUT_OF_RANGE, False, (f"age outside {PREVENT_MIN_AGE}-{PREVENT_MAX_AGE} years",),
                              (state.demographics.source.reference,) if state.demographics.source else ())

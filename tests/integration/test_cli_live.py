@@ -73,11 +73,16 @@ def test_run_then_verify_from_another_key_store_then_tamper(cohort_patient: str,
     (("state", "--server", "http://127.0.0.1:9/fhir", "--patient", "x"), "is the FHIR server running at"),
     (("verify", "--server", "{base}", "Provenance/no-such-provenance"), "not found"),
     (("run", "--server", "https://ehr.example.invalid/fhir", "--patient", "x"), "no signing key"),
+    (("state", "--server", "http://127.0.0.1:99999/fhir", "--patient", "x"), "invalid port"),
+    (("state", "--server", "http://evil.example\\@127.0.0.1:8080/fhir", "--patient", "x"), "user information"),
+    (("verify", "--server", "{base}", "Provenance/x", "--key", "{notpem}"), "is not a PEM"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(base_url: str, tmp_path: Path, args: tuple[str, ...],
                                                 needle: str) -> None:
     root = base_url.rsplit("/", 1)[0]
-    argv = [a.format(base=base_url, root=root) for a in args]
+    notpem = tmp_path / "not-a-key.pem"
+    notpem.write_text("not a key\n")
+    argv = [a.format(base=base_url, root=root, notpem=notpem) for a in args]
     result = fhirtwin(*argv, key_store=tmp_path / "keys", timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr

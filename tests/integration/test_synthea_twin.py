@@ -104,8 +104,7 @@ def test_every_in_scope_adult_with_the_equations_inputs_is_predicted(
     creatinine or eGFR at all is answered "insufficient data" by name; that count is reported, not hidden.
     """
     in_scope = {pid: (t, run) for pid, (t, run) in runs.items()
-                if t.has_lipids and t.has_sbp and not (t.ascvd or t.heart_failure or t.dialysis
-                                                       or t.kidney_transplant)}
+                if t.has_lipids and t.has_sbp and not _out_of_scope(t)}
     assert in_scope
     for pid, (_, run) in in_scope.items():
         assert run.scope is not None and run.scope.in_scope, (pid[:8], run.scope)
@@ -120,10 +119,23 @@ def test_every_in_scope_adult_with_the_equations_inputs_is_predicted(
 
 def test_out_of_scope_patients_get_a_coded_decision_and_no_forecast(
         runs: dict[str, tuple[Truth, TwinRun]]) -> None:
-    out = [(t, run) for t, run in runs.values() if t.ascvd or t.heart_failure or t.dialysis or t.kidney_transplant]
+    out = [(t, run) for t, run in runs.values() if _out_of_scope(t)]
     assert out, "the corpus holds no out-of-scope patient, so this check could not fail"
     for t, run in out:
         assert run.plan is None and run.scope is not None and not run.scope.in_scope
-        expected = ("scope-kidney-transplant" if t.kidney_transplant else "scope-dialysis" if t.dialysis
-                    else "scope-heart-failure" if t.heart_failure else "scope-established-ascvd")
-        assert run.scope.code == expected
+        assert run.scope.code == _out_of_scope(t)
+
+
+def _out_of_scope(t: Truth) -> str | None:
+    """The scope code the truth implies, in the engine's documented precedence (None: in scope)."""
+    if t.kidney_transplant:
+        return "scope-kidney-transplant"
+    if t.dialysis:
+        return "scope-dialysis"
+    if t.ckd_stage == 5:
+        return "scope-kidney-failure"
+    if t.heart_failure:
+        return "scope-heart-failure"
+    if t.ascvd:
+        return "scope-established-ascvd"
+    return None

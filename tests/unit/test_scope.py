@@ -74,15 +74,28 @@ def test_established_disease_is_out_of_scope_with_a_coded_reason(snomed: str, te
                                              "display": issue["details"]["text"]}
 
 
-def test_a_resolved_heart_failure_is_history_and_a_refuted_mi_does_not_count() -> None:
-    patient_id, resources = record_with(
-        condition("x", "c-mi", "22298006", "Myocardial infarction",
-                  verificationStatus={"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
-                                                  "condition-ver-status", "code": "refuted"}]}))
+def test_a_refuted_mi_does_not_count_but_a_resolved_heart_failure_still_excludes() -> None:
+    refuted = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                           "code": "refuted"}]}
+    patient_id, resources = record_with(condition("x", "c-mi", "22298006", "Myocardial infarction",
+                                                  verificationStatus=refuted))
     for r in resources:
         if r["resourceType"] == "Condition":
             r["subject"] = {"reference": f"Patient/{patient_id}"}
-    assert decide_scope(build_twin(patient_id, resources, REF)).in_scope
+    state = build_twin(patient_id, resources, REF)
+    assert decide_scope(state).in_scope
+    assert [e.kind.value for e in state.ledger.entries(source="Condition/c-mi")] == ["refuted"]
+    resolved = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "code": "resolved"}]}
+    _, with_hf = record_with(condition("x", "c-hf", "84114007", "Heart failure", clinicalStatus=resolved,
+                                       abatementDateTime="2024-01-01"))
+    for r in with_hf:
+        if r["resourceType"] == "Condition":
+            r["subject"] = {"reference": f"Patient/{patient_id}"}
+    decision = decide_scope(build_twin(patient_id, with_hf, REF))
+    # heart failure is a history condition: a "resolved" episode does not return the patient to PREVENT's
+    # derivation population (people without heart failure)
+    assert decision.code == "scope-heart-failure"
 
 
 def test_age_outside_the_equations_range_is_out_of_scope() -> None:

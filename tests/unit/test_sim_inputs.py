@@ -73,9 +73,18 @@ def test_missing_required_data_is_named_not_invented():
 
 
 def test_one_missing_data_rule_for_diabetes():
-    # one diagnostic HbA1c is not enough (ADA: two results); no diagnosis or treatment: a recorded "no"
+    # one diagnostic HbA1c: yes, but recorded as unconfirmed (ADA asks for two)
     one = inputs_from_state(state(drop=("diabetes",)))
-    assert not one.diabetes and any(d.startswith("diabetes=False") for d in one.defaults_used)
+    assert one.diabetes and any("unconfirmed" in d for d in one.defaults_used)
+    # HbA1c and fasting glucose of the same sample confirm each other
+    same = state(drop=("diabetes",))
+    same.add(ev("fasting_glucose_mg_dl", 140.0, date(2026, 3, 1), "fpg-same"))
+    assert any("two diagnostic" in d for d in inputs_from_state(same).defaults_used)
+    # below the thresholds, no diagnosis, no treatment: a recorded closed-world "no"
+    normal = state(drop=("diabetes", "hba1c_percent"))
+    normal.add(ev("hba1c_percent", 5.6, date(2026, 3, 1), "a1c-normal"))
+    low = inputs_from_state(normal)
+    assert not low.diabetes and any(d.startswith("diabetes=False") for d in low.defaults_used)
     # a second diagnostic result on another day (HbA1c or fasting glucose): yes, as a recorded rule
     two = state(drop=("diabetes",))
     two.add(ev("fasting_glucose_mg_dl", 131.0, date(2025, 9, 1), "fpg"))
