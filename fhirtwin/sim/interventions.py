@@ -95,32 +95,66 @@ def _phenotype_matches(phenotype: str | None, restricted: list[str]) -> bool:
     return any(word in text for word in restricted)
 
 
-def choose_statin(inputs: PatientInputs, intensity: str) -> tuple[Intervention, list[Exclusion]]:
-    """Pick the agent for a statin intensity, avoiding simvastatin >= 20 mg when SLCO1B1 says so."""
+def _slco1b1_limits(inputs: PatientInputs) -> tuple[str | None, dict[str, float]]:
+    """The CPIC 2022 dose limits that apply to this patient's SLCO1B1 phenotype: (phenotype word, limits)."""
+    rule = intervention_parameters()["pharmacogenomics"]["slco1b1_dose_limits_mg"]
+    phenotype = inputs.slco1b1_phenotype
+    if not _phenotype_matches(phenotype, ["decreased", "poor"]):
+        return None, {}
+    assert phenotype is not None
+    word = "poor" if "poor" in phenotype.lower() else "decreased"
+    return word, {agent: float(mg) for agent, mg in rule[word].items()}
+
+
+def choose_statin(inputs: PatientInputs, intensity: str) -> tuple[Intervention | None, list[Exclusion]]:
+    """The first agent and dose of an intensity that CPIC 2022 allows for the patient's SLCO1B1 phenotype.
+
+    A restricted phenotype (decreased or poor function) gets only agents with a listed limit at or above
+    the dose (e.g. poor function: not atorvastatin 40 mg but rosuvastatin 20 mg); None when no agent of
+    that intensity is allowed.
+    """
     params = intervention_parameters()
-    rule = params["pharmacogenomics"]["slco1b1_simvastatin"]
-    restricted = _phenotype_matches(inputs.slco1b1_phenotype, rule["restricted_phenotypes"])
+    limits_rule = params["pharmacogenomics"]["slco1b1_dose_limits_mg"]
+    word, limits = _slco1b1_limits(inputs)
     excluded: list[Exclusion] = []
     notes: list[str] = []
-    options = [tuple(o) for o in params["statin_agents"][intensity]]
-    if restricted:
-        kept = [o for o in options if o[0] != "simvastatin"]
-        if len(kept) < len(options):
-            excluded.append(
-                Exclusion(
-                    f"simvastatin (>= 20 mg, {intensity} intensity)",
-                    f"SLCO1B1 {inputs.slco1b1_phenotype}: CPIC recommends an alternative statin "
-                    "(myopathy risk); simvastatin, if used at all, < 20 mg/day",
-                    rule["source"],
-                )
-            )
-        notes.append(f"SLCO1B1 {inputs.slco1b1_phenotype}: not simvastatin (CPIC 2022)")
+    options = [(str(a), float(d)) for a, d in params["statin_agents"][intensity]]
+    if word is not None:
+        kept = [(a, d) for a, d in options if a in limits and d <= limits[a]]
+        for agent, dose in options:
+            if (agent, dose) not in kept:
+                limit = limits.get(agent)
+                why = ("no CPIC dose limit for this phenotype: not proposed" if limit is None
+                       else "avoid" if limit == 0 else f"CPIC limit {limit:g} mg/day")
+                excluded.append(Exclusion(f"{agent} {dose:g} mg ({intensity} intensity)",
+                                          f"SLCO1B1 {inputs.slco1b1_phenotype}: {why} (myopathy risk)",
+                                          limits_rule["source"]))
+        notes.append(f"SLCO1B1 {inputs.slco1b1_phenotype}: statin agent and dose within CPIC 2022 limits")
         options = kept
+    if not options:
+        return None, excluded
     agent, dose = options[0]
     verb = "Intensify to" if inputs.on_statin else "Start"
     label = f"{verb} {intensity}-intensity statin ({agent} {dose:g} mg)"
-    choice = Intervention("statin", label, intensity=intensity, agent=agent, dose_mg=float(dose), notes=tuple(notes))
+    choice = Intervention("statin", label, intensity=intensity, agent=agent, dose_mg=dose, notes=tuple(notes))
     return choice, excluded
+
+
+def current_statin_flags(inputs: PatientInputs) -> list[str]:
+    """CPIC 2022 flags on the statin the patient takes now (agent and daily dose), not only on proposals."""
+    word, limits = _slco1b1_limits(inputs)
+    agent, dose = inputs.statin_agent, inputs.statin_daily_dose_mg
+    if word is None or not inputs.on_statin or agent is None:
+        return []
+    limit = limits.get(agent)
+    if limit is None:
+        return [f"current {agent}: no CPIC 2022 dose limit is recorded here for SLCO1B1 {inputs.slco1b1_phenotype}; "
+                "review against the guideline"]
+    if dose is not None and dose > limit:
+        action = "avoid it" if limit == 0 else f"CPIC limit {limit:g} mg/day"
+        return [f"current {agent} {dose:g} mg/day exceeds what CPIC 2022 advises for SLCO1B1 "
+                f"{inputs.slco1b1_phenotype} ({action}): review the statin or its dose"]
+    return []
 
 
 def candidate_interventions(inputs: PatientInputs) -> Candidates:
@@ -138,8 +172,10 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
         targets = ["high"] if current == "moderate" else ["moderate", "high"]
         for intensity in targets:
             choice, pgx = choose_statin(inputs, intensity)
-            eligible.append(choice)
+            if choice is not None:
+                eligible.append(choice)
             excluded.extend(e for e in pgx if e not in excluded)
+    notes.extend(current_statin_flags(inputs))
 
     # blood pressure
     bp = params["sbp_lowering_one_drug_mm_hg"]
@@ -184,9 +220,13 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
     # pharmacogenomics that affect other drugs the CarePlan may mention
     rule = params["pharmacogenomics"]["cyp2c19_clopidogrel"]
     if _phenotype_matches(inputs.cyp2c19_phenotype, rule["restricted_phenotypes"]):
+        # prasugrel is contraindicated after stroke or TIA and not recommended at 75 or older (label; CPIC 2022
+        # names the alternatives "if not contraindicated"); patients with prior stroke never reach the planner
+        alternative = ("ticagrelor (prasugrel is not recommended at 75 or older)" if inputs.age_years >= 75
+                       else "prasugrel or ticagrelor")
         reason = (
-            f"CYP2C19 {inputs.cyp2c19_phenotype}: avoid clopidogrel; prasugrel or ticagrelor if a P2Y12 "
-            "inhibitor is indicated and not contraindicated"
+            f"CYP2C19 {inputs.cyp2c19_phenotype}: avoid clopidogrel; {alternative} if a P2Y12 inhibitor is "
+            "indicated and not contraindicated (never prasugrel after a stroke or TIA)"
         )
         excluded.append(Exclusion("clopidogrel", reason, rule["source"]))
         if inputs.on_clopidogrel:

@@ -79,3 +79,46 @@ def test_every_effect_has_ci_and_source():
         lo, hi = spec["ci95"]
         assert lo < spec["value"] < hi, name
         assert spec["source"], name
+
+
+# CPIC 2022 (Cooper-DeHoff et al., Clin Pharmacol Ther 2022;111:1007), written out here independently of
+# interventions.json: the largest daily dose per agent and SLCO1B1 phenotype (absent = not to be proposed).
+CPIC_MAX_MG = {
+    "decreased": {"atorvastatin": 40, "rosuvastatin": 20, "simvastatin": 19.99},
+    "poor": {"atorvastatin": 20, "rosuvastatin": 20},
+}
+
+
+def test_no_statin_proposal_exceeds_cpic_for_any_slco1b1_phenotype_and_current_therapy():
+    phenotypes = {"decreased_function": "decreased", "Possible decreased function": "decreased",
+                  "poor_function": "poor", "normal_function": None, "increased_function": None, None: None}
+    currents = [dict(on_statin=False), dict(on_statin=True, statin_intensity="moderate"),
+                dict(on_statin=True, statin_intensity="low")]
+    for phenotype, word in phenotypes.items():
+        for current in currents:
+            c = candidate_interventions(patient(slco1b1_phenotype=phenotype, **current))
+            for statin in (i for i in c.eligible if i.kind == "statin"):
+                if word is not None:
+                    limit = CPIC_MAX_MG[word].get(statin.agent)
+                    assert limit is not None and statin.dose_mg <= limit, (phenotype, statin.label)
+    # poor function still gets a high-intensity option: rosuvastatin 20 mg, never atorvastatin 40 mg
+    high = [i for i in candidate_interventions(patient(slco1b1_phenotype="poor_function")).eligible
+            if i.kind == "statin" and i.intensity == "high"]
+    assert [(i.agent, i.dose_mg) for i in high] == [("rosuvastatin", 20.0)]
+
+
+def test_the_current_statin_is_flagged_when_it_exceeds_cpic():
+    flagged = candidate_interventions(patient(slco1b1_phenotype="poor_function", on_statin=True,
+                                              statin_intensity="moderate", statin_agent="simvastatin",
+                                              statin_daily_dose_mg=20.0))
+    assert any("current simvastatin 20 mg/day" in n and "avoid" in n for n in flagged.notes)
+    fine = candidate_interventions(patient(slco1b1_phenotype="decreased_function", on_statin=True,
+                                           statin_intensity="moderate", statin_agent="atorvastatin",
+                                           statin_daily_dose_mg=20.0))
+    assert not any("current" in n for n in fine.notes)
+
+
+def test_prasugrel_is_not_offered_at_75_or_older():
+    old = candidate_interventions(patient(cyp2c19_phenotype="poor_metabolizer", age_years=78.0))
+    [excl] = reasons(old, "clopidogrel")
+    assert "ticagrelor" in excl.reason and "prasugrel or" not in excl.reason
