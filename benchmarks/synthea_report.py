@@ -21,35 +21,8 @@ from typing import Any
 
 from fhirtwin.engine import Engine, PatientRecord
 from fhirtwin.sandbox.synthea import Corpus, generate, patient_records
+from fhirtwin.sandbox.synthea_compare import CONCEPTS
 from fhirtwin.sandbox.synthea_truth import Truth, ground_truth
-from fhirtwin.sim.inputs import diabetes_status
-from fhirtwin.twin import TwinState
-
-
-def _value(state: TwinState, variable: str, when: date) -> Any:
-    ev = state.latest_or_none(variable, when)
-    return None if ev is None or ev.value in ("none", None) else ev.value
-
-
-def _statin(state: TwinState, when: date) -> Any:
-    agent = _value(state, "statin_agent", when)
-    if agent is None:
-        return None
-    dose = _value(state, "statin_daily_dose_mg", when)
-    return agent, None if dose is None else float(dose), _value(state, "statin_intensity", when)
-
-
-CONCEPTS = {
-    "established ASCVD": (lambda t: t.ascvd, lambda s, w: _value(s, "established_ascvd", w) is True),
-    "diabetes": (lambda t: t.diabetes, lambda s, w: diabetes_status(s, w)[0]),
-    "heart failure": (lambda t: t.heart_failure, lambda s, w: _value(s, "heart_failure", w) is True),
-    "dialysis": (lambda t: t.dialysis, lambda s, w: _value(s, "dialysis", w) is True),
-    "kidney transplant": (lambda t: t.kidney_transplant, lambda s, w: _value(s, "kidney_transplant", w) is True),
-    "CKD stage": (lambda t: None if t.ckd_stage is None else str(t.ckd_stage), lambda s, w: _value(s, "ckd_stage", w)),
-    "statin agent, dose, intensity": (
-        lambda t: None if t.statin is None else (t.statin.agent, t.statin.dose_mg, t.statin.intensity), _statin),
-    "smoking status": (lambda t: t.smoking, lambda s, w: _value(s, "smoking_status", w)),
-}
 
 
 def report(corpus: Corpus) -> dict[str, Any]:

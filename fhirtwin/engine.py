@@ -650,13 +650,18 @@ class Engine:
         locations = [str(e.get("response", {}).get("location", "")) for e in response.get("entry", [])]
         provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
         commit = Commit(response, _created(response), provenance)
-        _wrote(write.patient_id)
         try:
-            self._version_targets(write, response)
-            commit.reinstated = self.reinstate(write.reinstate)
+            commit.reinstated = self._finish(write, response)
         except fhir_errors.FhirError as exc:
             raise upstream_error(exc, "finishing the write") from exc
         return commit
+
+    def _finish(self, write: PatientWrite, response: dict[str, Any]) -> list[str]:
+        """After a committed transaction (``response`` answers ``write``'s entries, in order): count the write,
+        version the Provenance targets where the server does not, make reinstated results current again."""
+        _wrote(write.patient_id)
+        self._version_targets(write, response)
+        return self.reinstate(write.reinstate)
 
     def server_is_hapi(self) -> bool:
         """Whether the server's CapabilityStatement names HAPI FHIR (it then versions references itself)."""
@@ -767,22 +772,20 @@ class Engine:
                 for result in done:
                     result.status, result.message = "failed", str(upstream_error(exc, "write transaction"))
             else:
-                outcomes = batch_results(response, bundle["entry"])
-                by_url = {e.get("fullUrl"): o for e, o in zip(bundle["entry"], outcomes, strict=False)}
                 for result, write in pending:
-                    mine = [(e, by_url.get(e.get("fullUrl"))) for e in write.bundle["entry"]]
-                    result.created = sum(1 for _, o in mine if o is not None and o.status == 201)
-                    result.updated = sum(1 for e, o in mine if o is not None and e["request"]["method"] == "PUT"
+                    part = self._response_part(response, bundle, write)
+                    mine = list(zip(write.bundle["entry"], batch_results(part, write.bundle["entry"]), strict=True))
+                    result.created = sum(1 for _, o in mine if o.status == 201)
+                    result.updated = sum(1 for e, o in mine if o.ok and e["request"]["method"] == "PUT"
                                          and e["resource"]["resourceType"] in RESULT_TYPES)
-                    prov = [o for e, o in mine if e["resource"]["resourceType"] == "Provenance" and o is not None]
+                    prov = [o for e, o in mine if e["resource"]["resourceType"] == "Provenance" and o.location]
                     result.provenance = prov[0].location.split("/_history")[0] if prov and prov[0].location else None
                     result.status = "written" if result.created or result.updated else "unchanged"
-                    result.requests += (client.request_count - before) if len(pending) == 1 else 0
                     try:
-                        self._version_targets(write, self._response_part(response, bundle, write))
-                        self.reinstate(write.reinstate)
+                        self._finish(write, part)
                     except fhir_errors.FhirError as exc:
                         result.status, result.message = "failed", str(upstream_error(exc, "finishing the write"))
+                    result.requests += (client.request_count - before) if len(pending) == 1 else 0
             pending.clear()
             return done
 

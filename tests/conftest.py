@@ -112,14 +112,17 @@ def start_service(tmp_path_factory):
 
     started: list[tuple[subprocess.Popen, object]] = []
 
-    def start(fhir_server: str, port: int | None = None) -> str:
+    def start(fhir_server: str, port: int | None = None, *, command: list[str] | None = None,
+              env: dict[str, str] | None = None, cwd: object = None) -> str:
+        """``fhirtwin serve`` (or ``command`` + serve arguments, e.g. an installed script) until /health answers."""
         port = port or free_port()
         log_path = tmp_path_factory.mktemp("service") / "serve.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fhirtwin.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                 "--fhir-server", fhir_server, "--log-level", "warning"],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                [*(command or [sys.executable, "-m", "fhirtwin.cli"]), "serve", "--host", "127.0.0.1",
+                 "--port", str(port), "--fhir-server", fhir_server, "--log-level", "warning"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"})
         started.append((proc, log_path))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

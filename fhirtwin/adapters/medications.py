@@ -14,7 +14,7 @@ data-quality ledger (codes and references only, never identifiers or free text).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
@@ -809,10 +809,6 @@ def one_statin_at_a_time(evidence: list[Evidence], ctx: Context) -> list[Evidenc
     episode is closed at the start of the next one (a note says so), so all four variables describe the
     same, latest order.
     """
-    from dataclasses import replace as _replace
-
-    from fhirtwin.twin import to_instant
-
     # only an order still open replaces earlier ones: a later order that was itself stopped (a trial of
     # another statin) leaves the earlier, still-active one in place
     starts = sorted({to_instant(ev.time) for ev in evidence
@@ -826,7 +822,7 @@ def one_statin_at_a_time(evidence: list[Evidence], ctx: Context) -> list[Evidenc
             begin = to_instant(ev.time)
             later = next((s for s in starts if s > begin), None)
             if later is not None and (ev.end is None or to_instant(ev.end) > later):
-                ev = _replace(ev, end=later, note=add_note(ev.note, "replaced by a later statin order"))
+                ev = replace(ev, end=later, note=add_note(ev.note, "replaced by a later statin order"))
                 if ev.source.reference not in closed:
                     closed.add(ev.source.reference)
                     ctx.record(ev.source, LedgerKind.DERIVED, "statin order still active when a later one "

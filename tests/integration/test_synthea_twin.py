@@ -10,39 +10,15 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import date
-from typing import Any
 
 import pytest
 from synthea_helpers import patient_records, synthea_corpus, truth
 
 from fhirtwin.engine import Engine, PatientRecord, TwinRun
+from fhirtwin.sandbox.synthea_compare import CONCEPTS, expected_scope
 from fhirtwin.sandbox.synthea_truth import Truth
-from fhirtwin.sim.inputs import diabetes_status
-from fhirtwin.twin import TwinState
 
 pytestmark = pytest.mark.integration
-
-
-def _flag(state: TwinState, variable: str, when: date) -> bool:
-    ev = state.latest_or_none(variable, when)
-    return bool(ev is not None and ev.value is True)
-
-
-def _value(state: TwinState, variable: str, when: date) -> Any:
-    ev = state.latest_or_none(variable, when)
-    return None if ev is None or ev.value in ("none", None) else ev.value
-
-
-def _statin(state: TwinState, when: date) -> tuple[Any, ...] | None:
-    agent = _value(state, "statin_agent", when)
-    if agent is None:
-        return None
-    dose = _value(state, "statin_daily_dose_mg", when)
-    return agent, None if dose is None else float(dose), _value(state, "statin_intensity", when)
-
-
-def _truth_statin(t: Truth) -> tuple[Any, ...] | None:
-    return None if t.statin is None else (t.statin.agent, t.statin.dose_mg, t.statin.intensity)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +38,6 @@ def runs() -> dict[str, tuple[Truth, TwinRun]]:
 def test_the_corpus_is_independent_and_large_enough(runs: dict[str, tuple[Truth, TwinRun]]) -> None:
     assert len(runs) == len(truth()) >= 40
     assert all(40 <= t.age <= 79 for t, _ in runs.values())
-
-
-CONCEPTS = {
-    "established ASCVD": (lambda t: t.ascvd, lambda s, w: _flag(s, "established_ascvd", w)),
-    "diabetes": (lambda t: t.diabetes, lambda s, w: diabetes_status(s, w)[0]),
-    "heart failure": (lambda t: t.heart_failure, lambda s, w: _flag(s, "heart_failure", w)),
-    "dialysis": (lambda t: t.dialysis, lambda s, w: _flag(s, "dialysis", w)),
-    "kidney transplant": (lambda t: t.kidney_transplant, lambda s, w: _flag(s, "kidney_transplant", w)),
-    "CKD stage": (lambda t: None if t.ckd_stage is None else str(t.ckd_stage),
-                  lambda s, w: _value(s, "ckd_stage", w)),
-    "statin (agent, daily dose, intensity)": (_truth_statin, _statin),
-    "smoking status": (lambda t: t.smoking, lambda s, w: _value(s, "smoking_status", w)),
-}
 
 
 @pytest.mark.parametrize("concept", list(CONCEPTS))
@@ -104,7 +67,7 @@ def test_every_in_scope_adult_with_the_equations_inputs_is_predicted(
     creatinine or eGFR at all is answered "insufficient data" by name; that count is reported, not hidden.
     """
     in_scope = {pid: (t, run) for pid, (t, run) in runs.items()
-                if t.has_lipids and t.has_sbp and not _out_of_scope(t)}
+                if t.has_lipids and t.has_sbp and not expected_scope(t)}
     assert in_scope
     for pid, (_, run) in in_scope.items():
         assert run.scope is not None and run.scope.in_scope, (pid[:8], run.scope)
@@ -119,23 +82,9 @@ def test_every_in_scope_adult_with_the_equations_inputs_is_predicted(
 
 def test_out_of_scope_patients_get_a_coded_decision_and_no_forecast(
         runs: dict[str, tuple[Truth, TwinRun]]) -> None:
-    out = [(t, run) for t, run in runs.values() if _out_of_scope(t)]
+    out = [(t, run) for t, run in runs.values() if expected_scope(t)]
     assert out, "the corpus holds no out-of-scope patient, so this check could not fail"
     for t, run in out:
         assert run.plan is None and run.scope is not None and not run.scope.in_scope
-        assert run.scope.code == _out_of_scope(t)
+        assert run.scope.code == expected_scope(t)
 
-
-def _out_of_scope(t: Truth) -> str | None:
-    """The scope code the truth implies, in the engine's documented precedence (None: in scope)."""
-    if t.kidney_transplant:
-        return "scope-kidney-transplant"
-    if t.dialysis:
-        return "scope-dialysis"
-    if t.ckd_stage == 5:
-        return "scope-kidney-failure"
-    if t.heart_failure:
-        return "scope-heart-failure"
-    if t.ascvd:
-        return "scope-established-ascvd"
-    return None

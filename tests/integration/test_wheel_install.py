@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -134,33 +133,11 @@ def test_installed_register_uploads_every_profile(installed: Installed, base_url
     assert len(found) == len(files), sorted({p.name for p in files} - set(found))
 
 
-def test_installed_serve_answers_model_card(installed: Installed, base_url: str) -> None:
-    port = free_port()
-    log_path = installed.workdir / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([installed.script("fhirtwin"), "serve", "--fhir-server", base_url, "--port", str(port)],
-                                cwd=installed.workdir, env=installed.env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"installed fhirtwin serve did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        card = requests.get(f"{url}/model-card", timeout=10)
-        assert card.status_code == 200
-        expected = (REPO / "fhirtwin" / "model-card.md").read_text("utf-8")
-        assert card.text == expected
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+def test_installed_serve_answers_model_card(installed: Installed, base_url: str, start_service) -> None:
+    # the installed script, outside the checkout; start_service checks its log for tracebacks at the end
+    url = start_service(base_url, command=[str(installed.script("fhirtwin"))], env=installed.env,
+                        cwd=installed.workdir)
+    card = requests.get(f"{url}/model-card", timeout=10)
+    assert card.status_code == 200
+    expected = (REPO / "fhirtwin" / "model-card.md").read_text("utf-8")
+    assert card.text == expected
