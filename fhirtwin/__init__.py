@@ -1,3 +1,3 @@
 """fhirtwin: FHIR-native multi-scale digital twins for personalised medicine."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

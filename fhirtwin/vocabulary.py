@@ -70,7 +70,6 @@ CONCEPTS: dict[str, str] = {
     "prevent-2024-hba1c": "AHA PREVENT equations (Khan 2024), base model plus HbA1c",
     "prevent-2024-sdi": "AHA PREVENT equations (Khan 2024), base model plus Social Deprivation Index",
     "kfre-8var": "Kidney Failure Risk Equation (Tangri), 8-variable",
-    "egfr-trajectory-g5": "Simulated eGFR (CKD-EPI 2021) below 15 mL/min/1.73m2 (KDIGO G5)",
     # assessment types (RiskAssessment.code)
     "risk-ascvd": "Risk of atherosclerotic cardiovascular disease",
     "risk-total-cvd": "Risk of total cardiovascular disease",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fhirtwin.sim._params import dynamics_parameters, intervention_parameters
+from fhirtwin.sim.course import deviation_parameters, expected_slope
 from fhirtwin.sim.inputs import HISTORY_VARIABLES, PatientInputs
 
 ONSET_YEARS = 0.08  # points within ~1 month after a regimen change are not at steady state
@@ -167,18 +168,12 @@ def noise_scale_posterior(
 
 
 def slope_prior(inputs: PatientInputs, variable: str) -> tuple[float, float]:
-    """Population prior (mean, sd) of the yearly drift, shifted by covariates for eGFR."""
-    params = dynamics_parameters()
-    spec = params["biomarkers"][variable]
-    prior = spec["drift_prior"]
-    if variable == "hba1c_percent" and inputs.diabetes:
-        prior = spec["drift_prior_diabetes"]
-    mean, sd = float(prior["mean"]), float(prior["sd"])
-    if variable == "egfr_ml_min_1_73m2":
-        shifts = params["egfr_slope_prior_shifts"]
-        mean += shifts["diabetes"] * inputs.diabetes + shifts["hypertension"] * inputs.hypertension
-        mean += shifts["ckd"] * (inputs.ckd or inputs.egfr_ml_min_1_73m2 < 60)
-        mean += shifts["apol1_high_risk"] * inputs.apol1_high_risk
+    """Prior (mean, sd) of the patient's yearly slope: the expected slope at their age, and the spread of
+    individual slopes around it; APOL1 high risk shifts the eGFR prior (a deviation the anchors lack)."""
+    mean = float(expected_slope(inputs, variable, inputs.age_years))
+    sd, _ = deviation_parameters(inputs, variable)
+    if variable == "egfr_ml_min_1_73m2" and inputs.apol1_high_risk:
+        mean += float(dynamics_parameters()["apol1_high_risk_egfr_slope_shift"]["value"])
     return mean, sd
 
 

@@ -1,29 +1,36 @@
-"""Coupled monthly trajectories of LDL-C, SBP, HbA1c, BMI and eGFR, vectorised over draws.
+"""Biomarker trajectories: the population-expected path plus a mean-reverting individual deviation.
 
-Why closed forms: the ensemble needs thousands of trajectories per patient in milliseconds. The model
-is a small linear ODE system whose solution is known in closed form, evaluated on a monthly grid:
+Why this shape: the published equations the hazards are anchored on (PREVENT, KFRE) already contain
+the average future course of a patient with the given baseline values. So each biomarker is split into
 
-    level_x(t)  = a_x + b_x t + W_x(t)                 (calibrated level and drift, random walk W)
-    LDL(t)      = level_LDL(t) * (1 - (1 - rho) * phi(t))      rho = (1 - r_new) / (1 - r_current)
-    SBP(t)      = level_SBP(t) - drop * phi(t)                 (not below 110 mmHg from treatment)
-    dE/dt       = s * f_sglt2 + gamma * (HbA1c(t) - HbA1c(0)) + dW_E/dt
-    phi(t)      = 1 - exp(-t / tau)                            first-order treatment onset
+    x(t) = x0 * exp(E(t) + D(t)) * (treatment effects)
 
-``a_x, b_x`` come from the calibration posterior; W is Brownian motion sampled at yearly knots and
-interpolated linearly (captures drift the linear model misses). Couplings across scales: HbA1c drives
-the eGFR slope (gamma); APOL1 and diabetes enter through the eGFR slope prior (calibration); eGFR,
-BMI and HbA1c feed the equations in ``hazards``; FH and PRS scale hazards there. The same system is
-integrated draw by draw with ``solve_ivp`` in ``benchmarks/bench_ensemble.py`` as a reference.
+* ``E(t)``: the population-expected log change for the patient's age (and, for eGFR, albuminuria),
+  integrated from published average yearly changes (``dynamics_parameters.json``). A patient on this
+  path is the patient the equations describe: their hazards are exactly the anchored ones.
+* ``D(t)``: the patient's deviation, an integrated Ornstein-Uhlenbeck process on the log scale
+  (Taylor, Cumberland & Sy, JASA 1994;89:727): the deviation of the *slope* from the expected slope
+  starts at the slope calibrated from the patient's own history and reverts to zero at rate ``alpha``,
+  with Brownian innovations. A steep eGFR history therefore persists for a few years and then fades,
+  and the log scale keeps every value positive without floors that pile up probability.
+
+Only ``x(t) - x_expected(t)`` (the deviation, including treatment effects) moves hazards
+(``hazards.py``). The integrated-OU transition over one year is exact (joint Gaussian of the slope and
+its integral); values between yearly knots are interpolated linearly. Couplings across scales: HbA1c
+above its expected path steepens eGFR decline (``gamma``); APOL1 enters through the prior of the
+patient's eGFR slope (calibration).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fhirtwin.sim._params import dynamics_parameters
 from fhirtwin.sim.calibration import LinearPosterior
+from fhirtwin.sim.course import current_value, deviation_parameters, expected_log_change, expected_slope
 from fhirtwin.sim.ensemble import ParameterDraws
 from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.interventions import Scenario
@@ -58,25 +65,52 @@ def interpolation_matrix(knot_t: np.ndarray, t: np.ndarray) -> np.ndarray:
     return w
 
 
-def interpolate_knots(knots: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Linear interpolation of yearly knots (draws, years+1) at t = 0, 1, 2... onto times t (years)."""
-    values: np.ndarray = knots @ interpolation_matrix(np.arange(knots.shape[1], dtype=float), t)
-    return values
-
-
 def onset(t: np.ndarray, tau: float) -> np.ndarray:
     """First-order approach to a new steady state after a change at t=0 (0 before, ->1 after)."""
     approach: np.ndarray = 1.0 - np.exp(-np.maximum(t, 0.0) / tau)
     return approach
 
 
+def iou_knots(w0: np.ndarray, z: np.ndarray, alpha: float, sigma: float) -> np.ndarray:
+    """Integrated OU at yearly knots: D(0)=0, slope W(0)=w0, innovations z (draws, years, 2) ~ N(0, 1).
+
+    Exact one-year transition: W' = W e^{-a} + e1; D' = D + W (1 - e^{-a}) / a + e2, with (e1, e2)
+    jointly Gaussian (variances and covariance of the OU process and its integral over one year).
+    """
+    e = np.exp(-alpha)
+    v1 = sigma**2 * (1 - e**2) / (2 * alpha)
+    v2 = sigma**2 / alpha**2 * (1.0 - 2 * (1 - e) / alpha + (1 - e**2) / (2 * alpha))
+    c12 = sigma**2 / (2 * alpha**2) * (1 - e) ** 2
+    l11 = np.sqrt(v1)
+    l21 = c12 / l11
+    l22 = np.sqrt(max(v2 - l21**2, 0.0))
+    n, years = z.shape[:2]
+    d = np.zeros((n, years + 1))
+    w = w0.astype(float).copy()
+    for k in range(years):
+        e1 = l11 * z[:, k, 0]
+        e2 = l21 * z[:, k, 0] + l22 * z[:, k, 1]
+        d[:, k + 1] = d[:, k] + w * (1 - e) / alpha + e2
+        w = w * e + e1
+    return d
+
+
 @dataclass(frozen=True, eq=False)
 class Trajectories:
-    """Latent (noise-free) biomarker paths, each (draws, months+1); ``egfr_natural`` ignores SGLT2i."""
+    """Biomarker paths (draws, months+1) and their deviations from the expected path.
+
+    ``values``: what the patient's biomarker does under the scenario (displayed). ``deviation``: values
+    minus the draw's expected path (absolute units), which is what moves hazards. ``expected``: the
+    expected path from the measured baseline (months+1,), used to evaluate the equations.
+    ``egfr_natural_deviation`` ignores the SGLT2 inhibitor's slope effect (its kidney effect enters the
+    hazard once, as the trial measured it).
+    """
 
     t_years: np.ndarray
     values: dict[str, np.ndarray]
-    egfr_natural: np.ndarray
+    deviation: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    egfr_natural_deviation: np.ndarray
 
 
 def _statin_fraction(inputs: PatientInputs, draws: ParameterDraws) -> np.ndarray:
@@ -95,29 +129,44 @@ def simulate_trajectories(
     t: np.ndarray,
     dynamic: bool = True,
 ) -> Trajectories:
-    """Trajectories for one scenario on the shared draws (``dynamic=False``: flat natural history)."""
+    """Trajectories for one scenario on the shared draws (``dynamic=False``: the expected path only)."""
     params = dynamics_parameters()
     tau = params["treatment_onset_time_constant_years"]
-    gamma = params["egfr_slope_per_hba1c_percent"]["value"]
-    bio = params["biomarkers"]
-    out: dict[str, np.ndarray] = {}
+    gamma = float(params["egfr_slope_per_hba1c_percent"]["value"])
+    knots_to_months = interpolation_matrix(np.arange(draws.years + 1, dtype=float), t)
+    values: dict[str, np.ndarray] = {}
+    natural_log: dict[str, np.ndarray] = {}
+    start: dict[str, np.ndarray] = {}
+    expected_log: dict[str, np.ndarray] = {}
 
-    def natural(variable: str) -> np.ndarray:
-        ab = draws.level_slope[variable]
-        level = ab[:, :1]
+    for variable in TRAJECTORY_VARIABLES:
+        if variable not in draws.level_slope or current_value(inputs, variable) is None:
+            continue
+        e = expected_log_change(inputs, variable, t)
+        expected_log[variable] = e
+        level = draws.level_slope[variable][:, :1]
+        start[variable] = level
         if not dynamic:
-            return np.broadcast_to(level, (draws.n, t.size)).copy()
-        path = level + ab[:, 1:] * t
-        walk = interpolate_knots(draws.walk_knots[variable], t)
-        relative = "relative" in bio[variable]["process_sd_per_sqrt_year"]
-        values: np.ndarray = path * np.exp(walk) if relative else path + walk
-        return values
+            natural_log[variable] = np.broadcast_to(e, (draws.n, t.size))
+            continue
+        x0 = float(current_value(inputs, variable) or 0.0)
+        sd, alpha = deviation_parameters(inputs, variable)
+        w0 = (draws.level_slope[variable][:, 1] - float(expected_slope(inputs, variable, inputs.age_years))) / x0
+        d_knots = iou_knots(w0, draws.innovations[variable], alpha, np.sqrt(2 * alpha) * sd / x0)
+        natural_log[variable] = e[None, :] + d_knots @ knots_to_months
 
-    # LDL-C
-    ldl = natural("ldl_cholesterol_mg_dl")
+    expected_abs = {v: start[v] * np.exp(expected_log[v])[None, :] for v in start}
+
+    # HbA1c and BMI: natural course only
+    for variable in ("hba1c_percent", "bmi_kg_m2"):
+        if variable in natural_log:
+            values[variable] = start[variable] * np.exp(natural_log[variable])
+
+    # LDL-C: current regimen started after the last LDL, then the scenario's lipid drugs
+    ldl = start["ldl_cholesterol_mg_dl"] * np.exp(natural_log["ldl_cholesterol_mg_dl"])
     post_ldl = posteriors["ldl_cholesterol_mg_dl"]
     r_cur = _statin_fraction(inputs, draws)[:, None]
-    if post_ldl.pending_regimen_start is not None:  # regimen started after the last LDL: apply it now
+    if post_ldl.pending_regimen_start is not None:
         ldl = ldl * (1.0 - r_cur * onset(t - post_ldl.pending_regimen_start, tau["statin"]))
     statin = scenario.has("statin")
     if statin is not None:
@@ -125,10 +174,13 @@ def simulate_trajectories(
         r_new = draws.ldl_lowering[statin.intensity][:, None]
         rho = (1.0 - np.maximum(r_new, r_cur)) / (1.0 - r_cur)
         ldl = ldl * (1.0 - (1.0 - rho) * onset(t, tau["statin"]))
-    out["ldl_cholesterol_mg_dl"] = np.maximum(ldl, bio["ldl_cholesterol_mg_dl"]["floor"])
+    for kind in ("ezetimibe", "pcsk9_inhibitor"):
+        if scenario.has(kind) is not None:
+            ldl = ldl * (1.0 - draws.ldl_lowering[kind][:, None] * onset(t, tau["statin"]))
+    values["ldl_cholesterol_mg_dl"] = ldl
 
-    # SBP
-    sbp = natural("systolic_bp_mm_hg")
+    # SBP: one more antihypertensive lowers SBP by the drawn response, never below 110 mmHg from treatment
+    sbp = start["systolic_bp_mm_hg"] * np.exp(natural_log["systolic_bp_mm_hg"])
     post_sbp = posteriors["systolic_bp_mm_hg"]
     drop = draws.sbp_drop_mm_hg[:, None]
     if post_sbp.pending_regimen_start is not None:
@@ -137,33 +189,25 @@ def simulate_trajectories(
     if scenario.has("bp_lowering") is not None:
         room = np.maximum(sbp - SBP_TREATMENT_FLOOR_MM_HG, 0.0)
         sbp = sbp - np.minimum(drop, room) * onset(t, tau["bp_lowering"])
-    out["systolic_bp_mm_hg"] = np.maximum(sbp, bio["systolic_bp_mm_hg"]["floor"])
+    values["systolic_bp_mm_hg"] = sbp
 
-    # HbA1c and BMI
-    if "hba1c_percent" in draws.level_slope:
-        out["hba1c_percent"] = np.maximum(natural("hba1c_percent"), bio["hba1c_percent"]["floor"])
-    out["bmi_kg_m2"] = np.maximum(natural("bmi_kg_m2"), bio["bmi_kg_m2"]["floor"])
+    # eGFR: its own course, plus HbA1c above its expected path steepening decline (log units of eGFR0)
+    egfr_var = "egfr_ml_min_1_73m2"
+    log_egfr = natural_log[egfr_var]
+    if dynamic and "hba1c_percent" in values:
+        excess = values["hba1c_percent"] - expected_abs["hba1c_percent"]
+        integral = np.zeros_like(excess)
+        integral[:, 1:] = np.cumsum(0.5 * (excess[:, 1:] + excess[:, :-1]) * np.diff(t), axis=1)
+        log_egfr = log_egfr + gamma * integral / start[egfr_var]
+    natural_egfr = start[egfr_var] * np.exp(log_egfr)
+    egfr = natural_egfr
+    if scenario.has("sglt2i") is not None:
+        # displayed course only: the chronic slope scaled by the trial RR (the hazard gets the RR once)
+        rr = draws.ratios["sglt2i_kidney_progression_rr"][:, None]
+        egfr = start[egfr_var] * np.exp(log_egfr * rr)
+    values[egfr_var] = egfr
 
-    # eGFR: dE/dt = slope * f + gamma * (HbA1c(t) - HbA1c(0)); integral by the trapezoid rule
-    ab = draws.level_slope["egfr_ml_min_1_73m2"]
-    level, slope = ab[:, :1], ab[:, 1:]
-    if not dynamic:
-        egfr_nat = np.broadcast_to(level, (draws.n, t.size)).copy()
-        egfr = egfr_nat
-    else:
-        drift = np.zeros((draws.n, t.size))
-        if "hba1c_percent" in out:
-            excess = out["hba1c_percent"] - out["hba1c_percent"][:, :1]
-            dt = np.diff(t)
-            drift[:, 1:] = gamma * np.cumsum(0.5 * (excess[:, 1:] + excess[:, :-1]) * dt, axis=1)
-        walk = interpolate_knots(draws.walk_knots["egfr_ml_min_1_73m2"], t)
-        egfr_nat = level + slope * t + drift + walk
-        egfr = egfr_nat
-        if scenario.has("sglt2i") is not None:
-            rr = draws.ratios["sglt2i_kidney_progression_rr"][:, None]
-            # the chronic slope is scaled by the trial RR (assumption, see dynamics_parameters.json)
-            egfr = level + slope * rr * t + drift + walk
-    floor = bio["egfr_ml_min_1_73m2"]["floor"]
-    out["egfr_ml_min_1_73m2"] = np.maximum(egfr, floor)
-    return Trajectories(t, out, np.maximum(egfr_nat, floor))
-
+    deviation = {v: values[v] - expected_abs[v] for v in values}
+    measured = {v: current_value(inputs, v) for v in values}
+    baseline: dict[str, Any] = {v: float(m) * np.exp(expected_log[v]) for v, m in measured.items() if m is not None}
+    return Trajectories(t, values, deviation, baseline, natural_egfr - expected_abs[egfr_var])

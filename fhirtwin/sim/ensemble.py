@@ -14,41 +14,48 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fhirtwin.sim._params import dynamics_parameters, intervention_parameters
+from fhirtwin.sim._params import intervention_parameters
 from fhirtwin.sim.calibration import LinearPosterior
 from fhirtwin.sim.inputs import HISTORY_VARIABLES, PatientInputs
 from fhirtwin.sim.interventions import ldl_lowering_draws, lognormal_draws
 
 RATIO_NAMES = (
     "ldl_major_vascular_rr_per_mmol_l",
-    "sbp_major_cvd_rr_per_10_mm_hg",
+    "ldl_major_vascular_rr_per_mmol_l_year1",
+    "sbp_coronary_rr_per_10_mm_hg",
+    "sbp_stroke_rr_per_10_mm_hg",
     "sbp_heart_failure_rr_per_10_mm_hg",
     "sglt2i_kidney_progression_rr",
+    "sglt2i_heart_failure_rr",
     "smoking_cessation_cvd_hr",
     "fh_variant_cad_or_at_same_ldl",
     "cad_prs_hr_per_sd",
-    "cad_prs_hr_per_sd_african_ancestry",
 )
+LIPID_DRUGS = ("ezetimibe", "pcsk9_inhibitor")
 INTERVAL = (5.0, 95.0)
 
 
 @dataclass(frozen=True, eq=False)
 class ParameterDraws:
-    """One ensemble's parameters; every array has the draws on axis 0."""
+    """One ensemble's parameters; every array has the draws on axis 0.
+
+    ``level_slope``: calibrated (level, slope per year) per biomarker; ``innovations``: standard normal
+    pairs (draws, years, 2) driving each biomarker's integrated-OU deviation; ``ratios``: effect sizes;
+    ``ldl_lowering``: fractional LDL-C lowering per statin intensity and non-statin drug;
+    ``uacr_quantile``: which quantile of the imputed UACR distribution a draw uses (when unmeasured);
+    ``quit_probability``: sustained abstinence after a quit attempt.
+    """
 
     n: int
     seed: int
     years: int
     level_slope: dict[str, np.ndarray]
-    walk_knots: dict[str, np.ndarray]
+    innovations: dict[str, np.ndarray]
     ratios: dict[str, np.ndarray]
     ldl_lowering: dict[str, np.ndarray]
     sbp_drop_mm_hg: np.ndarray
-
-
-def _walk(rng: np.random.Generator, n: int, years: int, sd: float) -> np.ndarray:
-    steps = rng.standard_normal((n, years)) * sd
-    return np.concatenate([np.zeros((n, 1)), np.cumsum(steps, axis=1)], axis=1)
+    uacr_quantile: np.ndarray
+    quit_probability: np.ndarray
 
 
 def draw_parameters(
@@ -57,6 +64,7 @@ def draw_parameters(
     n: int,
     seed: int,
     horizon_years: float,
+    uacr_quantiles: int = 1,
 ) -> ParameterDraws:
     """Draw every uncertain parameter for ``n`` ensemble members (reproducible from ``seed``)."""
     if n < 1:
@@ -64,28 +72,28 @@ def draw_parameters(
     years = int(math.ceil(horizon_years))
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
     rng_cal, rng_walk, rng_eff, rng_resp = streams
-    bio = dynamics_parameters()["biomarkers"]
 
     level_slope: dict[str, np.ndarray] = {}
-    walk: dict[str, np.ndarray] = {}
+    innovations: dict[str, np.ndarray] = {}
     for variable in HISTORY_VARIABLES:  # fixed order: stream use does not depend on which data exist
         post = posteriors.get(variable)
         draws = post.draw(rng_cal, n) if post is not None else rng_cal.standard_normal((n, 2))
-        spec = bio[variable]["process_sd_per_sqrt_year"]
-        knots = _walk(rng_walk, n, years, 1.0)
+        z = rng_walk.standard_normal((n, years, 2))
         if post is None:
             continue
         level_slope[variable] = draws
-        if "relative" in spec:
-            walk[variable] = knots * spec["relative"]  # relative: multiplies the level
-        else:
-            walk[variable] = knots * spec["absolute"]
+        innovations[variable] = z
 
+    params = intervention_parameters()
     ratios = {name: lognormal_draws(name, rng_eff, n) for name in RATIO_NAMES}
-    lowering = {k: ldl_lowering_draws(k, rng_resp, n) for k in ("low", "moderate", "high")}
-    bp = intervention_parameters()["sbp_lowering_one_drug_mm_hg"]
+    lowering = {k: ldl_lowering_draws(k, rng_resp, n) for k in ("low", "moderate", "high", *LIPID_DRUGS)}
+    bp = params["sbp_lowering_one_drug_mm_hg"]
     drop = np.maximum(0.0, bp["value"] + bp["sd"] * rng_resp.standard_normal(n))
-    return ParameterDraws(n, seed, years, level_slope, walk, ratios, lowering, drop)
+    quantile = rng_resp.integers(0, uacr_quantiles, n)
+    quit_spec = params["smoking_quit_probability"]
+    lo, hi = quit_spec["interval"]
+    quit = rng_resp.uniform(lo, hi, n)
+    return ParameterDraws(n, seed, years, level_slope, innovations, ratios, lowering, drop, quantile, quit)
 
 
 def summarise(values: np.ndarray, axis: int = 0) -> dict[str, np.ndarray]:

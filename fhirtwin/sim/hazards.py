@@ -1,33 +1,39 @@
-"""Event hazards anchored to published equations, and discrete-time competing-risks incidence.
+"""Cause-specific hazards anchored to the published risks, and competing-risks incidence, counted once.
 
-Why anchoring: the equations (PREVENT, KFRE) are the validated part; the dynamics only say how risk
-*changes* from there. Each outcome's baseline hazard is the constant hazard that reproduces the
-equation's risk, h = -ln(1 - r) / T (PREVENT T = 10 per age decade; KFRE T = 5). Over time the hazard
-is multiplied by
-  * the equation's own hazard ratio re-evaluated on the simulated eGFR, BMI and HbA1c (yearly knots,
-    log-linear between them), relative to the measured baseline, so the equation is never changed;
-  * trial per-unit effects for LDL-C (CTT) and SBP (Ettehad) relative to the draw's own baseline;
-  * genomic modifiers (FH variant at the same LDL-C, CAD polygenic score per SD) and smoking cessation.
-Death from non-cardiovascular causes (a documented Gompertz assumption) competes with every event:
-CIF_k(t) = sum over months of S(t-) * P(event k in month | alive and event-free), S = survival.
+Why anchoring this way: PREVENT's risks are cumulative incidences with non-cardiovascular death as a
+competing risk, and KFRE's are the risks of treated kidney failure; both already contain the average
+future course of a patient with the given baseline values. So, on the population-expected trajectory:
+
+* each cardiovascular outcome's cause-specific hazard is solved so that its cumulative incidence, *with*
+  the competing deaths of this engine, equals PREVENT's risk at 10 years (and 30 years for ages 30-59):
+  PREVENT already accounts for non-CVD death, so death is not subtracted a second time. KFRE censored
+  death, so its cumulative hazard *is* the cause-specific one (2 and 5 years) and death then competes;
+* within a PREVENT decade the hazard rises with attained age at the equation's own age gradient; later
+  decades for ages 60+ use the equation at the attained age (conditional on being event-free), and KFRE
+  beyond 5 years carries its 2-5-year hazard forward: both are extrapolations and are flagged;
+* only the patient's deviation from that expected path (``dynamics.Trajectories.deviation``) and the
+  scenario's trial effects multiply the hazards. A patient on the expected path reproduces the anchors.
+
+Competing events: ASCVD, total CVD and heart failure each compete with non-cardiovascular death (as
+PREVENT was fitted); kidney failure competes with death from any cause. Without a measured UACR, KFRE is
+evaluated on a distribution of UACR (quantiles of a published distribution), so kidney-failure risk is a
+continuous function of eGFR: there is no threshold at which it jumps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
-from fhirtwin.sim._params import dynamics_parameters
+from fhirtwin.sim._params import dynamics_parameters, intervention_parameters
+from fhirtwin.sim.course import unmeasured_uacr
 from fhirtwin.sim.dynamics import Trajectories, interpolation_matrix
 from fhirtwin.sim.ensemble import ParameterDraws
-from fhirtwin.sim.equations import (
-    EquationInputError,
-    kfre_risk,
-    method_of,
-    prevent_risk,
-)
+from fhirtwin.sim.equations import EquationInputError, kfre_risk, method_of, prevent_risk
 from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.interventions import Scenario
 
@@ -35,9 +41,13 @@ OUTCOMES = ("ascvd", "total_cvd", "heart_failure", "kidney_failure", "death")
 CVD_OUTCOMES = ("ascvd", "total_cvd", "heart_failure")
 MG_DL_PER_MMOL_L_LDL = 38.67
 PREVENT_AGE_RANGE = (30.0, 79.0)
+PREVENT_30Y_MAX_AGE = 59.0
 KFRE_EGFR_RANGE = (10.0, 60.0)
-_AFRICAN_ANCESTRY_RACES = ("black", "african_american", "black or african american")
-THRESHOLD_HAZARD_PER_YEAR = 1000.0  # effectively certain within the month once eGFR < 15
+KFRE_UACR_RANGE = (0.1, 25000.0)
+KFRE_ANCHOR_YEARS = (2, 5)
+DT = 1.0 / 12.0
+MAX_MONTHS = 360
+UACR_QUANTILES = 16
 
 
 def prevent_model_for(inputs: PatientInputs) -> str:
@@ -52,6 +62,7 @@ def prevent_model_for(inputs: PatientInputs) -> str:
 
 
 def prevent_kwargs(inputs: PatientInputs, model: str) -> dict[str, Any]:
+    """Keyword arguments of ``prevent_risk`` for this patient's measured baseline."""
     kw: dict[str, Any] = dict(
         sex=inputs.sex,
         total_cholesterol_mg_dl=inputs.total_cholesterol_mg_dl,
@@ -72,90 +83,284 @@ def prevent_kwargs(inputs: PatientInputs, model: str) -> dict[str, Any]:
     return kw
 
 
-def _cum_hazard(risk: Any) -> np.ndarray:
+def cum_hazard(risk: Any) -> np.ndarray:
+    """-ln(1 - risk): the cumulative hazard of a risk (the scale on which hazard ratios multiply)."""
     cum: np.ndarray = -np.log1p(-np.clip(np.asarray(risk, dtype=float), 0.0, 1.0 - 1e-12))
     return cum
 
 
+# ------------------------------------------------------------------------------------------------
+# competing deaths
+# ------------------------------------------------------------------------------------------------
+
+
+def ckd_mortality_ratio(inputs: PatientInputs) -> float:
+    """All-cause mortality hazard ratio for the baseline eGFR and UACR (log-linear between published points)."""
+    spec = dynamics_parameters()["ckd_mortality_hazard_ratio"]
+
+    def at(points: list[list[float]], x: float, log_x: bool) -> float:
+        table = np.asarray(points, dtype=float)
+        xs = np.log(table[:, 0]) if log_x else table[:, 0]
+        return float(np.exp(np.interp(np.log(x) if log_x else x, xs, np.log(table[:, 1]))))
+
+    ratio = at(spec["by_egfr"], inputs.egfr_ml_min_1_73m2, False)
+    if inputs.uacr_mg_g is not None:
+        ratio *= at(spec["by_uacr_mg_g"], inputs.uacr_mg_g, True)
+    return ratio
+
+
+def death_hazards(inputs: PatientInputs, months: int) -> tuple[np.ndarray, np.ndarray]:
+    """(all-cause, non-cardiovascular) death hazards per year for each month (months,)."""
+    spec = dynamics_parameters()["background_mortality"]
+    table = np.asarray(spec["death_probability_by_age"][inputs.sex], dtype=float)
+    ages, log_h = table[:, 0], np.log(-np.log1p(-table[:, 1]))
+    age = inputs.age_years + (np.arange(months) + 0.5) * DT
+    lo_gradient = (log_h[1] - log_h[0]) / (ages[1] - ages[0])
+    hi_gradient = (log_h[-1] - log_h[-2]) / (ages[-1] - ages[-2])
+    log_at = (np.interp(age, ages, log_h) + lo_gradient * np.minimum(age - ages[0], 0.0)
+              + hi_gradient * np.maximum(age - ages[-1], 0.0))
+    all_cause = np.exp(log_at) * ckd_mortality_ratio(inputs)
+    non_cvd: np.ndarray = all_cause * spec["non_cvd_share"]
+    return all_cause, non_cvd
+
+
+# ------------------------------------------------------------------------------------------------
+# solving the anchored hazards
+# ------------------------------------------------------------------------------------------------
+
+
+def _segment(h: np.ndarray, death: np.ndarray, surv0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Event incidence over a run of months (constant hazards within a month) and the survival at its end.
+
+    ``h`` (K, m) event hazard, ``death`` (m,) competing hazard, ``surv0`` (K,) event-free survival at the
+    start. Returns (cumulative incidence increment (K,), survival at the end (K,)).
+    """
+    total = h + death[None, :]
+    log_s = np.concatenate([np.zeros((h.shape[0], 1)), -np.cumsum(total * DT, axis=1)], axis=1)
+    s = surv0[:, None] * np.exp(log_s)
+    frac = np.divide(h, total, out=np.zeros_like(total), where=total > 0)
+    inc = np.sum((s[:, :-1] - s[:, 1:]) * frac, axis=1)
+    return inc, s[:, -1]
+
+
+def solve_scale(
+    target: np.ndarray, shape: np.ndarray, death: np.ndarray, surv0: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale c (K,) with incidence of c * shape == target given the competing ``death``; vectorised bisection.
+
+    The incidence of an event rises monotonically with its own hazard and is bounded by ``surv0``, so a
+    target at or above that bound is capped just below it. Returns (c, survival at the segment's end).
+    """
+    target = np.minimum(target, surv0 * (1 - 1e-9))
+    lo = np.zeros_like(target)
+    hi = np.ones_like(target)
+    while True:  # bracket: grow hi until its incidence reaches the target
+        inc, _ = _segment(hi[:, None] * shape, death, surv0)
+        short = inc < target
+        if not short.any():
+            break
+        hi = np.where(short, hi * 8.0, hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        inc, _ = _segment(mid[:, None] * shape, death, surv0)
+        below = inc < target
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    scale = 0.5 * (lo + hi)
+    _, surv = _segment(scale[:, None] * shape, death, surv0)
+    return scale, surv
+
+
 @dataclass(frozen=True, eq=False)
 class Anchors:
-    """Baseline hazards per outcome and age decade, the equations used, and what had to be bent."""
+    """Hazards per month on the expected path, the competing deaths, and what the anchors rest on.
+
+    ``cvd[outcome]`` (months,); ``kidney`` (K, months), one row per UACR quantile (K = 1 when measured);
+    ``death_all``/``death_non_cvd`` (months,); ``published`` the published risks the hazards reproduce;
+    ``never_smoker_ratio`` (months,) the anchored hazard of the same patient as a non-smoker over theirs
+    (1 for non-smokers), the floor of any cessation benefit; ``extrapolated`` what goes beyond an
+    equation's validated range or horizon.
+    """
 
     prevent_model: str
-    prevent_10y: dict[str, np.ndarray]
-    hazard_per_decade: dict[str, np.ndarray]
+    cvd: dict[str, np.ndarray]
+    kidney: np.ndarray
     kidney_mode: str
-    kfre_5y: float | None
+    death_all: np.ndarray
+    death_non_cvd: np.ndarray
+    published: dict[str, float]
+    never_smoker_ratio: dict[str, np.ndarray]
     method: dict[str, Any]
+    logit: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     caveats: tuple[str, ...] = field(default=())
-    log_cum_hazard_at_baseline: dict[str, float] = field(default_factory=dict)
+    extrapolated: tuple[str, ...] = field(default=())
 
 
-def compute_anchors(inputs: PatientInputs, horizon_years: float) -> Anchors:
-    """Evaluate PREVENT (and KFRE) at the measured baseline, one PREVENT anchor per age decade."""
+def _prevent_at(inputs: PatientInputs, outcome: str, horizon: int, ages: np.ndarray, **change: Any) -> np.ndarray:
     model = prevent_model_for(inputs)
-    kw = prevent_kwargs(inputs, model)
+    kw = {**prevent_kwargs(inputs, model), **change}
+    risk: np.ndarray = np.atleast_1d(
+        prevent_risk(outcome=outcome, horizon_years=horizon, age_years=ages, clip=True, **kw)
+    )
+    return risk
+
+
+def _log_h10(inputs: PatientInputs, outcome: str, ages: np.ndarray) -> np.ndarray:
+    """log 10-year cumulative hazard of PREVENT at attained ages; beyond 79 extended at the gradient at 79."""
+    lo, hi = PREVENT_AGE_RANGE
+    inside = np.log(cum_hazard(_prevent_at(inputs, outcome, 10, np.clip(ages, lo, hi))))
+    at_hi = np.log(cum_hazard(_prevent_at(inputs, outcome, 10, np.array([hi - 1.0, hi]))))
+    gradient = at_hi[1] - at_hi[0]
+    out: np.ndarray = inside + gradient * np.maximum(ages - hi, 0.0)
+    return out
+
+
+def _age_gradient(inputs: PatientInputs, outcome: str, age: float) -> float:
+    """d ln H10 / d age of the equation at ``age`` (one-year difference inside the validated range)."""
+    lo, hi = PREVENT_AGE_RANGE
+    a0 = float(np.clip(age, lo, hi - 1.0))
+    pair = _log_h10(inputs, outcome, np.array([a0, a0 + 1.0]))
+    return float(pair[1] - pair[0])
+
+
+def _cvd_anchor(inputs: PatientInputs, outcome: str, death: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Monthly hazards (MAX_MONTHS,) reproducing PREVENT's cumulative incidences with ``death`` competing."""
+    age = inputs.age_years
+    t_mid = (np.arange(MAX_MONTHS) + 0.5) * DT
+    h = np.zeros(MAX_MONTHS)
+    flags: list[str] = []
+    surv = np.ones(1)
+    r10 = float(_prevent_at(inputs, outcome, 10, np.array([np.clip(age, *PREVENT_AGE_RANGE)]))[0])
+    segments: list[tuple[int, int, float]] = [(0, 120, r10)]  # (first month, end month, target incidence)
+    if age <= PREVENT_30Y_MAX_AGE:
+        r30 = float(_prevent_at(inputs, outcome, 30, np.array([max(age, PREVENT_AGE_RANGE[0])]))[0])
+        segments.append((120, 360, max(r30 - r10, 0.0)))
+    else:
+        segments += [(120, 240, np.nan), (240, 360, np.nan)]
+        flags.append(f"{outcome} beyond 10 years: PREVENT's 10-year equation at the attained age "
+                     "(30-year equations exist only for ages 30-59)")
+        if age + 10 > PREVENT_AGE_RANGE[1]:
+            flags.append(f"{outcome} at attained ages above 79: PREVENT extended at its own age gradient")
+    for first, end, target in segments:
+        seg_age = age + first / 12.0
+        gradient = _age_gradient(inputs, outcome, seg_age)
+        shape = np.exp(gradient * (t_mid[first:end] - first / 12.0))[None, :]
+        if np.isnan(target):  # conditional on being event-free at the attained age
+            target = float(surv[0]) * float(1.0 - np.exp(-np.exp(_log_h10(inputs, outcome, np.array([seg_age]))[0])))
+        else:
+            target = float(target)
+        scale, surv = solve_scale(np.array([target]), shape, death[first:end], surv)
+        h[first:end] = scale[0] * shape[0]
+    return h, flags
+
+
+def kfre_log_cum_hazard(inputs: PatientInputs, horizon: int, egfr: Any, uacr: Any) -> np.ndarray:
+    """log cumulative hazard of KFRE (4-variable, North American) with eGFR and UACR outside its range
+    continued along the equation's own linear predictor (so no kink or step at eGFR 60)."""
+    egfr = np.asarray(egfr, dtype=float)
+    uacr = np.asarray(uacr, dtype=float)
+    coef = _kfre_terms()
+    egfr_c = np.clip(egfr, *KFRE_EGFR_RANGE)
+    uacr_c = np.clip(uacr, *KFRE_UACR_RANGE)
+    risk = kfre_risk(horizon_years=horizon, sex=inputs.sex, age_years=inputs.age_years,
+                     egfr_ml_min_1_73m2=egfr_c, uacr_mg_g=uacr_c, clip=True)
+    out: np.ndarray = (np.log(cum_hazard(risk)) + coef["egfr_per_5"] * (egfr - egfr_c) / 5.0
+                       + coef["ln_uacr_mg_g"] * (np.log(uacr) - np.log(uacr_c)))
+    return out
+
+
+def _kfre_terms() -> dict[str, float]:
+    from fhirtwin.sim.equations._validation import load_data
+
+    terms = load_data("kfre.json")["models"]["4-variable"]["terms"]
+    return {name: float(spec["coef"]) for name, spec in terms.items()}
+
+
+def uacr_quantiles(inputs: PatientInputs, k: int = UACR_QUANTILES) -> np.ndarray:
+    """Mid-quantiles (mg/g) of the UACR distribution assumed when none was measured."""
+    median, log_sd = unmeasured_uacr(inputs)
+    q: np.ndarray = median * np.exp(log_sd * norm.ppf((np.arange(k) + 0.5) / k))
+    return q
+
+
+def _kidney_anchor(inputs: PatientInputs) -> tuple[np.ndarray, str, list[str]]:
+    """Cause-specific kidney-failure hazards (K, MAX_MONTHS) from KFRE at 2 and 5 years.
+
+    KFRE was fitted by Cox regression with death censored (Tangri 2011; Ravani P et al., JASN
+    2019;30:2219), so its risk is a net risk: its cumulative hazard is the cause-specific one, and death
+    then competes in the simulation (the cumulative incidence is lower than KFRE where death is common,
+    as Ravani and Ramspek CL et al., JASN 2021;32:1174 found). Piecewise constant on 0-2 and 2-5 years.
+    """
+    measured = inputs.uacr_mg_g is not None
+    uacr = np.array([inputs.uacr_mg_g]) if measured else uacr_quantiles(inputs)
+    mode = "kfre" if measured else "kfre-imputed-uacr"
+    flags = ["kidney failure beyond 5 years: KFRE's 2-5-year hazard carried forward"]
+    if inputs.egfr_ml_min_1_73m2 >= KFRE_EGFR_RANGE[1]:
+        flags.append("kidney failure at eGFR >= 60: KFRE (developed in CKD G3-G5) continued along its eGFR term")
+    two, five = (np.exp(kfre_log_cum_hazard(inputs, y, inputs.egfr_ml_min_1_73m2, uacr)) for y in KFRE_ANCHOR_YEARS)
+    h = np.empty((uacr.size, MAX_MONTHS))
+    h[:, :24] = (two / 2.0)[:, None]
+    h[:, 24:] = (np.maximum(five - two, 0.0) / 3.0)[:, None]
+    return h, mode, flags
+
+
+def compute_anchors(inputs: PatientInputs) -> Anchors:
+    """Solve the anchored hazards for one patient (done once at fit; every scenario reuses them)."""
+    model = prevent_model_for(inputs)
     caveats: list[str] = []
     try:
         for outcome in CVD_OUTCOMES:
-            prevent_risk(outcome=outcome, horizon_years=10, age_years=inputs.age_years, **kw)
+            prevent_risk(outcome=outcome, horizon_years=10, age_years=inputs.age_years,
+                         **prevent_kwargs(inputs, model))
     except EquationInputError as exc:
         caveats.append(f"PREVENT input outside its validated range, clipped to the range: {exc}")
-    decades = int(np.ceil(horizon_years / 10.0))
-    ages = inputs.age_years + 10.0 * np.arange(decades)
-    if ages.max() > PREVENT_AGE_RANGE[1] or ages.min() < PREVENT_AGE_RANGE[0]:
-        caveats.append(
-            "PREVENT is validated for ages 30-79: baseline hazards for age decades outside it use the "
-            "equation at the nearest age in range"
-        )
-    ages_c = np.clip(ages, *PREVENT_AGE_RANGE)
-    prevent_10y: dict[str, np.ndarray] = {}
-    hazard: dict[str, np.ndarray] = {}
+    death_all, death_non_cvd = death_hazards(inputs, MAX_MONTHS)
+    cvd: dict[str, np.ndarray] = {}
+    extrapolated: list[str] = []
+    published: dict[str, float] = {}
+    never: dict[str, np.ndarray] = {}
+    age = np.array([float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))])
     for outcome in CVD_OUTCOMES:
-        risk = np.atleast_1d(prevent_risk(outcome=outcome, horizon_years=10, age_years=ages_c, clip=True, **kw))
-        prevent_10y[outcome] = risk
-        hazard[outcome] = _cum_hazard(risk) / 10.0
+        cvd[outcome], flags = _cvd_anchor(inputs, outcome, death_non_cvd)
+        extrapolated += flags
+        published[f"prevent_10y_{outcome}"] = float(_prevent_at(inputs, outcome, 10, age)[0])
+        if inputs.age_years <= PREVENT_30Y_MAX_AGE:
+            published[f"prevent_30y_{outcome}"] = float(_prevent_at(inputs, outcome, 30, age)[0])
+        if inputs.current_smoker:  # the same patient as a non-smoker: the floor of any cessation benefit
+            non_smoker, _ = _cvd_anchor(dataclasses.replace(inputs, current_smoker=False), outcome, death_non_cvd)
+            never[outcome] = np.minimum(non_smoker / np.maximum(cvd[outcome], 1e-300), 1.0)
+        else:
+            never[outcome] = np.ones(MAX_MONTHS)
+    kidney, mode, flags = _kidney_anchor(inputs)
+    extrapolated += flags
+    if inputs.uacr_mg_g is not None:
+        for years in KFRE_ANCHOR_YEARS:
+            log_h = kfre_log_cum_hazard(inputs, years, inputs.egfr_ml_min_1_73m2, inputs.uacr_mg_g)
+            published[f"kfre_{years}y"] = float(1.0 - np.exp(-np.exp(log_h)))
+    else:
+        caveats.append("no UACR measured: kidney-failure risk is KFRE averaged over a published UACR distribution")
     if inputs.prior_ascvd:
         caveats.append("prior MI or stroke: PREVENT is a primary-prevention equation and understates recurrent risk")
     if inputs.heart_failure:
         caveats.append("existing heart failure: the heart-failure outcome is a new HF event estimate from PREVENT")
-
-    kidney_mode = "kfre" if inputs.uacr_mg_g is not None else "egfr_threshold"
-    kfre5 = None
-    if kidney_mode == "kfre":
-        kfre5 = float(
-            kfre_risk(
-                horizon_years=5,
-                sex=inputs.sex,
-                age_years=inputs.age_years,
-                egfr_ml_min_1_73m2=float(np.clip(inputs.egfr_ml_min_1_73m2, *KFRE_EGFR_RANGE)),
-                uacr_mg_g=inputs.uacr_mg_g,
-                clip=True,
-            )
-        )
-        if inputs.egfr_ml_min_1_73m2 >= KFRE_EGFR_RANGE[1]:
-            caveats.append(
-                "KFRE was developed in CKD G3-G5 (eGFR < 60): above 60 its hazard is extrapolated log-linearly "
-                "in eGFR from the equation's own slope"
-            )
-    else:
-        caveats.append(
-            "no UACR: KFRE cannot be evaluated; kidney failure is taken as the simulated eGFR falling below "
-            "15 mL/min/1.73m2 (KDIGO G5)"
-        )
     method = {
         "prevent": method_of("prevent_risk", model),
-        "kfre": method_of("kfre_risk") if kidney_mode == "kfre" else None,
+        "kfre": method_of("kfre_risk"),
         "egfr": method_of("egfr_ckd_epi_2021"),
-        "kidney_mode": kidney_mode,
-        "anchoring": "constant hazard -ln(1-r)/T per outcome and age decade, times trajectory and effect multipliers",
+        "kidney_mode": mode,
+        "anchoring": ("on the population-expected path, cause-specific hazards whose cumulative incidences with "
+                      "competing non-CVD death equal PREVENT (10 and 30 years), and KFRE's cumulative hazard "
+                      "(2 and 5 years, death censored as fitted) with death from any cause competing; only "
+                      "deviations from that path and trial effects multiply them"),
     }
-    age0 = float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))
-    log_base = {
-        o: float(np.log(_cum_hazard(prevent_risk(outcome=o, horizon_years=10, age_years=age0, clip=True, **kw))))
-        for o in CVD_OUTCOMES
-    }
-    return Anchors(model, prevent_10y, hazard, kidney_mode, kfre5, method, tuple(caveats), log_base)
+    logit = {outcome: logit_curves(inputs, outcome) for outcome in CVD_OUTCOMES}
+    return Anchors(model, cvd, kidney, mode, death_all, death_non_cvd, published, never, method, logit,
+                   tuple(caveats), tuple(dict.fromkeys(extrapolated)))
+
+
+# ------------------------------------------------------------------------------------------------
+# hazards along simulated trajectories
+# ------------------------------------------------------------------------------------------------
 
 
 def _knot_index(t: np.ndarray) -> np.ndarray:
@@ -164,68 +369,103 @@ def _knot_index(t: np.ndarray) -> np.ndarray:
     return np.minimum(np.arange(years + 1) * 12, t.size - 1)
 
 
-def _interp_knots_to_months(values: np.ndarray, knot_t: np.ndarray, t_mid: np.ndarray) -> np.ndarray:
-    """Linear interpolation along axis 1 from knot times to month midpoints (vectorised)."""
-    at_months: np.ndarray = values @ interpolation_matrix(knot_t, t_mid)
-    return at_months
+#: Grids on which PREVENT's log-odds is tabulated per moving input; they contain the equation's spline knots
+#: (eGFR 60, BMI 30) and range limits, and its log-odds is piecewise linear in each, so interpolation is exact.
+_LOGIT_GRIDS = {
+    "egfr_ml_min_1_73m2": np.unique(np.r_[np.arange(1.0, 251.0, 1.0), 15.0, 60.0, 140.0]),
+    "bmi_kg_m2": np.unique(np.r_[np.arange(10.0, 80.5, 0.5), 18.5, 30.0, 39.9]),
+    "hba1c_percent": np.unique(np.r_[np.arange(2.0, 20.05, 0.1), 4.5, 15.0]),
+}
 
 
-def prevent_log_ratio(
-    inputs: PatientInputs, anchors: Anchors, traj: Trajectories, outcome: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """log hazard ratio of PREVENT re-evaluated at yearly knots on simulated eGFR, BMI and HbA1c.
+def moving_inputs(inputs: PatientInputs, outcome: str) -> tuple[str, ...]:
+    """The PREVENT inputs whose deviation from the expected course moves this outcome's hazard."""
+    moved = ["egfr_ml_min_1_73m2"]
+    if outcome == "heart_failure":
+        moved.append("bmi_kg_m2")
+    if inputs.hba1c_percent is not None and prevent_model_for(inputs) in ("hba1c", "full"):
+        moved.append("hba1c_percent")
+    return tuple(moved)
 
-    The measured baseline is shifted by each draw's change since t=0, so the ratio is exactly 1 at t=0
-    and the equation's other inputs (lipids, SBP, smoking: handled by trial effects) stay at baseline.
+
+def logit_curves(inputs: PatientInputs, outcome: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """PREVENT's 10-year log-odds as a function of each moving input, the others at the measured baseline."""
+    age = np.array([float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))])
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for variable in moving_inputs(inputs, outcome):
+        grid = _LOGIT_GRIDS[variable]
+        risk = np.clip(_prevent_at(inputs, outcome, 10, age, **{variable: grid}), 1e-15, 1 - 1e-15)
+        out[variable] = (grid, np.log(risk) - np.log1p(-risk))
+    return out
+
+
+def _log_h_of_logit(logit: np.ndarray) -> np.ndarray:
+    """log cumulative hazard -ln(1 - r) of a risk given by its log-odds."""
+    out: np.ndarray = np.log(np.logaddexp(0.0, logit))  # -ln(1 - sigmoid(L)) = ln(1 + e^L)
+    return out
+
+
+def prevent_log_ratio(inputs: PatientInputs, anchors: Anchors, traj: Trajectories, outcome: str) -> np.ndarray:
+    """log hazard ratio (draws, months) of PREVENT at expected + deviation vs the expected course.
+
+    Evaluated at yearly knots on eGFR, BMI (heart failure) and HbA1c (when the model uses it), at the
+    baseline age (ageing is in the anchored hazard); exactly 0 for a draw on the expected course. The
+    equation's log-odds is additive over these inputs, so it is read from curves tabulated at fit.
     """
     t = traj.t_years
     ki = _knot_index(t)
-    knot_t = t[ki]
-    kw = prevent_kwargs(inputs, anchors.prevent_model)
-    age = float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))
-    vals = traj.values
-    kw["egfr_ml_min_1_73m2"] = inputs.egfr_ml_min_1_73m2 + (
-        vals["egfr_ml_min_1_73m2"][:, ki] - vals["egfr_ml_min_1_73m2"][:, :1]
-    )
-    if outcome == "heart_failure":
-        kw["bmi_kg_m2"] = inputs.bmi_kg_m2 + (vals["bmi_kg_m2"][:, ki] - vals["bmi_kg_m2"][:, :1])
-    if "hba1c_percent" in kw and "hba1c_percent" in vals:
-        kw["hba1c_percent"] = inputs.hba1c_percent + (vals["hba1c_percent"][:, ki] - vals["hba1c_percent"][:, :1])
-    risk = prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True, **kw)
-    log_ratio = np.log(_cum_hazard(risk)) - anchors.log_cum_hazard_at_baseline[outcome]
-    return log_ratio, knot_t
-
-
-def kfre_log_hazard(inputs: PatientInputs, traj: Trajectories) -> tuple[np.ndarray, np.ndarray]:
-    """log of the KFRE-implied constant hazard at yearly knots on the untreated eGFR trajectory."""
-    t = traj.t_years
-    ki = _knot_index(t)
-    knot_t = t[ki]
-    egfr = inputs.egfr_ml_min_1_73m2 + (traj.egfr_natural[:, ki] - traj.egfr_natural[:, :1])
-    # age is held at baseline: the 5-year risk already integrates ageing over its horizon, and KFRE's age
-    # term is weak (and protective), so updating it would double count
-    ages = np.full(knot_t.shape, inputs.age_years)
-    common: dict[str, Any] = dict(sex=inputs.sex, uacr_mg_g=inputs.uacr_mg_g, clip=True)
-    egfr_c = np.clip(egfr, *KFRE_EGFR_RANGE)
-    log_h = np.log(_cum_hazard(kfre_risk(horizon_years=5, age_years=ages, egfr_ml_min_1_73m2=egfr_c, **common)) / 5)
-    hi = np.log(_cum_hazard(kfre_risk(horizon_years=5, age_years=ages, egfr_ml_min_1_73m2=60.0, **common)))
-    lo = np.log(_cum_hazard(kfre_risk(horizon_years=5, age_years=ages, egfr_ml_min_1_73m2=55.0, **common)))
-    per_unit = (hi - lo) / 5.0
-    log_h = log_h + per_unit * np.maximum(egfr - KFRE_EGFR_RANGE[1], 0.0)
-    return log_h, knot_t
-
-
-def background_death_hazard(inputs: PatientInputs, t_mid: np.ndarray) -> np.ndarray:
-    """Non-CVD death hazard per year at month midpoints (Gompertz assumption, see the data file)."""
-    spec = dynamics_parameters()["background_mortality"]
-    age = inputs.age_years + t_mid
-    hazard: np.ndarray = spec["h60"][inputs.sex] * np.exp(spec["b_per_year"] * (age - 60.0)) * spec["non_cvd_share"]
-    return hazard
+    expected = np.zeros(ki.size)
+    deviated = np.zeros((traj.deviation["egfr_ml_min_1_73m2"].shape[0], ki.size))
+    for variable, (grid, logit) in anchors.logit[outcome].items():
+        path = traj.expected[variable][ki]
+        at_path = np.interp(path, grid, logit)
+        expected += at_path
+        deviated += np.interp(path[None, :] + traj.deviation[variable][:, ki], grid, logit) - at_path[None, :]
+    log_ratio = _log_h_of_logit(expected[None, :] + deviated) - _log_h_of_logit(expected)[None, :]
+    t_mid = 0.5 * (t[1:] + t[:-1])
+    months: np.ndarray = log_ratio @ interpolation_matrix(t[ki], t_mid)
+    return months
 
 
 def _mid(x: np.ndarray) -> np.ndarray:
     mid: np.ndarray = 0.5 * (x[:, 1:] + x[:, :-1])
     return mid
+
+
+def coronary_multiplier(inputs: PatientInputs, ratios: dict[str, np.ndarray]) -> np.ndarray:
+    """Genomic hazard ratio of the coronary component (FH variant, CAD polygenic score), per draw."""
+    n = next(iter(ratios.values())).shape[0]
+    log_m = np.zeros(n)
+    if inputs.fh_variant:
+        log_m = log_m + np.log(ratios["fh_variant_cad_or_at_same_ldl"])
+    if inputs.cad_prs_z is not None:
+        log_m = log_m + inputs.cad_prs_z * np.log(ratios["cad_prs_hr_per_sd"])
+    out: np.ndarray = np.exp(log_m)
+    return out
+
+
+def coronary_share() -> float:
+    """Share of first ASCVD events that are coronary (the rest are strokes)."""
+    return float(intervention_parameters()["coronary_share_of_ascvd"]["value"])
+
+
+def quitter_multiplier(anchors: Anchors, ratios: dict[str, np.ndarray], t_mid: np.ndarray) -> dict[str, np.ndarray]:
+    """Hazard ratio (draws, months) of a sustained quitter vs a continuing smoker, per CVD outcome.
+
+    Duncan et al.'s HR for the first 5 years after quitting, then waning linearly to the never-smoker
+    ratio of the anchoring equation by ``years_to_never_smoker``; never below that ratio (a quitter never
+    does better than someone who never smoked).
+    """
+    spec = intervention_parameters()["smoking_cessation_time_course"]
+    early, full = float(spec["early_years"]), float(spec["years_to_never_smoker"])
+    log_hr = np.log(ratios["smoking_cessation_cvd_hr"])[:, None]
+    out: dict[str, np.ndarray] = {}
+    for outcome in CVD_OUTCOMES:
+        floor = np.log(anchors.never_smoker_ratio[outcome][: t_mid.size])[None, :]
+        late = np.clip((t_mid - early) / (full - early), 0.0, 1.0)[None, :]
+        path = log_hr + (floor - log_hr) * late
+        out[outcome] = np.exp(np.maximum(path, floor))
+    return out
 
 
 def hazard_paths(
@@ -236,88 +476,98 @@ def hazard_paths(
     scenario: Scenario,
     dynamic: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Hazard per year for each month (draws, months) and outcome (death: shape (months,))."""
+    """Hazard per year for each month (draws, months) of every outcome (a continuing smoker keeps smoking)."""
     t = traj.t_years
+    m = t.size - 1
     t_mid = 0.5 * (t[1:] + t[:-1])
-    decade = np.minimum((t_mid // 10).astype(int), len(anchors.hazard_per_decade["total_cvd"]) - 1)
-    vals = traj.values
     ratios = draws.ratios
+    dev = traj.deviation
 
-    d_ldl = _mid(vals["ldl_cholesterol_mg_dl"]) - vals["ldl_cholesterol_mg_dl"][:, :1]
-    d_sbp = _mid(vals["systolic_bp_mm_hg"]) - vals["systolic_bp_mm_hg"][:, :1]
-    log_ldl = (d_ldl / MG_DL_PER_MMOL_L_LDL) * -np.log(ratios["ldl_major_vascular_rr_per_mmol_l"])[:, None]
-    log_sbp_cvd = (d_sbp / 10.0) * -np.log(ratios["sbp_major_cvd_rr_per_10_mm_hg"])[:, None]
-    log_sbp_hf = (d_sbp / 10.0) * -np.log(ratios["sbp_heart_failure_rr_per_10_mm_hg"])[:, None]
+    # LDL-C (CTT per mmol/L, smaller in the first year) and SBP (Ettehad per 10 mmHg, by outcome)
+    ldl_fall = -_mid(dev["ldl_cholesterol_mg_dl"]) / MG_DL_PER_MMOL_L_LDL
+    first_year = (t_mid < 1.0)[None, :]
+    log_ldl = ldl_fall * np.where(first_year, np.log(ratios["ldl_major_vascular_rr_per_mmol_l_year1"])[:, None],
+                                  np.log(ratios["ldl_major_vascular_rr_per_mmol_l"])[:, None])
+    sbp_fall = -_mid(dev["systolic_bp_mm_hg"]) / 10.0
 
-    log_gen = np.zeros(draws.n)
-    if inputs.fh_variant:
-        log_gen = log_gen + np.log(ratios["fh_variant_cad_or_at_same_ldl"])
-    if inputs.cad_prs_z is not None:
-        name = "cad_prs_hr_per_sd"
-        if inputs.race is not None and inputs.race.lower() in _AFRICAN_ANCESTRY_RACES:
-            name = "cad_prs_hr_per_sd_african_ancestry"
-        log_gen = log_gen + inputs.cad_prs_z * np.log(ratios[name])
-    log_smoke = np.zeros(draws.n)
-    if scenario.has("smoking_cessation") is not None and inputs.current_smoker:
-        log_smoke = np.log(ratios["smoking_cessation_cvd_hr"])
+    def per_10(name: str) -> np.ndarray:
+        out: np.ndarray = np.exp(sbp_fall * np.log(ratios[name])[:, None])
+        return out
 
-    def anchored(outcome: str) -> np.ndarray:
-        base = anchors.hazard_per_decade[outcome][decade][None, :]
-        if not dynamic:
-            return np.broadcast_to(base, (draws.n, t_mid.size))
-        log_r, knot_t = prevent_log_ratio(inputs, anchors, traj, outcome)
-        hazard: np.ndarray = base * np.exp(_interp_knots_to_months(log_r, knot_t, t_mid))
-        return hazard
+    c = coronary_share()
+    coronary = coronary_multiplier(inputs, ratios)[:, None]
+    m_ascvd = np.exp(log_ldl) * (c * coronary * per_10("sbp_coronary_rr_per_10_mm_hg")
+                                 + (1 - c) * per_10("sbp_stroke_rr_per_10_mm_hg"))
+    m_hf = per_10("sbp_heart_failure_rr_per_10_mm_hg")
+    if scenario.has("sglt2i") is not None:
+        m_hf = m_hf * ratios["sglt2i_heart_failure_rr"][:, None]
+    h_ascvd, h_hf = anchors.cvd["ascvd"][:m], anchors.cvd["heart_failure"][:m]
+    a = (h_ascvd / np.maximum(h_ascvd + h_hf, 1e-12))[None, :]
+    multipliers = {"ascvd": m_ascvd, "heart_failure": m_hf, "total_cvd": a * m_ascvd + (1 - a) * m_hf}
 
-    share = float(min(1.0, anchors.hazard_per_decade["ascvd"][0] / anchors.hazard_per_decade["total_cvd"][0]))
-    ascvd_mult = np.exp(log_ldl + log_gen[:, None])
     out: dict[str, np.ndarray] = {}
-    out["ascvd"] = anchored("ascvd") * ascvd_mult * np.exp(log_sbp_cvd + log_smoke[:, None])
-    out["total_cvd"] = (
-        anchored("total_cvd") * (share * ascvd_mult + (1.0 - share)) * np.exp(log_sbp_cvd + log_smoke[:, None])
-    )
-    out["heart_failure"] = anchored("heart_failure") * np.exp(log_sbp_hf + log_smoke[:, None])
+    for outcome in CVD_OUTCOMES:
+        hz = anchors.cvd[outcome][:m][None, :] * multipliers[outcome]
+        if dynamic:
+            hz = hz * np.exp(prevent_log_ratio(inputs, anchors, traj, outcome))
+        out[outcome] = hz
 
-    if anchors.kidney_mode == "kfre":
-        log_h, knot_t = kfre_log_hazard(inputs, traj)
-        kf = np.exp(_interp_knots_to_months(log_h, knot_t, t_mid))
-        if scenario.has("sglt2i") is not None:
-            kf = kf * ratios["sglt2i_kidney_progression_rr"][:, None]
-        out["kidney_failure"] = kf
-    else:
-        threshold = dynamics_parameters()["kidney_failure_egfr_threshold"]["value"]
-        below = _mid(vals["egfr_ml_min_1_73m2"]) < threshold
-        out["kidney_failure"] = np.where(below, THRESHOLD_HAZARD_PER_YEAR, 0.0)
-    out["death"] = background_death_hazard(inputs, t_mid)
+    # kidney failure: the KFRE-anchored hazard moved by the eGFR deviation along KFRE's eGFR term
+    beta = _kfre_terms()["egfr_per_5"] / 5.0
+    kidney = anchors.kidney[np.minimum(draws.uacr_quantile, anchors.kidney.shape[0] - 1), :m]
+    kf = kidney * np.exp(beta * _mid(traj.egfr_natural_deviation)) if dynamic else kidney
+    if scenario.has("sglt2i") is not None:
+        kf = kf * ratios["sglt2i_kidney_progression_rr"][:, None]
+    out["kidney_failure"] = kf
     return out
 
 
-def competing_cif(hazard: np.ndarray, death: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
-    """Discrete-time competing risks: CIF of the event and of death-before-event, (draws, months+1).
+def competing_cif(
+    hazard: np.ndarray, death: np.ndarray, dt: float, with_death: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Discrete-time competing risks: CIF of the event and (``with_death``) of death-before-event, (draws, months+1).
 
-    Within a month hazards are constant, so P(any) = 1 - exp(-(h+d) dt), split in proportion h : d.
+    Within a month hazards are constant, so P(any) = 1 - exp(-(h+d) dt), split in proportion h : d
+    (the death hazard is positive at every age, so the total never vanishes).
     """
     total = hazard + death
     n, m = total.shape
-    cum = np.empty((n, m + 1))
-    cum[:, 0] = 0.0
-    np.cumsum(total * dt, axis=1, out=cum[:, 1:])
-    surv = np.exp(-cum)  # S at month starts 0..m
-    frac = np.divide(hazard, total, out=np.zeros_like(total), where=total > 0)
+    surv = np.empty((n, m + 1))
+    surv[:, 0] = 1.0
+    np.cumsum(total, axis=1, out=surv[:, 1:])
+    np.exp(surv[:, 1:] * -dt, out=surv[:, 1:])
     cif_event = np.empty((n, m + 1))
     cif_event[:, 0] = 0.0
-    np.cumsum((surv[:, :-1] - surv[:, 1:]) * frac, axis=1, out=cif_event[:, 1:])
-    cif_death = np.clip(1.0 - surv - cif_event, 0.0, 1.0)  # everything that left the event-free state
+    np.cumsum((surv[:, :-1] - surv[:, 1:]) * (hazard / total), axis=1, out=cif_event[:, 1:])
+    if not with_death:
+        return cif_event, None
+    cif_death = np.clip(1.0 - surv - cif_event, 0.0, 1.0)
     return cif_event, cif_death
 
 
-def cumulative_incidence(hazards: dict[str, np.ndarray], dt: float, with_death: bool = True) -> dict[str, np.ndarray]:
-    """CIF per outcome; ``death`` is non-CVD death before a first CVD event (competing with total CVD)."""
-    any_event = hazards["total_cvd"]
-    death = np.broadcast_to(hazards["death"], any_event.shape) if with_death else np.zeros_like(any_event)
+def cumulative_incidence(
+    hazards: dict[str, np.ndarray], anchors: Anchors, outcomes: tuple[str, ...] = OUTCOMES
+) -> dict[str, np.ndarray]:
+    """CIF per outcome with its competing death; ``death`` is non-CVD death before a first CVD event."""
+    m = hazards["total_cvd"].shape[1]
+    non_cvd = np.broadcast_to(anchors.death_non_cvd[:m], hazards["total_cvd"].shape)
     out: dict[str, np.ndarray] = {}
-    for outcome in ("ascvd", "total_cvd", "heart_failure", "kidney_failure"):
-        out[outcome], death_cif = competing_cif(hazards[outcome], death, dt)
-        if outcome == "total_cvd":
-            out["death"] = death_cif
+    for outcome in CVD_OUTCOMES:
+        out[outcome], death = competing_cif(hazards[outcome], non_cvd, DT, with_death=outcome == "total_cvd")
+        if death is not None:
+            out["death"] = death
+    if "kidney_failure" in outcomes:
+        all_cause = np.broadcast_to(anchors.death_all[:m], hazards["kidney_failure"].shape)
+        out["kidney_failure"], _ = competing_cif(hazards["kidney_failure"], all_cause, DT, with_death=False)
     return out
+
+
+def after_quit_attempt(
+    hazards: dict[str, np.ndarray], cif: dict[str, np.ndarray], anchors: Anchors, draws: ParameterDraws,
+    t_mid: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """CIFs after a quit attempt: the mixture of a sustained quit (probability q) and continued smoking."""
+    factor = quitter_multiplier(anchors, draws.ratios, t_mid)
+    quit = cumulative_incidence({o: hazards[o] * factor[o] for o in CVD_OUTCOMES}, anchors, outcomes=CVD_OUTCOMES)
+    q = draws.quit_probability[:, None]
+    return {o: q * quit[o] + (1 - q) * cif[o] if o in quit else cif[o] for o in cif}

@@ -24,7 +24,9 @@ from fhirtwin.sim.equations import prevent_risk
 from fhirtwin.sim.hazards import (
     OUTCOMES,
     Anchors,
+    after_quit_attempt,
     compute_anchors,
+    coronary_share,
     cumulative_incidence,
     hazard_paths,
     prevent_kwargs,
@@ -216,7 +218,10 @@ _DRIVER_REFERENCES = (
 
 
 def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ...]:
-    """Counterfactual contributions: PREVENT 10-year risk now vs with one factor at a reference value."""
+    """Counterfactual contributions: PREVENT 10-year risk now vs with one factor at a reference value.
+
+    Genomic drivers use the same coronary-component hazard ratio as the forecast (point estimates).
+    """
     kw = prevent_kwargs(inputs, anchors.prevent_model)
     age = float(np.clip(inputs.age_years, 30, 79))
     out: list[Driver] = []
@@ -247,42 +252,38 @@ def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ..
         for flag, label in (("current_smoker", "current smoking"), ("diabetes", "diabetes")):
             if getattr(inputs, flag):
                 out.append(Driver(label, outcome, "yes", "no", now, risk(outcome, **{flag: 0})))
-    ascvd = float(anchors.prevent_10y["ascvd"][0])
-    ratios = intervention_parameters()["ratios"]
+    ascvd = anchors.published["prevent_10y_ascvd"]
+    point = {name: np.array([float(spec["value"])]) for name, spec in intervention_parameters()["ratios"].items()}
+    share = coronary_share()
+
+    def with_coronary(multiplier: float) -> float:
+        return float(1 - (1 - ascvd) ** (share * multiplier + 1 - share))
+
     if inputs.fh_variant:
-        hr = ratios["fh_variant_cad_or_at_same_ldl"]["value"]
-        out.append(Driver("FH variant", "ascvd", "carrier", "non-carrier", 1 - (1 - ascvd) ** hr, ascvd))
+        hr = float(point["fh_variant_cad_or_at_same_ldl"][0])
+        out.append(Driver("FH variant", "ascvd", "carrier", "non-carrier", with_coronary(hr), ascvd))
     if inputs.cad_prs_z is not None and inputs.cad_prs_z > 0:
-        hr = ratios["cad_prs_hr_per_sd"]["value"] ** inputs.cad_prs_z
-        z_text = f"z = {inputs.cad_prs_z:+.2f}"
-        out.append(
-            Driver("CAD polygenic score", "ascvd", z_text, "z = 0", 1 - (1 - ascvd) ** hr, ascvd)
-        )
+        hr = float(point["cad_prs_hr_per_sd"][0]) ** inputs.cad_prs_z
+        out.append(Driver("CAD polygenic score", "ascvd", f"z = {inputs.cad_prs_z:+.2f}", "z = 0",
+                          with_coronary(hr), ascvd))
     out = [d for d in out if d.contribution > 0.001]
     return tuple(sorted(out, key=lambda d: -d.contribution))
 
 
 @register_model
 class MechanisticTwin(TwinModel):
-    """Equation-anchored hazards driven by calibrated, coupled biomarker dynamics (the fhirtwin engine).
-
-    ``background_mortality=False`` switches off the competing non-CVD death (used to check that the
-    baseline reproduces the anchoring equation).
-    """
+    """Equation-anchored hazards moved by the patient's deviation from the expected biomarker course."""
 
     name = "fhirtwin-mechanistic"
-    version = "0.2.0"
+    version = "0.3.0"
     dynamic: ClassVar[bool] = True
 
-    def __init__(self, background_mortality: bool = True) -> None:
-        self.background_mortality = background_mortality
-
     def fit(self, data: TwinState | PatientInputs, as_of: date | datetime | None = None) -> Self:
-        """Read inputs, calibrate levels/drifts and evaluate the anchoring equations."""
+        """Read inputs, calibrate levels and slopes, and solve the anchored hazards."""
         inputs = _as_inputs(data, as_of)
         self.inputs_: PatientInputs = inputs
         self.posteriors_: dict[str, LinearPosterior] = calibrate(inputs)
-        self.anchors_: Anchors = compute_anchors(inputs, MAX_HORIZON_YEARS)
+        self.anchors_: Anchors = compute_anchors(inputs)
         self.drivers_: tuple[Driver, ...] = compute_drivers(inputs, self.anchors_)
         return self
 
@@ -298,24 +299,33 @@ class MechanisticTwin(TwinModel):
         if not 1.0 / 12.0 <= horizon_years <= MAX_HORIZON_YEARS:
             raise ValueError(f"horizon_years must be between 1 month and {MAX_HORIZON_YEARS:g} years")
         scenario = BASELINE if scenario is None else scenario
-        inputs = self.inputs_
+        inputs, anchors = self.inputs_, self.anchors_
         t = month_grid(horizon_years)
-        params = draw_parameters(inputs, self.posteriors_, draws, seed, horizon_years)
+        params = draw_parameters(inputs, self.posteriors_, draws, seed, horizon_years,
+                                 uacr_quantiles=anchors.kidney.shape[0])
         traj = simulate_trajectories(inputs, self.posteriors_, params, scenario, t, dynamic=self.dynamic)
-        hz = hazard_paths(inputs, self.anchors_, traj, params, scenario, dynamic=self.dynamic)
-        cif = cumulative_incidence(hz, 1.0 / 12.0, with_death=self.background_mortality)
-        caveats = list(self.anchors_.caveats)
+        hz = hazard_paths(inputs, anchors, traj, params, scenario, dynamic=self.dynamic)
+        cif = cumulative_incidence(hz, anchors)
+        if scenario.has("smoking_cessation") is not None and inputs.current_smoker:
+            cif = after_quit_attempt(hz, cif, anchors, params, 0.5 * (t[1:] + t[:-1]))
+        extrapolated = [flag for flag in anchors.extrapolated if _applies(flag, horizon_years)]
+        caveats = list(anchors.caveats)
+        caveats.extend(f"extrapolated: {flag}" for flag in extrapolated)
         caveats.extend(f"default used: {d}" for d in inputs.defaults_used)
         if "hba1c_percent" not in traj.values:
             caveats.append("no HbA1c measured: HbA1c is not simulated and does not modify eGFR decline")
         if inputs.fh_variant is None and inputs.cad_prs_z is None and inputs.apol1_risk_alleles is None:
             caveats.append("no genomic results: FH, CAD polygenic score and APOL1 modifiers not applied")
-        if not self.background_mortality:
-            caveats.append("background (non-CVD) mortality switched off")
+        if inputs.cad_prs_z is not None:
+            caveats.append("CAD polygenic score: risk-factor-adjusted hazard ratio from a European-ancestry cohort; "
+                           "its effect is smaller in other ancestries")
         method = {
-            **self.anchors_.method,
+            **anchors.method,
             "engine": f"{self.name} {self.version}",
-            "dynamics": "calibrated linear drifts + random walk, coupled eGFR-HbA1c" if self.dynamic else "none",
+            "dynamics": ("population-expected course plus an integrated Ornstein-Uhlenbeck deviation fitted to "
+                         "the patient's history" if self.dynamic else "population-expected course only"),
+            "extrapolated": extrapolated,
+            "published": anchors.published,
             "effects": "interventions.json",
             "parameters": "dynamics_parameters.json",
         }
@@ -337,6 +347,15 @@ class MechanisticTwin(TwinModel):
         )
 
 
+def _applies(flag: str, horizon_years: float) -> bool:
+    """Whether an extrapolation flag concerns this horizon (beyond-horizon flags only past that horizon)."""
+    if "beyond 10 years" in flag or "above 79" in flag:
+        return horizon_years > 10
+    if "beyond 5 years" in flag:
+        return horizon_years > 5
+    return True
+
+
 @register_model
 class EquationTwin(MechanisticTwin):
     """Comparator: the anchoring equations with trial effects of interventions, but no natural history.
@@ -346,5 +365,5 @@ class EquationTwin(MechanisticTwin):
     """
 
     name = "fhirtwin-equations"
-    version = "0.2.0"
+    version = "0.3.0"
     dynamic = False

@@ -96,25 +96,21 @@ def method_concept(forecast: ForecastLike, outcome: str) -> dict[str, Any]:
 
     A CodeableConcept's codings must all mean the same concept, so ``method`` names only the anchoring
     equation: PREVENT (its model variant) for the cardiovascular outcomes; for kidney failure the KFRE
-    variant, or, without a UACR, the simulated CKD-EPI 2021 eGFR falling below 15. The simulation model that
-    projects it over time is in the ``simulation-model`` extension (:func:`simulation_model_extension`).
+    variant (averaged over a published UACR distribution when UACR was not measured). The simulation model
+    that projects it over time is in the ``simulation-model`` extension (:func:`simulation_model_extension`).
     """
     method = forecast.method or {}
     code = None
     if outcome == "kidney_failure":
-        if method.get("kidney_mode") == "kfre":
-            anchor = method.get("kfre") or {}
-            code = KFRE_CODES.get(str(anchor.get("variant", "")))
-        else:
-            anchor = method.get("egfr") or {}
-            code = "egfr-trajectory-g5"
+        anchor = method.get("kfre") or {}
+        code = KFRE_CODES.get(str(anchor.get("variant", "")))
     else:
         anchor = method.get("prevent") or {}
         code = PREVENT_CODES.get(str(anchor.get("variant", "")))
     text = (f"{anchor.get('model', 'n/a')} (variant {anchor.get('variant', 'n/a')}, implementation "
             f"{anchor.get('implementation_version', 'n/a')})")
-    if code == "egfr-trajectory-g5":
-        text = f"Simulated eGFR below 15 mL/min/1.73m2 (KDIGO G5); eGFR by {text}"
+    if outcome == "kidney_failure" and method.get("kidney_mode") == "kfre-imputed-uacr":
+        text += "; UACR not measured: averaged over a published UACR distribution"
     out: dict[str, Any] = {"text": text}
     if code:
         out["coding"] = [coding(code)]

@@ -75,21 +75,21 @@ def test_method_is_one_concept_the_anchoring_equation_and_mitigation_names_inter
     # one concept per CodeableConcept: the equation variant in method, the simulation model in its extension
     assert [c["code"] for c in ra["method"]["coding"]] == ["prevent-2024-full"]
     model = next(e for e in ra["extension"] if e["url"].endswith("/simulation-model"))["valueCodeableConcept"]
-    assert [c["code"] for c in model["coding"]] == ["fhirtwin-mechanistic"] and "0.2.0" in model["text"]
+    assert [c["code"] for c in model["coding"]] == ["fhirtwin-mechanistic"] and "0.3.0" in model["text"]
     assert cohort_run().plan.options[0].scenario.name in ra["mitigation"]
     kidney = _ra("kidney_failure")
     assert [c["code"] for c in kidney["method"]["coding"]] == ["kfre-4var"]
 
 
-def test_method_codes_every_variant_and_the_egfr_route() -> None:
+def test_method_codes_every_variant_and_the_imputed_uacr_route() -> None:
     def forecast(**method: object) -> SimpleNamespace:
         return SimpleNamespace(method=method, model="fhirtwin-equations", model_version="0.1.0")
 
     for variant, code in PREVENT_CODES.items():
         assert method_concept(forecast(prevent={"variant": variant}), "ascvd")["coding"] == [coding(code)]
-    egfr = method_concept(forecast(kidney_mode="egfr_threshold", egfr={"variant": "creatinine_2021"}),
-                          "kidney_failure")
-    assert egfr["coding"] == [coding("egfr-trajectory-g5")] and "15" in egfr["text"]
+    imputed = method_concept(forecast(kidney_mode="kfre-imputed-uacr", kfre={"variant": "4-variable"}),
+                             "kidney_failure")
+    assert imputed["coding"] == [coding("kfre-4var")] and "UACR not measured" in imputed["text"]
     kfre8 = method_concept(forecast(kidney_mode="kfre", kfre={"variant": "8-variable"}), "kidney_failure")
     assert kfre8["coding"] == [coding("kfre-8var")]
     assert all(c in CONCEPTS for c in [*PREVENT_CODES.values(), *KFRE_CODES.values()])
@@ -183,5 +183,5 @@ def test_profiles_are_r4_and_codesystem_matches_codes() -> None:
     vs_codes = {r["id"]: {c["code"] for i in r["compose"]["include"] for c in i.get("concept", [])}
                 for r in resources if r["resourceType"] == "ValueSet"}
     assert all(codes <= set(CONCEPTS) for codes in vs_codes.values())
-    assert {*PREVENT_CODES.values(), *KFRE_CODES.values(), "egfr-trajectory-g5"} <= vs_codes["fhirtwin-models"]
+    assert {*PREVENT_CODES.values(), *KFRE_CODES.values()} <= vs_codes["fhirtwin-models"]
     assert vs_codes["fhirtwin-simulation-models"] == {"fhirtwin-mechanistic", "fhirtwin-equations"}
