@@ -10,7 +10,7 @@ only where a published or stated convention exists, and each one is recorded in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +70,9 @@ class PatientInputs:
     hypertension: bool = False
     ckd: bool = False
     prior_ascvd: bool = False
+    prior_stroke_or_tia: bool = False
+    prior_mi_or_acs: bool = False
+    weight_kg: float | None = None
     heart_failure: bool = False
     statin_intensity: str | None = None
     statin_agent: str | None = None
@@ -110,6 +113,30 @@ class PatientInputs:
     def apol1_high_risk(self) -> bool:
         """Two APOL1 risk alleles (G1/G2), the genotype associated with faster kidney decline."""
         return self.apol1_risk_alleles is not None and self.apol1_risk_alleles >= 2
+
+
+@dataclass(frozen=True)
+class MedicationSafetyInputs:
+    """What pharmacogenomic medication safety needs, readable without lipids or blood pressure.
+
+    Why: the risk model refuses some patients (out of scope, missing lipids) whose current statin or
+    clopidogrel still deserves a CPIC check. None means not recorded (age, weight, dose, agent, phenotype).
+    ABCG2 and CYP2C9 phenotypes are not read from the record yet (no twin variable); callers may set them.
+    """
+
+    patient_id: str
+    age_years: float | None
+    weight_kg: float | None
+    prior_stroke_or_tia: bool
+    prior_mi_or_acs: bool
+    on_statin: bool
+    statin_agent: str | None
+    statin_daily_dose_mg: float | None
+    on_clopidogrel: bool
+    slco1b1_phenotype: str | None
+    cyp2c19_phenotype: str | None
+    abcg2_phenotype: str | None = None
+    cyp2c9_phenotype: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,6 +341,28 @@ def _diabetes(reader: _Reader) -> bool:
     return False
 
 
+#: A weight counts for medication safety (prasugrel below 60 kg) only within a year before ``as_of``.
+RECENT_WEIGHT_YEARS = 1.0
+#: Stroke or TIA for medication safety: a recorded stroke, TIA or cerebrovascular disease (the last errs toward
+#: never naming prasugrel and toward CPIC's neurovascular clopidogrel rule).
+STROKE_OR_TIA_VARIABLES = ("prior_stroke", "tia", "cerebrovascular_disease")
+
+
+def _recorded(state: TwinState, variable: str, as_of: TimePoint) -> bool:
+    """A yes/no history read under the closed-world problem-list convention, without recording a default:
+    it feeds medication safety rules, not the risk model (whose defaults the RiskAssessment lists)."""
+    ev = state.latest_or_none(variable, as_of)
+    return ev is not None and bool(ev.value) and ev.value != "none"
+
+
+def _recent_weight(state: TwinState, as_of: TimePoint) -> float | None:
+    """The latest weight within ``RECENT_WEIGHT_YEARS`` (an older one may no longer hold)."""
+    ev = state.latest_or_none("weight_kg", as_of, lookback=timedelta(days=_YEAR_DAYS * RECENT_WEIGHT_YEARS))
+    if ev is None or ev.censored or isinstance(ev.value, bool) or not isinstance(ev.value, int | float):
+        return None
+    return float(ev.value)
+
+
 def _friedewald(tc: float, hdl: float, tg: float | None) -> float | None:
     """Friedewald LDL-C (Friedewald et al., Clin Chem 1972;18:499): valid only for TG < 400 mg/dL."""
     if tg is None or tg >= 400:
@@ -408,6 +457,7 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
     prs = geno("cad_prs_z")
     prior_mi = reader.flag("prior_mi", _PROBLEM_CONVENTION)
     prior_stroke = reader.flag("prior_stroke", _PROBLEM_CONVENTION)
+    stroke_or_tia = bool(prior_stroke) or any(_recorded(state, v, as_of) for v in STROKE_OR_TIA_VARIABLES[1:])
 
     return PatientInputs(
         patient_id=pid,
@@ -429,6 +479,9 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         hypertension=bool(reader.flag("hypertension", _PROBLEM_CONVENTION)),
         ckd=bool(reader.flag("ckd", _PROBLEM_CONVENTION)),
         prior_ascvd=bool(prior_mi or prior_stroke),
+        prior_stroke_or_tia=stroke_or_tia,
+        prior_mi_or_acs=bool(prior_mi),
+        weight_kg=_recent_weight(state, as_of),
         heart_failure=bool(reader.flag("heart_failure", _PROBLEM_CONVENTION)),
         statin_intensity=intensity,
         statin_agent=agent,
@@ -450,4 +503,55 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         history_bmi_kg_m2=reader.series("bmi_kg_m2"),
         sources=tuple(sorted(reader.sources)),
         defaults_used=tuple(reader.defaults),
+    )
+
+
+def medication_safety_inputs(state: TwinState, as_of: date | datetime | None = None) -> MedicationSafetyInputs:
+    """Read what pharmacogenomic medication safety needs at ``as_of`` (default: the twin's reference date).
+
+    Unlike :func:`inputs_from_state` it needs no lipids or blood pressure and never raises for missing data
+    (None instead), so patients the risk model refuses still get their current medications checked.
+    Conventions are those of :func:`inputs_from_state` (closed-world medication and problem lists).
+    """
+    from fhirtwin.twin import MissingEvidence
+
+    when = as_of if as_of is not None else state.reference_date
+    if when is None:
+        raise ValueError("medication_safety_inputs needs as_of when the twin has no reference date")
+    reader = _Reader(state, when)
+    age: float | None
+    try:
+        age = float(state.age_years(when))
+        birth = state.demographics.birth_date
+        if birth is not None:
+            age = max(age, _years(when, _instant(birth)))
+    except MissingEvidence:
+        age = None
+    on_statin = _recorded(state, "on_statin", when)
+    agent: str | None = None
+    dose: float | None = None
+    if on_statin:
+        agent_ev = reader.get("statin_agent")
+        if agent_ev is not None and isinstance(agent_ev.value, str) and agent_ev.value != "none":
+            agent = agent_ev.value
+        dose_ev = reader.get("statin_daily_dose_mg")
+        if dose_ev is not None and isinstance(dose_ev.value, int | float) and not isinstance(dose_ev.value, bool):
+            dose = float(dose_ev.value)
+
+    def phenotype(variable: str) -> str | None:
+        ev = reader.get(variable)
+        return None if ev is None or ev.value is None else str(ev.value)
+
+    return MedicationSafetyInputs(
+        patient_id=state.patient_id,
+        age_years=age,
+        weight_kg=_recent_weight(state, when),
+        prior_stroke_or_tia=any(_recorded(state, v, when) for v in STROKE_OR_TIA_VARIABLES),
+        prior_mi_or_acs=_recorded(state, "prior_mi", when),
+        on_statin=on_statin,
+        statin_agent=agent,
+        statin_daily_dose_mg=dose,
+        on_clopidogrel=_recorded(state, "on_clopidogrel", when),
+        slco1b1_phenotype=phenotype("slco1b1_phenotype"),
+        cyp2c19_phenotype=phenotype("cyp2c19_phenotype"),
     )

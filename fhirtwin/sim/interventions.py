@@ -14,8 +14,16 @@ import numpy as np
 
 from fhirtwin.sim._params import intervention_parameters
 from fhirtwin.sim.inputs import PatientInputs
+from fhirtwin.sim.pharmacogenomics import (
+    clopidogrel_advice,
+    medication_flags,
+    safety_inputs,
+    statin_proposal_problem,
+    statin_restriction_note,
+)
+from fhirtwin.sim.pharmacogenomics import source as pgx_source
 
-KINDS = ("statin", "bp_lowering", "sglt2i", "smoking_cessation")
+KINDS = ("statin", "bp_lowering", "sglt2i", "smoking_cessation", "ezetimibe", "pcsk9_inhibitor")
 
 
 @dataclass(frozen=True)
@@ -86,75 +94,33 @@ class Candidates:
     notes: tuple[str, ...] = field(default=())
 
 
-def _phenotype_matches(phenotype: str | None, restricted: list[str]) -> bool:
-    if phenotype is None:
-        return False
-    text = phenotype.lower().replace("-", "_").replace(" ", "_")
-    if "normal" in text or "rapid" in text or "increased" in text:
-        return False
-    return any(word in text for word in restricted)
-
-
-def _slco1b1_limits(inputs: PatientInputs) -> tuple[str | None, dict[str, float]]:
-    """The CPIC 2022 dose limits that apply to this patient's SLCO1B1 phenotype: (phenotype word, limits)."""
-    rule = intervention_parameters()["pharmacogenomics"]["slco1b1_dose_limits_mg"]
-    phenotype = inputs.slco1b1_phenotype
-    if not _phenotype_matches(phenotype, ["decreased", "poor"]):
-        return None, {}
-    assert phenotype is not None
-    word = "poor" if "poor" in phenotype.lower() else "decreased"
-    return word, {agent: float(mg) for agent, mg in rule[word].items()}
-
-
 def choose_statin(inputs: PatientInputs, intensity: str) -> tuple[Intervention | None, list[Exclusion]]:
-    """The first agent and dose of an intensity that CPIC 2022 allows for the patient's SLCO1B1 phenotype.
+    """The first agent and dose of an intensity that CPIC 2022 allows for the patient's phenotypes.
 
-    A restricted phenotype (decreased or poor function) gets only agents with a listed limit at or above
-    the dose (e.g. poor function: not atorvastatin 40 mg but rosuvastatin 20 mg); None when no agent of
+    The limits live in :mod:`fhirtwin.sim.pharmacogenomics` (e.g. SLCO1B1 poor function: not atorvastatin
+    40 mg but rosuvastatin 20 mg); every option left out is recorded with its reason. None when no agent of
     that intensity is allowed.
     """
     params = intervention_parameters()
-    limits_rule = params["pharmacogenomics"]["slco1b1_dose_limits_mg"]
-    word, limits = _slco1b1_limits(inputs)
+    safety = safety_inputs(inputs)
     excluded: list[Exclusion] = []
-    notes: list[str] = []
-    options = [(str(a), float(d)) for a, d in params["statin_agents"][intensity]]
-    if word is not None:
-        kept = [(a, d) for a, d in options if a in limits and d <= limits[a]]
-        for agent, dose in options:
-            if (agent, dose) not in kept:
-                limit = limits.get(agent)
-                why = ("no CPIC dose limit for this phenotype: not proposed" if limit is None
-                       else "avoid" if limit == 0 else f"CPIC limit {limit:g} mg/day")
-                excluded.append(Exclusion(f"{agent} {dose:g} mg ({intensity} intensity)",
-                                          f"SLCO1B1 {inputs.slco1b1_phenotype}: {why} (myopathy risk)",
-                                          limits_rule["source"]))
-        notes.append(f"SLCO1B1 {inputs.slco1b1_phenotype}: statin agent and dose within CPIC 2022 limits")
-        options = kept
+    options = []
+    for agent, dose in ((str(a), float(d)) for a, d in params["statin_agents"][intensity]):
+        problem = statin_proposal_problem(safety, agent, dose)
+        if problem is None:
+            options.append((agent, dose))
+        else:
+            excluded.append(Exclusion(f"{agent} {dose:g} mg ({intensity} intensity)", problem,
+                                      pgx_source("cpic_statins_2022")))
     if not options:
         return None, excluded
+    note = statin_restriction_note(safety)
     agent, dose = options[0]
     verb = "Intensify to" if inputs.on_statin else "Start"
     label = f"{verb} {intensity}-intensity statin ({agent} {dose:g} mg)"
-    choice = Intervention("statin", label, intensity=intensity, agent=agent, dose_mg=dose, notes=tuple(notes))
+    choice = Intervention("statin", label, intensity=intensity, agent=agent, dose_mg=dose,
+                          notes=(note,) if note else ())
     return choice, excluded
-
-
-def current_statin_flags(inputs: PatientInputs) -> list[str]:
-    """CPIC 2022 flags on the statin the patient takes now (agent and daily dose), not only on proposals."""
-    word, limits = _slco1b1_limits(inputs)
-    agent, dose = inputs.statin_agent, inputs.statin_daily_dose_mg
-    if word is None or not inputs.on_statin or agent is None:
-        return []
-    limit = limits.get(agent)
-    if limit is None:
-        return [f"current {agent}: no CPIC 2022 dose limit is recorded here for SLCO1B1 {inputs.slco1b1_phenotype}; "
-                "review against the guideline"]
-    if dose is not None and dose > limit:
-        action = "avoid it" if limit == 0 else f"CPIC limit {limit:g} mg/day"
-        return [f"current {agent} {dose:g} mg/day exceeds what CPIC 2022 advises for SLCO1B1 "
-                f"{inputs.slco1b1_phenotype} ({action}): review the statin or its dose"]
-    return []
 
 
 def candidate_interventions(inputs: PatientInputs) -> Candidates:
@@ -175,7 +141,8 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
             if choice is not None:
                 eligible.append(choice)
             excluded.extend(e for e in pgx if e not in excluded)
-    notes.extend(current_statin_flags(inputs))
+    safety = safety_inputs(inputs)
+    notes.extend(flag.text() for flag in medication_flags(safety))
 
     # blood pressure
     bp = params["sbp_lowering_one_drug_mm_hg"]
@@ -217,20 +184,12 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
     else:
         excluded.append(Exclusion("smoking cessation", "not a current smoker"))
 
-    # pharmacogenomics that affect other drugs the CarePlan may mention
-    rule = params["pharmacogenomics"]["cyp2c19_clopidogrel"]
-    if _phenotype_matches(inputs.cyp2c19_phenotype, rule["restricted_phenotypes"]):
-        # prasugrel is contraindicated after stroke or TIA and not recommended at 75 or older (label; CPIC 2022
-        # names the alternatives "if not contraindicated"); patients with prior stroke never reach the planner
-        alternative = ("ticagrelor (prasugrel is not recommended at 75 or older)" if inputs.age_years >= 75
-                       else "prasugrel or ticagrelor")
-        reason = (
-            f"CYP2C19 {inputs.cyp2c19_phenotype}: avoid clopidogrel; {alternative} if a P2Y12 inhibitor is "
-            "indicated and not contraindicated (never prasugrel after a stroke or TIA)"
-        )
-        excluded.append(Exclusion("clopidogrel", reason, rule["source"]))
-        if inputs.on_clopidogrel:
-            notes.append(f"currently on clopidogrel although {reason}")
+    # pharmacogenomics that affect other drugs the CarePlan may mention (the flag on a current prescription
+    # is among the notes above)
+    clopidogrel = clopidogrel_advice(safety)
+    if clopidogrel is not None:
+        excluded.append(Exclusion("clopidogrel", f"CYP2C19 {clopidogrel.phenotype}: {clopidogrel.advice}",
+                                  clopidogrel.source))
 
     for kind, why in params["not_simulated"].items():
         excluded.append(Exclusion(kind.replace("_", " "), f"not simulated: {why}"))

@@ -31,14 +31,23 @@ def test_slco1b1_normal_function_has_no_statin_exclusion():
     assert not reasons(c, "simvastatin")
 
 
-def test_cyp2c19_intermediate_or_poor_excludes_clopidogrel():
-    for phenotype in ("intermediate", "poor_metabolizer", "Likely intermediate metabolizer"):
-        c = candidate_interventions(patient(cyp2c19_phenotype=phenotype))
-        excl = reasons(c, "clopidogrel")
-        assert excl and "prasugrel or ticagrelor" in excl[0].reason and "Lee" in excl[0].source
-    assert not reasons(candidate_interventions(patient(cyp2c19_phenotype="normal_metabolizer")), "clopidogrel")
+def test_cyp2c19_clopidogrel_exclusion_follows_cpic_for_a_primary_prevention_patient():
+    # no MI/ACS and no stroke/TIA recorded: CPIC 2022's non-ACS, non-PCI cardiovascular row (Lee 2022, Table 2):
+    # poor metabolizers avoid clopidogrel, intermediate metabolizers get no recommendation
+    for phenotype in ("poor_metabolizer", "Likely poor metabolizer"):
+        c = candidate_interventions(patient(cyp2c19_phenotype=phenotype, weight_kg=80.0))
+        [excl] = reasons(c, "clopidogrel")
+        assert "prasugrel or ticagrelor" in excl.reason and "Lee" in excl.source
+    for phenotype in ("intermediate", "Likely intermediate metabolizer", "normal_metabolizer", "ultrarapid"):
+        assert not reasons(candidate_interventions(patient(cyp2c19_phenotype=phenotype)), "clopidogrel"), phenotype
     on = candidate_interventions(patient(cyp2c19_phenotype="poor_metabolizer", on_clopidogrel=True))
-    assert any("clopidogrel" in n for n in on.notes)
+    assert any("current clopidogrel" in n and "ticagrelor" in n for n in on.notes)
+
+
+def test_prasugrel_is_named_only_with_a_recent_weight_of_60_kg_or_more():
+    for weight in (None, 55.0):
+        [excl] = reasons(candidate_interventions(patient(cyp2c19_phenotype="poor", weight_kg=weight)), "clopidogrel")
+        assert "alternative: ticagrelor" in excl.reason and "prasugrel or" not in excl.reason
 
 
 def test_contraindications():
@@ -81,11 +90,13 @@ def test_every_effect_has_ci_and_source():
         assert spec["source"], name
 
 
-# CPIC 2022 (Cooper-DeHoff et al., Clin Pharmacol Ther 2022;111:1007), written out here independently of
-# interventions.json: the largest daily dose per agent and SLCO1B1 phenotype (absent = not to be proposed).
+# CPIC 2022 (Cooper-DeHoff et al., Clin Pharmacol Ther 2022;111:1007, Table 2), written out here independently of
+# pharmacogenomics.json: the largest daily dose the planner may propose per agent and SLCO1B1 phenotype (absent =
+# not to be proposed: CPIC advises another statin first). Rosuvastatin and pravastatin under decreased function
+# have no hard limit, only a higher myopathy risk above 20 / 40 mg, which the planner respects too.
 CPIC_MAX_MG = {
-    "decreased": {"atorvastatin": 40, "rosuvastatin": 20, "simvastatin": 19.99},
-    "poor": {"atorvastatin": 20, "rosuvastatin": 20},
+    "decreased": {"atorvastatin": 40, "rosuvastatin": 20, "pravastatin": 40, "pitavastatin": 1, "fluvastatin": 40},
+    "poor": {"atorvastatin": 20, "rosuvastatin": 20, "pravastatin": 40, "pitavastatin": 1, "fluvastatin": 40},
 }
 
 
