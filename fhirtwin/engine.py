@@ -30,9 +30,10 @@ from fhirtwin.fhir.client import batch_results
 from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_resource
 from fhirtwin.keys import key_device, key_device_id, public_key_from_device
 from fhirtwin.package_data import conformance_resources
-from fhirtwin.sim.inputs import InsufficientData
+from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions, combinations
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
+from fhirtwin.sim.pharmacogenomics import MedicationFlag, medication_flags
 from fhirtwin.sim.planner import Plan, plan
 from fhirtwin.sim.scope import EGFR_KIDNEY_FAILURE, KIDNEY_FAILURE, ScopeDecision, decide_scope
 from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
@@ -216,7 +217,11 @@ class PatientRecord:
 
 @dataclass(frozen=True, eq=False)
 class TwinRun:
-    """One patient simulated: the twin, the fitted model and the plan — or the reason there is none."""
+    """One patient simulated: the twin, the fitted model and the plan — or the reason there is none.
+
+    ``medication_flags`` (CPIC pharmacogenomic problems with current medications) are there for every run,
+    also when there is no plan: a patient out of scope or without lipids may still take a risky dose.
+    """
 
     state: TwinState
     model: MechanisticTwin | None
@@ -225,6 +230,7 @@ class TwinRun:
     missing: tuple[str, ...] = ()
     stored: list[dict[str, Any]] | None = None
     scope: ScopeDecision | None = None
+    medication_flags: tuple[MedicationFlag, ...] = ()
 
     @property
     def patient_id(self) -> str:
@@ -506,21 +512,23 @@ class Engine:
         birth = state.demographics.birth_date
         if birth is not None and state.reference_date is not None and state.reference_date < birth:
             raise BadRequest("the reference date is before the patient's birth date", expression=["as-of"])
+        flags = medication_flags(medication_safety_inputs(state)) if state.reference_date is not None else ()
         decision = decide_scope(state)
         if not decision.in_scope:
-            return TwinRun(state, None, None, f"out of scope: {CONCEPTS[decision.code]}", (), stored, decision)
+            return TwinRun(state, None, None, f"out of scope: {CONCEPTS[decision.code]}", (), stored, decision, flags)
         try:
             model = MechanisticTwin().fit(state)
         except InsufficientData as exc:
-            return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored, decision)
+            return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored, decision, flags)
         inputs = model.inputs_
         if inputs is not None and inputs.egfr_ml_min_1_73m2 < EGFR_KIDNEY_FAILURE:
             failure = ScopeDecision(KIDNEY_FAILURE, False, (f"eGFR below {EGFR_KIDNEY_FAILURE:g}",))
-            return TwinRun(state, None, None, f"out of scope: {CONCEPTS[KIDNEY_FAILURE]}", (), stored, failure)
+            return TwinRun(state, None, None, f"out of scope: {CONCEPTS[KIDNEY_FAILURE]}", (), stored, failure, flags)
         scenarios = self._scenarios(model, scenario)
         result = plan(model, outcome=self.outcome, horizon_years=horizon, draws=draws or self.draws, seed=self.seed,
                       scenarios=scenarios)
-        return TwinRun(state, model, dataclasses.replace(result, scope=decision.code), None, (), stored, decision)
+        return TwinRun(state, model, dataclasses.replace(result, scope=decision.code), None, (), stored, decision,
+                       flags)
 
     def run(self, patient_id: str, *, record: PatientRecord | None = None, as_of: date | None = None,
             scenario: str | None = None, horizon_years: float | None = None, draws: int | None = None) -> TwinRun:

@@ -276,6 +276,14 @@ def _summary(text: str) -> str:
     return text if len(text) <= SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 1].rstrip() + "…"
 
 
+def _medication_flag_lines(run: TwinRun) -> list[str]:
+    """Pharmacogenomic flags on current medications: every card shows them, with a forecast or without one."""
+    if not run.medication_flags:
+        return []
+    return ["", "**Pharmacogenomic medication safety (CPIC)**", ""] + [
+        f"- {html.escape(flag.text())} [{html.escape(flag.source)}]" for flag in run.medication_flags]
+
+
 def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Sequence[str] = (),
                 draws: int = CARD_DRAWS) -> list[dict[str, Any]]:
     """The card(s) for one twin run (one card; an info card when data are insufficient)."""
@@ -289,13 +297,15 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
                                                                   "scope)"),
                  "indicator": "info", "source": source, "links": [link],
                  "detail": f"{html.escape(CONCEPTS[run.scope.code])}. The equations fhirtwin is anchored on (PREVENT, "
-                           "KFRE) were derived in people without this condition, so no number is shown.",
+                           "KFRE) were derived in people without this condition, so no number is shown."
+                           + "\n".join(["", *_medication_flag_lines(run)]),
                  "extension": {EXT_SCOPE_DECISION: coding(run.scope.code)}}]
     if run.plan is None:
         return [{"uuid": str(uuid.uuid4()), "summary": "fhirtwin: not enough data for a cardiorenal risk forecast",
                  "indicator": "info", "source": source, "links": [link],
                  "detail": "The twin could not be built: " + html.escape(str(run.error)) + "\n\n"
-                           "Nothing is imputed; record the missing measurements to get a forecast."}]
+                           "Nothing is imputed; record the missing measurements to get a forecast."
+                           + "\n".join(["", *_medication_flag_lines(run)])}]
     forecast = run.plan.baseline
     horizon = f"{run.plan.horizon_years:g}-y"
     r = twin_view.risks(forecast)
@@ -322,6 +332,7 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
                          f"(90 % {100 * o.arr['p05']:.1f}–{100 * o.arr['p95']:.1f}){nnt}")
     if run.plan.excluded:
         lines += ["", "Not proposed: " + "; ".join(f"{e.candidate} ({e.reason})" for e in run.plan.excluded[:4])]
+    lines += _medication_flag_lines(run)
     caveats = ["not provided: " + ", ".join(optional_missing)] if optional_missing else []
     counts = twin_view.ledger_counts(run.state)
     if counts:

@@ -7,13 +7,21 @@ Table 2), Lee CR et al., Clin Pharmacol Ther 2022;112:959 (clopidogrel, Tables 2
 
 from __future__ import annotations
 
+import copy
+import json
+from datetime import date
 from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sim_fixtures import patient
+from writeback_fixtures import versioned_resources
 
-from fhirtwin.sim.inputs import MedicationSafetyInputs
+from fhirtwin.adapters import build_twin
+from fhirtwin.engine import Engine
+from fhirtwin.service.cds_hooks import build_cards
+from fhirtwin.service.runtime import ServiceSettings
+from fhirtwin.sim.inputs import MedicationSafetyInputs, medication_safety_inputs
 from fhirtwin.sim.interventions import candidate_interventions
 from fhirtwin.sim.pharmacogenomics import (
     MedicationFlag,
@@ -281,3 +289,94 @@ def test_clopidogrel_flags_follow_cpic_by_indication_and_phenotype():
                     assert f.alternatives == (("ticagrelor",) if stroke else ("prasugrel", "ticagrelor"))
                 not_taking = safety(prior_stroke_or_tia=stroke, prior_mi_or_acs=mi, cyp2c19_phenotype=phenotype)
                 assert not medication_flags(not_taking)
+
+
+# ---------------------------------------------------------------------------------------------- from the record
+
+REF = date(2025, 1, 1)
+RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def _patient(pid: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": pid, "meta": {"versionId": "1"}, "gender": "male",
+            "birthDate": "1958-04-02"}
+
+
+def _stroke(pid: str) -> dict[str, Any]:
+    return {"resourceType": "Condition", "id": "stroke", "meta": {"versionId": "1"},
+            "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                           "code": "active"}]},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "230690007"}],
+                     "text": "Cerebrovascular accident"},
+            "subject": {"reference": f"Patient/{pid}"}, "onsetDateTime": "2022-03-01"}
+
+
+def _request(pid: str, rid: str, rxcui: str, per_day: int | None = None) -> dict[str, Any]:
+    res: dict[str, Any] = {"resourceType": "MedicationRequest", "id": rid, "meta": {"versionId": "1"},
+                           "status": "active", "intent": "order",
+                           "medicationCodeableConcept": {"coding": [{"system": RX, "code": rxcui}]},
+                           "subject": {"reference": f"Patient/{pid}"}, "authoredOn": "2023-01-01"}
+    if per_day:
+        res["dosageInstruction"] = [{"doseAndRate": [{"doseQuantity": {"value": 1, "unit": "{tbl}",
+                                                                        "code": "{tbl}"}}],
+                                     "timing": {"repeat": {"frequency": per_day, "period": 1, "periodUnit": "d"}}}]
+    return res
+
+
+def _genotype(pid: str, rid: str, symbol: str, hgnc: str, diplotype: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": rid, "meta": {"versionId": "1"}, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "GE"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "84413-4"}]},
+            "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2023-06-01",
+            "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "48018-6"}]},
+                           "valueCodeableConcept": {"coding": [{"system": "http://www.genenames.org",
+                                                                "code": hgnc, "display": symbol}]}}],
+            "valueCodeableConcept": {"text": f"{symbol} {diplotype}"}}
+
+
+def test_out_of_scope_post_stroke_poor_metabolizer_on_clopidogrel_is_flagged_with_a_non_prasugrel_alternative():
+    pid = "pgx-stroke"
+    record = [_patient(pid), _stroke(pid), _request(pid, "clop", "32968"),
+              _genotype(pid, "g19", "CYP2C19", "HGNC:2621", "*2/*2")]
+    state = build_twin(pid, record, REF)
+    m = medication_safety_inputs(state)
+    assert m.prior_stroke_or_tia and m.on_clopidogrel and m.cyp2c19_phenotype == "poor_metabolizer"
+    run = Engine().simulate(state, draws=50)
+    assert run.plan is None and run.scope is not None and not run.scope.in_scope
+    [flag] = run.medication_flags
+    assert flag.drug == "clopidogrel" and flag.severity == "warning"
+    assert flag.alternatives == ("ticagrelor",) and "prasugrel or" not in flag.advice
+    [card] = build_cards(run, ServiceSettings(fhir_server="http://127.0.0.1:9/fhir"))
+    assert "Pharmacogenomic medication safety" in card["detail"] and "current clopidogrel" in card["detail"]
+    assert "alternative: ticagrelor" in card["detail"]
+
+
+def test_a_run_without_lipids_still_carries_the_statin_flag():
+    pid = "pgx-nolipids"
+    record = [_patient(pid), _request(pid, "atorva", "617311", per_day=1),  # atorvastatin 40 mg once daily
+              _genotype(pid, "g1b1", "SLCO1B1", "HGNC:10959", "*5/*15")]
+    run = Engine().simulate(build_twin(pid, record, REF), draws=50)
+    assert run.plan is None and any("cholesterol" in m for m in run.missing), (run.error, run.missing)
+    [flag] = run.medication_flags
+    assert (flag.drug, flag.dose_mg, flag.phenotype, flag.severity) == ("atorvastatin", 40.0, "poor_function",
+                                                                          "warning")
+    [card] = build_cards(run, ServiceSettings(fhir_server="http://127.0.0.1:9/fhir"))
+    assert "current atorvastatin 40 mg/day" in card["detail"]
+
+
+def test_the_care_plan_notes_carry_the_flag_of_an_in_scope_patient():
+    pid, resources = versioned_resources()
+    drop = ("MedicationRequest", "MedicationStatement", "Medication")
+    record = [r for r in resources if r["resourceType"] not in drop
+              and not ("SLCO1B1" in json.dumps(r) or "CYP2C19" in json.dumps(r))]
+    record += [copy.deepcopy(_request(pid, "simva", "312961", per_day=2)),  # simvastatin 20 mg twice daily
+               _genotype(pid, "g1b1", "SLCO1B1", "HGNC:10959", "*1/*5")]
+    run = Engine().simulate(build_twin(pid, record, date(2026, 6, 30)), draws=100)
+    assert run.plan is not None, run.error
+    [flag] = run.medication_flags
+    assert (flag.drug, flag.dose_mg, flag.severity) == ("simvastatin", 40.0, "warning")
+    assert flag.text() in run.plan.notes
+    notes = " ".join(n["text"] for n in Engine().draft_care_plan(run)["note"])
+    assert "current simvastatin 40 mg/day" in notes
+    [card] = build_cards(run, ServiceSettings(fhir_server="http://127.0.0.1:9/fhir"), draws=100)
+    assert "Pharmacogenomic medication safety" in card["detail"] and "current simvastatin 40 mg/day" in card["detail"]
