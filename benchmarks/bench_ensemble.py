@@ -300,8 +300,10 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
         at_dev = logit0.copy()
         for i, grid, table in moving:
             path = x0[i] * math.exp(y[i])  # the measured value carried along the expected course
+            # eGFR enters PREVENT on its natural course: the SGLT2 inhibitor's trial effects already include it
+            moved = natural_egfr - expected[i] if i == i_egfr else deviation[i]
             at_path += _lerp(path, grid, table)
-            at_dev += _lerp(path + deviation[i], grid, table)
+            at_dev += _lerp(path + moved, grid, table)
         prevent_ratio = np.logaddexp(0.0, at_dev) / np.logaddexp(0.0, at_path)
         h = h_cvd[:, month] * np.array([m_ascvd, a * m_ascvd + (1.0 - a) * m_hf, m_hf]) * prevent_ratio
 

@@ -31,7 +31,7 @@ from fhirtwin.fhir.models import ResourceValidationError, check_emittable, valid
 from fhirtwin.keys import key_device, key_device_id, public_key_from_device
 from fhirtwin.package_data import conformance_resources
 from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
-from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions, combinations
+from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
 from fhirtwin.sim.pharmacogenomics import MedicationFlag, medication_flags
 from fhirtwin.sim.planner import Plan, plan
@@ -61,6 +61,8 @@ INTERVENTION_CODES: dict[str, tuple[str, str | None]] = {
     "bp-lowering-agent": ("bp_lowering", None),
     "sglt2-inhibitor": ("sglt2i", None),
     "smoking-cessation": ("smoking_cessation", None),
+    "ezetimibe": ("ezetimibe", None),
+    "pcsk9-inhibitor": ("pcsk9_inhibitor", None),
 }
 
 
@@ -550,9 +552,9 @@ class Engine:
     def _scenarios(self, model: MechanisticTwin, scenario: str | None) -> list[Scenario] | None:
         """The planner's scenario list for a requested name (None = every eligible one).
 
-        Accepts ``baseline``, a scenario name as the planner labels it (case-insensitive) or a fhirtwin
-        intervention code. A known code the patient is not eligible for is insufficient data for that
-        question (422); an unknown name is a bad request (400).
+        Accepts ``baseline``, a scenario name as the planner labels it (intervention labels joined by
+        " + ", case-insensitive) or a fhirtwin intervention code. A known code the patient is not
+        eligible for is insufficient data for that question (422); an unknown name is a bad request (400).
         """
         if scenario is None:
             return None
@@ -561,19 +563,21 @@ class Engine:
             return []
         inputs = model.inputs_
         assert inputs is not None
-        options = combinations(candidate_interventions(inputs).eligible)
-        for option in options:
-            if option.name.lower() == wanted.lower():
-                return [option]
+        eligible = candidate_interventions(inputs).eligible
+        by_label = {i.label.lower(): i for i in eligible}
+        parts = [p.strip().lower() for p in wanted.split(":", 1)[-1].split(" + ")]
+        if all(p in by_label for p in parts) and sum(by_label[p].kind == "statin" for p in parts) <= 1:
+            chosen = tuple(by_label[p] for p in parts)
+            return [Scenario(" + ".join(i.label for i in chosen), chosen)]
         if wanted in INTERVENTION_CODES:
             kind, intensity = INTERVENTION_CODES[wanted]
-            for option in options:
-                only = option.interventions[0] if len(option.interventions) == 1 else None
-                if only is not None and only.kind == kind and (intensity is None or only.intensity == intensity):
-                    return [option]
+            for one in eligible:
+                if one.kind == kind and (intensity is None or one.intensity == intensity):
+                    return [Scenario(one.label, (one,))]
             raise InsufficientPatientData(f"scenario {wanted!r} is not eligible for this patient", missing=[])
-        names = ", ".join(["baseline", *INTERVENTION_CODES, *(o.name for o in options)])
-        raise BadRequest(f"unknown scenario {wanted!r}; known: {names}", expression=["scenario"])
+        names = ", ".join(["baseline", *INTERVENTION_CODES, *(i.label for i in eligible)])
+        raise BadRequest(f"unknown scenario {wanted!r}; known: {names} (or labels joined by ' + ')",
+                         expression=["scenario"])
 
     # -- what-if
 

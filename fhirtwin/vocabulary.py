@@ -86,6 +86,8 @@ CONCEPTS: dict[str, str] = {
     "bp-lowering-agent": "Add one standard-dose antihypertensive",
     "sglt2-inhibitor": "Start an SGLT2 inhibitor",
     "smoking-cessation": "Smoking cessation support",
+    "ezetimibe": "Add ezetimibe to a statin",
+    "pcsk9-inhibitor": "Add a PCSK9 inhibitor to a statin",
     "monitoring-lipids": "Repeat lipid panel",
     "monitoring-bp": "Blood pressure follow-up",
     "monitoring-kidney": "Kidney function follow-up (eGFR and UACR)",

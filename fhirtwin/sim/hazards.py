@@ -414,13 +414,17 @@ def prevent_log_ratio(inputs: PatientInputs, anchors: Anchors, traj: Trajectorie
     """
     t = traj.t_years
     ki = _knot_index(t)
-    expected = np.zeros(ki.size)
+    risk0 = min(max(anchors.published[f"prevent_10y_{outcome}"], 1e-15), 1 - 1e-15)
+    expected = np.full(ki.size, np.log(risk0) - np.log1p(-risk0))  # log-odds at the measured baseline
     deviated = np.zeros((traj.deviation["egfr_ml_min_1_73m2"].shape[0], ki.size))
     for variable, (grid, logit) in anchors.logit[outcome].items():
         path = traj.expected[variable][ki]
         at_path = np.interp(path, grid, logit)
-        expected += at_path
-        deviated += np.interp(path[None, :] + traj.deviation[variable][:, ki], grid, logit) - at_path[None, :]
+        # each curve holds the whole log-odds with the other inputs at baseline: add only its change
+        expected += at_path - float(np.interp(path[0], grid, logit))
+        # the SGLT2 inhibitor's slower eGFR decline is not fed back: its trial effects already include it
+        dev = traj.egfr_natural_deviation if variable == "egfr_ml_min_1_73m2" else traj.deviation[variable]
+        deviated += np.interp(path[None, :] + dev[:, ki], grid, logit) - at_path[None, :]
     log_ratio = _log_h_of_logit(expected[None, :] + deviated) - _log_h_of_logit(expected)[None, :]
     t_mid = 0.5 * (t[1:] + t[:-1])
     months: np.ndarray = log_ratio @ interpolation_matrix(t[ki], t_mid)

@@ -184,6 +184,14 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
     else:
         excluded.append(Exclusion("smoking cessation", "not a current smoker"))
 
+    # non-statin LDL-C lowering: added to a statin the patient already takes
+    if inputs.on_statin:
+        eligible.append(Intervention("ezetimibe", "Add ezetimibe 10 mg", agent="ezetimibe", dose_mg=10.0))
+        eligible.append(Intervention("pcsk9_inhibitor", "Add a PCSK9 inhibitor"))
+    else:
+        for label in ("ezetimibe", "pcsk9 inhibitor"):
+            excluded.append(Exclusion(label, "added to a statin: not on a statin now"))
+
     # pharmacogenomics that affect other drugs the CarePlan may mention (the flag on a current prescription
     # is among the notes above)
     clopidogrel = clopidogrel_advice(safety)

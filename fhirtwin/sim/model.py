@@ -21,6 +21,7 @@ from fhirtwin.sim.calibration import LinearPosterior, calibrate
 from fhirtwin.sim.dynamics import TRAJECTORY_VARIABLES, month_grid, simulate_trajectories
 from fhirtwin.sim.ensemble import draw_parameters, summarise
 from fhirtwin.sim.equations import prevent_risk
+from fhirtwin.sim.guidelines import RiskCategory, risk_category
 from fhirtwin.sim.hazards import (
     OUTCOMES,
     Anchors,
@@ -112,6 +113,10 @@ class Forecast:
             raise ValueError(f"{years} years is outside the forecast horizon")
         s = summarise(self.cif[outcome][:, month])
         return {k: float(v) for k, v in s.items()}
+
+    def risk_category(self, outcome: str, horizon_years: float, probability: float) -> RiskCategory | None:
+        """The guideline risk category of a probability of this outcome at this horizon (None if none is defined)."""
+        return risk_category(outcome, horizon_years, probability)
 
     def to_json(self) -> dict[str, Any]:
         """Summary (not per-draw arrays) as plain JSON, for writeback and the web pages."""

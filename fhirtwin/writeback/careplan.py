@@ -21,10 +21,11 @@ RXNORM_INGREDIENTS = {"atorvastatin": "83367", "rosuvastatin": "301542", "simvas
                       "pravastatin": "42463"}
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 
-# Goals. LDL-C: ESC/EAS 2019 dyslipidaemia guideline (Mach F et al., Eur Heart J 2020;41:111-88):
-# < 70 mg/dL (1.8 mmol/L) at high risk, < 100 mg/dL (2.6 mmol/L) at moderate risk. SBP: 2017 ACC/AHA
-# blood pressure guideline (Whelton PK et al., Hypertension 2018;71:e13-e115): < 130 mmHg.
-LDL_HIGH_RISK_CUTOFF = 0.20
+# Goals. LDL-C: the plan's goal, from the 2026 ACC/AHA dyslipidemia guideline at the patient's PREVENT-ASCVD
+# risk (< 70 mg/dL at >= 10 %, < 100 mg/dL at 5 to < 10 %; none below 5 %). SBP: < 130 mmHg, the 2025
+# AHA/ACC high blood pressure guideline target.
+SBP_TARGET_MM_HG = 130
+GOAL_OF_KIND = {"statin": "ldl", "ezetimibe": "ldl", "pcsk9_inhibitor": "ldl", "bp_lowering": "sbp"}
 GOALS: dict[str, dict[str, Any]] = {
     "ldl": {"code": "ldl-target",
             "loinc": ("13457-7", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation"),
@@ -36,8 +37,15 @@ GOALS: dict[str, dict[str, Any]] = {
 def _activity_code(intervention: InterventionLike) -> str:
     if intervention.kind == "statin":
         return "statin-high-intensity" if intervention.intensity == "high" else "statin-moderate-intensity"
-    return {"bp_lowering": "bp-lowering-agent", "sglt2i": "sglt2-inhibitor",
-            "smoking_cessation": "smoking-cessation"}[intervention.kind]
+    return {"bp_lowering": "bp-lowering-agent", "sglt2i": "sglt2-inhibitor", "smoking_cessation": "smoking-cessation",
+            "ezetimibe": "ezetimibe", "pcsk9_inhibitor": "pcsk9-inhibitor"}[intervention.kind]
+
+
+def _harm_text(option: OptionLike | None) -> list[str]:
+    """The option's trial-measured harms as one sentence (empty when it has none)."""
+    if option is None or not option.harms:
+        return []
+    return ["Expected harms over the horizon: " + "; ".join(option.harms) + "."]
 
 
 def _start(state: StateLike, occurrence: datetime) -> date:
@@ -73,25 +81,31 @@ def benefit_extension(option: OptionLike, plan: PlanLike) -> dict[str, Any]:
     return {"url": EXT_EXPECTED_BENEFIT, "extension": parts}
 
 
+def _targets(plan: PlanLike) -> dict[str, tuple[float, str]]:
+    """Goal name -> (upper target, text); the LDL-C Goal only where the guideline sets one."""
+    targets = {"sbp": (float(SBP_TARGET_MM_HG), f"Systolic blood pressure below {SBP_TARGET_MM_HG} mmHg (2025 AHA/ACC "
+                                                 "high blood pressure guideline)")}
+    if plan.ldl_goal_mg_dl is not None:
+        targets["ldl"] = (plan.ldl_goal_mg_dl, f"LDL cholesterol below {plan.ldl_goal_mg_dl:g} mg/dL (2026 ACC/AHA "
+                                               "dyslipidemia guideline at the patient's PREVENT-ASCVD risk)")
+    return targets
+
+
 def goal_keys(plan: PlanLike) -> dict[str, str]:
-    """Business identifier values of the Goals (``ldl``, ``sbp``)."""
-    return {name: _key(plan, f"Goal/{name}") for name in GOALS}
+    """Business identifier values of the Goals (``ldl`` where a goal applies, ``sbp``)."""
+    return {name: _key(plan, f"Goal/{name}") for name in GOALS if name in _targets(plan)}
 
 
 def build_goals(plan: PlanLike, state: StateLike, ra_refs: dict[str, str],
                 occurrence: datetime) -> dict[str, dict[str, Any]]:
     """LDL-C and SBP target Goals (lifecycle ``proposed``), addressing the CVD RiskAssessments."""
-    risk = plan.baseline.at_horizon("total_cvd")["median"] if "total_cvd" in plan.baseline.cif else 0.0
-    ldl_target = 70 if risk >= LDL_HIGH_RISK_CUTOFF else 100
-    targets = {
-        "ldl": (ldl_target, f"LDL cholesterol below {ldl_target} mg/dL (ESC/EAS 2019: "
-                            f"{'high' if ldl_target == 70 else 'moderate'} total CVD risk)"),
-        "sbp": (130, "Systolic blood pressure below 130 mmHg (2017 ACC/AHA blood pressure guideline)"),
-    }
+    targets = _targets(plan)
     keys = goal_keys(plan)
     addresses = [{"reference": ra_refs[o]} for o in ("total_cvd", "ascvd") if o in ra_refs]
     goals = {}
     for name, spec in GOALS.items():
+        if name not in targets:
+            continue
         value, text = targets[name]
         goal: dict[str, Any] = {
             "resourceType": "Goal",
@@ -132,7 +146,8 @@ def _activities(plan: PlanLike, ra_refs: dict[str, str], goal_refs: dict[str, st
             "kind": "ServiceRequest" if intervention.kind == "smoking_cessation" else "MedicationRequest",
             "code": concept(code, text=intervention.label),
             "status": "not-started",
-            "description": " ".join([intervention.label + ".", *intervention.notes]).strip(),
+            "description": " ".join([intervention.label + ".", *intervention.notes,
+                                     *_harm_text(singles.get(intervention))]).strip(),
         }
         # R4 detail.reasonReference admits Condition/Observation/DiagnosticReport/DocumentReference only:
         # the RiskAssessments are linked from CarePlan.supportingInfo; the reason is stated as text here.
@@ -141,7 +156,7 @@ def _activities(plan: PlanLike, ra_refs: dict[str, str], goal_refs: dict[str, st
                                 + [plan.outcome] if target in ra_refs]
         if not detail["reasonCode"]:
             del detail["reasonCode"]
-        goal = {"statin": "ldl", "bp_lowering": "sbp"}.get(intervention.kind)
+        goal = GOAL_OF_KIND.get(intervention.kind)
         if goal and goal in goal_refs:
             detail["goal"] = [{"reference": goal_refs[goal]}]
         if intervention.agent in RXNORM_INGREDIENTS:
@@ -157,7 +172,7 @@ def _activities(plan: PlanLike, ra_refs: dict[str, str], goal_refs: dict[str, st
         activities.append(activity)
     kinds = {i.kind for i in seen}
     monitoring: list[tuple[str, str, str | None]] = []
-    if "statin" in kinds:
+    if kinds & {"statin", "ezetimibe", "pcsk9_inhibitor"}:
         monitoring.append(("monitoring-lipids", "Repeat lipid panel 4-12 weeks after a statin change", "ldl"))
     if "bp_lowering" in kinds:
         monitoring.append(("monitoring-bp", "Blood pressure follow-up within 4 weeks of a change", "sbp"))
@@ -198,9 +213,10 @@ def build_care_plan(
         "intent": "proposal",
         "category": [concept("twin-care-plan")],
         "title": "fhirtwin cardiovascular and kidney risk reduction proposal",
-        "description": (f"Interventions ranked by {plan.horizon_years:g}-year "
-                        f"{OUTCOME_TEXT.get(plan.outcome, plan.outcome)} absolute risk reduction "
-                        "from the patient's digital twin."),
+        "description": (f"Guideline-indicated interventions ranked by {plan.horizon_years:g}-year net benefit "
+                        "(ASCVD, heart-failure and kidney-failure events prevented minus weighted drug harms) "
+                        "from the patient's digital twin; absolute risk reductions are on "
+                        f"{OUTCOME_TEXT.get(plan.outcome, plan.outcome)}."),
         "subject": {"reference": f"Patient/{forecast.patient_id}"},
         "period": {"start": _start(state, occurrence).isoformat()},
         "created": occurrence.isoformat(timespec="seconds").replace("+00:00", "Z"),

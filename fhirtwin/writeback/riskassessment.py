@@ -9,7 +9,8 @@ Decisions (also stated in the fhirtwin-riskassessment profile):
 * **One RiskAssessment per outcome** (ASCVD, total CVD, heart failure, kidney failure) so that "the
   current assessment per outcome" is one resource: ``RiskAssessment?subject=Patient/X&code=<risk code>
   &_tag:not=https://fhirtwin.org/CodeSystem/fhirtwin|superseded``.
-* **qualitativeRisk** only where a published threshold exists (:data:`THRESHOLDS`); ``relativeRisk`` is
+* **qualitativeRisk** only where a guideline defines categories for that outcome and horizon (the
+  Forecast's ``risk_category``: PREVENT-ASCVD and total CVD at 10 years, KFRE at 5); ``relativeRisk`` is
   omitted: the Forecast carries no population reference risk, and a ratio to an invented reference would
   mislead.
 """
@@ -40,35 +41,9 @@ from fhirtwin.writeback.identifiers import identifier, prediction_key
 
 HORIZONS_YEARS = (5.0, 10.0)
 
-#: (outcome, horizon years) -> ascending (upper bound exclusive, risk-probability code), last is open-ended.
-THRESHOLDS: dict[tuple[str, float], tuple[tuple[float | None, str], ...]] = {
-    # 2019 ACC/AHA primary prevention guideline (Arnett DK et al., Circulation 2019;140:e596-e646):
-    # 10-year risk < 5 % low; 5 to < 7.5 % borderline and 7.5 to < 20 % intermediate (-> moderate); >= 20 % high.
-    ("ascvd", 10.0): ((0.05, "low"), (0.20, "moderate"), (None, "high")),
-    ("total_cvd", 10.0): ((0.05, "low"), (0.20, "moderate"), (None, "high")),
-    # KDIGO 2024 CKD guideline (Kidney Int 2024;105(4S):S117-S314) refer at a 5-year kidney-failure risk of
-    # 3-5 %; NICE NG203 (2021) refers above 5 %: < 3 % low, 3 to < 5 % moderate, >= 5 % high.
-    ("kidney_failure", 5.0): ((0.03, "low"), (0.05, "moderate"), (None, "high")),
-}
-THRESHOLD_TEXT = {
-    "ascvd": "10-year thresholds 5 % / 20 % (2019 ACC/AHA primary prevention guideline)",
-    "total_cvd": "10-year thresholds 5 % / 20 % (2019 ACC/AHA primary prevention guideline)",
-    "kidney_failure": "5-year thresholds 3 % / 5 % (KDIGO 2024 referral range; NICE NG203)",
-}
 RISK_DISPLAY = {"low": "Low likelihood", "moderate": "Moderate likelihood", "high": "High likelihood"}
 OUTCOME_TEXT = {"ascvd": "ASCVD", "total_cvd": "total CVD", "heart_failure": "heart failure",
                 "kidney_failure": "kidney failure"}
-
-
-def qualitative(outcome: str, horizon_years: float, probability: float) -> str | None:
-    """The risk-probability code for a documented threshold, or None when no threshold is published."""
-    bands = THRESHOLDS.get((outcome, float(horizon_years)))
-    if bands is None:
-        return None
-    for upper, code in bands:
-        if upper is None or probability < upper:
-            return code
-    return None
 
 
 def _fraction(value: float) -> float:
@@ -145,8 +120,11 @@ def rationale(forecast: ForecastLike, outcome: str) -> str:
     parts = [f"{d.factor} {d.value} (reference {d.reference}): {100 * d.contribution:+.1f} percentage points"
              for d in drivers[:4]]
     text = "Main drivers of the 10-year risk: " + ("; ".join(parts) if parts else "none above the reference values")
-    if outcome in THRESHOLD_TEXT:
-        text += f". Qualitative risk from {THRESHOLD_TEXT[outcome]}."
+    years = 5.0 if outcome == "kidney_failure" else 10.0
+    if years <= forecast.horizon_years:
+        category = forecast.risk_category(outcome, years, forecast.at_horizon(outcome, years)["median"])
+        if category is not None:
+            text += f". Qualitative risk at {years:g} years: {category.name} ({category.source})"
     return text + " Probabilities are fractions (0-1): ensemble median, 90 % interval in the extension."
 
 
@@ -224,9 +202,11 @@ def build_risk_assessment(
             "probabilityDecimal": median,
             "whenPeriod": {"start": start.isoformat(), "end": _add_years(start, years).isoformat()},
         }
-        code = qualitative(outcome, years, median)
-        if code:
-            prediction["qualitativeRisk"] = {"coding": [coding(code, RISK_PROBABILITY, RISK_DISPLAY[code])]}
+        category = forecast.risk_category(outcome, years, median)
+        if category is not None:
+            prediction["qualitativeRisk"] = {"coding": [coding(category.code, RISK_PROBABILITY,
+                                                               RISK_DISPLAY[category.code])],
+                                             "text": category.name}
         predictions.append(prediction)
     _, _, assessment_code = OUTCOMES[outcome]
     resource: dict[str, Any] = {

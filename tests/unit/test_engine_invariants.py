@@ -231,3 +231,24 @@ def test_trajectories_stay_positive_without_mass_at_a_floor(p: PatientInputs) ->
         assert np.all(final > 0), variable
         # a floor would make many draws share one value
         assert np.unique(np.round(final, 6)).size > 0.95 * final.size, variable
+
+
+def test_prevent_re_evaluation_equals_the_equation_with_every_moving_input_shifted_at_once() -> None:
+    from fhirtwin.sim.dynamics import Trajectories, month_grid
+    from fhirtwin.sim.hazards import prevent_log_ratio
+
+    p = PatientInputs(patient_id="g", sex="female", age_years=58.0, total_cholesterol_mg_dl=215.0,
+                      hdl_cholesterol_mg_dl=47.0, ldl_cholesterol_mg_dl=130.0, systolic_bp_mm_hg=142.0,
+                      egfr_ml_min_1_73m2=64.0, bmi_kg_m2=33.0, diabetes=True, current_smoker=False,
+                      on_bp_treatment=True, on_statin=False, hba1c_percent=7.6, uacr_mg_g=55.0)
+    model = get_model("fhirtwin-equations").fit(p)
+    t = month_grid(3)
+    shift = {"egfr_ml_min_1_73m2": -9.0, "bmi_kg_m2": 2.5, "hba1c_percent": 0.8}  # crosses eGFR 60 and BMI 30
+    flat = {v: np.full(t.size, getattr(p, v)) for v in shift}
+    deviation = {v: np.full((2, t.size), d) for v, d in shift.items()}
+    traj = Trajectories(t, {}, deviation, flat, deviation["egfr_ml_min_1_73m2"])
+    for outcome in ("ascvd", "total_cvd", "heart_failure"):
+        engine = prevent_log_ratio(p, model.anchors_, traj, outcome)[0, -1]
+        moved = {v: getattr(p, v) + d for v, d in shift.items() if outcome == "heart_failure" or v != "bmi_kg_m2"}
+        direct = np.log(-np.log1p(-prevent_10y(p, outcome, **moved))) - np.log(-np.log1p(-prevent_10y(p, outcome)))
+        np.testing.assert_allclose(engine, direct, rtol=1e-9, atol=1e-12)

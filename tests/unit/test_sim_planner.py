@@ -1,4 +1,4 @@
-"""Planner: paired ARR ranking and NNT."""
+"""Planner: guideline-indicated options, paired ARR and NNT, net benefit after harms, "no drug indicated"."""
 
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ def result():
     return plan(model, outcome="total_cvd", horizon_years=10, draws=300, seed=4)
 
 
-def test_options_ranked_by_median_arr(result):
-    arrs = [o.arr["median"] for o in result.options]
-    assert arrs == sorted(arrs, reverse=True)
-    assert len(result.options) >= 5
-    # the bundle of everything eligible beats every single intervention
-    best = result.options[0]
-    assert len(best.scenario.interventions) == 4
+def test_combination_first_then_singles_by_net_benefit_and_each_added_drug_pays_for_its_harm(result):
+    combo, *singles = result.options
+    assert len(combo.scenario.interventions) >= 2 and all(len(o.scenario.interventions) == 1 for o in singles)
+    nets = [o.net_benefit["median"] for o in singles]
+    assert nets == sorted(nets, reverse=True) and all(n > 0 for n in nets)
+    # greedy: every prefix of the combination is worth less than the next step (paired, after harms)
+    assert combo.net_benefit["median"] >= max(nets)
+    assert sum(1 for i in combo.scenario.interventions if i.kind == "statin") <= 1
+    # every option states the guideline indication of each of its drugs, and drug harms where trials measured some
+    assert all(len(o.indication) == len(o.scenario.interventions) for o in result.options)
+    assert any(o.harms for o in singles)
 
 
 def test_arr_is_paired_per_draw_and_nnt_is_its_inverse(result):
@@ -53,3 +57,49 @@ def test_unpaired_comparison_rejected():
     model = get_model("fhirtwin-mechanistic").fit(patient())
     with pytest.raises(ValueError):
         compare(model.simulate(None, 5, 50, 1), model.simulate(None, 5, 50, 2), "ascvd")
+
+
+def _plain(**overrides):
+    from fhirtwin.sim.inputs import PatientInputs
+
+    base = dict(patient_id="p", sex="female", age_years=40.0, total_cholesterol_mg_dl=180.0,
+                hdl_cholesterol_mg_dl=60.0, ldl_cholesterol_mg_dl=100.0, systolic_bp_mm_hg=112.0,
+                egfr_ml_min_1_73m2=105.0, bmi_kg_m2=23.0, diabetes=False, current_smoker=False,
+                on_bp_treatment=False, on_statin=False)
+    base.update(overrides)
+    return PatientInputs(**base)
+
+
+def test_a_healthy_low_risk_patient_gets_no_drug():
+    model = get_model("fhirtwin-mechanistic").fit(_plain())
+    result = plan(model, draws=200, seed=1)
+    assert result.options == ()
+    assert result.notes[0].startswith("No drug indicated") and "low" in result.notes[0]
+    assert any(e.candidate == "statin" and e.reason.startswith("not indicated") for e in result.excluded)
+    assert result.ldl_goal_mg_dl is None
+
+
+def test_borderline_risk_statin_is_a_shared_decision_not_a_ranked_option():
+    # a 60-year-old man whose PREVENT-ASCVD falls in 3-5 %
+    model = get_model("fhirtwin-mechanistic").fit(_plain(sex="male", age_years=60.0, total_cholesterol_mg_dl=200.0,
+                                                         hdl_cholesterol_mg_dl=50.0, systolic_bp_mm_hg=125.0))
+    ascvd = model.anchors_.published["prevent_10y_ascvd"]
+    assert 0.03 <= ascvd < 0.05
+    result = plan(model, draws=200, seed=1)
+    assert not any(i.kind == "statin" for o in result.options for i in o.scenario.interventions)
+    assert any(e.candidate == "statin" and e.reason.startswith("consider") for e in result.excluded)
+
+
+def test_diabetic_kidney_disease_ranks_the_sglt2_inhibitor_on_kidney_and_heart_failure_benefit():
+    from fhirtwin.sim.inputs import PatientInputs
+
+    p = PatientInputs(patient_id="dkd", sex="male", age_years=64.0, total_cholesterol_mg_dl=190.0,
+                      hdl_cholesterol_mg_dl=42.0, ldl_cholesterol_mg_dl=105.0, systolic_bp_mm_hg=128.0,
+                      egfr_ml_min_1_73m2=40.0, bmi_kg_m2=31.0, diabetes=True, current_smoker=False,
+                      on_bp_treatment=True, on_statin=True, statin_intensity="high", statin_agent="atorvastatin",
+                      statin_daily_dose_mg=40.0, hba1c_percent=7.8, uacr_mg_g=450.0)
+    result = plan(get_model("fhirtwin-mechanistic").fit(p), draws=300, seed=2)
+    sglt2 = next(o for o in result.options if [i.kind for i in o.scenario.interventions] == ["sglt2i"])
+    assert sglt2.arr_by_outcome["kidney_failure"] > 0 and sglt2.arr_by_outcome["heart_failure"] > 0
+    singles = [o for o in result.options if len(o.scenario.interventions) == 1]
+    assert singles[0] is sglt2  # the class 1 indication is not ranked last

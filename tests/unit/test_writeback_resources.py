@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from writeback_fixtures import NOW, changed_run, cohort_run
 
+from fhirtwin.sim.guidelines import risk_category
 from fhirtwin.vocabulary import (
     CODESYSTEM,
     CONCEPTS,
@@ -24,7 +25,6 @@ from fhirtwin.writeback.riskassessment import (
     PREVENT_CODES,
     build_risk_assessment,
     method_concept,
-    qualitative,
     risk_key,
     simulation_model_extension,
 )
@@ -51,7 +51,9 @@ def test_risk_assessment_probability_is_a_fraction_with_interval() -> None:
         parts = {e["url"]: e["valueDecimal"] for e in prediction["extension"][0]["extension"]}
         assert parts["lower"] <= p <= parts["upper"] and parts["level"] == 0.9
         assert "drivers" in prediction["rationale"]
-    assert ra["prediction"][1]["qualitativeRisk"]["coding"][0]["code"] == qualitative("total_cvd", 10.0, p)
+    expected = "high" if p >= 0.075 else "low"  # 2025 AHA/ACC: PREVENT total CVD 7.5 % treatment threshold
+    assert ra["prediction"][1]["qualitativeRisk"]["coding"][0]["code"] == expected
+    assert "qualitativeRisk" not in ra["prediction"][0]  # no guideline category at 5 years
 
 
 def test_basis_is_every_input_versioned() -> None:
@@ -61,13 +63,16 @@ def test_basis_is_every_input_versioned() -> None:
     assert refs and all("/_history/1" in r for r in refs)
 
 
-def test_qualitative_thresholds_only_where_published() -> None:
-    assert qualitative("total_cvd", 10.0, 0.049) == "low"
-    assert qualitative("total_cvd", 10.0, 0.05) == "moderate"
-    assert qualitative("ascvd", 10.0, 0.20) == "high"
-    assert qualitative("kidney_failure", 5.0, 0.031) == "moderate"
-    assert qualitative("heart_failure", 10.0, 0.5) is None
-    assert qualitative("total_cvd", 5.0, 0.5) is None
+def test_qualitative_categories_only_where_a_guideline_defines_them() -> None:
+    # 2026 ACC/AHA dyslipidemia guideline, PREVENT-ASCVD: < 3 % low, 3-< 5 % borderline, 5-< 10 % intermediate
+    assert [(c.code, c.name) for c in (risk_category("ascvd", 10.0, p) for p in (0.029, 0.03, 0.05, 0.0999, 0.10))
+            if c] == [("low", "low"), ("low", "borderline"), ("moderate", "intermediate"),
+                      ("moderate", "intermediate"), ("high", "high")]
+    assert risk_category("total_cvd", 10.0, 0.074).code == "low"
+    assert risk_category("total_cvd", 10.0, 0.075).code == "high"
+    assert risk_category("kidney_failure", 5.0, 0.031).code == "moderate"
+    assert risk_category("heart_failure", 10.0, 0.5) is None
+    assert risk_category("total_cvd", 5.0, 0.5) is None
 
 
 def test_method_is_one_concept_the_anchoring_equation_and_mitigation_names_interventions() -> None:
