@@ -310,7 +310,7 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
     horizon = f"{run.plan.horizon_years:g}-y"
     r = twin_view.risks(forecast)
     total = r["total_cvd"]
-    indicator = twin_view.indicator_for(total["median"])
+    indicator = twin_view.indicator_for(forecast)
     best = run.plan.options[0] if run.plan.options else None
     summary = (f"{horizon} total CVD risk {100 * total['median']:.0f}% "
                f"(90% {100 * total['p05']:.0f}–{100 * total['p95']:.0f}%)")
@@ -325,11 +325,14 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
             lines.append(f"- {d.factor} {d.value} (vs {d.reference}): +{100 * d.contribution:.1f} points of "
                          f"{twin_view.SHOWN_OUTCOMES.get(d.outcome, d.outcome).lower()} risk")
     if run.plan.options:
-        lines += ["", "**Options (ranked by absolute risk reduction, total CVD)**", ""]
+        lines += ["", "**Guideline-indicated options (ranked by net benefit after harms; ARR on total CVD)**", ""]
         for o in run.plan.options[:3]:
             nnt = f", NNT {o.nnt:.0f}" if o.nnt is not None and o.nnt_interval else ""
             lines.append(f"- {o.scenario.name}: ARR {100 * o.arr['median']:.1f} points "
-                         f"(90 % {100 * o.arr['p05']:.1f}–{100 * o.arr['p95']:.1f}){nnt}")
+                         f"(90 % {100 * o.arr['p05']:.1f}–{100 * o.arr['p95']:.1f}){nnt}; net benefit "
+                         f"{1000 * o.net_benefit.get('median', 0.0):.0f} per 1,000")
+    else:
+        lines += ["", f"**{run.plan.notes[0] if run.plan.notes else 'No drug indicated'}**"]
     if run.plan.excluded:
         lines += ["", "Not proposed: " + "; ".join(f"{e.candidate} ({e.reason})" for e in run.plan.excluded[:4])]
     lines += _medication_flag_lines(run)
@@ -340,9 +343,7 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
     caveats += list(forecast.caveats)
     if caveats:
         lines += ["", "**Data quality and caveats**", ""] + [f"- {c}" for c in caveats[:8]]
-    lines += ["", f"Indicator: median {horizon} total CVD < 7.5 % info, 7.5–20 % warning, ≥ 20 % critical "
-              "(ACC/AHA 2019 risk categories, applied to PREVENT-anchored total CVD). A proposal for clinician "
-              "review, not an order."]
+    lines += ["", twin_view.INDICATOR_TEXT + " A proposal for clinician review, not an order."]
     card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": _summary(summary), "indicator": indicator,
                             "detail": "\n".join(lines), "source": source, "links": [link]}
     if run.scope is not None:

@@ -382,7 +382,7 @@ def patient_page(request: Request) -> Response:
             "eligible": cache["eligible"], "options": run.plan.options[:6], "excluded": run.plan.excluded,
             "notes": run.plan.notes, "caveats": forecast.caveats,
             "drivers": sorted(forecast.drivers, key=lambda d: -d.contribution)[:6],
-            "indicator": twin_view.indicator_for(forecast.at_horizon("total_cvd")["median"]),
+            "indicator": twin_view.indicator_for(forecast),
         })
     response = templates.TemplateResponse(request, "patient.html", context)
     return _security_headers(response, request)

@@ -15,21 +15,29 @@ from fhirtwin.twin import TwinState
 SHOWN_OUTCOMES = OUTCOME_LABELS
 
 
-# Card indicator from the median 10-year total CVD risk. The cut-offs are the 2019 ACC/AHA primary
-# prevention risk categories (Arnett DK et al., Circulation 2019;140:e596-e646): < 7.5 % low/borderline,
-# 7.5 % to < 20 % intermediate, >= 20 % high. They were defined for the pooled cohort equations' 10-year
-# ASCVD risk; fhirtwin applies them to PREVENT-anchored total CVD as a display convention, stated on the card.
-INDICATOR_WARNING_AT = 0.075
-INDICATOR_CRITICAL_AT = 0.20
+def indicator_for(forecast: Forecast) -> str:
+    """CDS Hooks indicator from the guideline categories of the forecast's 10-year medians.
 
-
-def indicator_for(total_cvd_risk: float) -> str:
-    """CDS Hooks indicator for a median 10-year total CVD risk (ACC/AHA categories, see above)."""
-    if total_cvd_risk >= INDICATOR_CRITICAL_AT:
+    critical: PREVENT-ASCVD high (>= 10 %, 2026 ACC/AHA dyslipidemia guideline); warning: ASCVD intermediate
+    (5 to < 10 %) or total CVD at or above the 7.5 % treatment threshold (2025 AHA/ACC blood pressure
+    guideline); info otherwise.
+    """
+    codes = set()
+    for outcome in ("ascvd", "total_cvd"):
+        if outcome in forecast.cif and forecast.horizon_years >= 10:
+            category = forecast.risk_category(outcome, 10.0, forecast.at_horizon(outcome, 10.0)["median"])
+            if category is not None:
+                codes.add((outcome, category.code))
+    if ("ascvd", "high") in codes:
         return "critical"
-    if total_cvd_risk >= INDICATOR_WARNING_AT:
+    if ("ascvd", "moderate") in codes or ("total_cvd", "high") in codes:
         return "warning"
     return "info"
+
+
+INDICATOR_TEXT = ("Indicator: critical at PREVENT-ASCVD >= 10 % (high), warning at 5-10 % (intermediate) or total "
+                  "CVD >= 7.5 % (2026 ACC/AHA dyslipidemia and 2025 AHA/ACC blood pressure guidelines), info "
+                  "otherwise.")
 
 
 def risks(forecast: Forecast, years: float | None = None) -> dict[str, dict[str, float]]:

@@ -142,8 +142,9 @@ def mitigation(plan: PlanLike, outcome: str, top: int = 3) -> str | None:
         else:
             effect = f"ARR {100 * option.arr_by_outcome.get(outcome, 0.0):.1f} % (median)"
         lines.append(f"{rank}. {option.scenario.name}: {effect}")
-    return (f"Top interventions ranked by {plan.horizon_years:g}-year {OUTCOME_TEXT.get(plan.outcome, plan.outcome)} "
-            "absolute risk reduction: " + "; ".join(lines) + ". See the fhirtwin CarePlan proposal.")
+    return (f"Guideline-indicated interventions ranked by {plan.horizon_years:g}-year net benefit after harms "
+            f"(ARR on {OUTCOME_TEXT.get(outcome, outcome)}): " + "; ".join(lines)
+            + ". See the fhirtwin CarePlan proposal.")
 
 
 def quality_notes(forecast: ForecastLike, state: StateLike) -> list[dict[str, str]]:
