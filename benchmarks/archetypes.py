@@ -308,7 +308,9 @@ def engine(p: PatientInputs) -> dict[str, Any]:
             "outcome": pl.outcome,
             "top": [{"scenario": o.scenario.name, "arr_median": o.arr["median"], "arr_p05": o.arr["p05"],
                      "arr_p95": o.arr["p95"], "nnt": o.nnt, "nnt_note": o.nnt_note,
-                     "risk_median": o.risk["median"]} for o in pl.options[:3]],
+                     "risk_median": o.risk["median"],
+                     "net_benefit_median": getattr(o, "net_benefit", {}).get("median")} for o in pl.options[:3]],
+            "notes": list(pl.notes),
         }
         quit_opt = next((o for o in pl.options if o.scenario.name == "Smoking cessation"), None)
         if quit_opt is not None:
@@ -384,8 +386,11 @@ def markdown_rows(r: dict[str, Any]) -> list[str]:
         for i, o in enumerate(eng["plan"]["top"], 1):
             nnt = f"NNT {o['nnt']:.0f}" if o["nnt"] is not None else "NNT undefined"
             uncertain = " (benefit not certain)" if o["nnt"] is not None and o["arr_p05"] <= 0 else ""
-            parts.append(f"{i}. {o['scenario']}: ARR {100 * o['arr_median']:.1f}%, {nnt}{uncertain}")
-        row(f"Top proposals (ARR on {eng['plan']['outcome']}, 10 y)", _cell("; ".join(parts) or "none eligible"), "")
+            net = o.get("net_benefit_median")
+            net_text = f", net benefit {1000 * net:.0f} per 1,000" if net is not None else ""
+            parts.append(f"{i}. {o['scenario']}: ARR {100 * o['arr_median']:.1f}%, {nnt}{uncertain}{net_text}")
+        nothing = next((n for n in eng["plan"].get("notes", []) if n.startswith("No drug indicated")), "none eligible")
+        row(f"Top proposals (ARR on {eng['plan']['outcome']}, 10 y)", _cell("; ".join(parts) or nothing), "")
     row("Pharmacogenomics", _cell("; ".join(eng["pharmacogenomics"]) or "none"), "")
     row("Engine scope / refusals", _cell("; ".join([eng["scope"], *eng["errors"]])), "")
     return rows

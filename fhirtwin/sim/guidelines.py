@@ -93,7 +93,7 @@ def _statin(inputs: PatientInputs, ascvd: float) -> Indication:
     if moderate or diabetic:
         why = f"{risk} (intermediate)" if moderate else f"diabetes at age {inputs.age_years:.0f}"
         source = spec["source"] if moderate else spec["source_2018"]
-        if current is not None:
+        if current in ("moderate", "high"):
             return Indication("statin", NOT_INDICATED, f"{why}: already on a statin of at least moderate intensity",
                               source)
         return Indication("statin", INDICATED, f"{why}: at least a moderate-intensity statin", source,
@@ -123,10 +123,11 @@ def _ezetimibe(inputs: PatientInputs, ascvd: float, statin_room: bool) -> Indica
 
 def _pcsk9(inputs: PatientInputs) -> Indication:
     spec = guideline_parameters()["nonstatin"]
-    severe = bool(inputs.fh_variant)
+    severe_ldl = guideline_parameters()["statin"]["severe_ldl_mg_dl"]
+    severe = bool(inputs.fh_variant) or inputs.ldl_cholesterol_mg_dl >= severe_ldl
     if severe and inputs.on_statin and inputs.ldl_cholesterol_mg_dl >= spec["pcsk9_ldl_on_treatment_mg_dl"]:
-        return Indication("pcsk9_inhibitor", CONSIDER, "familial hypercholesterolaemia with LDL-C >= 100 mg/dL on a "
-                          "statin: may be considered after ezetimibe (IIb)", spec["source"])
+        return Indication("pcsk9_inhibitor", CONSIDER, "familial or severe hypercholesterolaemia with LDL-C >= 100 "
+                          "mg/dL on a statin: may be considered after ezetimibe (IIb)", spec["source"])
     return Indication("pcsk9_inhibitor", NOT_INDICATED,
                       "no familial or severe hypercholesterolaemia above goal on treatment", spec["source"])
 

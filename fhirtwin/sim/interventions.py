@@ -18,6 +18,7 @@ from fhirtwin.sim.pharmacogenomics import (
     clopidogrel_advice,
     medication_flags,
     safety_inputs,
+    statin_flag,
     statin_proposal_problem,
     statin_restriction_note,
 )
@@ -142,7 +143,16 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
                 eligible.append(choice)
             excluded.extend(e for e in pgx if e not in excluded)
     safety = safety_inputs(inputs)
-    notes.extend(flag.text() for flag in medication_flags(safety))
+    flags = medication_flags(safety)
+    notes.extend(flag.text() for flag in flags)
+    if current in params["statin_agents"] and statin_flag(safety) is not None:  # a same-intensity switch within limits
+        switch, _ = choose_statin(inputs, current)
+        if switch is not None:
+            notes.append(f"a {current}-intensity alternative within CPIC 2022 limits: {switch.agent} "
+                         f"{switch.dose_mg:g} mg daily")
+        else:
+            notes.append(f"no {current}-intensity statin is within CPIC 2022 limits for this genotype: "
+                         "a lower intensity or a non-statin option")
 
     # blood pressure
     bp = params["sbp_lowering_one_drug_mm_hg"]

@@ -133,3 +133,13 @@ def test_prasugrel_is_not_offered_at_75_or_older():
     old = candidate_interventions(patient(cyp2c19_phenotype="poor_metabolizer", age_years=78.0))
     [excl] = reasons(old, "clopidogrel")
     assert "ticagrelor" in excl.reason and "prasugrel or" not in excl.reason
+
+
+def test_a_flagged_current_statin_gets_a_same_intensity_alternative_within_cpic():
+    c = candidate_interventions(patient(slco1b1_phenotype="poor_function", on_statin=True, statin_intensity="moderate",
+                                        statin_agent="simvastatin", statin_daily_dose_mg=20.0))
+    switch = [n for n in c.notes if "alternative within CPIC 2022 limits" in n]
+    # CPIC 2022, SLCO1B1 poor function: atorvastatin <= 20, rosuvastatin <= 20, pravastatin <= 40; never simvastatin
+    assert len(switch) == 1 and any(a in switch[0] for a in ("atorvastatin 10 mg", "rosuvastatin 5 mg",
+                                                                 "pravastatin 40 mg"))
+    assert "simvastatin" not in switch[0]

@@ -103,3 +103,22 @@ def test_diabetic_kidney_disease_ranks_the_sglt2_inhibitor_on_kidney_and_heart_f
     assert sglt2.arr_by_outcome["kidney_failure"] > 0 and sglt2.arr_by_outcome["heart_failure"] > 0
     singles = [o for o in result.options if len(o.scenario.interventions) == 1]
     assert singles[0] is sglt2  # the class 1 indication is not ranked last
+
+
+def test_statin_indications_follow_the_literal_thresholds():
+    from fhirtwin.sim.guidelines import indications
+
+    def statin(ascvd: float, **kw):
+        found = indications(_plain(**kw), {"prevent_10y_ascvd": ascvd, "prevent_10y_total_cvd": ascvd * 1.6})
+        return found["statin"].status, found["statin"].intensities
+
+    assert statin(0.029) == ("not-indicated", ())
+    assert statin(0.03)[0] == "consider" and statin(0.049)[0] == "consider"
+    assert statin(0.05) == ("indicated", ("moderate", "high"))
+    assert statin(0.10) == ("indicated", ("high",))
+    assert statin(0.01, ldl_cholesterol_mg_dl=190.0) == ("indicated", ("high",))
+    # diabetes 40-75: at least moderate, also from a low-intensity statin; not again from a moderate one
+    assert statin(0.01, diabetes=True, age_years=50.0) == ("indicated", ("moderate", "high"))
+    assert statin(0.01, diabetes=True, age_years=50.0, on_statin=True, statin_intensity="low")[0] == "indicated"
+    assert statin(0.01, diabetes=True, age_years=50.0, on_statin=True, statin_intensity="moderate")[0] == \
+        "not-indicated"
