@@ -22,11 +22,12 @@ continuous function of eGFR: there is no threshold at which it jumps.
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fhirtwin.sim._params import dynamics_parameters, intervention_parameters
@@ -143,34 +144,6 @@ def _segment(h: np.ndarray, death: np.ndarray, surv0: np.ndarray) -> tuple[np.nd
     return inc, s[:, -1]
 
 
-def solve_scale(
-    target: np.ndarray, shape: np.ndarray, death: np.ndarray, surv0: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale c (K,) with incidence of c * shape == target given the competing ``death``; vectorised bisection.
-
-    The incidence of an event rises monotonically with its own hazard and is bounded by ``surv0``, so a
-    target at or above that bound is capped just below it. Returns (c, survival at the segment's end).
-    """
-    target = np.minimum(target, surv0 * (1 - 1e-9))
-    lo = np.zeros_like(target)
-    hi = np.ones_like(target)
-    while True:  # bracket: grow hi until its incidence reaches the target
-        inc, _ = _segment(hi[:, None] * shape, death, surv0)
-        short = inc < target
-        if not short.any():
-            break
-        hi = np.where(short, hi * 8.0, hi)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        inc, _ = _segment(mid[:, None] * shape, death, surv0)
-        below = inc < target
-        lo = np.where(below, mid, lo)
-        hi = np.where(below, hi, mid)
-    scale = 0.5 * (lo + hi)
-    _, surv = _segment(scale[:, None] * shape, death, surv0)
-    return scale, surv
-
-
 @dataclass(frozen=True, eq=False)
 class Anchors:
     """Hazards per month on the expected path, the competing deaths, and what the anchors rest on.
@@ -205,35 +178,53 @@ def _prevent_at(inputs: PatientInputs, outcome: str, horizon: int, ages: np.ndar
     return risk
 
 
-def _log_h10(inputs: PatientInputs, outcome: str, ages: np.ndarray) -> np.ndarray:
-    """log 10-year cumulative hazard of PREVENT at attained ages; beyond 79 extended at the gradient at 79."""
-    lo, hi = PREVENT_AGE_RANGE
-    inside = np.log(cum_hazard(_prevent_at(inputs, outcome, 10, np.clip(ages, lo, hi))))
-    at_hi = np.log(cum_hazard(_prevent_at(inputs, outcome, 10, np.array([hi - 1.0, hi]))))
-    gradient = at_hi[1] - at_hi[0]
-    out: np.ndarray = inside + gradient * np.maximum(ages - hi, 0.0)
-    return out
+_AGE_GRID = np.arange(PREVENT_AGE_RANGE[0], PREVENT_AGE_RANGE[1] + 1.0)
 
 
-def _age_gradient(inputs: PatientInputs, outcome: str, age: float) -> float:
-    """d ln H10 / d age of the equation at ``age`` (one-year difference inside the validated range)."""
-    lo, hi = PREVENT_AGE_RANGE
-    a0 = float(np.clip(age, lo, hi - 1.0))
-    pair = _log_h10(inputs, outcome, np.array([a0, a0 + 1.0]))
-    return float(pair[1] - pair[0])
+def _log_h10_curve(inputs: PatientInputs, outcome: str, **change: Any) -> Callable[[float], float]:
+    """log 10-year cumulative hazard of PREVENT as a function of attained age (one equation call).
+
+    Tabulated at whole years 30-79 and interpolated; beyond 79 extended at the gradient between 78 and 79.
+    Used for the shape of the hazard within a decade and for conditional risks in later decades; the
+    anchors themselves are evaluated at the exact age.
+    """
+    table = np.log(cum_hazard(_prevent_at(inputs, outcome, 10, _AGE_GRID, **change)))
+    gradient = float(table[-1] - table[-2])
+
+    def at(age: float) -> float:
+        return float(np.interp(age, _AGE_GRID, table) + gradient * max(age - PREVENT_AGE_RANGE[1], 0.0))
+
+    return at
 
 
-def _cvd_anchor(inputs: PatientInputs, outcome: str, death: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _solve_one(target: float, shape: np.ndarray, death: np.ndarray, surv0: float) -> tuple[float, float]:
+    """Scale c with incidence(c * shape) == target over a run of months (Brent's method); returns (c, survival)."""
+    target = min(target, surv0 * (1 - 1e-9))
+    if target <= 0:
+        return 0.0, float(_segment(np.zeros((1, shape.size)), death, np.array([surv0]))[1][0])
+
+    def gap(c: float) -> float:
+        return float(_segment(c * shape[None, :], death, np.array([surv0]))[0][0]) - target
+
+    hi = 1.0
+    while gap(hi) < 0:
+        hi *= 8.0
+    scale = float(brentq(gap, 0.0, hi, xtol=1e-15, rtol=1e-13))
+    return scale, float(_segment(scale * shape[None, :], death, np.array([surv0]))[1][0])
+
+
+def _cvd_anchor(inputs: PatientInputs, outcome: str, death: np.ndarray, **change: Any) -> tuple[np.ndarray, list[str]]:
     """Monthly hazards (MAX_MONTHS,) reproducing PREVENT's cumulative incidences with ``death`` competing."""
     age = inputs.age_years
     t_mid = (np.arange(MAX_MONTHS) + 0.5) * DT
     h = np.zeros(MAX_MONTHS)
     flags: list[str] = []
-    surv = np.ones(1)
-    r10 = float(_prevent_at(inputs, outcome, 10, np.array([np.clip(age, *PREVENT_AGE_RANGE)]))[0])
+    surv = 1.0
+    log_h10 = _log_h10_curve(inputs, outcome, **change)
+    r10 = float(_prevent_at(inputs, outcome, 10, np.array([np.clip(age, *PREVENT_AGE_RANGE)]), **change)[0])
     segments: list[tuple[int, int, float]] = [(0, 120, r10)]  # (first month, end month, target incidence)
     if age <= PREVENT_30Y_MAX_AGE:
-        r30 = float(_prevent_at(inputs, outcome, 30, np.array([max(age, PREVENT_AGE_RANGE[0])]))[0])
+        r30 = float(_prevent_at(inputs, outcome, 30, np.array([max(age, PREVENT_AGE_RANGE[0])]), **change)[0])
         segments.append((120, 360, max(r30 - r10, 0.0)))
     else:
         segments += [(120, 240, np.nan), (240, 360, np.nan)]
@@ -243,14 +234,13 @@ def _cvd_anchor(inputs: PatientInputs, outcome: str, death: np.ndarray) -> tuple
             flags.append(f"{outcome} at attained ages above 79: PREVENT extended at its own age gradient")
     for first, end, target in segments:
         seg_age = age + first / 12.0
-        gradient = _age_gradient(inputs, outcome, seg_age)
-        shape = np.exp(gradient * (t_mid[first:end] - first / 12.0))[None, :]
+        a0 = min(max(seg_age, PREVENT_AGE_RANGE[0]), PREVENT_AGE_RANGE[1] - 1.0) if seg_age <= 79 else seg_age
+        gradient = log_h10(a0 + 1.0) - log_h10(a0)  # d ln H10 / d age: the equation's own ageing
+        shape = np.exp(gradient * (t_mid[first:end] - first / 12.0))
         if np.isnan(target):  # conditional on being event-free at the attained age
-            target = float(surv[0]) * float(1.0 - np.exp(-np.exp(_log_h10(inputs, outcome, np.array([seg_age]))[0])))
-        else:
-            target = float(target)
-        scale, surv = solve_scale(np.array([target]), shape, death[first:end], surv)
-        h[first:end] = scale[0] * shape[0]
+            target = surv * float(1.0 - np.exp(-np.exp(log_h10(seg_age))))
+        scale, surv = _solve_one(float(target), shape, death[first:end], surv)
+        h[first:end] = scale * shape
     return h, flags
 
 
@@ -327,7 +317,7 @@ def compute_anchors(inputs: PatientInputs) -> Anchors:
         if inputs.age_years <= PREVENT_30Y_MAX_AGE:
             published[f"prevent_30y_{outcome}"] = float(_prevent_at(inputs, outcome, 30, age)[0])
         if inputs.current_smoker:  # the same patient as a non-smoker: the floor of any cessation benefit
-            non_smoker, _ = _cvd_anchor(dataclasses.replace(inputs, current_smoker=False), outcome, death_non_cvd)
+            non_smoker, _ = _cvd_anchor(inputs, outcome, death_non_cvd, current_smoker=0)
             never[outcome] = np.minimum(non_smoker / np.maximum(cvd[outcome], 1e-300), 1.0)
         else:
             never[outcome] = np.ones(MAX_MONTHS)

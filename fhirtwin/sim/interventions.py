@@ -145,7 +145,8 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
     safety = safety_inputs(inputs)
     flags = medication_flags(safety)
     notes.extend(flag.text() for flag in flags)
-    if current in params["statin_agents"] and statin_flag(safety) is not None:  # a same-intensity switch within limits
+    if current is not None and current in params["statin_agents"] and statin_flag(safety) is not None:
+        # name a same-intensity switch within the limits
         switch, _ = choose_statin(inputs, current)
         if switch is not None:
             notes.append(f"a {current}-intensity alternative within CPIC 2022 limits: {switch.agent} "
