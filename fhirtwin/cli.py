@@ -349,6 +349,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(module.main(argv))
 
 
+def cmd_validate_trial(args: argparse.Namespace) -> int:
+    """Replicate one trial; the last line is the JSON result with --json."""
+    from fhirtwin.validation.spec import load_spec
+    from fhirtwin.validation.trial import replicate
+
+    result = replicate(load_spec(args.spec), n_virtual=args.n_virtual, draws=args.draws)
+    if not args.json:
+        lo, hi = result.hazard_ratio_interval90
+        print(f"{result.name} ({result.outcome}, {result.follow_up_years:g} y, {result.n_virtual} virtual patients): "
+              f"control {100 * result.control_cumulative_incidence:.1f} % vs published "
+              f"{100 * result.published['control_cumulative_incidence']:.1f} %; HR {result.hazard_ratio:.2f} "
+              f"(90 % {lo:.2f}-{hi:.2f}) vs published {result.published['hazard_ratio']:.2f} "
+              f"{tuple(result.published['hazard_ratio_ci95'])}; inside the CI: "
+              f"{'yes' if result.hr_within_published_ci95 else 'no'}")
+        for note in result.notes:
+            print(f"  note: {note}")
+    print(json.dumps(result.to_json()) if args.json else "", end="\n" if args.json else "")
+    return 0
+
+
+def cmd_validate_trials(args: argparse.Namespace) -> int:
+    """Replicate every spec in a folder and write the table, JSON and forest plot."""
+    from fhirtwin.validation.report import markdown_table, run_trials, write_report
+
+    results = run_trials(args.folder, n_virtual=args.n_virtual, draws=args.draws)
+    paths = write_report(results, args.out)
+    print(markdown_table(results))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     """Upload fhirtwin's profiles, terminology and OperationDefinition, its Organization, Devices and public
     signing key to a FHIR server, once, with an administrator's credentials. Every entry is a PUT to a
@@ -504,6 +535,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep", action="store_true", help="keep the patient copies the benchmark makes")
     bench.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bench.set_defaults(func=cmd_bench)
+
+    validate = commands.add_parser("validate", help="replicate published randomised trials in silico")
+    kinds = validate.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    one = kinds.add_parser("trial", help="one trial spec (format fhirtwin-trial/1)")
+    one.add_argument("spec", help="path of the trial spec JSON")
+    one.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    many = kinds.add_parser("trials", help="every spec in a folder -> table, JSON and forest plot")
+    many.add_argument("folder", help="folder of trial specs (*.json)")
+    many.add_argument("--out", default="docs/validation", help="where to write the report (default docs/validation)")
+    for p in (one, many):
+        p.add_argument("--n-virtual", type=positive_int, default=None,
+                       help="virtual patients per trial (default: the spec's n_virtual)")
+        p.add_argument("--draws", type=positive_int, default=100, help="ensemble draws per patient (default 100)")
+    one.set_defaults(func=cmd_validate_trial)
+    many.set_defaults(func=cmd_validate_trials)
 
     register = commands.add_parser("register", help="upload fhirtwin's profiles, Devices and public key (once)")
     server_options(register)

@@ -33,7 +33,7 @@ from fhirtwin.sim.calibration import LinearPosterior
 from fhirtwin.sim.course import current_value, deviation_parameters, expected_log_change, expected_slope
 from fhirtwin.sim.ensemble import ParameterDraws
 from fhirtwin.sim.inputs import PatientInputs
-from fhirtwin.sim.interventions import Scenario
+from fhirtwin.sim.interventions import LDL_ADD_ONS, Scenario
 
 TRAJECTORY_VARIABLES = (
     "ldl_cholesterol_mg_dl",
@@ -171,12 +171,14 @@ def simulate_trajectories(
     statin = scenario.has("statin")
     if statin is not None:
         assert statin.intensity is not None  # a statin Intervention always has one (checked on creation)
-        r_new = draws.ldl_lowering[statin.intensity][:, None]
+        r_new = (np.full((draws.n, 1), statin.ldl_lowering_percent / 100.0) if statin.ldl_lowering_percent
+                 else draws.ldl_lowering[statin.intensity][:, None])
         rho = (1.0 - np.maximum(r_new, r_cur)) / (1.0 - r_cur)
         ldl = ldl * (1.0 - (1.0 - rho) * onset(t, tau["statin"]))
-    for kind in ("ezetimibe", "pcsk9_inhibitor"):
-        if scenario.has(kind) is not None:
-            ldl = ldl * (1.0 - draws.ldl_lowering[kind][:, None] * onset(t, tau["statin"]))
+    for add_on in (i for i in scenario.interventions if i.kind in LDL_ADD_ONS):
+        fraction = (add_on.ldl_lowering_percent / 100.0 if add_on.ldl_lowering_percent is not None
+                    else draws.ldl_lowering[add_on.kind][:, None])
+        ldl = ldl * (1.0 - fraction * onset(t, tau["statin"]))
     values["ldl_cholesterol_mg_dl"] = ldl
 
     # SBP: one more antihypertensive lowers SBP by the drawn response, never below 110 mmHg from treatment
@@ -186,7 +188,10 @@ def simulate_trajectories(
     if post_sbp.pending_regimen_start is not None:
         room = np.maximum(sbp - SBP_TREATMENT_FLOOR_MM_HG, 0.0)
         sbp = sbp - np.minimum(drop, room) * onset(t - post_sbp.pending_regimen_start, tau["bp_lowering"])
-    if scenario.has("bp_lowering") is not None:
+    bp = scenario.has("bp_lowering")
+    if bp is not None and bp.sbp_drop_mm_hg is not None:  # a measured difference is applied as measured
+        sbp = sbp - bp.sbp_drop_mm_hg * onset(t, tau["bp_lowering"])
+    elif bp is not None:
         room = np.maximum(sbp - SBP_TREATMENT_FLOOR_MM_HG, 0.0)
         sbp = sbp - np.minimum(drop, room) * onset(t, tau["bp_lowering"])
     values["systolic_bp_mm_hg"] = sbp

@@ -24,7 +24,9 @@ from fhirtwin.sim.pharmacogenomics import (
 )
 from fhirtwin.sim.pharmacogenomics import source as pgx_source
 
-KINDS = ("statin", "bp_lowering", "sglt2i", "smoking_cessation", "ezetimibe", "pcsk9_inhibitor")
+KINDS = ("statin", "bp_lowering", "sglt2i", "smoking_cessation", "ezetimibe", "pcsk9_inhibitor", "ldl_lowering")
+#: Non-statin LDL-C lowering kinds (added to whatever statin the patient takes).
+LDL_ADD_ONS = ("ezetimibe", "pcsk9_inhibitor", "ldl_lowering")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,10 @@ class Intervention:
 
     ``kind`` is one of ``KINDS``; for statins ``intensity`` is the target intensity and ``agent``/
     ``dose_mg`` the concrete choice after pharmacogenomic rules. ``notes`` carry the reasons for the
-    choice (e.g. why simvastatin was avoided).
+    choice (e.g. why simvastatin was avoided). ``ldl_lowering_percent`` and ``sbp_drop_mm_hg`` replace the
+    drawn treatment response by a measured one (a trial's mean LDL-C reduction or achieved SBP
+    difference), as the in-silico trials do; ``ldl_lowering`` is a non-statin LDL-C drug known only by
+    that percent.
     """
 
     kind: str
@@ -42,12 +47,16 @@ class Intervention:
     agent: str | None = None
     dose_mg: float | None = None
     notes: tuple[str, ...] = ()
+    ldl_lowering_percent: float | None = None
+    sbp_drop_mm_hg: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown intervention kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "statin" and self.intensity not in ("moderate", "high"):
             raise ValueError("a statin intervention needs intensity 'moderate' or 'high'")
+        if self.kind == "ldl_lowering" and self.ldl_lowering_percent is None:
+            raise ValueError("an ldl_lowering intervention needs its measured ldl_lowering_percent")
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict (for CarePlan activities and Forecast serialisation)."""
