@@ -529,10 +529,14 @@ def competing_cif(
     surv = np.empty((n, m + 1))
     surv[:, 0] = 1.0
     np.cumsum(total, axis=1, out=surv[:, 1:])
-    np.exp(surv[:, 1:] * -dt, out=surv[:, 1:])
+    surv[:, 1:] *= -dt
+    np.exp(surv[:, 1:], out=surv[:, 1:])
+    np.divide(hazard, total, out=total)  # the event's share of each month's exits
     cif_event = np.empty((n, m + 1))
     cif_event[:, 0] = 0.0
-    np.cumsum((surv[:, :-1] - surv[:, 1:]) * (hazard / total), axis=1, out=cif_event[:, 1:])
+    step = np.subtract(surv[:, :-1], surv[:, 1:])
+    step *= total
+    np.cumsum(step, axis=1, out=cif_event[:, 1:])
     if not with_death:
         return cif_event, None
     cif_death = np.clip(1.0 - surv - cif_event, 0.0, 1.0)
