@@ -154,15 +154,17 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
     safety = safety_inputs(inputs)
     flags = medication_flags(safety)
     notes.extend(flag.text() for flag in flags)
-    if current is not None and current in params["statin_agents"] and statin_flag(safety) is not None:
+    flagged = statin_flag(safety)
+    if current is not None and current in params["statin_agents"] and flagged is not None:
         # name a same-intensity switch within the limits
         switch, _ = choose_statin(inputs, current)
+        genotype = f"{flagged.gene} {flagged.phenotype}"
         if switch is not None:
-            notes.append(f"a {current}-intensity alternative within CPIC 2022 limits: {switch.agent} "
-                         f"{switch.dose_mg:g} mg daily")
+            notes.append(f"{genotype}: a {current}-intensity alternative within CPIC 2022 limits is "
+                         f"{switch.agent} {switch.dose_mg:g} mg daily")
         else:
-            notes.append(f"no {current}-intensity statin is within CPIC 2022 limits for this genotype: "
-                         "a lower intensity or a non-statin option")
+            notes.append(f"{genotype}: no {current}-intensity statin is within CPIC 2022 limits; a lower "
+                         "intensity or a non-statin option")
 
     # blood pressure
     bp = params["sbp_lowering_one_drug_mm_hg"]

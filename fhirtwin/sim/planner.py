@@ -216,7 +216,7 @@ def plan(
         options.insert(0, combination)
     if not options:
         notes.insert(0, f"{NO_DRUG_INDICATED}: " + "; ".join(
-            i.reason for i in found.values() if i.kind != "smoking_cessation"))
+            i.reason for i in found.values() if i.kind in ("statin", "bp_lowering", "sglt2i")))
     return Plan(outcome, horizon_years, base, tuple(options), forecasts, tuple(excluded), tuple(notes),
                 ldl_goal_mg_dl=goal)
 
