@@ -380,6 +380,21 @@ def cmd_validate_trials(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate_cohort(args: argparse.Namespace) -> int:
+    """Event-level calibration and subgroup flags on a virtual cohort; writes calibration.md and .json."""
+    from fhirtwin.validation.calibration import build_report, summary, write
+
+    report = build_report(args.n, seed=args.seed, draws=args.draws, coverage_patients=min(240, args.n))
+    paths = write(report, args.out)
+    if args.json:
+        print(json.dumps({"overall": [r.to_json() for r in report.overall],
+                          "flagged": [r.to_json() for r in report.flagged],
+                          "written": [str(p) for p in paths.values()]}))
+    else:
+        print(summary(report) + "written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     """Upload fhirtwin's profiles, terminology and OperationDefinition, its Organization, Devices and public
     signing key to a FHIR server, once, with an administrator's credentials. Every entry is a PUT to a
@@ -550,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draws", type=positive_int, default=100, help="ensemble draws per patient (default 100)")
     one.set_defaults(func=cmd_validate_trial)
     many.set_defaults(func=cmd_validate_trials)
+    cohort = kinds.add_parser("cohort", help="event-level calibration and subgroup fairness on a virtual cohort")
+    cohort.add_argument("--n", type=positive_int, default=20000, help="virtual patients (default 20000)")
+    cohort.add_argument("--seed", type=int, default=2026, help="generator seed (default 2026)")
+    cohort.add_argument("--draws", type=positive_int, default=40, help="ensemble draws per patient (default 40)")
+    cohort.add_argument("--out", default="docs/validation", help="where to write the report (default docs/validation)")
+    cohort.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    cohort.set_defaults(func=cmd_validate_cohort)
 
     register = commands.add_parser("register", help="upload fhirtwin's profiles, Devices and public key (once)")
     server_options(register)
