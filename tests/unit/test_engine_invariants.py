@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sim_fixtures import series
 
@@ -252,3 +252,40 @@ def test_prevent_re_evaluation_equals_the_equation_with_every_moving_input_shift
         moved = {v: getattr(p, v) + d for v, d in shift.items() if outcome == "heart_failure" or v != "bmi_kg_m2"}
         direct = np.log(-np.log1p(-prevent_10y(p, outcome, **moved))) - np.log(-np.log1p(-prevent_10y(p, outcome)))
         np.testing.assert_allclose(engine, direct, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["female", "male"]), st.floats(30, 55), st.floats(150, 200), st.floats(50, 80),
+       st.floats(100, 125), st.floats(75, 110))
+def test_healthy_low_risk_patients_get_no_drug(sex: str, age: float, tc: float, hdl: float, sbp: float,
+                                               egfr: float) -> None:
+    from fhirtwin.sim.planner import NO_DRUG_INDICATED, plan
+
+    p = PatientInputs(patient_id="g", sex=sex, age_years=age, total_cholesterol_mg_dl=tc, hdl_cholesterol_mg_dl=hdl,
+                      ldl_cholesterol_mg_dl=max(tc - hdl - 30, 40), systolic_bp_mm_hg=sbp, egfr_ml_min_1_73m2=egfr,
+                      bmi_kg_m2=25.0, diabetes=False, current_smoker=False, on_bp_treatment=False, on_statin=False)
+    assume(prevent_10y(p, "ascvd") < 0.03)  # low risk by the published equation (2026 ACC/AHA category)
+    result = plan(get_model("fhirtwin-mechanistic").fit(p), draws=60, seed=0)
+    assert result.options == () and result.notes[0].startswith(NO_DRUG_INDICATED)
+
+
+def test_every_number_the_engine_uses_names_its_source() -> None:
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "fhirtwin" / "sim"
+    guidelines = json.loads((folder / "guidelines.json").read_text())
+    for kind, rows in guidelines["harms_per_1000_person_years"].items():
+        for row in rows if isinstance(rows, list) else []:
+            assert row["source"] and row["rate"] >= 0, kind
+    for key, spec in guidelines["risk_categories"].items():
+        assert spec["source"] and spec["bands"][-1][0] is None, key
+    dynamics = json.loads((folder / "dynamics_parameters.json").read_text())
+    for variable, spec in dynamics["biomarkers"].items():
+        assert spec["expected_slope_per_year"]["source"] and spec["slope_deviation"]["source"], variable
+    for block in ("background_mortality", "ckd_mortality_hazard_ratio", "uacr_when_unmeasured"):
+        assert dynamics[block]["source"], block
+    interventions = json.loads((folder / "interventions.json").read_text())
+    for name, spec in interventions["ratios"].items():
+        lo, hi = spec["ci95"]
+        assert lo < spec["value"] < hi and spec["source"] and spec["applies_to"], name
