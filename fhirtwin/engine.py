@@ -845,10 +845,13 @@ class Engine:
     # -- registration and verification
 
     def registration(self) -> list[dict[str, Any]]:
-        """What a server needs once before writes: conformance resources, Organization, Devices, the key."""
+        """What a server needs once before writes: conformance resources, Organization, Devices, the model
+        cards (one Library per model version, PUT to an id made of model and version), the key."""
+        from fhirtwin.model_card import model_card_libraries
+
         org = organization_resource(self.organization_id)
         devices = [device_resource(cls.name, cls.version, self.organization_id) for cls in registered_models()]
-        out = [*conformance_resources(), org, *devices]
+        out = [*conformance_resources(), org, *devices, *model_card_libraries()]
         if self.signing_key is not None:
             out.append(self._key_device(self.signing_key))
         return out

@@ -19,6 +19,7 @@ from fhirtwin.vocabulary import (
     SNOMED,
     meta,
 )
+from fhirtwin.writeback.library import model_card_url
 
 DEFAULT_ORGANIZATION = "fhirtwin-deployment"
 
@@ -46,7 +47,7 @@ def device_resource(model: str, model_version: str, org_id: str = DEFAULT_ORGANI
         "resourceType": "Device",
         "id": device_id(model, model_version),
         "meta": meta("fhirtwin-device"),
-        "extension": [{"url": EXT_MODEL_CARD, "valueUri": MODEL_CARD_URI}],
+        "extension": [{"url": EXT_MODEL_CARD, "valueCanonical": model_card_url(model, model_version)}],
         "identifier": [{"system": DEVICE_ID_SYSTEM, "value": f"{model}@{model_version}"}],
         "status": "active",
         "manufacturer": "fhirtwin",
@@ -60,6 +61,7 @@ def device_resource(model: str, model_version: str, org_id: str = DEFAULT_ORGANI
             {"type": {"text": "model"}, "value": model_version},
         ],
         "owner": {"reference": f"Organization/{org_id}"},
-        "note": [{"text": "Model card: fhirtwin/model-card.md in the fhirtwin package "
+        "note": [{"text": f"Model card: the Library {model_card_url(model, model_version)} (HTI-1 source "
+                          "attributes) and fhirtwin/model-card.md in the fhirtwin package "
                           f"({MODEL_CARD_URI}). Proposals need clinician review."}],
     }

@@ -5,7 +5,14 @@ references and, through its auto-version meta extension, stores the version it a
 get the versions with ``transaction.versioned_provenance_update``), ``entity`` =
 every input (versioned reference, role ``source``) plus superseded earlier results (role ``revision``),
 ``agent`` = the fhirtwin Device (author, on behalf of the Organization) and the Organization
-(custodian), ``signature`` = the detached JWS defined in ``signing.py``.
+(custodian), ``signature`` = the detached JWS defined in ``signing.py``, ``policy`` = the model card.
+
+Why ``policy`` for the model card: R4 defines ``Provenance.policy`` (0..*, uri) as the policy or plan the
+activity was defined by, which is what a model card with its intended use and scope is
+for the run. An ``entity`` would say the card was an input the targets were derived from (roles
+derivation, revision, quotation, source, removal), which it is not, and its ``what`` is a Reference that a
+server must resolve; the policy URI needs no Library on the server. The URI is the canonical URL of the
+model card Library of the model version that made the targets, read from their ``model-card`` extension.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 from fhirtwin.vocabulary import (
     AUTO_VERSION_EXT,
     DATA_OPERATION,
+    EXT_MODEL_CARD,
     MODEL_CARD_URI,
     PARTICIPANT_TYPE,
     RUN_TAG_SYSTEM,
@@ -30,6 +38,17 @@ from fhirtwin.writeback.signing import sign_targets
 
 def _instant(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def model_card_policies(targets: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The model cards (canonical URLs) the targets name, in order; the Markdown card URI when none does."""
+    cards: list[str] = []
+    for _, resource in targets:
+        for ext in resource.get("extension") or []:
+            value = ext.get("valueCanonical") if isinstance(ext, dict) and ext.get("url") == EXT_MODEL_CARD else None
+            if isinstance(value, str) and value not in cards:
+                cards.append(value)
+    return cards or [MODEL_CARD_URI]
 
 
 def build_provenance(
@@ -61,7 +80,7 @@ def build_provenance(
         "target": [{"reference": ref} for ref in target_refs],
         "occurredDateTime": _instant(recorded),
         "recorded": _instant(recorded),
-        "policy": [MODEL_CARD_URI],
+        "policy": model_card_policies(targets),
         "activity": {"coding": [coding("CREATE", DATA_OPERATION, "create")]},
         "agent": [
             {"type": {"coding": [coding("author", PARTICIPANT_TYPE, "Author")]},

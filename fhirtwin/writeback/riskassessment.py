@@ -13,6 +13,8 @@ Decisions (also stated in the fhirtwin-riskassessment profile):
   Forecast's ``risk_category``: PREVENT-ASCVD and total CVD at 10 years, KFRE at 5); ``relativeRisk`` is
   omitted: the Forecast carries no population reference risk, and a ratio to an invented reference would
   mislead.
+* **Model card**: the ``model-card`` extension (valueCanonical) names the Library of the HTI-1 source
+  attributes of the model version that made the assessment (:mod:`fhirtwin.writeback.library`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from fhirtwin.vocabulary import (
     CONCEPTS,
+    EXT_MODEL_CARD,
     EXT_PROBABILITY_INTERVAL,
     EXT_SCOPE_DECISION,
     EXT_SUPERSEDES,
@@ -38,6 +41,7 @@ from fhirtwin.vocabulary import (
 )
 from fhirtwin.writeback.contracts import ForecastLike, PlanLike, StateLike
 from fhirtwin.writeback.identifiers import identifier, prediction_key
+from fhirtwin.writeback.library import model_card_url
 
 HORIZONS_YEARS = (5.0, 10.0)
 
@@ -103,6 +107,11 @@ def simulation_model_extension(forecast: ForecastLike) -> dict[str, Any]:
     if forecast.model in CONCEPTS:
         value["coding"] = [coding(forecast.model)]
     return {"url": EXT_SIMULATION_MODEL, "valueCodeableConcept": value}
+
+
+def model_card_extension(forecast: ForecastLike) -> dict[str, Any]:
+    """``model-card``: the canonical URL of the model version's model card (a Library; HTI-1 attributes)."""
+    return {"url": EXT_MODEL_CARD, "valueCanonical": model_card_url(forecast.model, forecast.model_version)}
 
 
 def outcome_concept(outcome: str) -> dict[str, Any]:
@@ -223,7 +232,8 @@ def build_risk_assessment(
         "basis": [{"reference": ref} for ref in sorted(forecast.sources)],
         "prediction": predictions,
     }
-    resource["extension"] = [simulation_model_extension(forecast), scope_extension(plan.scope)]
+    resource["extension"] = [simulation_model_extension(forecast), scope_extension(plan.scope),
+                             model_card_extension(forecast)]
     resource["extension"] += [{"url": EXT_SUPERSEDES, "valueReference": {"reference": ref}} for ref in supersedes]
     text = mitigation(plan, outcome)
     if text:
