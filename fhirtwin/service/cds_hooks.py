@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fhirtwin.engine import (
@@ -41,7 +41,6 @@ from fhirtwin.engine import (
     prefetch_templates,
 )
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.package_data import model_card_markdown
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings
 from fhirtwin.vocabulary import CONCEPTS, EXT_SCOPE_DECISION, coding
@@ -292,17 +291,19 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
               "topic": coding("cardiorenal-risk")}
     link = {"label": "Open the fhirtwin patient page (risks, trajectories, what-ifs)", "url": f"{public}/launch",
             "type": "smart"}
+    card_link = {"label": "Model card (HTI-1 decision support source attributes)", "url": f"{public}/model-card",
+                 "type": "absolute"}
     if run.plan is None and run.scope is not None and not run.scope.in_scope:
         return [{"uuid": str(uuid.uuid4()), "summary": _summary("fhirtwin: no primary-prevention forecast (out of "
                                                                   "scope)"),
-                 "indicator": "info", "source": source, "links": [link],
+                 "indicator": "info", "source": source, "links": [link, card_link],
                  "detail": f"{html.escape(CONCEPTS[run.scope.code])}. The equations fhirtwin is anchored on (PREVENT, "
                            "KFRE) were derived in people without this condition, so no number is shown."
                            + "\n".join(["", *_medication_flag_lines(run)]),
                  "extension": {EXT_SCOPE_DECISION: coding(run.scope.code)}}]
     if run.plan is None:
         return [{"uuid": str(uuid.uuid4()), "summary": "fhirtwin: not enough data for a cardiorenal risk forecast",
-                 "indicator": "info", "source": source, "links": [link],
+                 "indicator": "info", "source": source, "links": [link, card_link],
                  "detail": "The twin could not be built: " + html.escape(str(run.error)) + "\n\n"
                            "Nothing is imputed; record the missing measurements to get a forecast."
                            + "\n".join(["", *_medication_flag_lines(run)])}]
@@ -345,7 +346,7 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
         lines += ["", "**Data quality and caveats**", ""] + [f"- {c}" for c in caveats[:8]]
     lines += ["", twin_view.INDICATOR_TEXT + " A proposal for clinician review, not an order."]
     card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": _summary(summary), "indicator": indicator,
-                            "detail": "\n".join(lines), "source": source, "links": [link]}
+                            "detail": "\n".join(lines), "source": source, "links": [link, card_link]}
     if run.scope is not None:
         card["extension"] = {EXT_SCOPE_DECISION: coding(run.scope.code)}
     if run.plan.options:
@@ -463,9 +464,3 @@ def stored_feedback() -> list[dict[str, Any]]:
     with _feedback_lock:
         return list(_feedback)
 
-
-@router.get("/model-card", response_class=PlainTextResponse)
-def model_card() -> PlainTextResponse:
-    """The model card linked from every card's ``source.url`` (Markdown served as text)."""
-
-    return PlainTextResponse(model_card_markdown(), media_type="text/plain; charset=utf-8")

@@ -137,7 +137,10 @@ def test_installed_serve_answers_model_card(installed: Installed, base_url: str,
     # the installed script, outside the checkout; start_service checks its log for tracebacks at the end
     url = start_service(base_url, command=[str(installed.script("fhirtwin"))], env=installed.env,
                         cwd=installed.workdir)
-    card = requests.get(f"{url}/model-card", timeout=10)
+    card = requests.get(f"{url}/model-card", headers={"Accept": "text/markdown"}, timeout=10)
     assert card.status_code == 200
     expected = (REPO / "fhirtwin" / "model-card.md").read_text("utf-8")
     assert card.text == expected
+    # the HTI-1 card: no checkout around an installed package, so no generated validation results
+    attributes = requests.get(f"{url}/model-card", timeout=10).json()["attributes"]
+    assert attributes["validity_external"]["status"] == "not-generated"

@@ -207,8 +207,9 @@ def check_card(card: dict[str, Any]) -> None:
     assert 0 < len(card["summary"]) < 140
     assert card["indicator"] in ("info", "warning", "critical")
     assert card["source"]["label"] and card["source"]["url"] == f"{PUBLIC}/model-card"
-    [link] = card["links"]
+    link, model_card = card["links"]
     assert link["type"] == "smart" and link["url"] == f"{PUBLIC}/launch" and link["label"]
+    assert model_card["type"] == "absolute" and model_card["url"] == f"{PUBLIC}/model-card" and model_card["label"]
 
 
 @pytest.mark.parametrize("patient_id", ["ftp-0001", "ftp-0002", "ftp-0003", "ftp-0004"])
@@ -331,7 +332,8 @@ def test_malformed_feedback_is_400(client: TestClient, item: dict) -> None:
 
 
 def test_model_card_is_served(client: TestClient) -> None:
-    response = client.get("/model-card")
+    response = client.get("/model-card", headers={"Accept": "text/markdown"})
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
+    assert response.headers["content-type"].startswith("text/markdown")
     assert "Model card" in response.text
+    assert client.get("/model-card").json()["format"] == "fhirtwin-model-card/1"  # JSON by default
