@@ -12,6 +12,7 @@ building the files overlaps other tests without holding their interpreter). For 
 * ``draft-careplan-<patient>.json``: the standalone draft CarePlan of the CDS Hooks suggestion;
 * ``supersede-<patient>.json`` for the first patient: a second write after one input changed, which
   supersedes the first write's stored results (PUT entries, ``supersedes`` extension, revision entities);
+* ``library-<id>.json``: the model card Library of every registered model version (``fhirtwin register``);
 
 and ``manifest.json`` listing them, the files written for HAPI and the results the cohort generator
 deliberately stripped of their unit (its documented ``missing-unit`` messy data). Patients whose fit
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fhirtwin.adapters import build_twin
+from fhirtwin.model_card import model_card_libraries
 from fhirtwin.sandbox.cohort import generate_cohort
 from fhirtwin.sim.inputs import InsufficientData
 from fhirtwin.sim.model import MechanisticTwin
@@ -89,6 +91,8 @@ def build(out_dir: Path) -> dict[str, Any]:
     key = generate_key()
     cohort = generate_cohort(n_patients=CANDIDATES)
     manifest: dict[str, Any] = {"patients": [], "skipped": [], "files": {}, "hapi_files": [], "missing_unit": []}
+    manifest["libraries"] = [_dump(out_dir / f"library-{library['id']}.json", library)
+                             for library in model_card_libraries()]
     for bundle in cohort.bundles:
         if len(manifest["patients"]) == PATIENTS:
             break

@@ -71,6 +71,17 @@ EXCLUSIONS = (
         location=r"Provenance/[^*]+\*/\.signature\[\d+\]\.(targetFormat|sigFormat)$",
         files=r"^(write|supersede)-"),
     Exclusion(
+        reason="Library.content.contentType (Attachment) has a required binding to MimeType: the same BCP 13 "
+               "code system (urn:ietf:bcp:13) that only a terminology server can check, as for the Provenance "
+               "signature formats above.",
+        message=r"(The value provided \('(application/json|text/html)'\) was not found in the value set "
+                r"'MimeType' \(http://hl7\.org/fhir/ValueSet/mimetypes\|4\.0\.1\)|The System URI could not be "
+                r"determined for the code '(application/json|text/html)' in the ValueSet "
+                r"'http://hl7\.org/fhir/ValueSet/mimetypes\|4\.0\.1': include #0 has system urn:ietf:bcp:13 "
+                r"which could not be found)",
+        location=r"^Library\.content\[\d+\]\.contentType$",
+        files=r"^library-"),
+    Exclusion(
         reason="HAPI FHIR's own auto-version-references-at-path meta extension, written only for a HAPI server "
                "(build_patient_write(hapi=True)); HAPI publishes no StructureDefinition for it. The bundles "
                "built for other servers (hapi=False) are validated without it.",
@@ -148,6 +159,16 @@ def test_what_fhirtwin_writes_conforms_to_r4_and_the_fhirtwin_profiles(hl7_valid
                   if "https://fhirtwin.org/fhir/" in str(i.get("details"))
                   and re.search(r"not (be )?(found|resolved?)|does not resolve|unknown", str(i.get("details")))]
     assert not unresolved, "\n".join(unresolved)
+
+
+def test_model_card_libraries_conform_to_r4(hl7_validation: ValidationRun) -> None:
+    if hl7_validation.error:
+        pytest.fail(f"HL7 validator run failed: {hl7_validation.error}\n{hl7_validation.log_tail}")
+    assert hl7_validation.work_dir is not None
+    files = [hl7_validation.work_dir / "inputs" / name for name in hl7_validation.manifest["libraries"]]
+    assert len(files) >= 2  # one per registered model version
+    errors = _errors(hl7_validation, files)
+    assert not errors, "\n".join(errors)
 
 
 def test_cohort_input_bundles_conform_to_r4(hl7_validation: ValidationRun) -> None:
