@@ -76,11 +76,16 @@ class Row:
     truth: Metrics
     flag: str = ""
 
+    @property
+    def truth_also_outside(self) -> bool:
+        """The generator's own risks miss the same range on the same events: the flag is likely sampling noise."""
+        return bool(self.flag) and bool(flag_reason(self.truth))
+
     def to_json(self) -> dict[str, Any]:
         """Plain dict."""
         return {"outcome": self.outcome, "horizon_years": self.horizon_years, "dimension": self.dimension,
                 "level": self.level, "engine": self.engine.to_json(), "truth": self.truth.to_json(),
-                "flag": self.flag or None}
+                "flag": self.flag or None, "truth_also_outside": self.truth_also_outside}
 
 
 def flag_reason(m: Metrics) -> str:
@@ -311,6 +316,16 @@ def subgroup_table(rows: Sequence[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _overall_reading(rows: Sequence[Row]) -> str:
+    """One sentence per whole-cohort row outside the ranges (by the subgroup rule), or that none is."""
+    out = [f"- {LABELS[r.outcome]} at {r.horizon_years} years: {flag_reason(r.engine)} (truth O/E {_f(r.truth.oe)}, "
+           f"slope {_f(r.truth.slope)}); AUC {_f(r.engine.auc, 3)} vs {_f(r.truth.auc, 3)} for the true risks."
+           for r in rows if flag_reason(r.engine)]
+    if not out:
+        return "Every whole-cohort row lies inside O/E 0.8-1.25 and slope 0.8-1.2.\n"
+    return "Whole-cohort rows outside O/E 0.8-1.25 or slope 0.8-1.2:\n\n" + "\n".join(out) + "\n"
+
+
 def markdown(report: CalibrationReport) -> str:
     """The whole ``calibration.md``."""
     parts = [
@@ -335,20 +350,23 @@ def markdown(report: CalibrationReport) -> str:
         "## Whole cohort\n",
         headline_table(report.overall),
         "Kidney failure is evaluated only among patients with recorded eGFR < 60 (where KFRE was developed).\n",
+        _overall_reading(report.overall),
         "## Flagged subgroups\n",
         f"Rule: O/E outside {OE_RANGE[0]}-{OE_RANGE[1]} or calibration slope outside {SLOPE_RANGE[0]}-"
-        f"{SLOPE_RANGE[1]} (point estimates; 'few events' when fewer than {FEW_EVENTS}). Compare 'O/E truth': "
-        "when the truth is also outside the range, the flag is mostly sampling noise.\n",
+        f"{SLOPE_RANGE[1]} (point estimates; 'few events' when fewer than {FEW_EVENTS}). 'Truth also outside': "
+        "the generator's own (true) risks miss a range on the same events too, so the flag is mostly sampling "
+        "noise; the flags that matter are those where the truth is inside.\n",
     ]
     for title, chosen in ((f"With at least {FEW_EVENTS} events", report.flagged_firm),
                           (f"With fewer than {FEW_EVENTS} events (mostly noise)", report.flagged_few)):
         parts.append(f"**{title}: {len(chosen)}**\n")
         if chosen:
             parts.append("| Outcome | Horizon | Subgroup | n | Events | O/E | O/E truth | Slope | Slope truth "
-                         "| Reason |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(
+                         "| Reason | Truth also outside |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(
                              f"| {LABELS[r.outcome]} | {r.horizon_years} y | {r.dimension}: {r.level} | {r.engine.n} "
                              f"| {r.engine.events} | {_f(r.engine.oe)} | {_f(r.truth.oe)} | {_f(r.engine.slope)} "
-                             f"| {_f(r.truth.slope)} | {r.flag} |" for r in chosen) + "\n")
+                             f"| {_f(r.truth.slope)} | {r.flag} | {'yes (noise)' if r.truth_also_outside else 'no'} |"
+                             for r in chosen) + "\n")
     parts.append("## Subgroups\n")
     for outcome in OUTCOMES:
         for horizon in HORIZONS:
@@ -407,7 +425,8 @@ def write(report: CalibrationReport, out: str | Path) -> dict[str, Path]:
 def summary(report: CalibrationReport) -> str:
     """A few lines for the terminal: the whole-cohort table and the flags."""
     flags = "\n".join(f"  {LABELS[r.outcome]} {r.horizon_years} y, {r.dimension} {r.level}: {r.flag} "
-                      f"(truth O/E {_f(r.truth.oe)}, slope {_f(r.truth.slope)})" for r in report.flagged_firm)
+                      f"(truth O/E {_f(r.truth.oe)}, slope {_f(r.truth.slope)}"
+                      f"{'; truth also outside: noise' if r.truth_also_outside else ''})" for r in report.flagged_firm)
     flags = flags or "  none"
     flags += f"\n  and {len(report.flagged_few)} with fewer than {FEW_EVENTS} events (see the report)"
     cov = "\n".join(f"  {c.variable} ({c.subset}): n={c.n} coverage {_f(c.coverage, 1, True)}"

@@ -123,6 +123,7 @@ def test_flags_appear_for_a_miscalibrated_subgroup_only() -> None:
     assert black.engine.oe == pytest.approx(2.0, rel=0.15)
     assert "O/E" in black.flag
     assert black.truth.oe == pytest.approx(1.0, abs=0.12)
+    assert not black.truth_also_outside  # the engine, not sampling noise
     assert not any(r.flag for r in _rows_for(shift=1.0) if r.level == "black")
 
 
