@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bench.set_defaults(func=cmd_bench)
 
-    validate = commands.add_parser("validate", help="replicate published randomised trials in silico")
+    validate = commands.add_parser("validate", help="published trials in silico; event-level, subgroup calibration")
     kinds = validate.add_subparsers(dest="what", required=True, parser_class=_Parser)
     one = kinds.add_parser("trial", help="one trial spec (format fhirtwin-trial/1)")
     one.add_argument("spec", help="path of the trial spec JSON")
