@@ -139,6 +139,8 @@ def simulate_trajectories(
     start: dict[str, np.ndarray] = {}
     expected_log: dict[str, np.ndarray] = {}
 
+    knot_years = np.arange(draws.years + 1, dtype=float)
+    slow: dict[str, np.ndarray] = {}  # untreated markers computed at the yearly knots, interpolated for display
     for variable in TRAJECTORY_VARIABLES:
         if variable not in draws.level_slope or current_value(inputs, variable) is None:
             continue
@@ -146,21 +148,22 @@ def simulate_trajectories(
         expected_log[variable] = e
         level = draws.level_slope[variable][:, :1]
         start[variable] = level
-        if not dynamic:
+        d_knots = np.zeros((draws.n, knot_years.size))
+        if dynamic:
+            x0 = float(current_value(inputs, variable) or 0.0)
+            sd, alpha = deviation_parameters(inputs, variable)
+            w0 = (draws.level_slope[variable][:, 1] - float(expected_slope(inputs, variable, inputs.age_years))) / x0
+            d_knots = iou_knots(w0, draws.innovations[variable], alpha, np.sqrt(2 * alpha) * sd / x0)
+        if variable in ("hba1c_percent", "bmi_kg_m2"):
+            e_knots = expected_log_change(inputs, variable, knot_years)[None, :]
+            slow[variable] = level * np.exp(e_knots) * np.expm1(d_knots)  # deviation at the knots
+            values[variable] = (level * np.exp(e_knots + d_knots)) @ knots_to_months
+        elif dynamic:
+            natural_log[variable] = e[None, :] + d_knots @ knots_to_months
+        else:
             natural_log[variable] = np.broadcast_to(e, (draws.n, t.size))
-            continue
-        x0 = float(current_value(inputs, variable) or 0.0)
-        sd, alpha = deviation_parameters(inputs, variable)
-        w0 = (draws.level_slope[variable][:, 1] - float(expected_slope(inputs, variable, inputs.age_years))) / x0
-        d_knots = iou_knots(w0, draws.innovations[variable], alpha, np.sqrt(2 * alpha) * sd / x0)
-        natural_log[variable] = e[None, :] + d_knots @ knots_to_months
 
-    expected_abs = {v: start[v] * np.exp(expected_log[v])[None, :] for v in start}
-
-    # HbA1c and BMI: natural course only
-    for variable in ("hba1c_percent", "bmi_kg_m2"):
-        if variable in natural_log:
-            values[variable] = start[variable] * np.exp(natural_log[variable])
+    expected_abs = {v: start[v] * np.exp(expected_log[v])[None, :] for v in start if v not in slow}
 
     # LDL-C: current regimen started after the last LDL, then the scenario's lipid drugs
     ldl = start["ldl_cholesterol_mg_dl"] * np.exp(natural_log["ldl_cholesterol_mg_dl"])
@@ -199,11 +202,11 @@ def simulate_trajectories(
     # eGFR: its own course, plus HbA1c above its expected path steepening decline (log units of eGFR0)
     egfr_var = "egfr_ml_min_1_73m2"
     log_egfr = natural_log[egfr_var]
-    if dynamic and "hba1c_percent" in values:
-        excess = values["hba1c_percent"] - expected_abs["hba1c_percent"]
+    if dynamic and "hba1c_percent" in slow:
+        excess = slow["hba1c_percent"]  # HbA1c above its expected course, at the yearly knots
         integral = np.zeros_like(excess)
-        integral[:, 1:] = np.cumsum(0.5 * (excess[:, 1:] + excess[:, :-1]) * np.diff(t), axis=1)
-        log_egfr = log_egfr + gamma * integral / start[egfr_var]
+        integral[:, 1:] = np.cumsum(0.5 * (excess[:, 1:] + excess[:, :-1]), axis=1)  # one-year steps
+        log_egfr = log_egfr + gamma * (integral @ knots_to_months) / start[egfr_var]
     natural_egfr = start[egfr_var] * np.exp(log_egfr)
     egfr = natural_egfr
     if scenario.has("sglt2i") is not None:
@@ -212,7 +215,8 @@ def simulate_trajectories(
         egfr = start[egfr_var] * np.exp(log_egfr * rr)
     values[egfr_var] = egfr
 
-    deviation = {v: values[v] - expected_abs[v] for v in values}
+    deviation = {v: values[v] - expected_abs[v] for v in values if v not in slow}
+    deviation.update({v: d @ knots_to_months for v, d in slow.items()})
     measured = {v: current_value(inputs, v) for v in values}
     baseline: dict[str, Any] = {v: float(m) * np.exp(expected_log[v]) for v, m in measured.items() if m is not None}
     return Trajectories(t, values, deviation, baseline, natural_egfr - expected_abs[egfr_var])

@@ -395,8 +395,8 @@ def _log_h_of_logit(logit: np.ndarray) -> np.ndarray:
     return out
 
 
-def prevent_log_ratio(inputs: PatientInputs, anchors: Anchors, traj: Trajectories, outcome: str) -> np.ndarray:
-    """log hazard ratio (draws, months) of PREVENT at expected + deviation vs the expected course.
+def prevent_hazard_ratio(inputs: PatientInputs, anchors: Anchors, traj: Trajectories, outcome: str) -> np.ndarray:
+    """Hazard ratio (draws, months) of PREVENT at expected + deviation vs the expected course.
 
     Evaluated at yearly knots on eGFR, BMI (heart failure) and HbA1c (when the model uses it), at the
     baseline age (ageing is in the anchored hazard); exactly 0 for a draw on the expected course. The
@@ -415,9 +415,9 @@ def prevent_log_ratio(inputs: PatientInputs, anchors: Anchors, traj: Trajectorie
         # the SGLT2 inhibitor's slower eGFR decline is not fed back: its trial effects already include it
         dev = traj.egfr_natural_deviation if variable == "egfr_ml_min_1_73m2" else traj.deviation[variable]
         deviated += np.interp(path[None, :] + dev[:, ki], grid, logit) - at_path[None, :]
-    log_ratio = _log_h_of_logit(expected[None, :] + deviated) - _log_h_of_logit(expected)[None, :]
+    ratio = np.exp(_log_h_of_logit(expected[None, :] + deviated) - _log_h_of_logit(expected)[None, :])
     t_mid = 0.5 * (t[1:] + t[:-1])
-    months: np.ndarray = log_ratio @ interpolation_matrix(t[ki], t_mid)
+    months: np.ndarray = ratio @ interpolation_matrix(t[ki], t_mid)  # linear between the yearly knots
     return months
 
 
@@ -454,11 +454,12 @@ def quitter_multiplier(anchors: Anchors, ratios: dict[str, np.ndarray], t_mid: n
     early, full = float(spec["early_years"]), float(spec["years_to_never_smoker"])
     log_hr = np.log(ratios["smoking_cessation_cvd_hr"])[:, None]
     out: dict[str, np.ndarray] = {}
+    late = np.clip((t_mid - early) / (full - early), 0.0, 1.0)[None, :]
     for outcome in CVD_OUTCOMES:
         floor = np.log(anchors.never_smoker_ratio[outcome][: t_mid.size])[None, :]
-        late = np.clip((t_mid - early) / (full - early), 0.0, 1.0)[None, :]
-        path = log_hr + (floor - log_hr) * late
-        out[outcome] = np.exp(np.maximum(path, floor))
+        path = log_hr * (1.0 - late) + floor * late
+        np.maximum(path, floor, out=path)
+        out[outcome] = np.exp(path, out=path)
     return out
 
 
@@ -478,11 +479,12 @@ def hazard_paths(
     dev = traj.deviation
 
     # LDL-C (CTT per mmol/L, smaller in the first year) and SBP (Ettehad per 10 mmHg, by outcome)
-    ldl_fall = -_mid(dev["ldl_cholesterol_mg_dl"]) / MG_DL_PER_MMOL_L_LDL
-    first_year = (t_mid < 1.0)[None, :]
-    log_ldl = ldl_fall * np.where(first_year, np.log(ratios["ldl_major_vascular_rr_per_mmol_l_year1"])[:, None],
-                                  np.log(ratios["ldl_major_vascular_rr_per_mmol_l"])[:, None])
-    sbp_fall = -_mid(dev["systolic_bp_mm_hg"]) / 10.0
+    ldl_fall = _mid(dev["ldl_cholesterol_mg_dl"]) * (-1.0 / MG_DL_PER_MMOL_L_LDL)
+    first_year = int(np.count_nonzero(t_mid < 1.0))
+    log_ldl = ldl_fall * np.log(ratios["ldl_major_vascular_rr_per_mmol_l"])[:, None]
+    log_ldl[:, :first_year] = ldl_fall[:, :first_year] * np.log(
+        ratios["ldl_major_vascular_rr_per_mmol_l_year1"])[:, None]
+    sbp_fall = _mid(dev["systolic_bp_mm_hg"]) * -0.1
 
     def per_10(name: str) -> np.ndarray:
         out: np.ndarray = np.exp(sbp_fall * np.log(ratios[name])[:, None])
@@ -503,7 +505,7 @@ def hazard_paths(
     for outcome in CVD_OUTCOMES:
         hz = anchors.cvd[outcome][:m][None, :] * multipliers[outcome]
         if dynamic:
-            hz = hz * np.exp(prevent_log_ratio(inputs, anchors, traj, outcome))
+            hz *= prevent_hazard_ratio(inputs, anchors, traj, outcome)
         out[outcome] = hz
 
     # kidney failure: the KFRE-anchored hazard moved by the eGFR deviation along KFRE's eGFR term
@@ -566,6 +568,14 @@ def after_quit_attempt(
 ) -> dict[str, np.ndarray]:
     """CIFs after a quit attempt: the mixture of a sustained quit (probability q) and continued smoking."""
     factor = quitter_multiplier(anchors, draws.ratios, t_mid)
-    quit = cumulative_incidence({o: hazards[o] * factor[o] for o in CVD_OUTCOMES}, anchors, outcomes=CVD_OUTCOMES)
+    for o in CVD_OUTCOMES:
+        factor[o] *= hazards[o]
+    quit = cumulative_incidence(factor, anchors, outcomes=CVD_OUTCOMES)
     q = draws.quit_probability[:, None]
-    return {o: q * quit[o] + (1 - q) * cif[o] if o in quit else cif[o] for o in cif}
+    out = dict(cif)
+    for o, after in quit.items():  # cif + q (quit - cif), in place
+        after -= cif[o]
+        after *= q
+        after += cif[o]
+        out[o] = after
+    return out

@@ -235,7 +235,7 @@ def test_trajectories_stay_positive_without_mass_at_a_floor(p: PatientInputs) ->
 
 def test_prevent_re_evaluation_equals_the_equation_with_every_moving_input_shifted_at_once() -> None:
     from fhirtwin.sim.dynamics import Trajectories, month_grid
-    from fhirtwin.sim.hazards import prevent_log_ratio
+    from fhirtwin.sim.hazards import prevent_hazard_ratio
 
     p = PatientInputs(patient_id="g", sex="female", age_years=58.0, total_cholesterol_mg_dl=215.0,
                       hdl_cholesterol_mg_dl=47.0, ldl_cholesterol_mg_dl=130.0, systolic_bp_mm_hg=142.0,
@@ -248,7 +248,7 @@ def test_prevent_re_evaluation_equals_the_equation_with_every_moving_input_shift
     deviation = {v: np.full((2, t.size), d) for v, d in shift.items()}
     traj = Trajectories(t, {}, deviation, flat, deviation["egfr_ml_min_1_73m2"])
     for outcome in ("ascvd", "total_cvd", "heart_failure"):
-        engine = prevent_log_ratio(p, model.anchors_, traj, outcome)[0, -1]
+        engine = np.log(prevent_hazard_ratio(p, model.anchors_, traj, outcome)[0, -1])
         moved = {v: getattr(p, v) + d for v, d in shift.items() if outcome == "heart_failure" or v != "bmi_kg_m2"}
         direct = np.log(-np.log1p(-prevent_10y(p, outcome, **moved))) - np.log(-np.log1p(-prevent_10y(p, outcome)))
         np.testing.assert_allclose(engine, direct, rtol=1e-9, atol=1e-12)
