@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fhirtwin.sim._params import load
+from fhirtwin.sim._params import intervention_parameters, load
 from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.interventions import Intervention
 
@@ -93,6 +93,10 @@ def _statin(inputs: PatientInputs, ascvd: float) -> Indication:
     if moderate or diabetic:
         why = f"{risk} (intermediate)" if moderate else f"diabetes at age {inputs.age_years:.0f}"
         source = spec["source"] if moderate else spec["source_2018"]
+        goal = _ldl_goal(max(ascvd, spec["moderate_intensity_at_ascvd_10y"]))
+        if current == "moderate" and inputs.ldl_cholesterol_mg_dl >= goal:
+            return Indication("statin", INDICATED, f"{why}: LDL-C {inputs.ldl_cholesterol_mg_dl:.0f} mg/dL above the "
+                              f"goal of {goal:.0f} on a moderate-intensity statin: intensify", source, ("high",))
         if current in ("moderate", "high"):
             return Indication("statin", NOT_INDICATED, f"{why}: already on a statin of at least moderate intensity",
                               source)
@@ -114,7 +118,9 @@ def _ezetimibe(inputs: PatientInputs, ascvd: float, statin_room: bool) -> Indica
                           f"LDL-C {inputs.ldl_cholesterol_mg_dl:.0f} mg/dL is below the goal of {goal:.0f}", source)
     if inputs.statin_intensity != "high" and statin_room:
         return Indication("ezetimibe", NOT_INDICATED, "the statin can still be intensified first", source)
-    if ascvd < guideline_parameters()["statin"]["moderate_intensity_at_ascvd_10y"]:
+    severe_ldl = guideline_parameters()["statin"]["severe_ldl_mg_dl"]
+    severe = bool(inputs.fh_variant) or inputs.ldl_cholesterol_mg_dl >= severe_ldl
+    if ascvd < guideline_parameters()["statin"]["moderate_intensity_at_ascvd_10y"] and not severe:
         return Indication("ezetimibe", NOT_INDICATED, "PREVENT-ASCVD below 5 %: no LDL-C goal applies", source)
     return Indication("ezetimibe", INDICATED,
                       f"LDL-C {inputs.ldl_cholesterol_mg_dl:.0f} mg/dL above the goal of {goal:.0f} on the statin",
@@ -160,11 +166,12 @@ def _sglt2i(inputs: PatientInputs) -> Indication:
                           spec["source"])
     ckd = inputs.ckd or egfr < 60 or (uacr is not None and uacr >= 30)
     if inputs.diabetes and ckd:
-        return Indication("sglt2i", INDICATED, "type 2 diabetes with CKD", spec["source"])
+        return Indication("sglt2i", INDICATED, "diabetes (type 2 assumed: not for type 1) with CKD", spec["source"])
     if ckd and uacr is not None and uacr >= spec["albuminuria_uacr_mg_g"]:
         return Indication("sglt2i", INDICATED, f"CKD with UACR {uacr:.0f} mg/g", spec["source"])
     if ckd and egfr < spec["ckd_any_albuminuria_below_egfr"]:
-        return Indication("sglt2i", INDICATED, f"CKD with eGFR {egfr:.0f} (20-45)", spec["source"])
+        return Indication("sglt2i", CONSIDER, f"CKD with eGFR {egfr:.0f} (20-45) and UACR below 200 mg/g: "
+                          "suggested (KDIGO 2B)", spec["source"])
     return Indication("sglt2i", NOT_INDICATED, "no diabetic kidney disease, albuminuric CKD or eGFR 20-45",
                       spec["source"])
 
@@ -204,11 +211,17 @@ def expected_harms(intervention: Intervention, inputs: PatientInputs, horizon_ye
     rows = guideline_parameters()["harms_per_1000_person_years"].get(intervention.kind, [])
     out = []
     for row in rows:
-        if row.get("only_with_diabetes") and not inputs.diabetes:
+        if (row.get("only_with_diabetes") and not inputs.diabetes) or (row.get("only_without_diabetes")
+                                                                       and inputs.diabetes):
             continue
         years = min(float(row.get("years", horizon_years)), horizon_years)
-        out.append(Harm(intervention.label, str(row["harm"]), float(row["rate"]) * years, bool(row["serious"]),
-                        str(row["source"])))
+        scale = 1.0
+        if "sbp_difference_mm_hg" in row:  # measured at a larger SBP difference than one drug gives
+            one_drug = float(intervention_parameters()["sbp_lowering_one_drug_mm_hg"]["value"])
+            drop = intervention.sbp_drop_mm_hg or one_drug
+            scale = min(drop / float(row["sbp_difference_mm_hg"]), 1.0)
+        out.append(Harm(intervention.label, str(row["harm"]), float(row["rate"]) * years * scale,
+                        bool(row["serious"]), str(row["source"])))
     return tuple(out)
 
 

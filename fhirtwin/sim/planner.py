@@ -14,6 +14,7 @@ interval of NNT would pass through infinity (Altman, BMJ 1998;317:1309) and the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,11 +206,15 @@ def plan(
         scenario = Scenario(intervention.label, (intervention,))
         forecasts[scenario.name], singles[intervention] = run(scenario)
     ranked = sorted(singles.items(), key=lambda item: -item[1].net_benefit["median"])
-    for intervention, option in ranked:
+    # an indicated drug stays on the plan even when the modelled net benefit is not positive: that sign rests
+    # on assumed harm weights, and the guideline indication is the clinician's to weigh; the plan says so
+    options = []
+    for _, option in ranked:
         if option.net_benefit["median"] <= 0:
-            excluded.append(Exclusion(intervention.label, "indicated, but its expected harms outweigh its benefit "
-                                      f"for this patient ({option.nnt_note})"))
-    options = [option for _, option in ranked if option.net_benefit["median"] > 0]
+            note = (f"{option.nnt_note}; indicated by the guideline, but the modelled net benefit is not positive "
+                    "under the assumed harm weights: weigh with the patient")
+            option = dataclasses.replace(option, nnt_note=note)
+        options.append(option)
     combination = _greedy(run, lambda i: harm_weight(expected_harms(i, inputs, horizon_years)),
                           [i for i, o in ranked if o.net_benefit["median"] > 0], forecasts)
     if combination is not None:

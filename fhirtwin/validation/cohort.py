@@ -45,7 +45,11 @@ def _correlations(names: list[str], prevalence: dict[str, float]) -> np.ndarray:
     r = full[np.ix_([index[n] for n in names], [index[n] for n in names])].copy()
     for i, name in enumerate(names):
         if name in prevalence:  # point-biserial -> biserial: r * sqrt(p(1-p)) / phi(Phi^-1(p))
-            p = min(max(prevalence[name], 1e-3), 1 - 1e-3)
+            p = prevalence[name]
+            if not 0.01 <= p <= 0.99:  # (almost) constant: carries no correlation
+                r[i, :] = 0.0
+                r[:, i] = 0.0
+                continue
             factor = np.sqrt(p * (1 - p)) / norm.pdf(norm.ppf(p))
             r[i, :] *= factor
             r[:, i] *= factor
@@ -95,11 +99,12 @@ def sample_cohort(population: Population, n: int | None = None, seed: int | None
     marginals = {k: getattr(population, f) for k, f in FIELDS.items() if getattr(population, f) is not None}
     continuous = [k for k in FIELDS if k in marginals]
     prevalence = {"male": 1 - population.female, "diabetes": population.diabetes, "smoker": population.current_smoker}
-    names = continuous + list(BINARY)
+    names = continuous + list(BINARY)  # a binary at 0 or 1 prevalence has no latent correlation to speak of
     z = rng.standard_normal((n, len(names))) @ np.linalg.cholesky(_correlations(names, prevalence)).T
     u = norm.cdf(z)
     values = {k: _quantile(marginals[k], u[:, i], BOUNDS[k], k == "ln_uacr") for i, k in enumerate(continuous)}
-    flags = {k: u[:, len(continuous) + j] < prevalence[k] for j, k in enumerate(BINARY)}
+    # a trait is present at high latent values, so positive correlations keep their sign
+    flags = {k: u[:, len(continuous) + j] > 1.0 - prevalence[k] for j, k in enumerate(BINARY)}
     if "ldl" not in values:
         values["ldl"] = np.maximum(values["tc"] - values["hdl"] - FRIEDEWALD_TG_OVER_5, BOUNDS["ldl"][0])
     values["tc"] = np.maximum(values["tc"], values["hdl"] + values["ldl"] + 5.0)  # TC holds HDL and LDL-C

@@ -74,7 +74,8 @@ def test_run_writes_then_rerun_writes_nothing(profiles_loaded, http, capsys) -> 
     assert {p["status"] for p in first["patients"]} <= {"written", "unchanged"}
     before = counts(http, base_url, PATIENTS)
     for p in PATIENTS:
-        assert before[(p, "RiskAssessment")] >= 4 and before[(p, "CarePlan")] >= 1 and before[(p, "Goal")] >= 2
+        # the SBP Goal always; the LDL-C Goal only where the guideline sets one (PREVENT-ASCVD >= 5 %)
+        assert before[(p, "RiskAssessment")] >= 4 and before[(p, "CarePlan")] >= 1 and before[(p, "Goal")] >= 1
         assert before[(p, "Provenance")] >= 1
     code, second = run_cli(capsys, *args)
     assert code == 0

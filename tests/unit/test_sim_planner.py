@@ -120,5 +120,37 @@ def test_statin_indications_follow_the_literal_thresholds():
     # diabetes 40-75: at least moderate, also from a low-intensity statin; not again from a moderate one
     assert statin(0.01, diabetes=True, age_years=50.0) == ("indicated", ("moderate", "high"))
     assert statin(0.01, diabetes=True, age_years=50.0, on_statin=True, statin_intensity="low")[0] == "indicated"
-    assert statin(0.01, diabetes=True, age_years=50.0, on_statin=True, statin_intensity="moderate")[0] == \
-        "not-indicated"
+    assert statin(0.01, diabetes=True, age_years=50.0, on_statin=True, statin_intensity="moderate",
+                  ldl_cholesterol_mg_dl=80.0)[0] == "not-indicated"
+    # above the LDL-C goal (< 100 mg/dL at intermediate risk, < 70 at high) on a moderate statin: intensify
+    assert statin(0.061, on_statin=True, statin_intensity="moderate", ldl_cholesterol_mg_dl=140.0) == \
+        ("indicated", ("high",))
+    assert statin(0.12, on_statin=True, statin_intensity="moderate", ldl_cholesterol_mg_dl=75.0) == \
+        ("indicated", ("high",))
+
+
+def test_indicated_blood_pressure_treatment_stays_on_the_plan_whatever_the_modelled_net_benefit():
+    # stage 2 hypertension (2025 AHA/ACC: drug treatment for everyone at >= 140 mmHg) at low CVD risk
+    model = get_model("fhirtwin-mechanistic").fit(_plain(sex="female", age_years=55.0, systolic_bp_mm_hg=150.0))
+    result = plan(model, draws=200, seed=1)
+    bp = [o for o in result.options if [i.kind for i in o.scenario.interventions] == ["bp_lowering"]]
+    assert len(bp) == 1
+    assert not any(n.startswith("No drug indicated") for n in result.notes)
+    if bp[0].net_benefit["median"] <= 0:
+        assert "weigh with the patient" in bp[0].nnt_note
+
+
+def test_severe_hypercholesterolaemia_above_goal_on_a_high_intensity_statin_gets_ezetimibe():
+    from fhirtwin.sim.guidelines import indications
+
+    p = _plain(ldl_cholesterol_mg_dl=195.0, total_cholesterol_mg_dl=270.0, on_statin=True, statin_intensity="high")
+    found = indications(p, {"prevent_10y_ascvd": 0.01, "prevent_10y_total_cvd": 0.02}, statin_room=False)
+    assert found["ezetimibe"].status == "indicated"
+
+
+def test_kdigo_suggestion_without_albuminuria_is_not_a_ranked_indication():
+    from fhirtwin.sim.guidelines import indications
+
+    p = _plain(egfr_ml_min_1_73m2=38.0, ckd=True, uacr_mg_g=20.0)
+    found = indications(p, {"prevent_10y_ascvd": 0.01, "prevent_10y_total_cvd": 0.02})
+    assert found["sglt2i"].status == "consider"

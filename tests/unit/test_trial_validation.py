@@ -66,6 +66,17 @@ def test_virtual_cohort_reproduces_the_baseline_table() -> None:
     assert all(p.total_cholesterol_mg_dl > p.hdl_cholesterol_mg_dl + p.ldl_cholesterol_mg_dl for p in cohort.patients)
 
 
+def test_binary_traits_keep_the_sign_of_their_correlations() -> None:
+    # correlations.json: diabetes-HbA1c +0.55, male-HDL -0.35 (point-biserial); the sampled cohort keeps the signs
+    cohort = sample_cohort(load_spec(TRIALS / "DAPA-CKD.json").population, 3000)
+    a1c = np.array([p.hba1c_percent for p in cohort.patients])
+    diabetic = np.array([p.diabetes for p in cohort.patients])
+    male = np.array([p.sex == "male" for p in cohort.patients])
+    hdl = np.array([p.hdl_cholesterol_mg_dl for p in cohort.patients])
+    assert a1c[diabetic].mean() > a1c[~diabetic].mean() + 0.5
+    assert hdl[male].mean() < hdl[~male].mean()
+
+
 def test_identical_arms_give_a_hazard_ratio_of_one_and_a_real_treatment_less() -> None:
     data = _sprint()
     data["arms"]["treatment"] = [{"kind": "placebo"}]
