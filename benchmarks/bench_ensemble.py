@@ -46,7 +46,12 @@ from scipy.linalg import expm  # noqa: E402
 
 from fhirtwin.sim import PatientInputs, get_model  # noqa: E402
 from fhirtwin.sim._params import dynamics_parameters, intervention_parameters  # noqa: E402
-from fhirtwin.sim.course import current_value, deviation_parameters, expected_slope  # noqa: E402
+from fhirtwin.sim.course import (  # noqa: E402
+    EXPECTED_FLOOR_FRACTION,
+    current_value,
+    deviation_parameters,
+    expected_slope,
+)
 from fhirtwin.sim.dynamics import (  # noqa: E402
     SBP_TREATMENT_FLOOR_MM_HG,
     TRAJECTORY_VARIABLES,
@@ -252,13 +257,19 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
     block = 7
     i_kid = i_ev + branches * block
 
+    def expected_log(y: np.ndarray) -> np.ndarray:
+        """E(t) from the integrated relative slope: the expected course is linear in the value."""
+        out: np.ndarray = np.log(np.maximum(1.0 + y[:nv], EXPECTED_FLOOR_FRACTION))
+        return out
+
     def biomarkers(t: float, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """(values under the scenario, the draw's expected path, natural eGFR) at time t."""
         k = min(int(t), years - 1)
-        log_nat = y[:nv] + knots[:, k] + (knots[:, k + 1] - knots[:, k]) * (t - k)
+        e = expected_log(y)
+        log_nat = e + knots[:, k] + (knots[:, k + 1] - knots[:, k]) * (t - k)
         log_nat[i_egfr] += y[i_c]
         values = level * np.exp(log_nat)
-        expected = level * np.exp(y[:nv])
+        expected = level * np.exp(e)
         on_new_ldl, on_new_bp, on_pend_ldl, on_pend_bp = y[i_on : i_on + 4]
         ldl = values[i_ldl]
         if pend_ldl is not None:
@@ -299,7 +310,7 @@ def reference_one_draw(model, draws: ParameterDraws, d: int, scenario, t_eval: n
         at_path = logit0.copy()
         at_dev = logit0.copy()
         for i, grid, table in moving:
-            path = x0[i] * math.exp(y[i])  # the measured value carried along the expected course
+            path = x0[i] * max(1.0 + y[i], EXPECTED_FLOOR_FRACTION)  # the measured value on the expected course
             # eGFR enters PREVENT on its natural course: the SGLT2 inhibitor's trial effects already include it
             moved = natural_egfr - expected[i] if i == i_egfr else deviation[i]
             at_path += _lerp(path, grid, table)

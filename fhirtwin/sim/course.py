@@ -48,14 +48,24 @@ def unmeasured_uacr(inputs: PatientInputs) -> tuple[float, float]:
     return float(30.0 / np.exp(log_sd * norm.ppf(1.0 - share))), log_sd
 
 
+#: The expected course never falls below this fraction of the baseline value (a linear decline would reach
+#: zero; the individual deviation and the hazards carry what happens near kidney failure).
+EXPECTED_FLOOR_FRACTION = 0.05
+
+
 def expected_log_change(inputs: PatientInputs, variable: str, t: np.ndarray) -> np.ndarray:
-    """E(t): integral of the expected slope over attained age, relative to the baseline value."""
+    """E(t) = ln(x_expected(t) / x0): the published absolute slopes integrated over attained age.
+
+    The cited slopes are absolute (e.g. mL/min/1.73 m2 per year), so the expected course is linear in the
+    value, not in its logarithm: a patient at eGFR 30 losing 4 per year is expected at 10 after 5 years.
+    """
     x0 = current_value(inputs, variable)
     if x0 is None:
         raise ValueError(f"{variable} has no baseline value")
-    slope = expected_slope(inputs, variable, inputs.age_years + t) / x0
-    out = np.zeros_like(t)
-    out[1:] = np.cumsum(0.5 * (slope[1:] + slope[:-1]) * np.diff(t))
+    slope = expected_slope(inputs, variable, inputs.age_years + t)
+    change = np.zeros_like(t)
+    change[1:] = np.cumsum(0.5 * (slope[1:] + slope[:-1]) * np.diff(t))
+    out: np.ndarray = np.log(np.maximum(1.0 + change / x0, EXPECTED_FLOOR_FRACTION))
     return out
 
 
