@@ -5,8 +5,9 @@ the average future course of a patient with the given baseline values. So each b
 
     x(t) = x0 * exp(E(t) + D(t)) * (treatment effects)
 
-* ``E(t)``: the population-expected log change for the patient's age (and, for eGFR, albuminuria),
-  integrated from published average yearly changes (``dynamics_parameters.json``). A patient on this
+* ``E(t)``: the population-expected log change for the patient's age (and, for eGFR, albuminuria):
+  the published average yearly (absolute) changes integrated over attained age, so the expected course
+  is linear in the value (``course.expected_log_change``, ``dynamics_parameters.json``). A patient on this
   path is the patient the equations describe: their hazards are exactly the anchored ones.
 * ``D(t)``: the patient's deviation, an integrated Ornstein-Uhlenbeck process on the log scale
   (Taylor, Cumberland & Sy, JASA 1994;89:727): the deviation of the *slope* from the expected slope
