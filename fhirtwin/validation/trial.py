@@ -50,11 +50,24 @@ def to_interventions(arm: list[ArmItem]) -> tuple[Intervention, ...]:
     return tuple(out)
 
 
-def _outcome_at(forecast: Any, outcome: str, month: int) -> np.ndarray:
+def _cv_death_by(model: Any, month: int) -> float:
+    """Probability of cardiovascular death by ``month`` from the engine's competing-death model.
+
+    The engine's all-cause death hazard (life table x CKD mortality ratio) times the cardiovascular share
+    of deaths (``dynamics_parameters.json``); not modified by any treatment (the trials' CV-death effects
+    are not in the engine), so this part of a composite is the same in both arms.
+    """
+    death = model.anchors_.death_all[:month]
+    cv = death - model.anchors_.death_non_cvd[:month]
+    surv = np.exp(-np.concatenate([[0.0], np.cumsum(death / 12.0)]))
+    return float(np.sum((surv[:-1] - surv[1:]) * cv / np.maximum(death, 1e-12)))
+
+
+def _outcome_at(forecast: Any, outcome: str, month: int, cv_death: float = 0.0) -> np.ndarray:
     """Per-draw cumulative incidence of the trial outcome at ``month``.
 
-    ``kidney_composite``: kidney failure, or a fall of the simulated eGFR to half its baseline (the
-    trials' sustained >= 50 % decline); renal and cardiovascular death are not modelled as events.
+    ``kidney_composite``: kidney failure, a fall of the simulated eGFR to half its baseline (the trials'
+    sustained >= 50 % decline) or cardiovascular death (``cv_death``), taken as independent parts.
     """
     if outcome != "kidney_composite":
         values: np.ndarray = forecast.cif[outcome][:, month]
@@ -62,7 +75,7 @@ def _outcome_at(forecast: Any, outcome: str, month: int) -> np.ndarray:
     egfr = forecast.trajectories["egfr_ml_min_1_73m2"]
     halved = (egfr[:, : month + 1] <= 0.5 * egfr[:, :1]).any(axis=1).astype(float)
     kf = forecast.cif["kidney_failure"][:, month]
-    composite: np.ndarray = 1.0 - (1.0 - halved) * (1.0 - kf)
+    composite: np.ndarray = 1.0 - (1.0 - halved) * (1.0 - kf) * (1.0 - cv_death)
     return composite
 
 
@@ -109,8 +122,9 @@ def replicate(spec: TrialSpec, *, n_virtual: int | None = None, draws: int = 100
     model = get_model("fhirtwin-mechanistic")
     for i, patient in enumerate(cohort.patients):
         model.fit(patient)
-        f_c[i] = _outcome_at(model.simulate(control, horizon, draws, seed), spec.outcome, month)
-        f_t[i] = _outcome_at(model.simulate(treatment, horizon, draws, seed), spec.outcome, month)
+        cv = _cv_death_by(model, month) if spec.outcome == "kidney_composite" else 0.0
+        f_c[i] = _outcome_at(model.simulate(control, horizon, draws, seed), spec.outcome, month, cv)
+        f_t[i] = _outcome_at(model.simulate(treatment, horizon, draws, seed), spec.outcome, month, cv)
     fc, ft = float(f_c.mean()), float(f_t.mean())
     hr = float(np.log1p(-ft) / np.log1p(-fc))
     rng = np.random.default_rng(seed)
@@ -128,7 +142,9 @@ def replicate(spec: TrialSpec, *, n_virtual: int | None = None, draws: int = 100
                      "scope (established ASCVD, heart failure, age outside 30-79 or eGFR < 15): their risk uses "
                      "the primary-prevention equations as if in scope, which understates recurrent risk")
     if spec.outcome == "kidney_composite":
-        notes.append("kidney composite = kidney failure or simulated eGFR halved; renal and CV death not counted")
+        notes.append("kidney composite = kidney failure, simulated eGFR halved, or cardiovascular death from the "
+                     "engine's competing-death model (the same in both arms: no treatment effect on CV death is "
+                     "modelled); renal death not counted")
     return TrialResult(
         name=spec.name, outcome=spec.outcome, follow_up_years=spec.follow_up_years,
         n_virtual=len(cohort.patients), control_cumulative_incidence=fc, treatment_cumulative_incidence=ft,

@@ -118,3 +118,20 @@ def test_validate_trial_json_last_line_and_bad_spec_is_one_line(tmp_path: Path, 
     assert main(["validate", "trial", str(bad)]) != 0
     err = capsys.readouterr().err.strip()
     assert "extra" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_kidney_composite_counts_cardiovascular_death_the_same_in_both_arms() -> None:
+    from fhirtwin.sim import get_model
+    from fhirtwin.validation.trial import _cv_death_by
+
+    patient = sample_cohort(load_spec(TRIALS / "DAPA-CKD.json").population, 5).patients[0]
+    model = get_model("fhirtwin-mechanistic").fit(patient)
+    cv = _cv_death_by(model, 29)
+    all_cause = 1.0 - np.exp(-model.anchors_.death_all[:29].sum() / 12.0)
+    share = 1.0 - 0.696  # cardiovascular share of US deaths (MMWR 2013), written out here
+    assert cv == pytest.approx(share * all_cause, rel=1e-6)
+    spec = load_spec(TRIALS / "DAPA-CKD.json")
+    same = parse_spec({**json.loads((TRIALS / "DAPA-CKD.json").read_text()),
+                       "arms": {"control": [{"kind": "placebo"}], "treatment": [{"kind": "placebo"}]}})
+    assert replicate(same, n_virtual=20, draws=10).hazard_ratio == pytest.approx(1.0)
+    assert replicate(spec, n_virtual=20, draws=10).control_cumulative_incidence > cv * 0.5
