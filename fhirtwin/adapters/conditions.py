@@ -200,6 +200,20 @@ class Match:
     valueset: str
 
 
+def coded_concepts(resource: dict[str, Any], resource_type: str, ctx: Context, src: SourceRef,
+                   unmapped: str) -> dict[str, Match]:
+    """The mapped concepts of ``resource.code``; none -> an UNMAPPED ledger entry (``unmapped`` + the code).
+
+    A resource without a code is malformed for these types (AdapterError).
+    """
+    if not isinstance(resource.get("code"), dict):
+        raise AdapterError(f"{resource_type} has no code")
+    mapped = map_concepts(resource["code"], resource_type)
+    if not mapped:
+        ctx.record(src, LedgerKind.UNMAPPED, f"{unmapped} {code_label(resource['code'])}")
+    return mapped
+
+
 def map_concepts(concept: Any, resource_type: str = "Condition") -> dict[str, Match]:
     """variable -> Match for every coding of a CodeableConcept (exact members win over categories)."""
     found: dict[str, tuple[int, Match]] = {}
@@ -255,11 +269,8 @@ def adapt_condition(resource: dict[str, Any], src: SourceRef, ctx: Context) -> l
     if verification in SUSPECTED and not ctx.options.count_suspected_conditions:
         ctx.record(src, LedgerKind.EXCLUDED, f"verificationStatus {verification}: suspected, not counted")
         return []
-    if not isinstance(resource.get("code"), dict):
-        raise AdapterError("Condition has no code")
-    mapped = map_concepts(resource["code"], "Condition")
+    mapped = coded_concepts(resource, "Condition", ctx, src, "no twin flag for code")
     if not mapped:
-        ctx.record(src, LedgerKind.UNMAPPED, f"no twin flag for code {code_label(resource['code'])}")
         return []
     onset = first_time(resource, (("onsetDateTime",), ("onsetPeriod", "start"), ("recordedDate",)))
     if onset is None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from fhirtwin.adapters._common import AdapterError, Context, add_note, code_label, first_time
-from fhirtwin.adapters.conditions import flag_value, map_concepts
+from fhirtwin.adapters._common import Context, add_note, first_time
+from fhirtwin.adapters.conditions import coded_concepts, flag_value
 from fhirtwin.twin import Evidence, LedgerKind, SourceRef, TimePoint, get_variable
 
 COUNTED = frozenset({"completed", "in-progress"})
@@ -34,11 +34,8 @@ def adapt_procedure(resource: dict[str, Any], src: SourceRef, ctx: Context) -> l
     if status not in COUNTED:
         ctx.record(src, LedgerKind.EXCLUDED, f"status {status!s}: not a performed procedure, not counted")
         return []
-    if not isinstance(resource.get("code"), dict):
-        raise AdapterError("Procedure has no code")
-    mapped = map_concepts(resource["code"], "Procedure")
+    mapped = coded_concepts(resource, "Procedure", ctx, src, "no twin variable for procedure code")
     if not mapped:
-        ctx.record(src, LedgerKind.UNMAPPED, f"no twin variable for procedure code {code_label(resource['code'])}")
         return []
     start = first_time(resource, (("performedDateTime",), ("performedPeriod", "start"), ("performedPeriod", "end")))
     if start is None:

@@ -158,7 +158,6 @@ class Anchors:
     prevent_model: str
     cvd: dict[str, np.ndarray]
     kidney: np.ndarray
-    kidney_mode: str
     death_all: np.ndarray
     death_non_cvd: np.ndarray
     published: dict[str, float]
@@ -344,7 +343,7 @@ def compute_anchors(inputs: PatientInputs) -> Anchors:
                       "deviations from that path and trial effects multiply them"),
     }
     logit = {outcome: logit_curves(inputs, outcome) for outcome in CVD_OUTCOMES}
-    return Anchors(model, cvd, kidney, mode, death_all, death_non_cvd, published, never, method, logit,
+    return Anchors(model, cvd, kidney, death_all, death_non_cvd, published, never, method, logit,
                    tuple(caveats), tuple(dict.fromkeys(extrapolated)))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fhirtwin.sim._params import intervention_parameters
-from fhirtwin.sim.inputs import PatientInputs
+from fhirtwin.sim.inputs import MedicationSafetyInputs, PatientInputs
 from fhirtwin.sim.pharmacogenomics import (
     clopidogrel_advice,
     medication_flags,
@@ -104,7 +104,8 @@ class Candidates:
     notes: tuple[str, ...] = field(default=())
 
 
-def choose_statin(inputs: PatientInputs, intensity: str) -> tuple[Intervention | None, list[Exclusion]]:
+def choose_statin(inputs: PatientInputs, intensity: str,
+                  safety: MedicationSafetyInputs | None = None) -> tuple[Intervention | None, list[Exclusion]]:
     """The first agent and dose of an intensity that CPIC 2022 allows for the patient's phenotypes.
 
     The limits live in :mod:`fhirtwin.sim.pharmacogenomics` (e.g. SLCO1B1 poor function: not atorvastatin
@@ -112,7 +113,7 @@ def choose_statin(inputs: PatientInputs, intensity: str) -> tuple[Intervention |
     that intensity is allowed.
     """
     params = intervention_parameters()
-    safety = safety_inputs(inputs)
+    safety = safety or safety_inputs(inputs)
     excluded: list[Exclusion] = []
     options = []
     for agent, dose in ((str(a), float(d)) for a, d in params["statin_agents"][intensity]):
@@ -141,23 +142,23 @@ def candidate_interventions(inputs: PatientInputs) -> Candidates:
     notes: list[str] = []
 
     # statins
+    safety = safety_inputs(inputs)
     current = inputs.statin_intensity if inputs.on_statin else None
     if current == "high":
         excluded.append(Exclusion("start or intensify statin", "already on a high-intensity statin"))
     else:
         targets = ["high"] if current == "moderate" else ["moderate", "high"]
         for intensity in targets:
-            choice, pgx = choose_statin(inputs, intensity)
+            choice, pgx = choose_statin(inputs, intensity, safety)
             if choice is not None:
                 eligible.append(choice)
             excluded.extend(e for e in pgx if e not in excluded)
-    safety = safety_inputs(inputs)
     flags = medication_flags(safety)
     notes.extend(flag.text() for flag in flags)
     flagged = statin_flag(safety)
     if current is not None and current in params["statin_agents"] and flagged is not None:
         # name a same-intensity switch within the limits
-        switch, _ = choose_statin(inputs, current)
+        switch, _ = choose_statin(inputs, current, safety)
         genotype = f"{flagged.gene} {flagged.phenotype}"
         if switch is not None:
             notes.append(f"{genotype}: a {current}-intensity alternative within CPIC 2022 limits is "
