@@ -50,6 +50,11 @@ class ServiceSettings:
     #: Subscription deliveries must carry ``Authorization: Bearer <secret>`` when set.
     webhook_secret: str | None = None
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
+    #: Development only: every door answers without credentials (``fhirtwin serve --dev-no-auth``, loopback only).
+    dev_no_auth: bool = False
+    #: The embedded SQLite store (webhook queue, dead letters, sessions, feedback, replay cache, audit outbox);
+    #: None: ``$FHIRTWIN_STATE_DIR/service.sqlite3`` (default ``~/.local/state/fhirtwin``).
+    store_path: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- engine
