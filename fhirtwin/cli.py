@@ -318,14 +318,33 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import uvicorn
 
     from fhirtwin.service.app import create_app
     from fhirtwin.service.runtime import ServiceSettings, signing_key
+    from fhirtwin.service.security import AuthSettings, ConfigError, check_dev_mode, load_config, read_secret
 
+    try:
+        auth = load_config(args.config) if args.config else AuthSettings()
+        if args.webhook_secret_file:
+            auth = dataclasses.replace(auth, webhook_secret=read_secret(args.webhook_secret_file,
+                                                                           "--webhook-secret-file"))
+        if args.dev_no_auth:
+            check_dev_mode(args.host)
+        elif not (auth.issuer or auth.cds_clients or auth.webhook_secret):
+            raise ConfigError("no credentials are configured: give --config (token issuer, CDS clients) or "
+                              "--webhook-secret-file; --dev-no-auth opens every door on a loopback host")
+    except ConfigError as exc:
+        raise CliError(f"fhirtwin serve: {exc}") from exc
+    if args.dev_no_auth:
+        print("fhirtwin serve: WARNING --dev-no-auth: every door answers without credentials (development only)",
+              file=sys.stderr)
     public_url = args.public_url or f"http://{args.host}:{args.port}"
     settings = ServiceSettings(fhir_server=args.fhir_server, public_url=public_url.rstrip("/"),
-                               verify_tls=not args.insecure, signing_key_file=args.signing_key)
+                               verify_tls=not args.insecure, signing_key_file=args.signing_key, auth=auth,
+                               dev_no_auth=args.dev_no_auth, store_path=args.store)
     signing_key(settings)  # fail now, in one line, rather than at the first write
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
@@ -523,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--signing-key", default=None, help="PEM private key for Provenance signatures (default: "
                        "$FHIRTWIN_SIGNING_KEY(_FILE), else the key store; a loopback server gets a development key)")
     serve.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    serve.add_argument("--config", default=None, help="TOML file with the [auth] table: token issuer and JWKS, "
+                       "CDS clients, FHIR server allow-list, webhook secret file (see the README)")
+    serve.add_argument("--webhook-secret-file", default=None, help="file holding the secret Subscription "
+                       "deliveries carry as 'Authorization: Bearer <secret>' (fhirtwin subscribe --secret-file)")
+    serve.add_argument("--store", default=None, help="SQLite file for the durable queue, sessions and audit outbox "
+                       "(default $FHIRTWIN_STATE_DIR/service.sqlite3)")
+    serve.add_argument("--dev-no-auth", action="store_true", help="development only: every door answers without "
+                       "credentials; allowed only on a loopback --host")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                        help="server log level (default info)")
     serve.set_defaults(func=cmd_serve)

@@ -113,14 +113,19 @@ def start_service(tmp_path_factory):
     started: list[tuple[subprocess.Popen, object]] = []
 
     def start(fhir_server: str, port: int | None = None, *, command: list[str] | None = None,
-              env: dict[str, str] | None = None, cwd: object = None) -> str:
-        """``fhirtwin serve`` (or ``command`` + serve arguments, e.g. an installed script) until /health answers."""
+              env: dict[str, str] | None = None, cwd: object = None, args: list[str] | None = None) -> str:
+        """``fhirtwin serve`` (or ``command`` + serve arguments, e.g. an installed script) until /health answers.
+
+        ``args``: extra serve arguments (default ``--dev-no-auth``: the doors open, as on a developer's loopback).
+        Each service gets its own store in a temporary folder."""
         port = port or free_port()
-        log_path = tmp_path_factory.mktemp("service") / "serve.log"
+        folder = tmp_path_factory.mktemp("service")
+        log_path = folder / "serve.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [*(command or [sys.executable, "-m", "fhirtwin.cli"]), "serve", "--host", "127.0.0.1",
-                 "--port", str(port), "--fhir-server", fhir_server, "--log-level", "warning"],
+                 "--port", str(port), "--fhir-server", fhir_server, "--log-level", "warning",
+                 "--store", str(folder / "service.sqlite3"), *(["--dev-no-auth"] if args is None else args)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                 env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"})
         started.append((proc, log_path))

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from fhirtwin import __version__
 from fhirtwin.service.runtime import ServiceSettings
+from fhirtwin.service.security import guard_for
 
 __all__ = ["ServiceSettings", "create_app", "preferred_media_type"]
 
@@ -57,10 +58,11 @@ def preferred_media_type(accept: str | None, offered: tuple[str, ...] = MODEL_CA
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the application; routers are mounted from their own modules."""
-    from fhirtwin.service import cds_hooks, operations, smart, webhook
+    from fhirtwin.service import cds_hooks, limits, operations, smart, webhook
 
     app = FastAPI(title="fhirtwin", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.settings = settings
+    app.state.guard = guard_for(settings)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -90,4 +92,5 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     for module in (operations, webhook, cds_hooks, smart):
         app.include_router(module.router)
+    limits.install(app)  # last: body limits and typed errors outermost
     return app

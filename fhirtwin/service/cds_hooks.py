@@ -43,6 +43,7 @@ from fhirtwin.engine import (
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings
+from fhirtwin.service.security import AuthError
 from fhirtwin.vocabulary import CONCEPTS, EXT_SCOPE_DECISION, coding
 
 log = logging.getLogger("fhirtwin.service.cds_hooks")
@@ -379,9 +380,21 @@ def discovery() -> dict[str, Any]:
 
 
 async def _json_body(service_id: str, request: Request) -> Any:
-    """The request's JSON body, or the CDS Hooks error answer for an unknown service or a non-JSON body."""
+    """The request's JSON body, or the CDS Hooks error answer for an unknown service, a caller that is not a
+    registered CDS client (:meth:`fhirtwin.service.security.Guard.cds_call`) or a non-JSON body. The
+    caller's registration is left in ``request.state.cds_client`` (it bounds the ``fhirServer`` allowed)."""
+    from starlette.concurrency import run_in_threadpool
+
     if service_id != SERVICE_ID:
         return error_response(404, "not_found", "no such CDS service")
+    try:
+        _, request.state.cds_client = await run_in_threadpool(request.app.state.guard.cds_call, request.headers,
+                                                              service_id)
+    except AuthError as exc:
+        log.info("CDS call refused: %s", exc.error)
+        response = error_response(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message)
+        response.headers["WWW-Authenticate"] = exc.www_authenticate()
+        return response
     try:
         return await request.json()
     except ValueError:
@@ -399,6 +412,9 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
     settings = request.app.state.settings
     try:
         req = parse_request(body, service_id)
+        if req.fhirServer is not None and not request.app.state.guard.fhir_server_allowed(
+                req.fhirServer, request.state.cds_client):
+            raise CdsError(403, "forbidden", "fhirServer is not on this service's allow-list for the client")
         record, optional_missing = gather_record(settings, req)
         engine = Engine(draws=CARD_DRAWS, horizon_years=settings.horizon_years)
         run = engine.run(req.context.patientId, record=record)

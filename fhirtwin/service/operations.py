@@ -9,6 +9,11 @@ OperationOutcomes: 400 bad Parameters, 404 unknown patient, 422 insufficient dat
 
 ``GET`` with query parameters (``scenario``, ``horizon``) is the read-only convenience form (``write``
 must be false there, as GET must not change state).
+
+Every call needs a bearer token (:mod:`fhirtwin.service.security`): ``system/Patient.r`` to read, plus
+``RiskAssessment.cu``, ``CarePlan.cu`` and ``Provenance.c`` to write. A POST body must be JSON (415
+otherwise, so a cross-site form cannot post one). Horizons are whole years from 5 to 30: each horizon is a
+distinct set of results, so a caller cannot multiply a patient's resources with fractional horizons.
 """
 
 from __future__ import annotations
@@ -23,8 +28,18 @@ from fastapi.responses import JSONResponse
 
 from fhirtwin.engine import BadRequest, EngineError, operation_outcome
 from fhirtwin.service.runtime import engine_for, ensure_json_logging, log_event, patient_hash
+from fhirtwin.service.security import READ_SCOPES, WRITE_SCOPES, AuthError
 
 router = APIRouter()
+
+
+class UnsupportedMediaType(BadRequest):
+    """A $simulate POST whose body is not declared JSON (415)."""
+
+    http_status = 415
+
+    def __init__(self) -> None:
+        super().__init__("the body must be a Parameters resource as application/fhir+json or application/json")
 
 FHIR_JSON = "application/fhir+json"
 PARAMETER_NAMES = ("write", "scenario", "horizon")
@@ -42,6 +57,21 @@ def fhir_response(body: dict[str, Any], status: int = 200) -> JSONResponse:
 def error_response(exc: EngineError) -> JSONResponse:
     """The OperationOutcome response for an engine error."""
     return fhir_response(exc.outcome(), exc.http_status)
+
+
+def auth_error_response(exc: AuthError) -> JSONResponse:
+    """401/403 as an OperationOutcome (code ``login``/``forbidden``) with the RFC 6750 challenge."""
+    code = "login" if exc.status == 401 else "forbidden"
+    response = fhir_response(operation_outcome(exc.message, code=code), exc.status)
+    response.headers["WWW-Authenticate"] = exc.www_authenticate()
+    return response
+
+
+def whole_years(years: float, where: list[str]) -> int:
+    """A horizon as whole years (BadRequest otherwise); the engine checks the 5-30 range."""
+    if not math.isfinite(years) or abs(years - round(years)) > 1e-9:
+        raise BadRequest("horizon must be a whole number of years (5 to 30)", expression=where)
+    return int(round(years))
 
 
 def _years_from_duration(value: Any) -> float:
@@ -101,9 +131,7 @@ def parse_parameters(body: Any) -> dict[str, Any]:
             else:
                 raise BadRequest("horizon must be a valueDecimal or valueInteger (years) or a valueDuration",
                                  expression=where)
-            if not math.isfinite(years):
-                raise BadRequest("horizon must be a finite number", expression=where)
-            out["horizon_years"] = years
+            out["horizon_years"] = whole_years(years, where)
     return out
 
 
@@ -120,11 +148,10 @@ def parse_query(query: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"write": False, "scenario": query.get("scenario") or None, "horizon_years": None}
     if "horizon" in query:
         try:
-            out["horizon_years"] = float(query["horizon"])
+            years = float(query["horizon"])
         except ValueError as exc:
             raise BadRequest("horizon must be a number of years", expression=["horizon"]) from exc
-        if not math.isfinite(out["horizon_years"]):
-            raise BadRequest("horizon must be a finite number", expression=["horizon"])
+        out["horizon_years"] = whole_years(years, ["horizon"])
     return out
 
 
@@ -147,7 +174,14 @@ def _run(request: Request, patient_id: str, options: dict[str, Any]) -> JSONResp
 def _guarded(request: Request, patient_id: str, method: str, parse: Any) -> JSONResponse:
     ensure_json_logging()
     try:
-        return _run(request, patient_id, parse())
+        request.app.state.guard.bearer(request.headers, READ_SCOPES)  # who, before anything is parsed
+        options = parse()
+        if options["write"]:
+            request.app.state.guard.bearer(request.headers, WRITE_SCOPES)
+        return _run(request, patient_id, options)
+    except AuthError as exc:
+        log_event("simulate_refused", method=method, status=exc.status, error=exc.error)
+        return auth_error_response(exc)
     except EngineError as exc:
         log_event("simulate_failed", method=method, status=exc.http_status, error=type(exc).__name__)
         return error_response(exc)
@@ -160,8 +194,11 @@ def _guarded(request: Request, patient_id: str, method: str, parse: Any) -> JSON
 async def simulate_post(patient_id: str, request: Request) -> JSONResponse:
     """Run the twin for one patient; the body is a ``Parameters`` resource (may be empty)."""
     raw = await request.body()
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
 
     def parse() -> dict[str, Any]:
+        if media not in (FHIR_JSON, "application/json"):
+            raise UnsupportedMediaType()
         if not raw.strip():
             return parse_parameters(None)
         try:

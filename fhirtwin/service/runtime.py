@@ -19,6 +19,7 @@ from typing import Any
 from fhirtwin.engine import Engine
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.keys import KeyPolicyError, SigningKey, signing_key_for
+from fhirtwin.service.security import AuthSettings
 
 log = logging.getLogger("fhirtwin.service")
 
@@ -47,9 +48,9 @@ class ServiceSettings:
     smart_client_id: str = "fhirtwin"
     smart_issuers: tuple[str, ...] = ()
     frame_ancestors: str = "'self'"
-    #: Subscription deliveries must carry ``Authorization: Bearer <secret>`` when set.
-    webhook_secret: str | None = None
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
+    #: Who may call which door: the token issuer and its JWKS, CDS clients, allow-lists, the webhook secret.
+    auth: AuthSettings = field(default_factory=AuthSettings)
     #: Development only: every door answers without credentials (``fhirtwin serve --dev-no-auth``, loopback only).
     dev_no_auth: bool = False
     #: The embedded SQLite store (webhook queue, dead letters, sessions, feedback, replay cache, audit outbox);

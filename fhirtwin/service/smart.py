@@ -192,8 +192,8 @@ def error_page(request: Request, status: int, title: str, message: str) -> Respo
 
 def allowed_issuer(settings: ServiceSettings, iss: str) -> bool:
     """Only the configured FHIR server and explicitly listed issuers may start a launch."""
-    allowed = {settings.fhir_server.rstrip("/"), *(i.rstrip("/") for i in settings.smart_issuers)}
-    return iss.rstrip("/") in allowed
+    allowed = {settings.fhir_server, *settings.smart_issuers, *settings.auth.fhir_servers}
+    return iss.rstrip("/") in {a.rstrip("/") for a in allowed}
 
 
 def client_id(settings: ServiceSettings) -> str:

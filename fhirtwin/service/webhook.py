@@ -18,7 +18,6 @@ Subscription administration (``fhirtwin subscribe``) is :mod:`fhirtwin.fhir.subs
 
 from __future__ import annotations
 
-import hmac
 import json
 import threading
 from collections import Counter
@@ -42,6 +41,7 @@ from fhirtwin.engine import (
 from fhirtwin.fhir.client import patient_reference_id
 from fhirtwin.service.jobs import Permanent, WebhookWorker
 from fhirtwin.service.runtime import ServiceSettings, engine_for, ensure_json_logging, log_event, shared_client
+from fhirtwin.service.security import WRITE_SCOPES, AuthError
 
 BASE = "/hooks/fhir"
 FHIR_JSON = "application/fhir+json"
@@ -223,12 +223,21 @@ def _ack(what: str, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
 
 
-def _authorized(request: Request) -> bool:
-    secret = request.app.state.settings.webhook_secret
-    if not secret:
-        return True
-    given = request.headers.get("authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {secret}".encode())
+def _refused(request: Request, *, operator: bool = False) -> JSONResponse | None:
+    """None if the caller may use this door, else the 401/403 answer. Deliveries carry the Subscription's
+    secret or a bearer token with write scopes; operators (status, replay) a bearer token."""
+    from fhirtwin.service.operations import auth_error_response
+
+    guard = request.app.state.guard
+    try:
+        if operator:
+            guard.bearer(request.headers, WRITE_SCOPES if request.method == "POST" else {})
+        else:
+            guard.webhook(request.headers)
+    except AuthError as exc:
+        log_event("webhook_refused", method=request.method, status=exc.status, error=exc.error)
+        return auth_error_response(exc)
+    return None
 
 
 async def _read_json(request: Request) -> Any:
@@ -250,8 +259,8 @@ def _record(service: WebhookService, outcome: str, method: str, rtype: str | Non
 @router.post(BASE + "/{resource_type}")
 async def deliver_resource(request: Request, resource_type: str, resource_id: str | None = None) -> JSONResponse:
     """A delivery with payload (HAPI: ``PUT {endpoint}/{Type}/{id}``); answered at once, processed later."""
-    if not _authorized(request):
-        return _ack("unauthorized", 401)
+    if (refused := _refused(request)) is not None:
+        return refused
     service = get_service(request.app)
     body = await _read_json(request)
     if body is ValueError:
@@ -271,8 +280,8 @@ async def deliver_resource(request: Request, resource_type: str, resource_id: st
 @router.delete(BASE + "/{resource_type}/{resource_id}")
 async def deliver_delete(request: Request, resource_type: str, resource_id: str) -> JSONResponse:
     """A deletion: the patient is found from the resource's history on the worker thread."""
-    if not _authorized(request):
-        return _ack("unauthorized", 401)
+    if (refused := _refused(request)) is not None:
+        return refused
     service = get_service(request.app)
     if resource_type not in WATCHED_TYPES or resource_type == "Patient":
         _record(service, "ignored_type", "DELETE", resource_type)
@@ -285,8 +294,8 @@ async def deliver_delete(request: Request, resource_type: str, resource_id: str)
 @router.post(BASE)
 async def deliver_ping(request: Request) -> JSONResponse:
     """A payload-less notification (empty POST): re-query recently changed resources on the worker."""
-    if not _authorized(request):
-        return _ack("unauthorized", 401)
+    if (refused := _refused(request)) is not None:
+        return refused
     service = get_service(request.app)
     body = await _read_json(request)
     if body is ValueError:
@@ -309,14 +318,16 @@ async def deliver_ping(request: Request) -> JSONResponse:
 
 
 @router.get(BASE + "/status")
-def webhook_status(request: Request) -> dict[str, Any]:
-    """Queue, counts, dead letters and recent errors, without PHI."""
+def webhook_status(request: Request) -> Any:
+    """Queue, counts, dead letters and recent errors, without PHI (an operator's bearer token)."""
+    if (refused := _refused(request, operator=True)) is not None:
+        return refused
     return get_service(request.app).status()
 
 
 @router.post(BASE + "/dead-letter/replay")
 def replay_dead_letters(request: Request) -> Any:
-    """Requeue every dead letter (after the FHIR server is back)."""
-    if not _authorized(request):
-        return _ack("unauthorized", 401)
+    """Requeue every dead letter (after the FHIR server is back); it writes, so it needs the write scopes."""
+    if (refused := _refused(request, operator=True)) is not None:
+        return refused
     return {"replayed": get_service(request.app).worker.replay_dead_letters()}

@@ -21,7 +21,7 @@ PUBLIC = "https://twin.example.org"
 @pytest.fixture(scope="module")
 def client() -> TestClient:
     # the FHIR server is never contacted by these tests (prefetch only, or requests rejected before reading)
-    app = create_app(ServiceSettings(fhir_server="http://127.0.0.1:9/fhir", public_url=PUBLIC))
+    app = create_app(ServiceSettings(fhir_server="http://127.0.0.1:9/fhir", public_url=PUBLIC, dev_no_auth=True))
     return TestClient(app)
 
 

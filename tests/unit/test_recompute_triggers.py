@@ -53,7 +53,8 @@ def service(tmp_path, monkeypatch):
     pem = generate_key().private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption())
     (tmp_path / "k.pem").write_bytes(pem)
-    settings = ServiceSettings(fhir_server="http://fhir.invalid/fhir", signing_key_file=str(tmp_path / "k.pem"))
+    settings = ServiceSettings(fhir_server="http://fhir.invalid/fhir", signing_key_file=str(tmp_path / "k.pem"),
+                               dev_no_auth=True)
     app = create_app(replace(settings, webhook=WebhookOptions(window=3600.0, max_wait=3600.0)))
     server = ReferringServer()
     monkeypatch.setattr(webhook, "shared_client", lambda _settings: server)
