@@ -404,7 +404,7 @@ def bench_cds(server: str, calls: int, log: Callable[[str], None]) -> dict[str, 
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "fhirtwin", "serve", "--fhir-server", server, "--port", str(port),
+    cmd = [sys.executable, "-m", "fhirtwin", "serve", "--fhir-server", server, "--port", str(port), "--dev-no-auth",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
     http = requests.Session()

@@ -172,7 +172,8 @@ def cmd_sandbox_smart(args: argparse.Namespace) -> int:
     app = create_simulator(upstream, public, redirect_uris=(f"{app_url}/callback",), default_patient=args.patient)
     print("SMART simulator (TEST ONLY: auto-approves, no login, in memory)")
     print(f"  FHIR base (iss): {public}/fhir   proxies {upstream}")
-    print(f"  start the app:   fhirtwin serve --fhir-server {public}/fhir --port {app_url.rsplit(':', 1)[-1]}")
+    port = app_url.rsplit(":", 1)[-1]
+    print(f"  start the app:   fhirtwin serve --dev-no-auth --fhir-server {public}/fhir --port {port}")
     print(f"  then open:       {app_url}/launch?iss={public}/fhir   (standalone launch, patient {args.patient})")
     uvicorn.run(app, host="127.0.0.1", port=args.sim_port, log_level="warning", access_log=False)
     return EXIT_OK

@@ -114,5 +114,5 @@ def run_demo(*, port: int | None = None, data_dir: str | Path | None = None, pat
     path = write_report(ranked[:show], sandbox.data_dir / "report.html", title="fhirtwin demo: highest risks")
     print(f"7. report: {path}")
     print(f"\nNext: fhirtwin state --server {sandbox.base_url} --patient {ids[2]}   |   "
-          f"fhirtwin serve --fhir-server {sandbox.base_url}")
+          f"fhirtwin serve --dev-no-auth --fhir-server {sandbox.base_url}")
     return 0 if status.get("failed", 0) == 0 else 1
