@@ -56,13 +56,26 @@ def preferred_media_type(accept: str | None, offered: tuple[str, ...] = MODEL_CA
     return best[2] if best else None
 
 
+class _StoredReplayCache:
+    """JWT ids remembered in the service's store, opened on first use (so that several service processes
+    sharing the store refuse a token replayed to any of them)."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+
+    def seen_jti(self, issuer: str, jti: str, expires_at: float) -> bool:
+        from fhirtwin.service.store import open_store
+
+        return open_store(self.settings).seen_jti(issuer, jti, expires_at)
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the application; routers are mounted from their own modules."""
     from fhirtwin.service import cds_hooks, limits, operations, smart, webhook
 
     app = FastAPI(title="fhirtwin", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.settings = settings
-    app.state.guard = guard_for(settings)
+    app.state.guard = guard_for(settings, replay=_StoredReplayCache(settings))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
