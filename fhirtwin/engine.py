@@ -13,13 +13,14 @@ what a record is (types, ``_include``) comes from :mod:`fhirtwin.adapters.reads`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol
 
 import numpy as np
 
@@ -41,15 +42,23 @@ from fhirtwin.vocabulary import CONCEPTS, GENERATED_TAG, SUPERSEDED_TAG, coding,
 from fhirtwin.writeback.careplan import build_draft_care_plan
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
 from fhirtwin.writeback.jws import JwsError, SigningKey
-from fhirtwin.writeback.signing import signature_header, verify_targets
+from fhirtwin.writeback.signing import revision_keys, signature_header, verify_targets
 from fhirtwin.writeback.transaction import (
     PatientWrite,
     build_patient_write,
     build_retirement,
+    confirmation_reads,
+    confirmed_response,
     full_url,
+    is_superseded,
+    key_of,
     merge_bundles,
     versioned_provenance_update,
 )
+
+if TYPE_CHECKING:
+    from fhirtwin.audit import AuditTrail
+    from fhirtwin.consent import ConsentPolicy
 
 MIN_HORIZON_YEARS = 5.0  # the RiskAssessment reports the 5- and 10-year points; below 5 it would be empty
 MAX_HORIZON_YEARS = 30.0  # the $simulate OperationDefinition documents 5 to 30 years
@@ -266,6 +275,8 @@ class Commit:
     created: int
     provenance: str | None
     reinstated: list[str] = field(default_factory=list)
+    #: the response was lost (or a retry conflicted) and the content was found on the server instead
+    confirmed: bool = False
 
 
 @dataclass
@@ -298,6 +309,8 @@ class WriteResult:
     message: str = ""
     provenance: str | None = None
     bundle: dict[str, Any] | None = None
+    #: the results current after this write (``Type/id``), as the server reported or confirmed them
+    outputs: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "bundle"}
@@ -316,6 +329,50 @@ class VerifyReport:
     targets: list[str]
     changed_versions: list[str]
     kid: str | None = None
+    #: what the signature covers besides the targets (None: made before revisions were signed)
+    revisions: list[str] | None = None
+    recorded: str | None = None
+
+
+@dataclass
+class PatientVerifyReport:
+    """Whether a patient's current and superseded results are exactly what valid signed Provenances say."""
+
+    patient_id: str
+    valid: bool
+    message: str
+    problems: list[str]
+    current: list[str]
+    provenances: list[VerifyReport]
+
+
+@dataclass(frozen=True)
+class Transacted:
+    """A transaction's response, and whether it was confirmed on the server after the response was lost."""
+
+    response: dict[str, Any]
+    confirmed: bool = False
+
+
+def outcome_unknown(exc: fhir_errors.FhirError) -> bool:
+    """True when a failed transaction may have committed: no response (reset, timeout), a server error, a
+    throttle after retries, or a retry refused by a version check (409/412) because the first try committed."""
+    status = exc.status
+    return status is None or status >= 500 or status in (409, 412, 429)
+
+
+def _ref_key(ref: str) -> str:
+    """``Type/id`` of a reference (version dropped)."""
+    return "/".join(ref.split("/_history")[0].split("/")[-2:])
+
+
+def _instant_value(text: str | None) -> datetime:
+    """An instant for ordering Provenances (unparseable or missing: the earliest)."""
+    try:
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -425,6 +482,70 @@ def prefetch_templates() -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- audit
+
+_P = ParamSpec("_P")
+
+
+def record_queries(patient_id: str, extra: Iterable[str] = ()) -> list[str]:
+    """The requests of one patient's record read, as an AuditEvent names them (``_count``/``_include`` left out)."""
+    return [f"Patient/{patient_id}", *(f"{rtype}?{param}={patient_id}" for rtype, param in RECORD_TYPES.items()),
+            *extra]
+
+
+def consent_query(patient_id: str) -> str:
+    return f"Consent?patient=Patient/{patient_id}&status=active"
+
+
+def _audited_commit(commit: Callable[Concatenate[Engine, _P], Commit]) -> Callable[Concatenate[Engine, _P], Commit]:
+    """Audit :meth:`Engine.commit`: one AuditEvent per transaction, success or failure."""
+    @functools.wraps(commit)
+    def audited(self: Engine, *args: _P.args, **kwargs: _P.kwargs) -> Commit:
+        write = args[0] if args else kwargs["write"]
+        assert isinstance(write, PatientWrite)
+        try:
+            done = commit(self, *args, **kwargs)
+        except EngineError as exc:
+            self._audit_write(write.patient_id, write.bundle["entry"], error=exc)
+            raise
+        self._audit_write(write.patient_id, write.bundle["entry"], response=done.response)
+        return done
+    return audited
+
+
+def _audited_retire(retire: Callable[Concatenate[Engine, _P], int]) -> Callable[Concatenate[Engine, _P], int]:
+    """Audit :meth:`Engine.retire` when it superseded something (or failed trying)."""
+    @functools.wraps(retire)
+    def audited(self: Engine, *args: _P.args, **kwargs: _P.kwargs) -> int:
+        run = args[0] if args else kwargs["run"]
+        assert isinstance(run, TwinRun)
+        try:
+            count = retire(self, *args, **kwargs)
+        except EngineError as exc:
+            self._audit_write(run.patient_id, [], error=exc)
+            raise
+        if count:
+            self._audit_write(run.patient_id, [])
+        return count
+    return audited
+
+
+def _audited_writes(write: Callable[Concatenate[Engine, _P], Iterator[WriteResult]]
+                    ) -> Callable[Concatenate[Engine, _P], Iterator[WriteResult]]:
+    """Audit :meth:`Engine.write`: one AuditEvent per patient whose transaction was sent."""
+    @functools.wraps(write)
+    def audited(self: Engine, *args: _P.args, **kwargs: _P.kwargs) -> Iterator[WriteResult]:
+        for result in write(self, *args, **kwargs):
+            if result.bundle is not None and result.status in ("written", "unchanged", "failed"):
+                entries = result.bundle["entry"]
+                written = [str(e["request"]["url"]) for e in entries if e["request"]["method"] == "PUT"]
+                written += [result.provenance] if result.provenance else []
+                error = UpstreamError(result.message) if result.status == "failed" else None
+                self._audit_write(result.patient_id, entries, written=written, error=error)
+            yield result
+    return audited
+
+
 # ---------------------------------------------------------------------------------------------- engine
 
 
@@ -437,7 +558,8 @@ class Engine:
 
     def __init__(self, source: Any = None, *, signing_key: SigningKey | None = None, draws: int = 1000,
                  horizon_years: float = 10.0, seed: int = 0, outcome: str = "total_cvd", strict: bool = False,
-                 organization_id: str = DEFAULT_ORGANIZATION) -> None:
+                 organization_id: str = DEFAULT_ORGANIZATION, audit: AuditTrail | None = None,
+                 consent: ConsentPolicy | None = None) -> None:
         self.source = source
         self.signing_key = signing_key
         self.draws = draws
@@ -446,37 +568,114 @@ class Engine:
         self.outcome = outcome
         self.strict = strict
         self.organization_id = organization_id
+        #: Audit hook (:mod:`fhirtwin.audit`): an AuditEvent for every patient record read and every write.
+        self.audit = audit
+        #: Consent policy (:mod:`fhirtwin.consent`): checked before any read of a patient's record.
+        self.consent = consent
         self._hapi: bool | None = None
 
     # -- read
 
     def read(self, patient_id: str, *, with_stored: bool = True) -> PatientRecord:
-        """The record (and fhirtwin's stored results, in the same request when the source can)."""
+        """The record (and fhirtwin's stored results, in the same request when the source can).
+
+        With a consent policy the patient's active Consents are searched first; a denial raises
+        :class:`fhirtwin.consent.ConsentDenied` before anything else is read. Every read is audited.
+        """
         if not isinstance(patient_id, str) or not patient_id or "," in patient_id or "/" in patient_id:
             raise BadRequest("invalid patient id")
+        self.require_consent(patient_id)
         extra = stored_results_searches(patient_id) if with_stored else []
         try:
-            resources = self._source().fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES,
-                                                            extra_searches=extra)
+            resources = self._fetch_record(patient_id, extra)
+        except EngineError as exc:
+            self._audit_read(patient_id, extra, exc)
+            raise
+        self._audit_read(patient_id, extra)
+        return PatientRecord.split(patient_id, resources, stored_read=with_stored)
+
+    def _fetch_record(self, patient_id: str, extra: list[str]) -> list[dict[str, Any]]:
+        try:
+            records: list[dict[str, Any]] = self._source().fetch_patient_record(
+                patient_id, RECORD_TYPES, include=RECORD_INCLUDES, extra_searches=extra)
         except (fhir_errors.FhirNotFound, fhir_errors.FhirGone) as exc:
             raise PatientNotFound("Patient not found on the FHIR server", patient_id=patient_id) from exc
         except fhir_errors.FhirError as exc:
             raise upstream_error(exc, "record read") from exc
-        return PatientRecord.split(patient_id, resources, stored_read=with_stored)
+        return records
 
-    def read_many(self, patient_ids: Iterable[str], *, chunk_size: int = 20) -> Iterator[PatientRecord]:
-        """Records of many patients, ``chunk_size`` per request (stored results not read)."""
+    def read_many(self, patient_ids: Iterable[str], *, chunk_size: int = 20,
+                  on_denied: Callable[[EngineError], None] | None = None) -> Iterator[PatientRecord]:
+        """Records of many patients, ``chunk_size`` per request (stored results not read).
+
+        With a consent policy each chunk's Consents are searched first and denied patients are not read:
+        each denial goes to ``on_denied`` (without one, the first denial is raised). Every read is audited.
+        """
         ids = list(patient_ids)
         for start in range(0, len(ids), chunk_size):
+            chunk = ids[start:start + chunk_size]
+            denials = self.consent_denials(chunk)
+            for denial in denials.values():
+                if on_denied is None:
+                    raise denial
+                on_denied(denial)
+            chunk = [pid for pid in chunk if pid not in denials]
+            if not chunk:
+                continue
             try:
-                records = self._source().fetch_patients_records(ids[start:start + chunk_size], RECORD_TYPES,
-                                                                include=RECORD_INCLUDES)
-            except fhir_errors.FhirNotFound as exc:
-                raise PatientNotFound(str(exc)) from exc
+                records = self._source().fetch_patients_records(chunk, RECORD_TYPES, include=RECORD_INCLUDES)
             except fhir_errors.FhirError as exc:
-                raise upstream_error(exc, "record read") from exc
+                error = (PatientNotFound(str(exc)) if isinstance(exc, fhir_errors.FhirNotFound)
+                         else upstream_error(exc, "record read"))
+                for patient_id in chunk:
+                    self._audit_read(patient_id, [], error)
+                raise error from exc
             for patient_id, resources in records.items():
+                self._audit_read(patient_id, [])
                 yield PatientRecord.split(patient_id, resources, stored_read=False)
+
+    # -- consent and audit
+
+    def consent_denials(self, patient_ids: Sequence[str]) -> dict[str, EngineError]:
+        """The patients (of ``patient_ids``) whose active Consent denies this engine's purpose of use, each
+        audited as a refused read; empty without a consent policy. Only the Consent search is sent."""
+        if self.consent is None or not patient_ids:
+            return {}
+        source = self._source()
+        if not hasattr(source, "search_all"):
+            raise BadRequest("consent checks need a FHIR server, not an offline source")
+        try:
+            denials: dict[str, EngineError] = dict(self.consent.denials(source, patient_ids))
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "consent check") from exc
+        for patient_id, denial in denials.items():
+            if self.audit is not None:
+                self.audit.patient_read(patient_id, queries=[consent_query(patient_id)], server=self._server(),
+                                        error=denial)
+        return denials
+
+    def require_consent(self, patient_id: str) -> None:
+        """Raise :class:`fhirtwin.consent.ConsentDenied` when the patient's Consent denies this use."""
+        denial = self.consent_denials([patient_id]).get(patient_id)
+        if denial is not None:
+            raise denial
+
+    def _server(self) -> str | None:
+        base = getattr(self.source, "base_url", None)
+        return base if isinstance(base, str) else None
+
+    def _audit_read(self, patient_id: str, extra: Iterable[str], error: EngineError | None = None) -> None:
+        if self.audit is not None:
+            queries = [consent_query(patient_id)] if self.consent is not None else []
+            self.audit.patient_read(patient_id, queries=queries + record_queries(patient_id, extra),
+                                    server=self._server(), error=error)
+
+    def _audit_write(self, patient_id: str, entries: Sequence[Mapping[str, Any]], *,
+                     response: Mapping[str, Any] | None = None, written: Sequence[str] | None = None,
+                     error: EngineError | None = None) -> None:
+        if self.audit is not None:
+            self.audit.patient_write(patient_id, entries=entries, response=response, server=self._server(),
+                                     written=written, error=error)
 
     # -- twin
 
@@ -538,15 +737,17 @@ class Engine:
         if record is not None and not any(isinstance(r, dict) and r.get("resourceType") == "Patient"
                                           for r in record.resources):
             raise BadRequest("the supplied record holds no Patient resource")
+        if record is not None and self.consent is not None:  # a record read elsewhere: check before any write
+            self.require_consent(patient_id)
         record = record if record is not None else self.read(patient_id)
         state = self.twin(record, as_of)
         return self.simulate(state, scenario=scenario, horizon_years=horizon_years, draws=draws,
                              stored=record.stored)
 
     def run_many(self, patient_ids: Iterable[str], *, as_of: date | None = None, draws: int | None = None,
-                 chunk_size: int = 20) -> Iterator[TwinRun]:
-        """Runs of many patients, reading ``chunk_size`` patients per request."""
-        for record in self.read_many(patient_ids, chunk_size=chunk_size):
+                 chunk_size: int = 20, on_denied: Callable[[EngineError], None] | None = None) -> Iterator[TwinRun]:
+        """Runs of many patients, reading ``chunk_size`` patients per request (``on_denied``: see read_many)."""
+        for record in self.read_many(patient_ids, chunk_size=chunk_size, on_denied=on_denied):
             yield self.simulate(self.twin(record, as_of), draws=draws)
 
     def _scenarios(self, model: MechanisticTwin, scenario: str | None) -> list[Scenario] | None:
@@ -652,21 +853,44 @@ class Engine:
             found += [e["resource"] for e in (result.resource or {}).get("entry", []) if "resource" in e]
         return found
 
+    @_audited_commit
     def commit(self, write: PatientWrite) -> Commit:
         """Send one prepared transaction and reinstate earlier results it made current again."""
-        client = self._client()
-        try:
-            response = client.transaction(write.bundle)
-        except fhir_errors.FhirError as exc:
-            raise upstream_error(exc, "write transaction") from exc
+        sent = self.transact(write.bundle, [write], "write transaction")
+        response = sent.response
         locations = [str(e.get("response", {}).get("location", "")) for e in response.get("entry", [])]
         provenance = next((loc.split("/_history")[0] for loc in locations if loc.startswith("Provenance/")), None)
-        commit = Commit(response, _created(response), provenance)
+        commit = Commit(response, _created(response), provenance, confirmed=sent.confirmed)
         try:
             commit.reinstated = self._finish(write, response)
         except fhir_errors.FhirError as exc:
             raise upstream_error(exc, "finishing the write") from exc
         return commit
+
+    def transact(self, bundle: dict[str, Any], writes: Sequence[PatientWrite], during: str) -> Transacted:
+        """Send a transaction; when its outcome is unknown (:func:`outcome_unknown`), look on the server.
+
+        The transaction's content found on the server (by the deterministic identifiers, run tags and
+        superseded tags) is a success: a committed write is never reported as failed. Otherwise the
+        original failure is raised, typed (:class:`UpstreamError`).
+        """
+        client = self._client()
+        try:
+            return Transacted(client.transaction(bundle))
+        except fhir_errors.FhirError as exc:
+            if not outcome_unknown(exc):
+                raise upstream_error(exc, during) from exc
+            try:
+                reads = confirmation_reads(bundle)
+                found = confirmed_response(bundle, client.batch(reads),
+                                           [q for write in writes for q in write.expect_created])
+            except fhir_errors.FhirError:
+                found = None
+            if found is None:
+                error = upstream_error(exc, during)
+                error.message += "; the transaction is not on the server"
+                raise error from exc
+            return Transacted(found, confirmed=True)
 
     def _finish(self, write: PatientWrite, response: dict[str, Any]) -> list[str]:
         """After a committed transaction (``response`` answers ``write``'s entries, in order): count the write,
@@ -694,6 +918,7 @@ class Engine:
         if update is not None:
             self._client().update(update)
 
+    @_audited_retire
     def retire(self, run: TwinRun) -> int:
         """Supersede a patient's current results when the patient is now out of scope; returns how many.
 
@@ -701,15 +926,25 @@ class Engine:
         would be worse than none. Under the patient lock, from a fresh search of what is stored.
         """
         with patient_lock(run.patient_id):
-            retirement = build_retirement(self.stored_results(run.patient_id),
-                                          getattr(self.source, "base_url", None))
+            stored = self.stored_results(run.patient_id)
+            if not any(key_of(r) and not is_superseded(r) for r in stored):
+                return 0
+            key = self._key()
+            base = getattr(self.source, "base_url", None)
+            retirement = build_retirement(stored, base if isinstance(base, str) else None,
+                                          patient_id=run.patient_id, key=key,
+                                          model=(MechanisticTwin.name, MechanisticTwin.version),
+                                          organization_id=self.organization_id, hapi=self.server_is_hapi())
             if retirement is None:
                 return 0
-            try:
-                self._client().transaction(retirement)
-            except fhir_errors.FhirError as exc:
-                raise upstream_error(exc, "retiring results of an out-of-scope patient") from exc
-            return len(retirement["entry"])
+            device = self._key_device(key)
+            retirement.bundle["entry"].insert(0, {"fullUrl": full_url("Device", device["id"], base
+                                                                      if isinstance(base, str) else None),
+                                                  "resource": device,
+                                                  "request": {"method": "PUT", "url": f"Device/{device['id']}"}})
+            self.transact(retirement.bundle, [retirement], "retiring results of an out-of-scope patient")
+            _wrote(run.patient_id)
+            return len(retirement.superseded)
 
     def reinstate(self, references: Iterable[str]) -> list[str]:
         """Make earlier results current again (inputs went back to an earlier state): drop their tag.
@@ -759,6 +994,7 @@ class Engine:
         simulation.duration_ms = int((time.monotonic() - started) * 1000)
         return simulation
 
+    @_audited_writes
     def write(self, runs: Iterable[TwinRun], *, dry_run: bool = False, group: int = 1,
               now: datetime | None = None) -> Iterator[WriteResult]:
         """Prepare and send one transaction per patient (``group`` > 1: several patients per transaction).
@@ -779,11 +1015,12 @@ class Engine:
             bundle = writes[0].bundle if len(writes) == 1 else merge_bundles(writes)
             before = client.request_count
             try:
-                response = client.transaction(bundle)
-            except fhir_errors.FhirError as exc:
+                sent = self.transact(bundle, writes, "write transaction")
+            except EngineError as exc:
                 for result in done:
-                    result.status, result.message = "failed", str(upstream_error(exc, "write transaction"))
+                    result.status, result.message = "failed", str(exc)
             else:
+                response = sent.response
                 for result, write in pending:
                     part = self._response_part(response, bundle, write)
                     mine = list(zip(write.bundle["entry"], batch_results(part, write.bundle["entry"]), strict=True))
@@ -792,7 +1029,12 @@ class Engine:
                                          and e["resource"]["resourceType"] in RESULT_TYPES)
                     prov = [o for e, o in mine if e["resource"]["resourceType"] == "Provenance" and o.location]
                     result.provenance = prov[0].location.split("/_history")[0] if prov and prov[0].location else None
-                    result.status = "written" if result.created or result.updated else "unchanged"
+                    result.outputs = [_ref_key(o.location) for e, o in mine if o.location and e["request"]["method"]
+                                      == "POST" and e["resource"]["resourceType"] in RESULT_TYPES]
+                    written = result.created or result.updated or write.expect_created
+                    result.status = "written" if written else "unchanged"
+                    if sent.confirmed:
+                        result.message = "the response was lost; the transaction was found committed on the server"
                     try:
                         self._finish(write, part)
                     except fhir_errors.FhirError as exc:
