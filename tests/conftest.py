@@ -18,6 +18,14 @@ from fhirtwin.sandbox.server import Sandbox
 FHIR_JSON = "application/fhir+json"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory) -> None:
+    """The service's default store (``$FHIRTWIN_STATE_DIR``) in a temporary folder, never the home directory."""
+    import os
+
+    os.environ["FHIRTWIN_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Sandbox:
     box = Sandbox.from_env()

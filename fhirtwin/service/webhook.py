@@ -12,6 +12,9 @@ Why it looks like this:
 * Several deliveries for one patient within ``window`` seconds become one recompute; a failing recompute
   is retried and then kept as a dead letter, shown (without PHI) at ``GET /hooks/fhir/status`` and
   replayable with ``POST /hooks/fhir/dead-letter/replay``.
+* A delivery is answered 200 only once its task is committed to the service's store
+  (:mod:`fhirtwin.service.store`); when the store cannot take it the answer is 503 and the FHIR server
+  retries. Tasks, dead letters and the status counts outlive a crash; several processes may share the store.
 
 Subscription administration (``fhirtwin subscribe``) is :mod:`fhirtwin.fhir.subscriptions`.
 """
@@ -19,15 +22,16 @@ Subscription administration (``fhirtwin subscribe``) is :mod:`fhirtwin.fhir.subs
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from fhirtwin.engine import (
     WATCHED_TYPES,
@@ -42,9 +46,11 @@ from fhirtwin.fhir.client import patient_reference_id
 from fhirtwin.service.jobs import Permanent, WebhookWorker
 from fhirtwin.service.runtime import ServiceSettings, engine_for, ensure_json_logging, log_event, shared_client
 from fhirtwin.service.security import WRITE_SCOPES, AuthError
+from fhirtwin.service.store import open_store
 
 BASE = "/hooks/fhir"
 FHIR_JSON = "application/fhir+json"
+RECEIVED = "webhook_received"  # store counter scope of the delivery outcomes
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:
@@ -63,13 +69,13 @@ class WebhookService:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
+        self.store = open_store(settings)
         options = settings.webhook
         self.worker = WebhookWorker(
             {"patient": self.recompute, "ping": self.requery, "deleted": self.resolve_deleted,
              "referenced": self.resolve_referenced},
-            window=options.window, max_wait=options.max_wait, max_attempts=options.max_attempts,
+            store=self.store, window=options.window, max_wait=options.max_wait, max_attempts=options.max_attempts,
             backoff=options.backoff)
-        self.received: Counter[str] = Counter()
         self._watermark = datetime.now(UTC) - timedelta(seconds=30)
         self._seen_at_watermark: set[str] = set()
 
@@ -166,10 +172,14 @@ class WebhookService:
         self.worker.submit("patient", patient_id)
         return "scheduled"
 
+    def received(self, outcome: str) -> None:
+        """Count a delivery's outcome (persisted with the status page)."""
+        self.store.count(RECEIVED, outcome)
+
     def status(self) -> dict[str, Any]:
         """Worker status plus delivery counts."""
         out = self.worker.status()
-        out["received"] = dict(sorted(self.received.items()))
+        out["received"] = self.store.counts(RECEIVED)
         return out
 
 
@@ -205,11 +215,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     service = getattr(app.state, "webhook", None)
     if service is not None:
-        from starlette.concurrency import run_in_threadpool
-
         drained = await run_in_threadpool(service.worker.shutdown, 30.0)
-        log_event("webhook_shutdown", drained=drained, pending=len(service.worker.debouncer),
-                  dead_letters=len(service.worker.dead_letters))
+        tasks = service.store.task_counts()
+        log_event("webhook_shutdown", drained=drained, pending=tasks["pending"], retrying=tasks["retrying"])
 
 
 router = APIRouter(lifespan=lifespan)
@@ -251,8 +259,23 @@ async def _read_json(request: Request) -> Any:
 
 
 def _record(service: WebhookService, outcome: str, method: str, rtype: str | None) -> None:
-    service.received[outcome] += 1
+    service.received(outcome)
     log_event("webhook_delivery", method=method, resource_type=rtype, outcome=outcome)
+
+
+async def _stored(service: WebhookService, work: Callable[[], JSONResponse]) -> JSONResponse:
+    """Run a delivery's bookkeeping in one store transaction, off the event loop; the answer is sent after
+    the commit. A store that cannot take it (locked too long, disk full) is a 503: the server redelivers."""
+
+    def in_transaction() -> JSONResponse:
+        with service.store.transaction():
+            return work()
+
+    try:
+        return await run_in_threadpool(in_transaction)
+    except sqlite3.Error as exc:
+        log_event("webhook_store_error", error=type(exc).__name__, level=40)
+        return _ack("the event store is unavailable; deliver again later", 503)
 
 
 @router.put(BASE + "/{resource_type}/{resource_id}")
@@ -263,18 +286,23 @@ async def deliver_resource(request: Request, resource_type: str, resource_id: st
         return refused
     service = get_service(request.app)
     body = await _read_json(request)
-    if body is ValueError:
-        _record(service, "invalid", request.method, resource_type)
-        return _ack("body is not JSON", 400)
-    if body is None:  # a payload-less delivery to a typed path: treat as a ping
-        service.worker.submit("ping", "")
-        _record(service, "ping", request.method, resource_type)
-        return _ack("ping accepted")
-    outcome = service.accept_resource(body, path_type=resource_type)
-    _record(service, outcome, request.method, resource_type)
-    if outcome == "invalid":
-        return _ack("body is not a resource of the type in the path", 400)
-    return _ack(outcome)
+    method = request.method
+
+    def work() -> JSONResponse:
+        if body is ValueError:
+            _record(service, "invalid", method, resource_type)
+            return _ack("body is not JSON", 400)
+        if body is None:  # a payload-less delivery to a typed path: treat as a ping
+            service.worker.submit("ping", "")
+            _record(service, "ping", method, resource_type)
+            return _ack("ping accepted")
+        outcome = service.accept_resource(body, path_type=resource_type)
+        _record(service, outcome, method, resource_type)
+        if outcome == "invalid":
+            return _ack("body is not a resource of the type in the path", 400)
+        return _ack(outcome)
+
+    return await _stored(service, work)
 
 
 @router.delete(BASE + "/{resource_type}/{resource_id}")
@@ -283,12 +311,16 @@ async def deliver_delete(request: Request, resource_type: str, resource_id: str)
     if (refused := _refused(request)) is not None:
         return refused
     service = get_service(request.app)
-    if resource_type not in WATCHED_TYPES or resource_type == "Patient":
-        _record(service, "ignored_type", "DELETE", resource_type)
-        return _ack("ignored")
-    service.worker.submit("deleted", f"{resource_type}/{resource_id}")
-    _record(service, "deleted", "DELETE", resource_type)
-    return _ack("scheduled")
+
+    def work() -> JSONResponse:
+        if resource_type not in WATCHED_TYPES or resource_type == "Patient":
+            _record(service, "ignored_type", "DELETE", resource_type)
+            return _ack("ignored")
+        service.worker.submit("deleted", f"{resource_type}/{resource_id}")
+        _record(service, "deleted", "DELETE", resource_type)
+        return _ack("scheduled")
+
+    return await _stored(service, work)
 
 
 @router.post(BASE)
@@ -298,23 +330,27 @@ async def deliver_ping(request: Request) -> JSONResponse:
         return refused
     service = get_service(request.app)
     body = await _read_json(request)
-    if body is ValueError:
-        _record(service, "invalid", "POST", None)
-        return _ack("body is not JSON", 400)
-    resources: list[Any] = []
-    if isinstance(body, dict) and body.get("resourceType") == "Bundle":
-        resources = [e.get("resource") for e in body.get("entry", []) or [] if isinstance(e, dict)]
-        resources = [r for r in resources if isinstance(r, dict) and r.get("resourceType") != "Parameters"]
-    elif isinstance(body, dict):
-        resources = [body]
-    if not resources:
-        service.worker.submit("ping", "")
-        _record(service, "ping", "POST", None)
-        return _ack("ping accepted")
-    outcomes = [service.accept_resource(r) for r in resources]
-    for outcome, resource in zip(outcomes, resources, strict=True):
-        _record(service, outcome, "POST", resource.get("resourceType"))
-    return _ack(", ".join(sorted(set(outcomes))))
+
+    def work() -> JSONResponse:
+        if body is ValueError:
+            _record(service, "invalid", "POST", None)
+            return _ack("body is not JSON", 400)
+        resources: list[Any] = []
+        if isinstance(body, dict) and body.get("resourceType") == "Bundle":
+            resources = [e.get("resource") for e in body.get("entry", []) or [] if isinstance(e, dict)]
+            resources = [r for r in resources if isinstance(r, dict) and r.get("resourceType") != "Parameters"]
+        elif isinstance(body, dict):
+            resources = [body]
+        if not resources:
+            service.worker.submit("ping", "")
+            _record(service, "ping", "POST", None)
+            return _ack("ping accepted")
+        outcomes = [service.accept_resource(r) for r in resources]
+        for outcome, resource in zip(outcomes, resources, strict=True):
+            _record(service, outcome, "POST", resource.get("resourceType"))
+        return _ack(", ".join(sorted(set(outcomes))))
+
+    return await _stored(service, work)
 
 
 @router.get(BASE + "/status")

@@ -54,7 +54,7 @@ def service(tmp_path, monkeypatch):
                                                    serialization.NoEncryption())
     (tmp_path / "k.pem").write_bytes(pem)
     settings = ServiceSettings(fhir_server="http://fhir.invalid/fhir", signing_key_file=str(tmp_path / "k.pem"),
-                               dev_no_auth=True)
+                               dev_no_auth=True, store_path=str(tmp_path / "service.sqlite3"))
     app = create_app(replace(settings, webhook=WebhookOptions(window=3600.0, max_wait=3600.0)))
     server = ReferringServer()
     monkeypatch.setattr(webhook, "shared_client", lambda _settings: server)

@@ -23,6 +23,7 @@ from fhirtwin.fhir import subscriptions
 from fhirtwin.service import operations, runtime, webhook
 from fhirtwin.service.app import ServiceSettings, create_app
 from fhirtwin.service.jobs import Debouncer, Permanent, WebhookWorker
+from fhirtwin.service.store import Store
 from fhirtwin.service.operations import parse_parameters, parse_query
 from fhirtwin.service.runtime import WebhookOptions
 from fhirtwin.vocabulary import is_fhirtwin_generated
@@ -84,7 +85,7 @@ def settings(tmp_path) -> ServiceSettings:
     path = tmp_path / "key.pem"
     path.write_bytes(key)
     return ServiceSettings(fhir_server="http://fhir.invalid/fhir", draws=100, signing_key_file=str(path),
-                           dev_no_auth=True)
+                           dev_no_auth=True, store_path=str(tmp_path / "service.sqlite3"))
 
 
 @pytest.fixture()
@@ -312,13 +313,19 @@ def test_debouncer_merges_a_burst_and_caps_the_wait() -> None:
     assert d.pop_due(100.0) == ["a", "b"]
 
 
-def _worker(handlers, clock, **kw) -> WebhookWorker:
-    return WebhookWorker(handlers, window=2.0, max_wait=10.0, max_attempts=3, backoff=1.0, clock=clock, **kw)
+@pytest.fixture()
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "service.sqlite3")
 
 
-def test_several_deliveries_become_one_recompute() -> None:
+def _worker(handlers, clock, store, **kw) -> WebhookWorker:
+    return WebhookWorker(handlers, store=store, window=2.0, max_wait=10.0, max_attempts=3, backoff=1.0, clock=clock,
+                         **kw)
+
+
+def test_several_deliveries_become_one_recompute(store) -> None:
     clock, calls = FakeClock(), []
-    worker = _worker({"patient": lambda pid: (calls.append(pid), ("written", []))[1]}, clock)
+    worker = _worker({"patient": lambda pid: (calls.append(pid), ("written", []))[1]}, clock, store)
     for _ in range(5):
         worker.submit("patient", "p1")
         clock.now += 0.3
@@ -331,14 +338,14 @@ def test_several_deliveries_become_one_recompute() -> None:
     assert status["counts"]["merged"] == 4 and status["counts"]["done_written"] == 2 and status["pending"] == 0
 
 
-def test_failures_are_retried_with_backoff_then_dead_lettered_without_phi() -> None:
+def test_failures_are_retried_with_backoff_then_dead_lettered_without_phi(store) -> None:
     clock, calls = FakeClock(), []
 
     def flaky(pid: str):
         calls.append(clock.now)
         raise engine.UpstreamError("FHIR server error during write transaction", upstream_status=503)
 
-    worker = _worker({"patient": flaky}, clock)
+    worker = _worker({"patient": flaky}, clock, store)
     worker.submit("patient", "ftp-0042")
     clock.now += 2.0
     worker.run_pending()
@@ -366,14 +373,14 @@ def test_failures_are_retried_with_backoff_then_dead_lettered_without_phi() -> N
     assert worker.run_pending() == 1 and worker.status()["dead_letters"] == []
 
 
-def test_permanent_failures_are_not_retried_and_pings_fan_out() -> None:
+def test_permanent_failures_are_not_retried_and_pings_fan_out(store) -> None:
     clock, done = FakeClock(), []
 
     def gone(pid: str):
         raise Permanent("PatientNotFound")
 
     worker = _worker({"patient": lambda pid: (done.append(pid), ("unchanged", []))[1],
-                      "ping": lambda _: ("requeried", ["p1", "p2"]), "deleted": gone}, clock)
+                      "ping": lambda _: ("requeried", ["p1", "p2"]), "deleted": gone}, clock, store)
     worker.submit("ping", "")
     worker.submit("ping", "")
     worker.submit("deleted", "Observation/9")
@@ -385,9 +392,9 @@ def test_permanent_failures_are_not_retried_and_pings_fan_out() -> None:
     assert done == ["p1", "p2"]
 
 
-def test_shutdown_drains_pending_work() -> None:
+def test_shutdown_drains_pending_work(store) -> None:
     clock, done = FakeClock(), []
-    worker = _worker({"patient": lambda pid: (done.append(pid), ("written", []))[1]}, clock)
+    worker = _worker({"patient": lambda pid: (done.append(pid), ("written", []))[1]}, clock, store)
     worker.start()
     worker.submit("patient", "p1")  # due in 2 s of the fake clock, which never advances
     assert worker.shutdown(timeout=10) is True
