@@ -19,9 +19,10 @@ Indicator (see :mod:`fhirtwin.service.twin_view`): median 10-year total CVD < 7.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import re
-import threading
+import sqlite3
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -44,6 +45,7 @@ from fhirtwin.fhir.client import FhirClient
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings
 from fhirtwin.service.security import AuthError
+from fhirtwin.service.store import open_store
 from fhirtwin.vocabulary import CONCEPTS, EXT_SCOPE_DECISION, coding
 
 log = logging.getLogger("fhirtwin.service.cds_hooks")
@@ -63,8 +65,10 @@ REQUIRED_KEYS = ("patient", "observations", "conditions", "medicationRequests", 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 USER_REF = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
 
-_feedback: list[dict[str, Any]] = []
-_feedback_lock = threading.Lock()
+#: Feedback bounds: items per call and the size of the free-text parts (the store keeps the newest 10,000 rows).
+FEEDBACK_ITEMS_MAX = 100
+FEEDBACK_ID_MAX = 128
+FEEDBACK_REASON_MAX = 2000
 
 
 class CdsError(Exception):
@@ -446,37 +450,49 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
 
 @router.post("/cds-services/{service_id}/feedback")
 async def feedback(service_id: str, request: Request) -> JSONResponse:
-    """Store card feedback in memory (accepted/overridden); answers 200 with nothing."""
+    """Store card feedback (accepted/overridden) in the service's store, capped; answers 200 with nothing."""
     body = await _json_body(service_id, request)
     if isinstance(body, JSONResponse):
         return body
     items = body.get("feedback") if isinstance(body, dict) else None
     if not isinstance(items, list) or not items:
         return error_response(400, "bad_request", "feedback must be a non-empty array")
+    if len(items) > FEEDBACK_ITEMS_MAX:
+        return error_response(400, "bad_request", f"at most {FEEDBACK_ITEMS_MAX} feedback items per call")
     clean = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("card"), str):
             return error_response(400, "bad_request", f"feedback[{i}].card is required")
+        if len(item["card"]) > FEEDBACK_ID_MAX:
+            return error_response(400, "bad_request", f"feedback[{i}].card is too long")
         outcome = item.get("outcome")
         if outcome not in ("accepted", "overridden"):
             return error_response(400, "bad_request", f"feedback[{i}].outcome must be accepted or overridden")
-        accepted = item.get("acceptedSuggestions")
+        accepted = item.get("acceptedSuggestions") if outcome == "accepted" else None
         if outcome == "accepted" and (not isinstance(accepted, list) or not accepted
                                       or not all(isinstance(a, dict) and isinstance(a.get("id"), str)
                                                  for a in accepted)):
             return error_response(400, "bad_request", f"feedback[{i}].acceptedSuggestions[].id is required")
         if not isinstance(item.get("outcomeTimestamp"), str):
             return error_response(400, "bad_request", f"feedback[{i}].outcomeTimestamp is required")
+        if (len(item["outcomeTimestamp"]) > FEEDBACK_ID_MAX or len(accepted or []) > FEEDBACK_ITEMS_MAX
+                or any(len(a["id"]) > FEEDBACK_ID_MAX for a in accepted or [])
+                or len(json.dumps(item.get("overrideReason"))) > FEEDBACK_REASON_MAX):
+            return error_response(400, "bad_request", f"feedback[{i}] is too large")
         clean.append({"service": service_id, "card": item["card"], "outcome": outcome,
                       "acceptedSuggestions": [a["id"] for a in accepted or []],
                       "overrideReason": item.get("overrideReason"), "outcomeTimestamp": item["outcomeTimestamp"]})
-    with _feedback_lock:
-        _feedback.extend(clean)
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        await run_in_threadpool(open_store(request.app.state.settings).feedback_add, clean)
+    except sqlite3.Error as exc:
+        log.warning("CDS feedback not stored: %s", type(exc).__name__)
+        return error_response(503, "unavailable", "feedback could not be stored; send it again later")
     return JSONResponse({}, status_code=200)
 
 
-def stored_feedback() -> list[dict[str, Any]]:
-    """Feedback received so far (in memory; lost on restart)."""
-    with _feedback_lock:
-        return list(_feedback)
+def stored_feedback(settings: ServiceSettings) -> list[dict[str, Any]]:
+    """Feedback received so far, oldest first (persisted; the newest 10,000 items are kept)."""
+    return open_store(settings).feedback()
 

@@ -315,7 +315,7 @@ def test_feedback_is_accepted_and_stored(client: TestClient) -> None:
     ]}
     response = client.post(f"{SERVICE}/feedback", json=body)
     assert response.status_code == 200
-    stored = [f for f in cds_hooks.stored_feedback() if f["card"] == card]
+    stored = [f for f in cds_hooks.stored_feedback(client.app.state.settings) if f["card"] == card]
     assert [f["outcome"] for f in stored] == ["accepted", "overridden"]
     assert stored[0]["acceptedSuggestions"] == [suggestion]
 
