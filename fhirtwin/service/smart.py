@@ -42,6 +42,7 @@ from fhirtwin.jose import b64url
 from fhirtwin.keys import KeyPolicyError
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings, engine_for
+from fhirtwin.service.store import Store, open_store
 
 log = logging.getLogger("fhirtwin.service.smart")
 
@@ -114,52 +115,80 @@ class Session:
         return f"Session(patient={'set' if self.patient else 'none'}, authorized={self.token is not None})"
 
 
-class SessionStore:
-    """Server-side sessions keyed by an opaque random id (in memory, per process)."""
+#: The fields a session keeps in the service's store (the twin-run cache and the lock stay in the process).
+PERSISTED_FIELDS = ("iss", "config", "state", "verifier", "pending_since", "token", "patient", "csrf")
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, Session] = {}
+
+class SessionStore:
+    """Server-side sessions keyed by an opaque random id, kept in the service's store
+    (:mod:`fhirtwin.service.store`) so a restart or another process sharing the store keeps users logged in.
+    The stored rows hold access tokens: the store file is private to the service's user (0600)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._live: dict[str, Session] = {}  # this process's objects, for their cache of the twin run
         self._lock = threading.Lock()
 
     def create(self) -> Session:
         """A fresh session with a new random id."""
         session = Session(id=secrets.token_urlsafe(32))
+        self.store.session_purge(time.time() - SESSION_TTL_S)
+        self.save(session)
         with self._lock:
             self._purge()
-            self._sessions[session.id] = session
+            self._live[session.id] = session
         return session
+
+    def save(self, session: Session) -> None:
+        """Persist a session's fields after a change (state used up, token received)."""
+        self.store.session_put(session.id, session.created, {name: getattr(session, name) for name in PERSISTED_FIELDS})
 
     def get(self, session_id: str | None) -> Session | None:
         """The live session for a cookie value, if any."""
         if not session_id:
             return None
+        row = self.store.session_get(session_id)
+        if row is None or time.time() - row[0] > SESSION_TTL_S:
+            if row is not None:
+                self.store.session_delete(session_id)
+            with self._lock:
+                self._live.pop(session_id, None)
+            return None
+        created, data = row
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None and time.time() - session.created > SESSION_TTL_S:
-                del self._sessions[session_id]
-                return None
-            return session
+            session = self._live.get(session_id)
+            if session is None:
+                session = self._live[session_id] = Session(id=session_id)
+        session.created = created
+        for name in PERSISTED_FIELDS:
+            if name in data:
+                setattr(session, name, data[name])
+        return session
 
     def rotate(self, session: Session) -> Session:
         """Give the session a new id (after login: defeats session fixation)."""
+        old_id = session.id
+        session.id = secrets.token_urlsafe(32)
+        session.created = time.time()
+        with self.store.transaction():
+            self.store.session_delete(old_id)
+            self.save(session)
         with self._lock:
-            self._sessions.pop(session.id, None)
-            session.id = secrets.token_urlsafe(32)
-            session.created = time.time()
-            self._sessions[session.id] = session
+            self._live.pop(old_id, None)
+            self._live[session.id] = session
         return session
 
     def _purge(self) -> None:
         now = time.time()
-        for sid in [s for s, v in self._sessions.items() if now - v.created > SESSION_TTL_S]:
-            del self._sessions[sid]
+        for sid in [s for s, v in self._live.items() if now - v.created > SESSION_TTL_S]:
+            del self._live[sid]
 
 
 def sessions(request: Request) -> SessionStore:
     """The app's session store (created on first use)."""
     store = getattr(request.app.state, "smart_sessions", None)
     if store is None:
-        store = request.app.state.smart_sessions = SessionStore()
+        store = request.app.state.smart_sessions = SessionStore(open_store(request.app.state.settings))
     return store
 
 
@@ -242,9 +271,11 @@ def launch(request: Request, iss: str | None = None, launch: str | None = None) 
         return error_page(request, 502, "Launch failed", "The SMART configuration has no authorization endpoint.")
     if "S256" not in (config.get("code_challenge_methods_supported") or []):
         return error_page(request, 502, "Launch failed", "The authorization server does not support PKCE S256.")
-    session = sessions(request).create()
+    store = sessions(request)
+    session = store.create()
     session.iss, session.config = iss, config
     session.state, session.verifier, session.pending_since = new_state(), new_code_verifier(), time.time()
+    store.save(session)
     url = authorize_url(config, settings=settings, iss=iss, state=session.state, verifier=session.verifier,
                         launch=launch)
     response = RedirectResponse(url, status_code=302)
@@ -265,6 +296,7 @@ def callback(request: Request, code: str | None = None, state: str | None = None
         return error_page(request, 400, "No launch in progress", "Start again from the EHR or the launch page.")
     expected, verifier = session.state, session.verifier
     session.state = session.verifier = None  # one answer per authorization request
+    store.save(session)
     if not state_matches(expected, state):
         log.warning("SMART callback rejected: state mismatch")
         return error_page(request, 400, "Launch rejected", "The authorization response does not match this launch "
