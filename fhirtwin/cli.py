@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR, EXIT_NOT_RUNNING = 0, 1, 2, 3
 DEFAULT_SANDBOX_PORT = 8080
+#: The purposes ``run --purpose-of-use`` accepts: fhirtwin.consent.PURPOSES (not imported: --help stays fast).
+PURPOSES_OF_USE = ("BTG", "ETREAT", "HOPERAT", "HPAYMT", "HRESCH", "PUBHLTH", "TREAT")
 
 
 class CliError(Exception):
@@ -219,12 +221,24 @@ def _patient_ids(engine: Any, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """read -> twin -> write for each patient; one transaction per patient (or --group per transaction)."""
+    """read -> twin -> write for each patient; one transaction per patient (or --group per transaction).
+
+    Each patient's active Consents are honoured for ``--purpose-of-use`` before the record is read; a denied
+    patient is counted as ``consent-denied``, neither read nor written. ``--audit-log`` appends one BALP
+    AuditEvent per record read and per write to a JSON-lines file.
+    """
+    from fhirtwin.audit import AuditTrail, Caller, JsonLinesSink
+    from fhirtwin.consent import ConsentDenied, ConsentPolicy
     from fhirtwin.engine import EngineError, WriteResult
     from fhirtwin.progress import progress
 
     exporting = args.out is not None
     engine = _engine(args, signed=True)
+    if not args.ignore_consent:
+        engine.consent = ConsentPolicy(args.purpose_of_use)
+    if args.audit_log:
+        engine.audit = AuditTrail(JsonLinesSink(args.audit_log), caller=Caller("fhirtwin-cli"),
+                                  purpose=args.purpose_of_use)
     ids = _patient_ids(engine, args)
     results: list[WriteResult] = []
     ledger: Counter[str] = Counter()
@@ -238,6 +252,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     runs.append(engine.run(patient_id, as_of=args.as_of))
                     ledger.update(f"{e.kind.value} {e.source.split('/')[0]}" for e in runs[-1].state.ledger
                                   if e.kind.value in ("malformed", "unsupported", "unmapped"))
+                except ConsentDenied:
+                    results.append(WriteResult(patient_id, "consent-denied", message="denied by the patient's "
+                                               f"privacy consent for {args.purpose_of_use}"))
                 except EngineError as exc:  # this patient failed (unknown, unreadable): the others go on
                     message = f"Patient {patient_id} not found" if getattr(exc, "patient_id", None) else exc.message
                     results.append(WriteResult(patient_id, "failed", message=message))
@@ -255,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "patients": [r.to_json() for r in results]}, indent=1, default=str))
     else:
         for r in results:
-            if r.status in ("failed", "skipped") or args.dry_run:
+            if r.status in ("failed", "skipped", "consent-denied") or args.dry_run:
                 print(f"  {r.patient_id}: {r.status} {r.message}")
         print(f"summary: {_counts_text(counts)}; {sum(r.created for r in results)} resources created, "
               f"{engine.source.request_count} requests")
@@ -524,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--group", type=positive_int, default=1, help="patients per transaction (default 1)")
     run.add_argument("--as-of", type=iso_date, default=None, help="reference date YYYY-MM-DD (default today)")
     run.add_argument("--json", action="store_true", help="print per-patient results as JSON")
+    run.add_argument("--purpose-of-use", default="HRESCH", choices=PURPOSES_OF_USE,
+                     help="v3-ActReason purpose checked against each patient's active Consents (default HRESCH)")
+    run.add_argument("--ignore-consent", action="store_true",
+                     help="do not search Consents (only for servers without Consent; never for real patients)")
+    run.add_argument("--audit-log", default=None, metavar="FILE",
+                     help="append one BALP AuditEvent per record read and per write to FILE (JSON lines)")
     run.set_defaults(func=cmd_run)
 
     verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server")

@@ -81,8 +81,8 @@ def test_run_writes_then_rerun_writes_nothing(profiles_loaded, http, capsys) -> 
     assert code == 0
     assert [p["status"] for p in second["patients"]] == ["unchanged"] * len(PATIENTS)
     assert all(p["created"] == 0 for p in second["patients"])
-    # one record read (earlier results ride in its batch) + one transaction per patient
-    assert second["requests"] == 2 * len(PATIENTS) + 1  # + one CapabilityStatement read per client (is it HAPI?)
+    # one Consent search, one record read (earlier results ride in its batch) and one transaction per patient
+    assert second["requests"] == 3 * len(PATIENTS) + 1  # + one CapabilityStatement read per client (is it HAPI?)
     assert all(p["requests"] == 1 for p in second["patients"])  # the write is the transaction alone
     assert counts(http, base_url, PATIENTS) == before
 

@@ -117,6 +117,13 @@ def test_purpose_must_be_a_code() -> None:
         ConsentPolicy("treatment")
 
 
+def test_the_cli_offers_exactly_the_known_purposes() -> None:
+    from fhirtwin.cli import PURPOSES_OF_USE
+    from fhirtwin.consent import PURPOSES
+
+    assert tuple(sorted(PURPOSES)) == PURPOSES_OF_USE
+
+
 def test_denied_is_a_typed_403_without_patient_data() -> None:
     error = ConsentDenied("TREAT", patient_id="p-secret", consent="Consent/c-secret")
     outcome = error.outcome()
