@@ -23,9 +23,9 @@ from fhirtwin.fhir import subscriptions
 from fhirtwin.service import operations, runtime, webhook
 from fhirtwin.service.app import ServiceSettings, create_app
 from fhirtwin.service.jobs import Debouncer, Permanent, WebhookWorker
-from fhirtwin.service.store import Store
 from fhirtwin.service.operations import parse_parameters, parse_query
 from fhirtwin.service.runtime import WebhookOptions
+from fhirtwin.service.store import Store
 from fhirtwin.vocabulary import is_fhirtwin_generated
 from fhirtwin.writeback.jws import generate_key
 
