@@ -97,14 +97,6 @@ def _coding(system: str, code: str, display: str) -> dict[str, str]:
     return {"system": system, "code": code, "display": display}
 
 
-def _who(value: str, system: str) -> dict[str, Any]:
-    """A reference when ``value`` looks like ``Type/id``, else an identifier."""
-    parts = value.split("/")
-    if len(parts) == 2 and parts[0][:1].isupper() and parts[0].isalpha() and parts[1]:
-        return {"reference": value}
-    return {"identifier": {"system": system, "value": value}}
-
-
 def _network(address: str) -> dict[str, str]:
     """R4 network type: 2 IP address, 5 URI, 1 machine name."""
     if "://" in address:
@@ -126,7 +118,7 @@ def _agents(caller: Caller, purpose: str, server: str | None, *, user_role: tupl
     agents = [client]
     if caller.user:
         agents.insert(0, {"type": {"coding": [_coding(PARTICIPATION, *user_role)]},
-                          "who": _who(caller.user, USER_ID_SYSTEM), "requestor": True,
+                          "who": {"identifier": {"system": USER_ID_SYSTEM, "value": caller.user}}, "requestor": True,
                           "purposeOfUse": purpose_of_use})
     else:
         client["purposeOfUse"] = purpose_of_use
@@ -145,9 +137,18 @@ def _source(observer: str, site: str | None) -> dict[str, Any]:
     return source
 
 
-def _patient_entity(patient_id: str) -> dict[str, Any]:
-    return {"what": {"reference": f"Patient/{patient_id}"}, "type": _coding(ENTITY_TYPE, "1", "Person"),
-            "role": _coding(OBJECT_ROLE, "1", "Patient")}
+def _what(reference: str, *, exists: bool, server: str | None) -> dict[str, Any]:
+    """A literal reference to what exists on the server; a logical one (type and URL) to what may not, because
+    servers enforcing referential integrity (HAPI) would refuse the whole AuditEvent."""
+    if exists:
+        return {"reference": reference}
+    return {"type": reference.split("/", 1)[0],
+            "identifier": {"system": URI_SYSTEM, "value": f"{server}/{reference}" if server else reference}}
+
+
+def _patient_entity(patient_id: str, *, exists: bool = True, server: str | None = None) -> dict[str, Any]:
+    return {"what": _what(f"Patient/{patient_id}", exists=exists, server=server),
+            "type": _coding(ENTITY_TYPE, "1", "Person"), "role": _coding(OBJECT_ROLE, "1", "Patient")}
 
 
 def _event(*, profile: str | None, subtype: list[dict[str, str]], action: str, outcome: Outcome,
@@ -173,11 +174,13 @@ def _event(*, profile: str | None, subtype: list[dict[str, str]], action: str, o
 
 def patient_read_event(patient_id: str, *, caller: Caller, purpose: str, observer: str, queries: Sequence[str],
                        server: str | None = None, site: str | None = None, outcome: Outcome = Outcome.SUCCESS,
-                       outcome_desc: str | None = None, recorded: datetime | None = None) -> dict[str, Any]:
+                       outcome_desc: str | None = None, patient_exists: bool = True,
+                       recorded: datetime | None = None) -> dict[str, Any]:
     """BALP PatientQuery: the record read (a batch of a Patient read and searches) of one patient.
 
     ``queries`` are the requests as sent (relative URLs); they are base64-encoded in ``entity.query`` as BALP
-    asks, so the raw request is kept even when it is malformed.
+    asks, so the raw request is kept even when it is malformed. ``patient_exists=False`` (the read found no
+    such Patient) names the patient by a logical reference.
     """
     raw = "\n".join(queries).encode("utf-8")
     query = {"type": _coding(ENTITY_TYPE, "2", "System Object"), "role": _coding(OBJECT_ROLE, "24", "Query"),
@@ -186,7 +189,8 @@ def patient_read_event(patient_id: str, *, caller: Caller, purpose: str, observe
                   subtype=[_coding(INTERACTION, "search-type", "search type"), _coding(INTERACTION, "batch", "batch")],
                   action="E", outcome=outcome, outcome_desc=outcome_desc, purpose=purpose,
                   agents=_agents(caller, purpose, server, user_role=("IRCP", "information recipient")),
-                  source=_source(observer, site), entities=[_patient_entity(patient_id), query], recorded=recorded)
+                  source=_source(observer, site), recorded=recorded,
+                  entities=[_patient_entity(patient_id, exists=patient_exists, server=server), query])
 
 
 def written_references(entries: Iterable[Mapping[str, Any]], response: Mapping[str, Any] | None) -> list[str]:
@@ -215,16 +219,18 @@ def patient_write_event(patient_id: str, *, caller: Caller, purpose: str, observ
     """BALP PatientCreate / PatientUpdate: one transaction writing a patient's results.
 
     Entities: the Patient and every resource written (``written``, else read from ``entries`` and
-    ``response``, see :func:`written_references`).
+    ``response``, see :func:`written_references`); after a failure they are logical references, since
+    nothing may have been written.
     """
     methods = {str((e.get("request") or {}).get("method", "")).upper() for e in entries}
     subtype = [_coding(INTERACTION, "transaction", "transaction")]
     if "POST" in methods:
         subtype.append(_coding(INTERACTION, "create", "create"))
-    if "PUT" in methods:
+    if "PUT" in methods or not methods:  # no entries known: a retirement, which updates tags
         subtype.append(_coding(INTERACTION, "update", "update"))
-    creates = "POST" in methods or not methods
-    data = [{"what": {"reference": ref}, "type": _coding(ENTITY_TYPE, "2", "System Object"),
+    creates = "POST" in methods
+    data = [{"what": _what(ref, exists=outcome is Outcome.SUCCESS, server=server),
+             "type": _coding(ENTITY_TYPE, "2", "System Object"),
              "role": _coding(OBJECT_ROLE, "4", "Domain Resource")}
             for ref in (written if written is not None else written_references(entries, response))]
     return _event(profile=PROFILE_PATIENT_CREATE if creates else PROFILE_PATIENT_UPDATE, subtype=subtype,
@@ -372,7 +378,8 @@ class AuditTrail:
         """Audit one patient's record read (``error``: the read failed or was refused)."""
         event = patient_read_event(patient_id, caller=self.caller, purpose=self.purpose, observer=self.observer,
                                    queries=queries, server=server, site=self.site, outcome=outcome_of(error),
-                                   outcome_desc=_describe(error))
+                                   outcome_desc=_describe(error),
+                                   patient_exists=getattr(error, "http_status", None) != 404)
         self._emit(event)
         return event
 

@@ -15,6 +15,7 @@ import responses
 from fhirtwin.adapters.reads import RECORD_TYPES
 from fhirtwin.audit import (
     CLIENT_ID_SYSTEM,
+    USER_ID_SYSTEM,
     AuditTrail,
     AuditUnavailable,
     Caller,
@@ -64,7 +65,8 @@ def test_read_event_is_valid_r4_with_the_balp_patient_query_elements() -> None:
     assert "http://hl7.org/fhir/restful-interaction|search-type" in codes(event, "subtype")
     assert event["action"] == "E" and event["outcome"] == "0"
     user = agent(event, "IRCP")
-    assert user["requestor"] is True and user["who"] == {"reference": "Practitioner/dr-1"}
+    assert user["requestor"] is True
+    assert user["who"] == {"identifier": {"system": USER_ID_SYSTEM, "value": "Practitioner/dr-1"}}
     assert codes(user, "purposeOfUse.0.coding") == {"http://terminology.hl7.org/CodeSystem/v3-ActReason|TREAT"}
     client = agent(event, "110153")
     assert client["requestor"] is False
@@ -124,10 +126,12 @@ def test_write_event_names_the_patient_and_every_written_resource() -> None:
 def test_failed_write_names_what_it_tried_to_write() -> None:
     entries = [{"request": {"method": "PUT", "url": "Goal/g-1"}}, {"request": {"method": "POST", "url": "Provenance"}}]
     event = patient_write_event("p1", caller=SYSTEM, purpose="TREAT", observer=OBSERVER, entries=entries,
-                                outcome=Outcome.SERIOUS_FAILURE, outcome_desc="UpstreamError: write failed")
+                                server=BASE, outcome=Outcome.SERIOUS_FAILURE, outcome_desc="UpstreamError: failed")
     validate_resource(event)
     assert event["outcome"] == "8" and "meta" not in event
-    assert [e["what"]["reference"] for e in entity(event, "4")] == ["Goal/g-1"]
+    # logical references: nothing may exist, and a server enforcing referential integrity must still take it
+    assert [e["what"] for e in entity(event, "4")] == [
+        {"type": "Goal", "identifier": {"system": "urn:ietf:rfc:3986", "value": f"{BASE}/Goal/g-1"}}]
 
 
 # ---------------------------------------------------------------------------------------------- sinks
@@ -273,6 +277,8 @@ def test_engine_audits_a_read_of_an_unknown_patient_as_failed(client: FhirClient
     with pytest.raises(PatientNotFound):
         Engine(client, audit=AuditTrail(sink, caller=USER, observer=OBSERVER)).read("p1", with_stored=False)
     assert [e["outcome"] for e in sink.events] == ["4"]
+    assert entity(sink.events[0], "1")[0]["what"] == {
+        "type": "Patient", "identifier": {"system": "urn:ietf:rfc:3986", "value": f"{BASE}/Patient/p1"}}
 
 
 @responses.activate
