@@ -1,0 +1,99 @@
+"""``fhirtwin serve`` as a real process is secure by default: without ``--dev-no-auth`` every door answers
+401 to a caller without credentials, the flag is refused off loopback, and a token from the configured issuer
+(minted here with PyJWT) reads a real patient from the sandbox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+pytestmark = pytest.mark.integration
+
+FHIR_JSON = "application/fhir+json"
+IDP = "https://idp.example.org"
+EHR = "https://ehr.example.org"
+PATIENT = "ftp-0172"  # an in-scope cohort patient; this test only reads
+
+
+def serve_exit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fhirtwin.cli", "serve", "--port", "1", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_serve_refuses_to_start_without_credentials_or_with_dev_mode_off_loopback(base_url) -> None:
+    bare = serve_exit("--fhir-server", base_url)
+    assert bare.returncode == 2 and "no credentials are configured" in bare.stderr
+    exposed = serve_exit("--fhir-server", base_url, "--host", "0.0.0.0", "--dev-no-auth")
+    assert exposed.returncode == 2 and "loopback" in exposed.stderr
+
+
+@pytest.fixture(scope="module")
+def secured(base_url, loaded_cohort, start_service, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("auth")
+    idp_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ehr_key = ec.generate_private_key(ec.SECP384R1())
+    (folder / "idp.json").write_text(json.dumps({"keys": [
+        {**json.loads(RSAAlgorithm.to_jwk(idp_key.public_key())), "kid": "idp-1", "alg": "RS384"}]}))
+    (folder / "ehr.json").write_text(json.dumps({"keys": [
+        {**json.loads(ECAlgorithm.to_jwk(ehr_key.public_key())), "kid": "ehr-1", "alg": "ES384"}]}))
+    (folder / "secret").write_text("a-webhook-secret-of-some-length")
+    (folder / "fhirtwin.toml").write_text(
+        f'[auth]\nissuer = "{IDP}"\njwks = "idp.json"\nwebhook_secret_file = "secret"\n'
+        f'[[auth.cds_clients]]\nissuer = "{EHR}"\njwks = "ehr.json"\n')
+    url = start_service(base_url, args=["--config", str(folder / "fhirtwin.toml")])
+    return {"url": url, "idp": idp_key, "ehr": ehr_key}
+
+
+def test_every_door_answers_401_without_credentials(secured) -> None:
+    url = secured["url"]
+    simulate = requests.post(f"{url}/fhir/Patient/{PATIENT}/$simulate", timeout=30,
+                             json={"resourceType": "Parameters", "parameter": [{"name": "write", "valueBoolean": True}]})
+    assert simulate.status_code == 401 and simulate.json()["resourceType"] == "OperationOutcome"
+    assert requests.get(f"{url}/fhir/Patient/{PATIENT}/$simulate", timeout=30).status_code == 401
+    cds = requests.post(f"{url}/cds-services/fhirtwin-cardiorenal-risk", timeout=30,
+                        json={"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+                              "context": {"userId": "Practitioner/x", "patientId": PATIENT}})
+    assert cds.status_code == 401 and set(cds.json()) == {"error", "message"}
+    delivery = requests.put(f"{url}/hooks/fhir/Observation/x", timeout=30,
+                            json={"resourceType": "Observation", "id": "x", "subject": {"reference": f"Patient/{PATIENT}"}})
+    assert delivery.status_code == 401
+    assert requests.post(f"{url}/hooks/fhir/dead-letter/replay", timeout=30).status_code == 401
+    assert requests.get(f"{url}/health", timeout=30).status_code == 200  # holds no patient data
+
+
+def test_a_token_from_the_configured_issuer_reads_a_real_patient(secured) -> None:
+    now = int(time.time())
+    token = jwt.encode({"iss": IDP, "aud": f"{secured['url']}/fhir", "exp": now + 300, "iat": now,
+                        "client_id": "integration-engine", "scope": "system/Patient.rs"},
+                       secured["idp"], algorithm="RS384", headers={"kid": "idp-1"})
+    response = requests.get(f"{secured['url']}/fhir/Patient/{PATIENT}/$simulate", timeout=120,
+                            headers={"Authorization": f"Bearer {token}", "Accept": FHIR_JSON})
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "transaction"
+    refused = requests.post(f"{secured['url']}/fhir/Patient/{PATIENT}/$simulate", timeout=120,
+                            headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON},
+                            json={"resourceType": "Parameters", "parameter": [{"name": "write", "valueBoolean": True}]})
+    assert refused.status_code == 403
+
+
+def test_a_registered_cds_client_gets_cards_once_per_token(secured, base_url) -> None:
+    now = int(time.time())
+    url = f"{secured['url']}/cds-services/fhirtwin-cardiorenal-risk"
+    token = jwt.encode({"iss": EHR, "sub": "ehr", "aud": url, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4())},
+                       secured["ehr"], algorithm="ES384", headers={"kid": "ehr-1"})
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": base_url,
+            "context": {"userId": "Practitioner/x", "patientId": PATIENT}}
+    first = requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.json()["cards"]
+    replay = requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    assert replay.status_code == 401
