@@ -319,7 +319,15 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         print(f"{len(ids)} subscription(s) turned off", file=sys.stderr)
         return EXIT_OK
     criteria = subscription_criteria(twin_codes_only=args.twin_codes, filters=args.filter or [])
-    report = ensure_subscriptions(client, args.endpoint, criteria, payload=args.payload, headers=args.header or [])
+    headers = list(args.header or [])
+    if args.secret_file:
+        from fhirtwin.service.security import ConfigError, read_secret
+
+        try:
+            headers.append(f"Authorization: Bearer {read_secret(args.secret_file, '--secret-file')}")
+        except ConfigError as exc:
+            raise CliError(f"fhirtwin subscribe: {exc}") from exc
+    report = ensure_subscriptions(client, args.endpoint, criteria, payload=args.payload, headers=headers)
     actions = {**{i: "created" for i in report.created}, **{i: "updated" for i in report.updated},
                **{i: "unchanged" for i in report.unchanged}}
     for sid in report.turned_off:
@@ -341,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fhirtwin.service.app import create_app
-    from fhirtwin.service.runtime import ServiceSettings, signing_key
+    from fhirtwin.service.runtime import ServiceSettings, WebhookOptions, signing_key
     from fhirtwin.service.security import AuthSettings, ConfigError, check_dev_mode, load_config, read_secret
 
     try:
@@ -363,6 +371,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings(fhir_server=args.fhir_server, public_url=public_url.rstrip("/"),
                                verify_tls=not args.insecure, signing_key_file=args.signing_key, auth=auth,
                                dev_no_auth=args.dev_no_auth, store_path=args.store)
+    if args.webhook_window:
+        window = float(args.webhook_window)
+        settings = dataclasses.replace(settings, webhook=WebhookOptions(
+            window=window, max_wait=max(window, WebhookOptions.max_wait)))
     signing_key(settings)  # fail now, in one line, rather than at the first write
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
@@ -574,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default $FHIRTWIN_STATE_DIR/service.sqlite3)")
     serve.add_argument("--dev-no-auth", action="store_true", help="development only: every door answers without "
                        "credentials; allowed only on a loopback --host")
+    serve.add_argument("--webhook-window", type=positive_int, default=None, help="seconds the webhook waits for "
+                       "more changes to a patient before one recompute (default 2)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                        help="server log level (default info)")
     serve.set_defaults(func=cmd_serve)
@@ -584,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--payload", action=argparse.BooleanOptionalAction, default=True,
                            help="deliver the resource (PUT endpoint/Type/id) or an empty ping (default payload)")
     subscribe.add_argument("--twin-codes", action="store_true", help="only Observations with codes the twin reads")
-    subscribe.add_argument("--header", action="append", help="channel header, e.g. 'Authorization: Bearer …'")
+    subscribe.add_argument("--header", action="append", help="channel header, e.g. 'X-Tenant: north'")
+    subscribe.add_argument("--secret-file", default=None, help="file holding the webhook secret: deliveries carry "
+                           "'Authorization: Bearer <secret>' (the same file as serve --webhook-secret-file)")
     subscribe.add_argument("--filter", action="append", help="extra criteria parameter for every Subscription, "
                            "e.g. _tag=SYSTEM|CODE (repeat for several)")
     subscribe.add_argument("--timeout", type=float, default=60.0,

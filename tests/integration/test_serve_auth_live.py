@@ -50,21 +50,21 @@ def secured(base_url, loaded_cohort, start_service, tmp_path_factory) -> dict:
         f'[auth]\nissuer = "{IDP}"\njwks = "idp.json"\nwebhook_secret_file = "secret"\n'
         f'[[auth.cds_clients]]\nissuer = "{EHR}"\njwks = "ehr.json"\n')
     url = start_service(base_url, args=["--config", str(folder / "fhirtwin.toml")])
-    return {"url": url, "idp": idp_key, "ehr": ehr_key}
+    return {"url": url, "idp": idp_key, "ehr": ehr_key, "folder": folder}
 
 
 def test_every_door_answers_401_without_credentials(secured) -> None:
     url = secured["url"]
-    simulate = requests.post(f"{url}/fhir/Patient/{PATIENT}/$simulate", timeout=30,
-                             json={"resourceType": "Parameters", "parameter": [{"name": "write", "valueBoolean": True}]})
+    write = {"resourceType": "Parameters", "parameter": [{"name": "write", "valueBoolean": True}]}
+    simulate = requests.post(f"{url}/fhir/Patient/{PATIENT}/$simulate", timeout=30, json=write)
     assert simulate.status_code == 401 and simulate.json()["resourceType"] == "OperationOutcome"
     assert requests.get(f"{url}/fhir/Patient/{PATIENT}/$simulate", timeout=30).status_code == 401
     cds = requests.post(f"{url}/cds-services/fhirtwin-cardiorenal-risk", timeout=30,
                         json={"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
                               "context": {"userId": "Practitioner/x", "patientId": PATIENT}})
     assert cds.status_code == 401 and set(cds.json()) == {"error", "message"}
-    delivery = requests.put(f"{url}/hooks/fhir/Observation/x", timeout=30,
-                            json={"resourceType": "Observation", "id": "x", "subject": {"reference": f"Patient/{PATIENT}"}})
+    observation = {"resourceType": "Observation", "id": "x", "subject": {"reference": f"Patient/{PATIENT}"}}
+    delivery = requests.put(f"{url}/hooks/fhir/Observation/x", timeout=30, json=observation)
     assert delivery.status_code == 401
     assert requests.post(f"{url}/hooks/fhir/dead-letter/replay", timeout=30).status_code == 401
     assert requests.get(f"{url}/health", timeout=30).status_code == 200  # holds no patient data
@@ -97,3 +97,47 @@ def test_a_registered_cds_client_gets_cards_once_per_token(secured, base_url) ->
     assert first.json()["cards"]
     replay = requests.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120)
     assert replay.status_code == 401
+
+
+def test_subscription_deliveries_carry_the_secret_set_by_subscribe(secured, base_url, http, capsys) -> None:
+    """Finding 4: ``serve`` could not set the webhook secret. ``subscribe --secret-file`` puts it in the
+    channel header, HAPI sends it, and only then does the delivery recompute the patient."""
+    from datetime import UTC, datetime
+
+    from fhirtwin.cli import main
+
+    patient = "ftp-0174"  # in scope; no other test writes to it
+    tag = {"system": "https://fhirtwin.org/CodeSystem/fhirtwin-tests", "code": "serve-auth-live"}
+    endpoint = f"{secured['url']}/hooks/fhir"
+    secret_file = secured["folder"] / "secret"
+    generated = "https://fhirtwin.org/CodeSystem/fhirtwin|fhirtwin-generated"
+
+    def current() -> set[str]:
+        bundle = http.get(f"{base_url}/RiskAssessment", params={
+            "subject": f"Patient/{patient}", "_tag": generated,
+            "_tag:not": "https://fhirtwin.org/CodeSystem/fhirtwin|superseded", "_count": 100}).json()
+        return {e["resource"]["id"] for e in bundle.get("entry", [])}
+
+    before = current()
+    observation_id = None
+    try:
+        assert main(["subscribe", "--server", base_url, "--endpoint", endpoint, "--payload",
+                     "--secret-file", str(secret_file), "--filter", f"_tag={tag['system']}|{tag['code']}"]) == 0
+        capsys.readouterr()
+        ldl = {"resourceType": "Observation", "status": "final", "meta": {"tag": [tag]},
+               "code": {"coding": [{"system": "http://loinc.org", "code": "13457-7"}]},
+               "subject": {"reference": f"Patient/{patient}"},
+               "effectiveDateTime": datetime.now(UTC).isoformat(timespec="seconds"),
+               "valueQuantity": {"value": 150, "unit": "mg/dL", "system": "http://unitsofmeasure.org",
+                                 "code": "mg/dL"}}
+        created = http.post(f"{base_url}/Observation", json=ldl)
+        assert created.status_code == 201, created.text
+        observation_id = created.json()["id"]
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not (current() - before):
+            time.sleep(0.5)
+        assert current() - before, "the authenticated delivery did not recompute the patient"
+    finally:
+        main(["subscribe", "--server", base_url, "--endpoint", endpoint, "--off"])
+        if observation_id:
+            http.delete(f"{base_url}/Observation/{observation_id}")
