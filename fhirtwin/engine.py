@@ -887,9 +887,7 @@ class Engine:
             except fhir_errors.FhirError:
                 found = None
             if found is None:
-                error = upstream_error(exc, during)
-                error.message += "; the transaction is not on the server"
-                raise error from exc
+                raise upstream_error(exc, f"{during} (not found committed on the server)") from exc
             return Transacted(found, confirmed=True)
 
     def _finish(self, write: PatientWrite, response: dict[str, Any]) -> list[str]:
@@ -1118,14 +1116,22 @@ class Engine:
             raise PatientNotFound(f"{provenance_ref} not found") from exc
         except fhir_errors.FhirError as exc:
             raise upstream_error(exc, "Provenance read") from exc
-        targets_in = provenance.get("target") if isinstance(provenance.get("target"), list) else []
+        return self._check_provenance(provenance_ref, provenance, public_key, {}, {})
+
+    def _check_provenance(self, label: str, provenance: dict[str, Any], public_key: Any,
+                          targets_by_ref: dict[str, dict[str, Any]], keys: dict[str, Any]) -> VerifyReport:
+        """The signature check behind :meth:`verify`; ``targets_by_ref`` (``Type/id``: current resource) and
+        ``keys`` (kid: published key) are caches a caller checking many Provenances shares."""
+        client = self._client()
+        raw_targets = provenance.get("target")
+        targets_in: list[Any] = raw_targets if isinstance(raw_targets, list) else []
         refs = [str(t.get("reference", "")) for t in targets_in if isinstance(t, dict)]
         signatures = [s for s in provenance.get("signature") or [] if isinstance(s, dict)
                       and s.get("sigFormat") == "application/jose"]
         if not refs or not signatures or len(refs) != len(targets_in):
-            return VerifyReport(provenance_ref, False, "Provenance has no targets or no JWS signature", refs, [])
+            return VerifyReport(label, False, "Provenance has no targets or no JWS signature", refs, [])
         if not all(_target_reference(ref) for ref in refs):
-            return VerifyReport(provenance_ref, False, "INVALID: a target is not a Type/id reference", refs, [])
+            return VerifyReport(label, False, "INVALID: a target is not a Type/id reference", refs, [])
         jws = str(signatures[0].get("data", ""))
         try:
             header = signature_header(jws)
@@ -1133,34 +1139,122 @@ class Engine:
                 raise JwsError("the JWS header is not a JSON object")
             kid = str(header.get("kid") or "")
         except JwsError as exc:
-            return VerifyReport(provenance_ref, False, f"INVALID: {exc}", refs, [])
+            return VerifyReport(label, False, f"INVALID: {exc}", refs, [])
         if public_key is None:
-            try:
-                public_key = public_key_from_device(client.read("Device", key_device_id(kid)), kid)
-            except (fhir_errors.FhirError, JwsError) as exc:
-                return VerifyReport(provenance_ref, False, f"no published key for kid {kid or '(none)'}: "
-                                    f"{type(exc).__name__} (run `fhirtwin register`, or pass --key)", refs, [], kid)
+            if kid not in keys:
+                try:
+                    keys[kid] = public_key_from_device(client.read("Device", key_device_id(kid)), kid)
+                except (fhir_errors.FhirError, JwsError) as exc:
+                    return VerifyReport(label, False, f"no published key for kid {kid or '(none)'}: "
+                                        f"{type(exc).__name__} (run `fhirtwin register`, or pass --key)",
+                                        refs, [], kid)
+            public_key = keys[kid]
         targets: list[dict[str, Any]] = []
         changed: list[str] = []
         for ref in refs:
             parts = ref.split("/")
-            try:
-                current = client.read(parts[0], parts[1])
-            except fhir_errors.FhirError as exc:
-                return VerifyReport(provenance_ref, False, f"target {ref} cannot be read: {type(exc).__name__}",
-                                    refs, changed, kid)
+            current = targets_by_ref.get(_ref_key(ref))
+            if current is None:
+                try:
+                    current = client.read(parts[0], parts[1])
+                except fhir_errors.FhirError as exc:
+                    return VerifyReport(label, False, f"target {ref} cannot be read: {type(exc).__name__}",
+                                        refs, changed, kid)
+                targets_by_ref[_ref_key(ref)] = current
             targets.append(current)
             if "_history" in parts and current.get("meta", {}).get("versionId") != parts[-1]:
                 changed.append(f"{ref} -> version {current.get('meta', {}).get('versionId')}")
         try:
             header = verify_targets(jws, targets, refs, public_key)
         except JwsError as exc:
-            return VerifyReport(provenance_ref, False, f"INVALID: {exc} (a target was changed after signing, or "
+            return VerifyReport(label, False, f"INVALID: {exc} (a target was changed after signing, or "
                                 "another key signed it)", refs, changed, kid)
+        named = revision_keys(str((e.get("what") or {}).get("reference", "")) for e in provenance.get("entity") or []
+                              if isinstance(e, dict) and e.get("role") == "revision")
+        signed = header.get("revisions")
+        signed_revisions = [str(ref) for ref in signed] if isinstance(signed, list) else None
+        if signed_revisions is not None and signed_revisions != named:
+            return VerifyReport(label, False, "INVALID: the Provenance's revision entities differ from the "
+                                "signed list of superseded results", refs, changed, kid)
+        if "recorded" in header and header["recorded"] != provenance.get("recorded"):
+            return VerifyReport(label, False, "INVALID: Provenance.recorded differs from the signed time",
+                                refs, changed, kid)
         note = f"valid {header.get('alg')} signature over {len(refs)} target(s)"
+        if signed_revisions is not None:
+            note += f" and {len(named)} superseded result(s)"
         if changed:
             note += "; signed content unchanged although newer versions exist (meta only)"
-        return VerifyReport(provenance_ref, True, note, refs, changed, kid)
+        return VerifyReport(label, True, note, refs, changed, kid,
+                            revisions=signed_revisions,
+                            recorded=str(header.get("recorded") or provenance.get("recorded") or ""))
+
+    def verify_patient(self, patient_id: str, public_key: Any = None) -> PatientVerifyReport:
+        """Check that what is current for a patient is what signed Provenances say, not what tags say.
+
+        Valid when every Provenance naming the patient's results verifies, every result tagged superseded
+        is a signed revision of a valid Provenance, and the current (untagged) results are exactly the
+        targets minus the revisions of the newest valid Provenance (by its signed ``recorded``).
+        """
+        if not isinstance(patient_id, str) or not patient_id or "," in patient_id or "/" in patient_id:
+            raise BadRequest("invalid patient id")
+        stored = [r for r in self.stored_results(patient_id) if key_of(r)]
+        by_ref = {f"{r['resourceType']}/{r['id']}": r for r in stored}
+        current = sorted(ref for ref, r in by_ref.items() if not is_superseded(r))
+        superseded = sorted(ref for ref, r in by_ref.items() if is_superseded(r))
+        provenances = self._provenances_of(sorted(by_ref))
+        keys: dict[str, Any] = {}
+        reports = [self._check_provenance(f"Provenance/{p.get('id')}", p, public_key, dict(by_ref), keys)
+                   for p in provenances]
+        problems = [f"{r.provenance}: {r.message}" for r in reports if not r.valid]
+        valid = [r for r in reports if r.valid]
+        signed_revisions = {ref for r in valid for ref in r.revisions or []}
+        unsigned = [ref for ref in superseded if ref not in signed_revisions]
+        if unsigned:
+            problems.append(f"tagged superseded without a signed Provenance naming it as a revision: "
+                            f"{', '.join(unsigned)}")
+        if valid:
+            newest_at = max(_instant_value(r.recorded) for r in valid)
+            newest = [r for r in valid if _instant_value(r.recorded) == newest_at]
+            expected = sorted({_ref_key(t) for r in newest for t in r.targets}
+                              - {ref for r in newest for ref in r.revisions or []})
+            if current != expected:
+                hidden = sorted(set(expected) - set(current))
+                extra = sorted(set(current) - set(expected))
+                problems.append("current results differ from the newest signed Provenance "
+                                f"({', '.join(r.provenance for r in newest)}): "
+                                + "; ".join(part for part in (
+                                    f"signed current but tagged or missing: {', '.join(hidden)}" if hidden else "",
+                                    f"current but not signed current: {', '.join(extra)}" if extra else "") if part))
+        elif current:
+            problems.append(f"no valid signed Provenance for the current results: {', '.join(current)}")
+        if problems:
+            message = f"INVALID: {len(problems)} problem(s)"
+        else:
+            message = (f"valid: {len(current)} current and {len(superseded)} superseded result(s) as "
+                       f"{len(valid)} signed Provenance(s) say")
+        return PatientVerifyReport(patient_id, not problems, message, problems, current, reports)
+
+    def _provenances_of(self, refs: Sequence[str], chunk: int = 40) -> list[dict[str, Any]]:
+        """Every Provenance whose targets include one of ``refs`` (one batch of searches)."""
+        if not refs:
+            return []
+        entries = [{"request": {"method": "GET", "url": f"Provenance?target={','.join(refs[i:i + chunk])}"
+                                                        "&_count=500"}}
+                   for i in range(0, len(refs), chunk)]
+        try:
+            response = self._client().batch(entries)
+        except fhir_errors.FhirError as exc:
+            raise upstream_error(exc, "Provenance search") from exc
+        found: dict[str, dict[str, Any]] = {}
+        for result in batch_results(response, entries):
+            if not result.ok:
+                raise UpstreamError(f"Provenance search failed with HTTP {result.status}",
+                                    upstream_status=result.status)
+            for entry in (result.resource or {}).get("entry") or []:
+                resource = entry.get("resource")
+                if isinstance(resource, dict) and resource.get("resourceType") == "Provenance":
+                    found[str(resource.get("id"))] = resource
+        return list(found.values())
 
     # -- internals
 

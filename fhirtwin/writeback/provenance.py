@@ -37,7 +37,9 @@ from fhirtwin.writeback.signing import sign_targets
 
 
 def _instant(moment: datetime) -> str:
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    """An R4 instant; milliseconds kept when there are any (``recorded`` orders Provenances)."""
+    spec = "milliseconds" if moment.microsecond else "seconds"
+    return moment.isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 def model_card_policies(targets: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -62,26 +64,31 @@ def build_provenance(
     run_key: str,
     revisions: Sequence[str] = (),
     hapi: bool = True,
+    activity: tuple[str, str] = ("CREATE", "create"),
+    version_paths: Sequence[str] = ("target", "entity.what"),
 ) -> dict[str, Any]:
-    """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form.
+    """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form, the
+    ``revisions`` it supersedes and its ``recorded`` time (see ``signing.py``).
 
-    ``hapi``: write HAPI's auto-version meta extension (only HAPI knows it; see ``transaction.py``).
+    ``hapi``: write HAPI's auto-version meta extension at ``version_paths`` (only HAPI knows it; see
+    ``transaction.py``). ``activity`` is a v3-DataOperation code and display.
     """
     target_refs = [ref for ref, _ in targets]
     run_meta = meta("fhirtwin-provenance", {"system": RUN_TAG_SYSTEM, "code": run_key})
-    if hapi:
-        run_meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path}
-                                 for path in ("target", "entity.what")]
+    if hapi and version_paths:
+        run_meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path} for path in version_paths]
     entities = [{"role": "source", "what": {"reference": ref}} for ref in sorted(sources)]
     entities += [{"role": "revision", "what": {"reference": ref}} for ref in revisions]
+    occurred = _instant(recorded.replace(microsecond=0))
+    recorded_at = _instant(recorded.replace(microsecond=recorded.microsecond // 1000 * 1000))
     return {
         "resourceType": "Provenance",
         "meta": run_meta,
         "target": [{"reference": ref} for ref in target_refs],
-        "occurredDateTime": _instant(recorded),
-        "recorded": _instant(recorded),
+        "occurredDateTime": occurred,
+        "recorded": recorded_at,
         "policy": model_card_policies(targets),
-        "activity": {"coding": [coding("CREATE", DATA_OPERATION, "create")]},
+        "activity": {"coding": [coding(activity[0], DATA_OPERATION, activity[1])]},
         "agent": [
             {"type": {"coding": [coding("author", PARTICIPANT_TYPE, "Author")]},
              "who": {"reference": device_reference}, "onBehalfOf": {"reference": organization_reference}},
@@ -91,11 +98,12 @@ def build_provenance(
         "entity": entities,
         "signature": [{
             "type": [coding("1.2.840.10065.1.12.1.1", SIGNATURE_TYPE, "Author's Signature")],
-            "when": _instant(recorded),
+            "when": recorded_at,
             "who": {"reference": device_reference},
             "onBehalfOf": {"reference": organization_reference},
             "targetFormat": "application/fhir+json",
             "sigFormat": "application/jose",
-            "data": sign_targets([r for _, r in targets], target_refs, key),
+            "data": sign_targets([r for _, r in targets], target_refs, key, revisions=revisions,
+                                 recorded=recorded_at),
         }],
     }

@@ -22,7 +22,13 @@ The signature (``Provenance.signature[0]``, one per Provenance) is a detached JW
    fraction and no exponent for 1e-6 <= |x| < 1e21 (so ``0.10`` and ``0.1``, ``10.0`` and ``10`` agree,
    as a server may reformat decimals).
 5. The protected header holds ``alg`` (ES256 default; ES384, RS256 allowed), ``kid`` (RFC 7638
-   thumbprint of the public key) and ``canon`` = :data:`CANONICALIZATION` naming this procedure.
+   thumbprint of the public key) and ``canon`` = :data:`CANONICALIZATION` naming this procedure, plus two
+   private header parameters (RFC 7515 section 4.3) that sign what decides which results are current:
+   ``revisions`` (the sorted ``Type/id`` of every result this Provenance supersedes, i.e. its entities
+   with role ``revision``; ``[]`` when none) and ``recorded`` (``Provenance.recorded`` as written, which
+   orders Provenances). Without them a ``superseded`` tag could be added by anyone with write access and
+   hide current results from a verifier. Signatures made before these parameters existed have neither:
+   their targets verify, their revisions are unsigned.
 
 Verification reads each target's current version, repeats steps 2–4 and checks the JWS: any change to
 signed content (a value, a status, a note, an input reference) fails; tag or meta changes (such as
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -137,9 +143,18 @@ def signed_payload(targets: Sequence[Mapping[str, Any]], target_refs: Sequence[s
     return canonical_json([signing_form(t, target_refs) for t in targets])
 
 
-def sign_targets(targets: Sequence[Mapping[str, Any]], target_refs: Sequence[str], key: SigningKey) -> str:
-    """The base64 ``Signature.data`` for these targets."""
-    jws = sign_detached(signed_payload(targets, target_refs), key, {"canon": CANONICALIZATION})
+def revision_keys(references: Iterable[str]) -> list[str]:
+    """The signed form of a revision list: sorted, unique ``Type/id`` (bases and versions dropped)."""
+    return sorted({_target_key(ref) for ref in references})
+
+
+def sign_targets(targets: Sequence[Mapping[str, Any]], target_refs: Sequence[str], key: SigningKey, *,
+                 revisions: Iterable[str] = (), recorded: str | None = None) -> str:
+    """The base64 ``Signature.data`` for these targets, the results they supersede and the recording time."""
+    header: dict[str, Any] = {"canon": CANONICALIZATION, "revisions": revision_keys(revisions)}
+    if recorded is not None:
+        header["recorded"] = recorded
+    jws = sign_detached(signed_payload(targets, target_refs), key, header)
     return base64.b64encode(jws.encode("ascii")).decode("ascii")
 
 

@@ -31,6 +31,16 @@
 * HAPI merges tags on update, so a tag cannot be removed inside a transaction: if inputs return to an
   earlier state (an input deleted again), the earlier results are current again and are listed in
   ``PatientWrite.reinstate`` for the caller to clear with ``$meta-delete`` after the transaction.
+* **Signed currency**: which results are current is decided by signed Provenances, never by a tag alone.
+  Each Provenance signs its targets, the results it supersedes (``revisions``) and its ``recorded`` time;
+  the current results of a patient are the targets minus the revisions of the newest one. A transaction
+  that changes currency without creating a run Provenance (a retirement; a rerun whose results all exist
+  but which supersedes or reinstates) carries a **currency Provenance** (activity ``UPDATE``): targets =
+  the results current afterwards (for a retirement: the retired results, which are also its revisions).
+* **Lost responses**: every entry is conditional (``ifNoneExist``, ``ifMatch``) or an idempotent ``PUT``,
+  so a transaction is retried; a retry after a commit whose response was lost fails on the ``ifMatch``
+  (409/412). :func:`confirmation_reads` and :func:`confirmed_response` decide from the deterministic
+  identifiers, the run tags and the superseded tags whether the transaction's content is on the server.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from fhirtwin.vocabulary import (
     AUTO_VERSION_EXT,
     OUTCOMES,
     PREDICTION_ID_SYSTEM,
+    RUN_TAG_SYSTEM,
     SUPERSEDED_TAG,
 )
 from fhirtwin.writeback.careplan import build_care_plan, build_goals, care_plan_key, goal_keys
@@ -69,6 +80,8 @@ class PatientWrite:
     run_key: str
     superseded: list[str] = field(default_factory=list)
     reinstate: list[str] = field(default_factory=list)
+    #: ``ifNoneExist`` queries of entries that create (their resource was not stored when the write was built)
+    expect_created: list[str] = field(default_factory=list)
 
     @property
     def results(self) -> list[dict[str, Any]]:
@@ -118,17 +131,31 @@ def _supersede_entry(resource: dict[str, Any], base_url: str | None) -> dict[str
             "request": request}
 
 
-def build_retirement(existing: Iterable[dict[str, Any]], base_url: str | None = None) -> dict[str, Any] | None:
+def build_retirement(existing: Iterable[dict[str, Any]], base_url: str | None = None, *, patient_id: str,
+                     key: SigningKey, model: tuple[str, str], organization_id: str = DEFAULT_ORGANIZATION,
+                     now: datetime | None = None, hapi: bool = True) -> PatientWrite | None:
     """The transaction that supersedes every current fhirtwin result of a patient, or None if there is none.
 
     For a patient who has left the population the results were made for (e.g. a myocardial infarction is
     now recorded): the earlier primary-prevention results must stop being current, and nothing replaces
-    them. Same mechanism as superseding by a newer run (a tag added with ``ifMatch``), so a retry is safe.
+    them. Same mechanism as superseding by a newer run (a tag added with ``ifMatch``), so a retry is safe,
+    plus a currency Provenance signing the retirement (``superseded`` lists the retired results), made by
+    the Device of ``model`` (name, version; ``PUT`` in the same transaction, as for a run).
     """
     current = [r for r in existing if r.get("resourceType") in RESULT_TYPES and key_of(r) and not is_superseded(r)]
     if not current:
         return None
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [_supersede_entry(r, base_url) for r in current]}
+    device = device_resource(model[0], model[1], organization_id)
+    provenance = build_currency_provenance(current, current, device_reference=f"Device/{device['id']}",
+                                           organization_reference=f"Organization/{organization_id}", key=key,
+                                           recorded=now or datetime.now(UTC), hapi=hapi)
+    entries = [{"fullUrl": full_url(r["resourceType"], r["id"], base_url), "resource": r,
+                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+               for r in (organization_resource(organization_id), device)]
+    entries += [_supersede_entry(r, base_url) for r in current] + [_provenance_entry(provenance)]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return PatientWrite(patient_id, bundle, {}, provenance["meta"]["tag"][1]["code"],
+                        [_versioned(r) for r in current], [], [_provenance_condition(provenance)])
 
 
 def build_patient_write(
@@ -153,7 +180,8 @@ def build_patient_write(
     ``auto-version-references-at-path`` meta extension written; otherwise call
     :func:`versioned_provenance_update` with the transaction response.
     """
-    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    moment = now or datetime.now(UTC)
+    now = moment.replace(microsecond=0)
     forecast = plan.baseline
     patient_id = forecast.patient_id
     device_ref = f"Device/{device_id(forecast.model, forecast.model_version)}"
@@ -192,8 +220,13 @@ def build_patient_write(
 
     rkey = run_key(keys.values())
     provenance = build_provenance(targets, forecast.sources, device_reference=device_ref,
-                                  organization_reference=org_ref, key=key, recorded=now, run_key=rkey,
+                                  organization_reference=org_ref, key=key, recorded=moment, run_key=rkey,
                                   revisions=[_versioned(r) for r in to_supersede], hapi=hapi)
+    stored_keys = {key_of(r) for r in stored}
+    new_keys = [k for k in keys.values() if k not in stored_keys]
+    expect_created = [if_none_exist(k) for k in new_keys]
+    if new_keys:
+        expect_created.append(_provenance_condition(provenance))
 
     entries: list[dict[str, Any]] = []
     if include_device:
@@ -211,8 +244,47 @@ def build_patient_write(
                     "request": {"method": "POST", "url": "Provenance",
                                 "ifNoneExist": f"_tag={provenance['meta']['tag'][1]['system']}|{rkey}"}})
     entries += [_supersede_entry(r, base_url) for r in to_supersede]
+    if not new_keys and (to_supersede or reinstate):  # no new run Provenance: sign the change of currency
+        by_key = {key_of(r): r for r in stored}
+        currency = build_currency_provenance([by_key[k] for k in keys.values()], to_supersede,
+                                             device_reference=device_ref, organization_reference=org_ref,
+                                             key=key, recorded=moment, hapi=hapi)
+        entries.append(_provenance_entry(currency))
+        expect_created.append(_provenance_condition(currency))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    return PatientWrite(patient_id, bundle, keys, rkey, [_versioned(r) for r in to_supersede], reinstate)
+    return PatientWrite(patient_id, bundle, keys, rkey, [_versioned(r) for r in to_supersede], reinstate,
+                        expect_created)
+
+
+def _provenance_condition(provenance: dict[str, Any]) -> str:
+    run_tag = next(t for t in provenance["meta"]["tag"] if t.get("system") == RUN_TAG_SYSTEM)
+    return f"_tag={RUN_TAG_SYSTEM}|{run_tag['code']}"
+
+
+def _provenance_entry(provenance: dict[str, Any]) -> dict[str, Any]:
+    condition = _provenance_condition(provenance)
+    return {"fullUrl": _urn(condition, "Provenance"), "resource": provenance,
+            "request": {"method": "POST", "url": "Provenance", "ifNoneExist": condition}}
+
+
+def build_currency_provenance(current: Sequence[dict[str, Any]], superseded: Sequence[dict[str, Any]], *,
+                              device_reference: str, organization_reference: str, key: SigningKey,
+                              recorded: datetime, hapi: bool = True) -> dict[str, Any]:
+    """The signed Provenance of a change of currency that creates no result (see the module docstring).
+
+    ``current`` are stored results current after the transaction (its targets), ``superseded`` stored
+    results it tags (its revisions). A retirement passes the retired results as both. The run tag hashes
+    the targets, the revisions and the time, so a retry of the same transaction matches it and a later
+    change of currency gets a Provenance of its own.
+    """
+    refs = [f"{r['resourceType']}/{r['id']}" for r in current]
+    revisions = [_versioned(r) for r in superseded]
+    stamp = recorded.isoformat(timespec="milliseconds")
+    ckey = run_key(["currency", stamp, *refs, *(f"revision {ref}" for ref in revisions)])
+    return build_provenance(list(zip(refs, current, strict=True)), [], device_reference=device_reference,
+                            organization_reference=organization_reference, key=key, recorded=recorded,
+                            run_key=ckey, revisions=revisions, hapi=hapi, activity=("UPDATE", "revise"),
+                            version_paths=("entity.what",))
 
 
 def merge_bundles(writes: Sequence[PatientWrite]) -> dict[str, Any]:
@@ -283,3 +355,67 @@ def versioned_provenance_update(write: PatientWrite, response: dict[str, Any]) -
     meta.pop("versionId", None)
     meta.pop("lastUpdated", None)
     return body
+
+
+# ---------------------------------------------------------------------------------------------- lost responses
+
+
+def confirmation_reads(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """GET entries (a batch) that show whether ``bundle`` committed: one per entry, in its order.
+
+    A conditional create is looked up by its ``ifNoneExist`` query, a version-checked ``PUT`` by reading
+    the resource; an unconditional ``PUT`` (Device, Organization: the same body every time) is read too.
+    """
+    reads = []
+    for entry in bundle["entry"]:
+        request = entry["request"]
+        if request["method"] == "POST" and request.get("ifNoneExist"):
+            url = f"{request['url']}?{request['ifNoneExist']}"
+        else:
+            url = str(request["url"])
+        reads.append({"request": {"method": "GET", "url": url}})
+    return reads
+
+
+def _found(answer: dict[str, Any]) -> dict[str, Any] | None:
+    """The one resource a confirmation read found (a read, or a search with exactly one match)."""
+    resource = answer.get("resource")
+    if not isinstance(resource, dict) or not str((answer.get("response") or {}).get("status", "")).startswith("200"):
+        return None
+    if resource.get("resourceType") != "Bundle":
+        return resource
+    matches = [e.get("resource") for e in resource.get("entry") or []
+               if (e.get("search") or {}).get("mode", "match") == "match"]
+    return matches[0] if len(matches) == 1 and isinstance(matches[0], dict) else None
+
+
+def _tags(resource: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(str(t.get("system")), str(t.get("code"))) for t in (resource.get("meta") or {}).get("tag") or []}
+
+
+def confirmed_response(bundle: dict[str, Any], answers: dict[str, Any],
+                       expect_created: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The transaction-response ``bundle`` would have had, if the server holds all of its content; else None.
+
+    ``answers`` is the batch-response to :func:`confirmation_reads`. Committed means: every conditional
+    create finds exactly one resource, every version-checked ``PUT`` finds its resource carrying every tag
+    the ``PUT`` sent (the ``superseded`` tag), every other ``PUT`` finds its resource. Entries whose
+    ``ifNoneExist`` is in ``expect_created`` are reported ``201 Created`` (the lost attempt created them).
+    """
+    created = set(expect_created)
+    entries = answers.get("entry") or []
+    if len(entries) != len(bundle["entry"]):
+        return None
+    out = []
+    for sent, answer in zip(bundle["entry"], entries, strict=True):
+        found = _found(answer or {})
+        if found is None or found.get("resourceType") != sent["resource"]["resourceType"]:
+            return None
+        request = sent["request"]
+        if request.get("ifMatch") and not _tags(sent["resource"]) <= _tags(found):
+            return None
+        version = (found.get("meta") or {}).get("versionId")
+        location = f"{found['resourceType']}/{found.get('id')}" + (f"/_history/{version}" if version else "")
+        status = "201 Created" if request.get("ifNoneExist") in created else "200 OK"
+        out.append({"response": {"status": status, "location": location}})
+    return {"resourceType": "Bundle", "type": "transaction-response", "entry": out}
