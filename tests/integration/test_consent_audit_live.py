@@ -93,7 +93,7 @@ def engine(base_url: str, sink: OutboxSink, purpose: str = "TREAT") -> Engine:
 
 def audit_events(http: requests.Session, base_url: str, patient: str, ids: list[str]) -> list[dict[str, Any]]:
     bundle = http.get(f"{base_url}/AuditEvent", params={"entity": f"Patient/{patient}", "_id": ",".join(ids),
-                                                        "_count": 50}).json()
+                                                        "_count": "50"}).json()
     return [e["resource"] for e in bundle.get("entry", [])]
 
 
