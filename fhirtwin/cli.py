@@ -459,8 +459,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     response = engine.source.transaction(put_entries(resources))
     statuses = Counter(str(e.get("response", {}).get("status", "")).split(" ")[0]
                        for e in response.get("entry", []))
+    kinds = Counter(r["resourceType"] for r in resources if r not in conformance)
     print(f"registered {len(resources)} resources on {args.server} ({len(conformance)} profiles and terminology, "
-          f"{len(resources) - len(conformance)} Organization and Devices): "
+          + ", ".join(f"{n} {rtype}" for rtype, n in sorted(kinds.items())) + "): "
           + ", ".join(f"{n} x HTTP {code}" for code, n in sorted(statuses.items())))
     return EXIT_OK
 

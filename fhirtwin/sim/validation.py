@@ -3,7 +3,7 @@
 Why: a 90% interval is only useful if about 90% of future measurements fall inside it. Given a forecast
 made at a cut-off date and the measurements taken after it, this compares the predictive distribution
 (latent trajectory plus the measurement noise of ``dynamics_parameters.json``) with what was observed.
-Pure numpy: the script in ``benchmarks/validate_calibration.py`` builds the inputs from FHIR.
+Pure numpy: ``fhirtwin validate cohort`` (fhirtwin/validation/calibration.py) builds the inputs from FHIR.
 """
 
 from __future__ import annotations

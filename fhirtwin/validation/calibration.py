@@ -9,8 +9,7 @@ race as recorded, age band, CKD stage and diabetes, and flags any subgroup whose
 0.8-1.25 or whose calibration slope lies outside 0.8-1.2. The generator's own true risks are scored on
 the same events as a reference: where the truth itself misses, the gap is sampling noise, not the engine.
 
-The biomarker part re-scores the sandbox cohort's held-out measurements (as
-``benchmarks/validate_calibration.py`` does, which pools them) separately for points whose treatment
+The biomarker part scores the sandbox cohort's held-out measurements separately for points whose treatment
 stayed the same after the forecast date and points after a treatment change that the baseline forecast
 could not know about; each subset is held to the 85-95 % coverage target on its own.
 """
@@ -390,7 +389,7 @@ def markdown(report: CalibrationReport) -> str:
             "by held-out measurements, reported separately for points whose treatment did not change after the "
             "forecast date (*stable*) and points after a statin, antihypertensive or SGLT2-inhibitor start that the "
             "baseline forecast could not know (*after treatment change*); each subset is held to the 85-95 % "
-            "target on its own. `benchmarks/validate_calibration.py` (not changed here) still pools them.\n",
+            "target on its own.\n",
             "| Biomarker | Subset | n | Coverage | Slope | Intercept | 85-95 % |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(f"| {c.variable} | {c.subset} | {c.n} | {_f(c.coverage, 1, True)} | {_f(c.slope)} "
                         f"| {_f(c.intercept)} | {'-' if c.passes is None else ('yes' if c.passes else '**no**')} |"
