@@ -189,13 +189,17 @@ def render_template(template: str, context: PatientViewContext) -> str:
     return query
 
 
-def _resources_of(value: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _resources_of(key: str, value: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The resources of one prefetch value (a resource or a searchset Bundle); 400 for a malformed Bundle."""
     if value is None:
         return []
     if value.get("resourceType") == "Bundle":
-        return [e["resource"] for e in value.get("entry") or []
+        entries = value.get("entry") or []
+        if not isinstance(entries, list):
+            raise CdsError(400, "bad_request", f"prefetch.{key}: Bundle.entry must be an array")
+        return [e["resource"] for e in entries
                 if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-                and (e.get("search") or {}).get("mode") != "outcome"]
+                and not (isinstance(e.get("search"), dict) and e["search"].get("mode") == "outcome")]
     return [value]
 
 
@@ -224,7 +228,7 @@ def gather_record(settings: ServiceSettings, req: HookRequest) -> tuple[PatientR
     resources: list[dict[str, Any]] = []
     for key, value in prefetch.items():
         if key in PREFETCH:
-            resources += _resources_of(value)
+            resources += _resources_of(key, value)
     optional_missing: list[str] = []
     if missing and req.fhirServer is None:
         optional_missing = missing
