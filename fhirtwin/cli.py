@@ -220,8 +220,33 @@ def _patient_ids(engine: Any, args: argparse.Namespace) -> list[str]:
                   if r.get("resourceType") == "Patient")
 
 
+def _checkpoint(args: argparse.Namespace) -> Any:
+    """The run checkpoint, or None: used for --all and several patients, never for --dry-run or --out."""
+    from pathlib import Path
+
+    from fhirtwin.writeback.checkpoint import Checkpoint
+
+    many = args.all or len(set(args.patient or ())) > 1
+    if args.no_checkpoint or args.dry_run or args.out is not None or not many:
+        return None
+    return Checkpoint.for_server(args.server, Path(args.state_dir) if args.state_dir else None)
+
+
+def _run_settings(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What fixes a patient's results besides the record (part of the checkpoint's input digest)."""
+    from fhirtwin import __version__
+    from fhirtwin.sim.model import registered_models
+
+    return {"fhirtwin": __version__, "models": sorted(f"{m.name} {m.version}" for m in registered_models()),
+            "draws": engine.draws, "horizon": engine.horizon_years, "seed": engine.seed, "outcome": engine.outcome,
+            "as_of": args.as_of}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """read -> twin -> write for each patient; one transaction per patient (or --group per transaction).
+
+    With a checkpoint (``--all`` or several patients), a patient whose inputs are unchanged and whose
+    recorded results are still current is ``checkpointed``: read, not simulated, not written.
 
     Each patient's active Consents are honoured for ``--purpose-of-use`` before the record is read; a denied
     patient is counted as ``consent-denied``, neither read nor written. ``--audit-log`` appends one BALP
@@ -231,9 +256,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fhirtwin.consent import ConsentDenied, ConsentPolicy
     from fhirtwin.engine import EngineError, WriteResult
     from fhirtwin.progress import progress
+    from fhirtwin.writeback.checkpoint import input_digest
 
     exporting = args.out is not None
     engine = _engine(args, signed=True)
+    checkpoint = _checkpoint(args)
+    settings = _run_settings(engine, args)
+    digests: dict[str, str] = {}
+    simulated = 0
     if not args.ignore_consent:
         engine.consent = ConsentPolicy(args.purpose_of_use)
     if args.audit_log:
@@ -249,7 +279,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             runs = []
             for patient_id in ids[start:start + step]:
                 try:
-                    runs.append(engine.run(patient_id, as_of=args.as_of))
+                    record = engine.read(patient_id)
+                    if checkpoint is not None:
+                        digests[patient_id] = input_digest(record.resources, settings)
+                        done = checkpoint.skip(patient_id, digests[patient_id], record.stored)
+                        if done is not None:
+                            results.append(WriteResult(patient_id, "checkpointed", provenance=done.provenance,
+                                                       outputs=done.outputs))
+                            continue
+                    runs.append(engine.run(patient_id, record=record, as_of=args.as_of))
+                    simulated += 1
                     ledger.update(f"{e.kind.value} {e.source.split('/')[0]}" for e in runs[-1].state.ledger
                                   if e.kind.value in ("malformed", "unsupported", "unmapped"))
                 except ConsentDenied:
@@ -262,20 +301,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if out is not None and result.bundle is not None:
                     out.write(json.dumps(result.bundle, separators=(",", ":")) + "\n")
                     result.status = "exported"
+                if checkpoint is not None and result.patient_id in digests:
+                    if result.status in ("written", "unchanged", "skipped"):
+                        checkpoint.record(result.patient_id, digests[result.patient_id], result.outputs,
+                                          result.provenance)
+                    else:
+                        checkpoint.forget(result.patient_id)
                 results.append(result)
     finally:
         if out is not None:
             out.close()
+        if checkpoint is not None:
+            checkpoint.close()
     counts = Counter(r.status for r in results)
     if args.json:
-        print(json.dumps({"summary": dict(counts), "requests": engine.source.request_count,
+        print(json.dumps({"summary": dict(counts), "simulated": simulated, "requests": engine.source.request_count,
+                          "checkpoint": str(checkpoint.path) if checkpoint is not None else None,
                           "patients": [r.to_json() for r in results]}, indent=1, default=str))
     else:
         for r in results:
             if r.status in ("failed", "skipped", "consent-denied") or args.dry_run:
                 print(f"  {r.patient_id}: {r.status} {r.message}")
-        print(f"summary: {_counts_text(counts)}; {sum(r.created for r in results)} resources created, "
-              f"{engine.source.request_count} requests")
+        print(f"summary: {_counts_text(counts)}; {simulated} simulated, {sum(r.created for r in results)} "
+              f"resources created, {engine.source.request_count} requests")
+        if counts.get("checkpointed"):
+            print(f"checkpoint: {counts['checkpointed']} patient(s) unchanged since they were last written, not "
+                  "simulated (--no-checkpoint runs them all)")
         if ledger:
             print("data-quality ledger (resources not used, by kind and type): "
                   + ", ".join(f"{n} {what}" for what, n in ledger.most_common()))
@@ -286,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check a Provenance's JWS against its targets as they now stand on the server."""
+    """Check a Provenance's JWS against its targets, or (--patient) which of a patient's results are current."""
     from fhirtwin.keys import load_public_key
 
     public_key = None
@@ -298,6 +349,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read --key {args.key}: {exc.strerror}") from exc
         except (ValueError, TypeError) as exc:
             raise CliError(f"--key {args.key} is not a PEM public or private key") from exc
+    if (args.provenance is None) == (args.patient is None):
+        raise CliError("verify needs Provenance/ID or --patient ID (one of them)")
+    if args.patient is not None:
+        patient = _engine(args).verify_patient(args.patient, public_key)
+        stream = sys.stdout if patient.valid else sys.stderr
+        print(f"Patient {args.patient}: {patient.message}", file=stream)
+        for problem in patient.problems:
+            print(f"  {problem}", file=stream)
+        return EXIT_OK if patient.valid else EXIT_PARTIAL
     report = _engine(args).verify(args.provenance, public_key)
     stream = sys.stdout if report.valid else sys.stderr
     print(f"{args.provenance}: {report.message}", file=stream)
@@ -560,11 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not search Consents (only for servers without Consent; never for real patients)")
     run.add_argument("--audit-log", default=None, metavar="FILE",
                      help="append one BALP AuditEvent per record read and per write to FILE (JSON lines)")
+    run.add_argument("--no-checkpoint", action="store_true", help="simulate every patient, neither reading nor "
+                     "updating the checkpoint (with --all or several patients, patients whose inputs are unchanged "
+                     "and whose results are still current are otherwise skipped)")
+    run.add_argument("--state-dir", default=None, help="folder of the checkpoint (default $FHIRTWIN_STATE_DIR, "
+                     "else ~/.local/state/fhirtwin; one file per FHIR server)")
     run.set_defaults(func=cmd_run)
 
-    verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server")
+    verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server, "
+                                 "or which results of a patient are current")
     server_options(verify)
-    verify.add_argument("provenance", help="Provenance/ID")
+    verify.add_argument("provenance", nargs="?", default=None, help="Provenance/ID")
+    verify.add_argument("--patient", default=None, help="instead: check that the patient's current results are those "
+                        "of the newest valid signed Provenance and every superseded one is a signed revision")
     verify.add_argument("--key", default=None, help="pin this public (or private) key PEM instead of the key the "
                         "server publishes for the signature's kid (default: the published key)")
     verify.set_defaults(func=cmd_verify)
