@@ -11,6 +11,12 @@ set of effect sizes and biomarker responses across the cohort. The cohort incide
 mean over patients; the hazard ratio is the ratio of cumulative hazards ln(1 - F_treatment) /
 ln(1 - F_control) at follow-up (proportional hazards, as trials report it). The 90 % interval combines
 parameter uncertainty (draws) and sampling (patients resampled with replacement), by bootstrap.
+
+Subgroups. The same point estimates by sex, race as recorded, age band, CKD stage, diabetes and engine
+scope (the breakdown of the event-level report, plus ages 80+). A subgroup whose simulated HR lies outside
+the trial's overall 95 % CI is flagged: the engine applies the trials' relative effects uniformly, so such
+a subgroup differs only through its absolute risks and competing death, and the flag asks for a look at
+the trial's own subgroup forest plot (published subgroup HRs are not part of the trial format).
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from typing import Any
 import numpy as np
 
 from fhirtwin.sim import get_model
-from fhirtwin.sim.interventions import Intervention, Scenario
-from fhirtwin.validation.cohort import sample_cohort
+from fhirtwin.sim.interventions import Intervention, Scenario, lognormal_draws
+from fhirtwin.validation.calibration import subgroups as report_subgroups
+from fhirtwin.validation.cohort import VirtualCohort, sample_cohort
 from fhirtwin.validation.spec import ArmItem, TrialSpec
 
 BOOTSTRAP = 2000
+#: Subgroups smaller than this are not reported (their point estimates would be noise).
+MIN_SUBGROUP = 50
 #: Non-statin LDL-C agents by engine kind (others are the generic ``ldl_lowering`` with their percent).
 _LDL_AGENTS = {"ezetimibe": "ezetimibe", "evolocumab": "pcsk9_inhibitor", "alirocumab": "pcsk9_inhibitor"}
 
@@ -54,8 +63,7 @@ def _cv_death_by(model: Any, month: int) -> float:
     """Probability of cardiovascular death by ``month`` from the engine's competing-death model.
 
     The engine's all-cause death hazard (life table x CKD mortality ratio) times the cardiovascular share
-    of deaths (``dynamics_parameters.json``); not modified by any treatment (the trials' CV-death effects
-    are not in the engine), so this part of a composite is the same in both arms.
+    of deaths (``dynamics_parameters.json``); an arm's SGLT2 inhibitor scales it (:func:`_cv_death_in_arm`).
     """
     death = model.anchors_.death_all[:month]
     cv = death - model.anchors_.death_non_cvd[:month]
@@ -63,7 +71,16 @@ def _cv_death_by(model: Any, month: int) -> float:
     return float(np.sum((surv[:-1] - surv[1:]) * cv / np.maximum(death, 1e-12)))
 
 
-def _outcome_at(forecast: Any, outcome: str, month: int, cv_death: float = 0.0) -> np.ndarray:
+def _cv_death_in_arm(cv_death: float, scenario: Scenario, ratio: np.ndarray) -> np.ndarray:
+    """Per-draw CV death by follow-up in one arm: with an SGLT2 inhibitor, its cumulative hazard times the
+    class's CV-death ratio (``sglt2i_cardiovascular_death_rr``, proportional hazards); otherwise unchanged."""
+    if not any(i.kind == "sglt2i" for i in scenario.interventions):
+        return np.full(ratio.shape, cv_death)
+    out: np.ndarray = 1.0 - (1.0 - cv_death) ** ratio
+    return out
+
+
+def _outcome_at(forecast: Any, outcome: str, month: int, cv_death: float | np.ndarray = 0.0) -> np.ndarray:
     """Per-draw cumulative incidence of the trial outcome at ``month``.
 
     ``kidney_composite``: kidney failure, a fall of the simulated eGFR to half its baseline (the trials'
@@ -100,13 +117,45 @@ class TrialResult:
     virtual_ckd_fraction: float = 0.0
     out_of_engine_scope_fraction: float = 0.0
     notes: tuple[str, ...] = field(default=())
+    subgroups: tuple[dict[str, Any], ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict, the contract's keys first."""
         data = asdict(self)
         data["hazard_ratio_interval90"] = list(self.hazard_ratio_interval90)
         data["notes"] = list(self.notes)
+        data["subgroups"] = list(self.subgroups)
         return data
+
+
+def _hazard_ratio(control: float, treatment: float) -> float:
+    return float(np.log1p(-treatment) / np.log1p(-control)) if 0 < control < 1 else float("nan")
+
+
+def subgroup_rows(cohort: VirtualCohort, f_c: np.ndarray, f_t: np.ndarray,
+                  ci95: tuple[float, float]) -> tuple[dict[str, Any], ...]:
+    """Control and treatment incidence and HR per subgroup of at least MIN_SUBGROUP virtual patients."""
+    patients = cohort.patients
+    age = np.array([p.age_years for p in patients])
+    attributes = {"age": age, "egfr_recorded": np.array([p.egfr_ml_min_1_73m2 for p in patients]),
+                  "sex": np.array([p.sex for p in patients]),
+                  "race": np.array([p.race or "not recorded" for p in patients]),
+                  "diabetes": np.array([bool(p.diabetes) for p in patients])}
+    in_scope = np.array([not (p.prior_ascvd or p.heart_failure) for p in patients]) & (age >= 30) & (age <= 79) \
+        & (attributes["egfr_recorded"] >= 15)
+    groups = report_subgroups(attributes) + [("age band", "80+", age >= 80), ("engine scope", "in", in_scope),
+                                             ("engine scope", "out", ~in_scope)]
+    rows = []
+    for dimension, level, mask in groups:
+        if dimension == "all" or int(mask.sum()) < MIN_SUBGROUP:
+            continue
+        control, treatment = float(f_c[mask].mean()), float(f_t[mask].mean())
+        hr = _hazard_ratio(control, treatment)
+        flag = "" if (np.isfinite(hr) and ci95[0] <= hr <= ci95[1]) else "HR outside the trial's overall 95 % CI"
+        rows.append({"dimension": dimension, "level": level, "n": int(mask.sum()),
+                     "control_cumulative_incidence": control, "treatment_cumulative_incidence": treatment,
+                     "hazard_ratio": hr, "flag": flag})
+    return tuple(rows)
 
 
 def replicate(spec: TrialSpec, *, n_virtual: int | None = None, draws: int = 100) -> TrialResult:
@@ -120,13 +169,16 @@ def replicate(spec: TrialSpec, *, n_virtual: int | None = None, draws: int = 100
     f_c = np.empty((len(cohort.patients), draws))
     f_t = np.empty((len(cohort.patients), draws))
     model = get_model("fhirtwin-mechanistic")
+    cv_ratio = lognormal_draws("sglt2i_cardiovascular_death_rr", np.random.default_rng(seed), draws)
     for i, patient in enumerate(cohort.patients):
         model.fit(patient)
         cv = _cv_death_by(model, month) if spec.outcome == "kidney_composite" else 0.0
-        f_c[i] = _outcome_at(model.simulate(control, horizon, draws, seed), spec.outcome, month, cv)
-        f_t[i] = _outcome_at(model.simulate(treatment, horizon, draws, seed), spec.outcome, month, cv)
+        f_c[i] = _outcome_at(model.simulate(control, horizon, draws, seed), spec.outcome, month,
+                             _cv_death_in_arm(cv, control, cv_ratio))
+        f_t[i] = _outcome_at(model.simulate(treatment, horizon, draws, seed), spec.outcome, month,
+                             _cv_death_in_arm(cv, treatment, cv_ratio))
     fc, ft = float(f_c.mean()), float(f_t.mean())
-    hr = float(np.log1p(-ft) / np.log1p(-fc))
+    hr = _hazard_ratio(fc, ft)
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, f_c.shape[0], (BOOTSTRAP, f_c.shape[0]))
     cols = rng.integers(0, draws, BOOTSTRAP)
@@ -143,8 +195,8 @@ def replicate(spec: TrialSpec, *, n_virtual: int | None = None, draws: int = 100
                      "the primary-prevention equations as if in scope, which understates recurrent risk")
     if spec.outcome == "kidney_composite":
         notes.append("kidney composite = kidney failure, simulated eGFR halved, or cardiovascular death from the "
-                     "engine's competing-death model (the same in both arms: no treatment effect on CV death is "
-                     "modelled); renal death not counted")
+                     "engine's competing-death model (an SGLT2 inhibitor scales it by the class's CV-death RR 0.86, "
+                     "Staplin 2021); renal death not counted")
     return TrialResult(
         name=spec.name, outcome=spec.outcome, follow_up_years=spec.follow_up_years,
         n_virtual=len(cohort.patients), control_cumulative_incidence=fc, treatment_cumulative_incidence=ft,
@@ -153,4 +205,5 @@ def replicate(spec: TrialSpec, *, n_virtual: int | None = None, draws: int = 100
         hr_within_published_ci95=bool(ci_lo <= hr <= ci_hi), outcome_note=spec.outcome_note,
         citation=spec.citation, draws=draws, virtual_ckd_fraction=cohort.ckd_fraction,
         out_of_engine_scope_fraction=cohort.out_of_scope_fraction, notes=tuple(notes),
+        subgroups=subgroup_rows(cohort, f_c, f_t, (ci_lo, ci_hi)),
     )

@@ -120,7 +120,7 @@ def test_validate_trial_json_last_line_and_bad_spec_is_one_line(tmp_path: Path, 
     assert "extra" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_kidney_composite_counts_cardiovascular_death_the_same_in_both_arms() -> None:
+def test_kidney_composite_counts_cardiovascular_death_lowered_only_by_an_sglt2_inhibitor() -> None:
     from fhirtwin.sim import get_model
     from fhirtwin.validation.trial import _cv_death_by
 
@@ -135,3 +135,31 @@ def test_kidney_composite_counts_cardiovascular_death_the_same_in_both_arms() ->
                        "arms": {"control": [{"kind": "placebo"}], "treatment": [{"kind": "placebo"}]}})
     assert replicate(same, n_virtual=20, draws=10).hazard_ratio == pytest.approx(1.0)
     assert replicate(spec, n_virtual=20, draws=10).control_cumulative_incidence > cv * 0.5
+    from fhirtwin.sim.interventions import Scenario, intervention_parameters
+    from fhirtwin.validation.trial import _cv_death_in_arm, to_interventions
+
+    ratio = np.array([0.86, 0.81])  # Staplin 2021 point estimate and lower bound, written out here
+    treated = _cv_death_in_arm(cv, Scenario("t", to_interventions(spec.arms.treatment)), ratio)
+    assert treated == pytest.approx(1.0 - (1.0 - cv) ** ratio) and (treated < cv).all()
+    placebo = _cv_death_in_arm(cv, Scenario("c", to_interventions(spec.arms.control)), ratio)
+    assert (placebo == cv).all()
+    assert intervention_parameters()["ratios"]["sglt2i_cardiovascular_death_rr"]["value"] == 0.86
+
+
+def test_subgroups_partition_the_cohort_and_flag_hazard_ratios_outside_the_trials_ci() -> None:
+    from fhirtwin.validation.trial import subgroup_rows
+
+    spec = load_spec(TRIALS / "SPRINT.json")
+    cohort = sample_cohort(spec.population, 400)
+    rng = np.random.default_rng(3)
+    f_c = rng.uniform(0.05, 0.15, (400, 5))
+    rows = subgroup_rows(cohort, f_c, f_c * 0.7, (0.64, 0.89))
+    by = {(r["dimension"], r["level"]): r for r in rows}
+    assert by[("sex", "female")]["n"] + by[("sex", "male")]["n"] == 400
+    assert by[("engine scope", "in")]["n"] + by[("engine scope", "out")].get("n", 0) == 400
+    female = np.array([p.sex == "female" for p in cohort.patients])
+    assert by[("sex", "female")]["control_cumulative_incidence"] == pytest.approx(f_c[female].mean())
+    assert all(r["n"] >= 50 for r in rows)
+    assert not any(r["flag"] for r in rows)  # treatment = 0.7 x control: HR about 0.69 everywhere, inside the CI
+    flagged = subgroup_rows(cohort, f_c, f_c * 0.98, (0.64, 0.89))
+    assert all(r["flag"] for r in flagged)  # HR about 0.98: outside the CI in every subgroup
