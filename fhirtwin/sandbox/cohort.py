@@ -198,10 +198,21 @@ def generate_cohort(
     bundles: list[dict] = []
     truth: dict[str, dict] = {}
     for k in range(1, n_patients + 1):
-        bundle, patient_truth = _PatientGenerator(k, seed, ref).build()
+        bundle, patient_truth = generate_patient(k, seed, ref)
         bundles.append(bundle)
         truth[patient_truth["patient_id"]] = patient_truth
     return Cohort(bundles=bundles, truth=truth)
+
+
+def generate_patient(
+    k: int, seed: int = DEFAULT_SEED, reference_date: str | date = "2026-06-30"
+) -> tuple[dict, dict]:
+    """Patient ``k`` (1-based) alone, as ``(bundle, truth)``: the same as entry ``k - 1`` of
+    :func:`generate_cohort` with any ``n_patients >= k``, so large cohorts can be streamed."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    ref = reference_date if isinstance(reference_date, date) else date.fromisoformat(reference_date)
+    return _PatientGenerator(k, seed, ref).build()
 
 
 def bundle_json(bundle: dict) -> str:
