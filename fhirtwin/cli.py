@@ -532,6 +532,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, data_dir=args.data_dir, patients=args.patients, show=args.show)
 
 
+# ------------------------------------------------------------------------------------------- population
+
+
+def cmd_population_generate(args: argparse.Namespace) -> int:
+    """The synthetic cohort as Bulk-Data-style NDJSON, one file per type, in constant memory."""
+    from tqdm import tqdm
+
+    from fhirtwin.population.generate import write_cohort_ndjson
+
+    with tqdm(total=args.patients, unit="patient", file=sys.stderr, disable=not sys.stderr.isatty(),
+              leave=False) as bar:
+        report = write_cohort_ndjson(args.out, args.patients, seed=args.seed, workers=args.workers,
+                                     truth=args.truth, on_patient=lambda: bar.update())
+    if args.json:
+        print(json.dumps({"patients": report.patients, "resources": report.resources, "files": report.files}))
+    else:
+        print(f"{report.patients} patients, {sum(report.resources.values())} resources in "
+              f"{len(report.files)} files under {args.out}")
+    return EXIT_OK
+
+
+def cmd_population_stage(args: argparse.Namespace) -> int:
+    """NDJSON folder -> Parquet partitions of whole patients."""
+    from tqdm import tqdm
+
+    from fhirtwin.population.stage import stage_ndjson
+
+    with tqdm(unit="resource", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
+        report = stage_ndjson(args.source, args.out, buckets=args.buckets,
+                              max_buffer_bytes=args.buffer_mb << 20, on_resource=lambda: bar.update())
+    if args.json:
+        print(json.dumps({"patients": report.patients, "resources": report.resources, "buckets": report.buckets,
+                          "partitions": report.partitions, "row_groups": report.row_groups,
+                          "shared_resources": report.shared_resources}))
+    else:
+        print(f"{report.patients} patients, {sum(report.resources.values())} resources -> {report.partitions} "
+              f"partitions ({report.row_groups} row groups) under {args.out}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -712,6 +752,26 @@ def build_parser() -> argparse.ArgumentParser:
     register = commands.add_parser("register", help="upload fhirtwin's profiles, Devices and public key (once)")
     server_options(register)
     register.set_defaults(func=cmd_register)
+
+    population = commands.add_parser("population", help="population scale: NDJSON scale fixtures, Parquet staging")
+    steps = population.add_subparsers(dest="step", required=True, parser_class=_Parser)
+    gen = steps.add_parser("generate", help="write N synthetic patients as NDJSON (one file per type, flat memory)")
+    gen.add_argument("--patients", type=positive_int, required=True, help="number of patients")
+    gen.add_argument("--seed", type=int, default=20261127, help="cohort seed (default 20261127)")
+    gen.add_argument("--out", required=True, help="empty folder for <Type>.ndjson files")
+    gen.add_argument("--workers", type=positive_int, default=1, help="processes, each writing <Type>.<n>.ndjson "
+                     "for a block of patients (default 1: <Type>.ndjson)")
+    gen.add_argument("--truth", action="store_true", help="also write truth.ndjson (ground truth per patient)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=cmd_population_generate)
+    stage = steps.add_parser("stage", help="stream an NDJSON folder into Parquet partitions of whole patients")
+    stage.add_argument("source", help="folder of <Type>[.<n>].ndjson[.gz] files (Bulk Data export layout)")
+    stage.add_argument("--out", required=True, help="new folder for the staged Parquet")
+    stage.add_argument("--buckets", type=positive_int, default=None,
+                       help="patient partitions (default: one per 1000 patients, at most 1024)")
+    stage.add_argument("--buffer-mb", type=positive_int, default=256, help="cap of buffered rows (default 256)")
+    stage.add_argument("--json", action="store_true", help="print one JSON object")
+    stage.set_defaults(func=cmd_population_stage)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=port_number, default=None,
