@@ -109,26 +109,27 @@ class _Buffer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
+        self.rows: list[tuple[Any, ...]] = []
         self.bytes = 0
         self.writer: pq.ParquetWriter | None = None
 
     def add(self, row: tuple[Any, ...], size: int) -> None:
-        for name, value in zip(_COLUMNS, row, strict=True):
-            self.columns[name].append(value)
+        self.rows.append(row)
         self.bytes += size
 
     def flush(self) -> int:
         """Write the buffered rows as one row group; returns how many bytes were released."""
-        if not self.bytes:
+        if not self.rows:
             return 0
-        table = pa.Table.from_pydict(self.columns, schema=SCHEMA)
+        columns = zip(*self.rows, strict=True)
+        table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA, strict=True)],
+                                     schema=SCHEMA)
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.path, SCHEMA, compression="zstd")
         self.writer.write_table(table)
         released, self.bytes = self.bytes, 0
-        self.columns = {name: [] for name in _COLUMNS}
+        self.rows = []
         return released
 
 
