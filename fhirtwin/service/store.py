@@ -276,6 +276,12 @@ class Store:
         row = self._read("SELECT MIN(MAX(due, COALESCE(lease_until, due))) FROM webhook_task")
         return None if row[0][0] is None else float(row[0][0])
 
+    def tasks(self, limit: int = 1000) -> list[Task]:
+        """The stored tasks, oldest due first (for operators and tests; ``claim_due`` is how work is taken)."""
+        rows = self._read("SELECT kind, value, due, first_event, attempts FROM webhook_task ORDER BY due, rowid "
+                          "LIMIT ?", (limit,))
+        return [Task(*row) for row in rows]
+
     def task_counts(self) -> dict[str, int]:
         """``pending`` (all stored tasks), ``retrying`` (with failed attempts) and ``leased`` (being run)."""
         pending, retrying, leased = self._read(
