@@ -641,6 +641,19 @@ def test_an_unhandled_exception_is_a_typed_500_without_a_trace(tmp_path: Any) ->
     assert response.status_code == 500 and response.json() == {"error": "internal_error", "message": "internal error"}
 
 
+def test_bundles_whose_entry_is_not_an_array_are_refused(client: TestClient) -> None:
+    """Found by the suite: a webhook Bundle or a CDS prefetch searchset with ``"entry": 7`` was a 500."""
+    response = client.post("/hooks/fhir", json={"resourceType": "Bundle", "type": "history", "entry": 7},
+                           headers={"Content-Type": FHIR_JSON})
+    assert response.status_code == 400 and response.json()["resourceType"] == "OperationOutcome"
+    body = copy.deepcopy(HOOK_REQUEST)
+    body["prefetch"]["observations"]["entry"] = 7
+    response = client.post(SERVICE, json=body)
+    assert response.status_code == 400
+    assert response.json() == {"error": "bad_request",
+                               "message": "prefetch.observations: Bundle.entry must be an array"}
+
+
 def test_the_checks_can_fail() -> None:
     """The suite's judge refuses what the doors must never answer."""
 
