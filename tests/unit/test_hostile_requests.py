@@ -622,7 +622,7 @@ def test_framework_errors_are_typed_by_door(client: TestClient) -> None:
     assert static.status_code == 404 and static.json()["resourceType"] == "OperationOutcome"
 
 
-def test_an_unhandled_exception_is_a_typed_500_without_a_trace(tmp_path: Any) -> None:
+def test_unhandled_exceptions_and_invalid_parameters_are_typed() -> None:
     app = create_app(ServiceSettings(fhir_server=FHIR_BASE, dev_no_auth=True))
 
     @app.get("/boom")
@@ -633,7 +633,14 @@ def test_an_unhandled_exception_is_a_typed_500_without_a_trace(tmp_path: Any) ->
     def cds_boom() -> None:
         raise RuntimeError("secret detail")
 
+    @app.get("/count")
+    def count(n: int) -> dict[str, int]:
+        return {"n": n}
+
     client = TestClient(app)  # raising server exceptions: the middleware must not let one through
+    invalid = client.get("/count", params={"n": "SECRET-not-a-number"})
+    assert invalid.status_code == 400 and invalid.headers["content-type"] == FHIR_JSON
+    assert "query.n" in invalid.json()["issue"][0]["diagnostics"] and "SECRET" not in invalid.text
     response = client.get("/boom")
     assert response.status_code == 500 and response.json()["issue"][0]["code"] == "exception"
     assert "secret" not in response.text
