@@ -1,0 +1,146 @@
+"""Signed currency, lost-response confirmation and the run checkpoint, without a server."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+
+import pytest
+from test_writeback_transaction import KEY, _store, _write
+from writeback_fixtures import NOW, changed_run, cohort_run
+
+from fhirtwin.vocabulary import SUPERSEDED_TAG
+from fhirtwin.writeback.checkpoint import Checkpoint, checkpoint_path, input_digest
+from fhirtwin.writeback.jws import JwsError
+from fhirtwin.writeback.signing import signature_header, verify_targets
+from fhirtwin.writeback.transaction import (
+    build_patient_write,
+    build_retirement,
+    confirmation_reads,
+    confirmed_response,
+    is_superseded,
+)
+
+
+def _tagged(resources: list[dict]) -> list[dict]:
+    out = copy.deepcopy(resources)
+    for resource in out:
+        resource["meta"]["tag"].append(dict(SUPERSEDED_TAG))
+        resource["meta"]["versionId"] = "2"
+    return out
+
+
+def _provenances(write) -> list[dict]:
+    return [e["resource"] for e in write.bundle["entry"] if e["resource"]["resourceType"] == "Provenance"]
+
+
+def test_the_signature_covers_the_superseded_results_and_the_recorded_time() -> None:
+    first = _store(_write())
+    second = _write(changed_run(), existing=first[:-1])
+    [provenance] = _provenances(second)
+    header = signature_header(provenance["signature"][0]["data"])
+    assert header["revisions"] == sorted(f"{r['resourceType']}/{r['id']}" for r in first[:-1])
+    assert header["recorded"] == provenance["recorded"]
+    assert second.expect_created and all(q.startswith(("identifier=", "_tag=")) for q in second.expect_created)
+
+
+def test_a_rerun_that_only_reinstates_signs_a_currency_provenance() -> None:
+    stored = _store(_write())[:-1]
+    run = cohort_run()
+    write = build_patient_write(run.plan, run.state, key=KEY, existing=_tagged(stored), now=NOW + timedelta(seconds=1))
+    assert write.reinstate and not write.superseded
+    run_provenance, currency = _provenances(write)
+    assert currency["activity"]["coding"][0]["code"] == "UPDATE"
+    assert [t["reference"] for t in currency["target"]] == [f"{r['resourceType']}/{r['id']}" for r in stored]
+    header = verify_targets(currency["signature"][0]["data"], _tagged(stored),
+                            [t["reference"] for t in currency["target"]], KEY.private_key.public_key())
+    assert header["revisions"] == []
+    assert write.expect_created == [f"_tag={currency['meta']['tag'][1]['system']}|{currency['meta']['tag'][1]['code']}"]
+
+
+def test_retirement_tags_every_current_result_and_signs_it() -> None:
+    stored = _store(_write())[:-1]
+    retirement = build_retirement(stored, patient_id="p", key=KEY, model=("m", "1"), now=NOW)
+    assert retirement is not None and len(retirement.superseded) == len(stored)
+    [provenance] = _provenances(retirement)
+    header = signature_header(provenance["signature"][0]["data"])
+    assert header["revisions"] == sorted(f"{r['resourceType']}/{r['id']}" for r in stored)
+    assert sorted(header["revisions"]) == sorted(t["reference"] for t in provenance["target"])  # nothing current
+    assert build_retirement(_tagged(stored), patient_id="p", key=KEY, model=("m", "1")) is None
+
+
+def _server_answers(bundle: dict, stored: dict[str, dict]) -> dict:
+    """A batch-response to the confirmation reads from a dict of what the 'server' holds."""
+    entries = []
+    for read in confirmation_reads(bundle):
+        url = read["request"]["url"]
+        if "?" in url:
+            rtype, query = url.split("?", 1)
+            value = query.split("|", 1)[1]
+            hits = [r for r in stored.values() if r["resourceType"] == rtype
+                    and (value in str(r.get("identifier")) or value in str(r["meta"].get("tag")))]
+            entries.append({"resource": {"resourceType": "Bundle", "entry": [{"resource": r} for r in hits]},
+                            "response": {"status": "200 OK"}})
+        elif url in stored:
+            entries.append({"resource": stored[url], "response": {"status": "200 OK"}})
+        else:
+            entries.append({"response": {"status": "404 Not Found"}})
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+
+
+def test_confirmation_finds_a_committed_superseding_transaction_and_refuses_an_uncommitted_one() -> None:
+    first = _store(_write())[:-1]
+    write = build_patient_write(changed_run().plan, changed_run().state, key=KEY, existing=first, now=NOW)
+    puts = {e["request"]["url"]: dict(e["resource"], id=e["request"]["url"].split("/")[1])
+            for e in write.bundle["entry"] if e["request"]["method"] == "PUT"}
+    created = {f"{r['resourceType']}/new-{r['id']}": dict(r, id=f"new-{r['id']}") for r in _store(write)}
+    before = {**{f"{r['resourceType']}/{r['id']}": r for r in first}, **{k: v for k, v in puts.items()
+                                                                           if not k.split("/")[0] in
+                                                                           ("RiskAssessment", "Goal", "CarePlan")}}
+    assert confirmed_response(write.bundle, _server_answers(write.bundle, before), write.expect_created) is None
+    after = {**before, **created, **{k: dict(v, meta={**v["meta"], "versionId": "2"}) for k, v in puts.items()}}
+    response = confirmed_response(write.bundle, _server_answers(write.bundle, after), write.expect_created)
+    assert response is not None
+    statuses = [e["response"]["status"] for e in response["entry"]]
+    posts = [e for e in write.bundle["entry"] if e["request"]["method"] == "POST"]
+    assert statuses.count("201 Created") == len(posts)  # the lost attempt created every result and the Provenance
+    # a superseded result whose tag is missing means the transaction did not commit
+    untagged = {**after, **{f"{r['resourceType']}/{r['id']}": r for r in first}}
+    assert not any(is_superseded(r) for r in first)
+    assert confirmed_response(write.bundle, _server_answers(write.bundle, untagged), write.expect_created) is None
+
+
+def test_checkpoint_skips_only_unchanged_inputs_with_current_outputs(tmp_path) -> None:
+    stored = _store(_write())[:-1]
+    outputs = [f"{r['resourceType']}/{r['id']}" for r in stored]
+    record = [{"resourceType": "Patient", "id": "p", "meta": {"versionId": "1"}}]
+    digest = input_digest(record, {"draws": 1000})
+    assert input_digest(record, {"draws": 999}) != digest
+    changed = [{**record[0], "meta": {"versionId": "2"}}]
+    path = checkpoint_path("http://example.org/fhir", tmp_path)
+    assert path != checkpoint_path("http://example.org/other/fhir", tmp_path)
+    with Checkpoint(path) as checkpoint:
+        assert checkpoint.skip("p", digest, stored) is None
+        checkpoint.record("p", digest, outputs, "Provenance/1")
+    with Checkpoint(path) as checkpoint:  # survives the process
+        done = checkpoint.skip("p", digest, stored)
+        assert done is not None and done.provenance == "Provenance/1"
+        assert checkpoint.skip("p", input_digest(changed, {"draws": 1000}), stored) is None
+        assert checkpoint.skip("p", digest, _tagged(stored[:1]) + stored[1:]) is None  # one no longer current
+        assert checkpoint.skip("p", digest, None) is None
+        checkpoint.forget("p")
+        assert checkpoint.get("p") is None
+
+
+def test_an_edited_revision_list_breaks_the_signature_check() -> None:
+    first = _store(_write())[:-1]
+    [provenance] = _provenances(_write(changed_run(), existing=first))
+    header = signature_header(provenance["signature"][0]["data"])
+    with pytest.raises(JwsError):  # a signature is bound to its header: revisions cannot be swapped
+        data = provenance["signature"][0]["data"]
+        import base64
+        jws = base64.b64decode(data).decode()
+        forged_header = jws.split(".")[0][:-4] + "AAAA"
+        forged = base64.b64encode(f"{forged_header}.{jws.split('.', 1)[1]}".encode()).decode()
+        verify_targets(forged, [], [], KEY.private_key.public_key())
+    assert header["revisions"]
