@@ -94,9 +94,8 @@ def test_confirmation_finds_a_committed_superseding_transaction_and_refuses_an_u
     puts = {e["request"]["url"]: dict(e["resource"], id=e["request"]["url"].split("/")[1])
             for e in write.bundle["entry"] if e["request"]["method"] == "PUT"}
     created = {f"{r['resourceType']}/new-{r['id']}": dict(r, id=f"new-{r['id']}") for r in _store(write)}
-    before = {**{f"{r['resourceType']}/{r['id']}": r for r in first}, **{k: v for k, v in puts.items()
-                                                                           if not k.split("/")[0] in
-                                                                           ("RiskAssessment", "Goal", "CarePlan")}}
+    registration = {k: v for k, v in puts.items() if k.split("/")[0] not in ("RiskAssessment", "Goal", "CarePlan")}
+    before = {**{f"{r['resourceType']}/{r['id']}": r for r in first}, **registration}
     assert confirmed_response(write.bundle, _server_answers(write.bundle, before), write.expect_created) is None
     after = {**before, **created, **{k: dict(v, meta={**v["meta"], "versionId": "2"}) for k, v in puts.items()}}
     response = confirmed_response(write.bundle, _server_answers(write.bundle, after), write.expect_created)
