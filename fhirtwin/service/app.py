@@ -10,13 +10,15 @@ version, the link in every CDS card). JSON by default, HTML for browsers, the Ma
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from fhirtwin import __version__
-from fhirtwin.service.runtime import ServiceSettings
+from fhirtwin.service.runtime import AuditFlusher, ServiceSettings
 from fhirtwin.service.security import guard_for
 
 __all__ = ["ServiceSettings", "create_app", "preferred_media_type"]
@@ -73,7 +75,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the application; routers are mounted from their own modules."""
     from fhirtwin.service import cds_hooks, limits, operations, smart, webhook
 
-    app = FastAPI(title="fhirtwin", version=__version__, docs_url="/docs", redoc_url=None)
+    flusher = AuditFlusher(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """Audit events reach the FHIR server from the store's outbox on their own thread."""
+        flusher.start()
+        yield
+        from starlette.concurrency import run_in_threadpool
+
+        await run_in_threadpool(flusher.stop)
+
+    app = FastAPI(title="fhirtwin", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.guard = guard_for(settings, replay=_StoredReplayCache(settings))
 

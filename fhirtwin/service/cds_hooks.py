@@ -31,6 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from fhirtwin.audit import Caller
 from fhirtwin.engine import (
     Engine,
     EngineError,
@@ -43,7 +44,7 @@ from fhirtwin.engine import (
 )
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.service import twin_view
-from fhirtwin.service.runtime import ServiceSettings
+from fhirtwin.service.runtime import SERVICE_PURPOSE, ServiceSettings, audit_trail
 from fhirtwin.service.security import AuthError
 from fhirtwin.service.store import open_store
 from fhirtwin.vocabulary import CONCEPTS, EXT_SCOPE_DECISION, coding
@@ -61,6 +62,9 @@ SUMMARY_LIMIT = 139  # "fewer than 140 characters"
 #: available (prefetched or fetchable); the others only refine the forecast.
 PREFETCH: dict[str, str] = prefetch_templates()
 REQUIRED_KEYS = ("patient", "observations", "conditions", "medicationRequests", "medicationStatements")
+#: The patient's active Consents (IHE PCF), checked before anything else of the record is used.
+CONSENT_KEY = "consents"
+CONSENT_QUERY = "Consent?patient={{context.patientId}}&status=active"
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 USER_REF = re.compile(r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}$")
@@ -382,8 +386,9 @@ def discovery() -> dict[str, Any]:
         "title": "fhirtwin cardiorenal risk",
         "description": ("10-year total CVD, ASCVD, heart failure and kidney failure risk from the patient's "
                         "digital twin, with 90 % intervals, drivers and the best-ranked interventions."),
-        "prefetch": dict(PREFETCH),
-        "usageRequirements": "Grant patient/*.rs for the prefetched types, or send complete prefetch.",
+        "prefetch": {**PREFETCH, CONSENT_KEY: CONSENT_QUERY},
+        "usageRequirements": ("Grant patient/*.rs for the prefetched types (Consent included: the patient's "
+                              "active Consents are honoured before the record is used), or send complete prefetch."),
     }]}
 
 
@@ -396,8 +401,8 @@ async def _json_body(service_id: str, request: Request) -> Any:
     if service_id != SERVICE_ID:
         return error_response(404, "not_found", "no such CDS service")
     try:
-        _, request.state.cds_client = await run_in_threadpool(request.app.state.guard.cds_call, request.headers,
-                                                              service_id)
+        request.state.cds_principal, request.state.cds_client = await run_in_threadpool(
+            request.app.state.guard.cds_call, request.headers, service_id)
     except AuthError as exc:
         log.info("CDS call refused: %s", exc.error)
         response = error_response(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message)
@@ -409,21 +414,50 @@ async def _json_body(service_id: str, request: Request) -> Any:
         return error_response(400, "bad_request", "request body is not JSON")
 
 
-@router.post("/cds-services/{service_id}")
-async def call_service(service_id: str, request: Request) -> JSONResponse:
-    """Answer a ``patient-view`` call with cards (or a JSON error)."""
+def consent_check(settings: ServiceSettings, req: HookRequest, trail: Any) -> None:
+    """Honour the patient's active Consents before any of the record is used (raises ConsentDenied, audited).
+
+    The Consents come from the ``consents`` prefetch, else from ``fhirServer``; without either the
+    service cannot know the patient's choices and answers 412 rather than guess.
+    """
+    from fhirtwin.consent import ConsentDenied, ConsentPolicy
+
+    patient_id = req.context.patientId
+    prefetch = req.prefetch or {}
+    if CONSENT_KEY in prefetch:
+        consents = _resources_of(CONSENT_KEY, prefetch[CONSENT_KEY])
+    elif req.fhirServer is not None:
+        client = _fhir_client(settings, req)
+        consents = list(client.search_all("Consent", {"patient": patient_id, "status": "active"}, max_pages=5))
+    else:
+        raise CdsError(412, "precondition_failed", "cannot check the patient's consent: prefetch 'consents' "
+                       "or give fhirServer")
+    denying = ConsentPolicy(SERVICE_PURPOSE).denying(consents)
+    if denying is not None:
+        denial = ConsentDenied(SERVICE_PURPOSE, patient_id=patient_id, consent=denying)
+        trail.patient_read(patient_id, queries=[render_template(CONSENT_QUERY, req.context)],
+                           server=req.fhirServer, error=denial)
+        raise denial
+
+
+def answer_call(request: Request, body: Any, service_id: str) -> JSONResponse:
+    """The cards for one call, or its typed error (runs on a worker thread: the engine is CPU-bound)."""
     from fhirtwin.fhir.errors import FhirError, FhirNotFound, FhirUnauthorized
 
-    body = await _json_body(service_id, request)
-    if isinstance(body, JSONResponse):
-        return body
     settings = request.app.state.settings
     try:
         req = parse_request(body, service_id)
         if req.fhirServer is not None and not request.app.state.guard.fhir_server_allowed(
                 req.fhirServer, request.state.cds_client):
             raise CdsError(403, "forbidden", "fhirServer is not on this service's allow-list for the client")
+        caller = Caller(client_id=request.state.cds_principal.client, user=req.context.userId,
+                        network=request.client.host if request.client else None)
+        trail = audit_trail(settings).for_caller(caller)
+        consent_check(settings, req, trail)
         record, optional_missing = gather_record(settings, req)
+        trail.patient_read(req.context.patientId, server=req.fhirServer,
+                           queries=[render_template(PREFETCH[k], req.context) for k in PREFETCH
+                                    if k not in optional_missing])
         engine = Engine(draws=CARD_DRAWS, horizon_years=settings.horizon_years)
         run = engine.run(req.context.patientId, record=record)
         cards = build_cards(run, settings, optional_missing=optional_missing)
@@ -437,8 +471,9 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
         log.warning("CDS call failed reading fhirServer: %s", exc.message)
         return error_response(502, "fhir_server_error", "fhirServer could not be read")
     except EngineError as exc:
-        return error_response(exc.http_status, "bad_request" if exc.http_status < 500 else "internal_error",
-                              exc.message)
+        error = {403: "forbidden", 503: "unavailable"}.get(exc.http_status,
+                                                           "bad_request" if exc.http_status < 500 else "internal_error")
+        return error_response(exc.http_status, error, exc.message)
     except FhirUnauthorized:
         return error_response(412, "precondition_failed", "fhirServer refused access with the given authorization")
     except FhirNotFound:
@@ -450,6 +485,17 @@ async def call_service(service_id: str, request: Request) -> JSONResponse:
         log.exception("CDS call failed: %s", type(exc).__name__)
         return error_response(500, "internal_error", "the service failed to compute the card")
     return JSONResponse({"cards": cards})
+
+
+@router.post("/cds-services/{service_id}")
+async def call_service(service_id: str, request: Request) -> JSONResponse:
+    """Answer a ``patient-view`` call with cards (or a JSON error)."""
+    from starlette.concurrency import run_in_threadpool
+
+    body = await _json_body(service_id, request)
+    if isinstance(body, JSONResponse):
+        return body
+    return await run_in_threadpool(answer_call, request, body, service_id)
 
 
 @router.post("/cds-services/{service_id}/feedback")

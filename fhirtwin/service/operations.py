@@ -27,8 +27,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fhirtwin.engine import BadRequest, EngineError, operation_outcome
-from fhirtwin.service.runtime import engine_for, ensure_json_logging, log_event, patient_hash
-from fhirtwin.service.security import READ_SCOPES, WRITE_SCOPES, AuthError
+from fhirtwin.service.runtime import caller_of, engine_for, ensure_json_logging, log_event, patient_hash
+from fhirtwin.service.security import READ_SCOPES, WRITE_SCOPES, AuthError, Principal
 
 router = APIRouter()
 
@@ -155,11 +155,12 @@ def parse_query(query: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _run(request: Request, patient_id: str, options: dict[str, Any]) -> JSONResponse:
+def _run(request: Request, patient_id: str, options: dict[str, Any], principal: Principal) -> JSONResponse:
     settings = request.app.state.settings
     if not _ID.match(patient_id):
         raise BadRequest("invalid patient id (FHIR ids are 1-64 characters A-Z a-z 0-9 - .)")
-    simulation = engine_for(settings).simulate_patient(patient_id, write=options["write"],
+    caller = caller_of(principal, request.client.host if request.client else None)
+    simulation = engine_for(settings, caller=caller).simulate_patient(patient_id, write=options["write"],
                                                        scenario=options["scenario"],
                                                        horizon_years=options["horizon_years"])
     commit = simulation.commit
@@ -174,11 +175,11 @@ def _run(request: Request, patient_id: str, options: dict[str, Any]) -> JSONResp
 def _guarded(request: Request, patient_id: str, method: str, parse: Any) -> JSONResponse:
     ensure_json_logging()
     try:
-        request.app.state.guard.bearer(request.headers, READ_SCOPES)  # who, before anything is parsed
+        principal = request.app.state.guard.bearer(request.headers, READ_SCOPES)  # who, before anything is parsed
         options = parse()
         if options["write"]:
-            request.app.state.guard.bearer(request.headers, WRITE_SCOPES)
-        return _run(request, patient_id, options)
+            principal = request.app.state.guard.bearer(request.headers, WRITE_SCOPES)
+        return _run(request, patient_id, options, principal)
     except AuthError as exc:
         log_event("simulate_refused", method=method, status=exc.status, error=exc.error)
         return auth_error_response(exc)

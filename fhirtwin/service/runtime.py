@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from fhirtwin.audit import AuditTrail, Caller, OutboxSink
+from fhirtwin.consent import ConsentPolicy
 from fhirtwin.engine import Engine
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.keys import KeyPolicyError, SigningKey, signing_key_for
-from fhirtwin.service.security import AuthSettings
+from fhirtwin.service.security import AuthSettings, Principal
 
 log = logging.getLogger("fhirtwin.service")
 
@@ -97,14 +99,84 @@ def signing_key(settings: ServiceSettings, server: str | None = None) -> Signing
         return key
 
 
+#: The purpose of use of every door: predictions for the care of the patient (v3-ActReason TREAT).
+SERVICE_PURPOSE = "TREAT"
+_trails: dict[str, AuditTrail] = {}
+
+
+def audit_trail(settings: ServiceSettings) -> AuditTrail:
+    """The deployment's audit trail: BALP AuditEvents into the store's outbox, flushed to the FHIR server
+    by :class:`AuditFlusher` (one trail per store file)."""
+    from fhirtwin.service.store import open_store, store_path_for
+
+    with _cache_lock:
+        path = str(store_path_for(settings))
+        trail = _trails.get(path)
+        if trail is None:
+            trail = _trails[path] = AuditTrail(OutboxSink(open_store(settings)), purpose=SERVICE_PURPOSE,
+                                               site=settings.public_url)
+        return trail
+
+
 def engine_for(settings: ServiceSettings, *, client: Any = None, draws: int | None = None,
-               signed: bool = True) -> Engine:
+               signed: bool = True, caller: Caller | None = None) -> Engine:
     """The engine a door uses: the shared client (or ``client``, e.g. with a user's token), the key for the
-    server that client writes to (``signed=False``: read-only, no key needed), and the ensemble settings."""
+    server that client writes to (``signed=False``: read-only, no key needed), the ensemble settings, and
+    the deployment's consent policy and audit trail for ``caller`` (default: the service itself)."""
     source = client if client is not None else shared_client(settings)
     server = getattr(source, "base_url", None)
     key = signing_key(settings, server if isinstance(server, str) else None) if signed else None
-    return Engine(source, signing_key=key, draws=draws or settings.draws, horizon_years=settings.horizon_years)
+    return Engine(source, signing_key=key, draws=draws or settings.draws, horizon_years=settings.horizon_years,
+                  audit=audit_trail(settings).for_caller(caller or Caller("fhirtwin")),
+                  consent=ConsentPolicy(SERVICE_PURPOSE))
+
+
+def caller_of(principal: Principal, network: str | None = None) -> Caller:
+    """The audit agent of an authenticated caller."""
+    return Caller(client_id=principal.client, user=principal.user, network=network)
+
+
+class AuditFlusher:
+    """Sends the outbox's AuditEvents to the FHIR server every ``interval`` seconds (and once at stop), on
+    its own thread: an audited request never waits for the audit repository, and nothing is lost if the
+    server is down (the outbox keeps the events until they are accepted)."""
+
+    def __init__(self, settings: ServiceSettings, interval: float = 5.0) -> None:
+        self.settings = settings
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def flush(self) -> None:
+        """One flush; failures are logged (without PHI) and retried at the next tick."""
+        sink = audit_trail(self.settings).sink
+        if not isinstance(sink, OutboxSink):
+            return
+        try:
+            report = sink.flush(shared_client(self.settings), limit=100)
+        except Exception as exc:  # noqa: BLE001 - the next tick retries; the events stay in the outbox
+            log_event("audit_flush_failed", level=logging.WARNING, error=type(exc).__name__)
+            return
+        if report.sent or report.failed:
+            log_event("audit_flush", sent=report.sent, failed=report.failed)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+        self.flush()
+
+    def start(self) -> None:
+        """Start the thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="fhirtwin-audit", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after a last flush."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 # ---------------------------------------------------------------------------------------------- logging

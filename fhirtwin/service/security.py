@@ -85,6 +85,8 @@ class Principal:
     via: str  # "bearer", "cds-jwt", "webhook-secret" or "development"
     issuer: str | None = None
     scopes: frozenset[str] = frozenset()
+    #: The end user when the token names one (SMART ``fhirUser``), for the audit trail.
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -463,7 +465,9 @@ class Guard:
         if missing:
             raise AuthError(403, "the token lacks the scope(s) " + " ".join(missing), error="insufficient_scope",
                             scope=" ".join(missing))
-        return Principal(client=_client_of(claims), via="bearer", issuer=self.auth.issuer, scopes=scopes)
+        user = claims.get("fhirUser")
+        return Principal(client=_client_of(claims), via="bearer", issuer=self.auth.issuer, scopes=scopes,
+                         user=user[:200] if isinstance(user, str) else None)
 
     def webhook(self, headers: Mapping[str, str]) -> Principal:
         """A Subscription delivery: the per-Subscription secret, else a bearer token with write scopes."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import threading
@@ -36,9 +37,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from fhirtwin.audit import Caller
 from fhirtwin.engine import BadRequest, EngineError, Forecast, TwinRun, UpstreamUnauthorized
 from fhirtwin.fhir.client import FhirClient
-from fhirtwin.jose import b64url
+from fhirtwin.jose import b64url, b64url_decode
 from fhirtwin.keys import KeyPolicyError
 from fhirtwin.service import twin_view
 from fhirtwin.service.runtime import ServiceSettings, engine_for
@@ -55,8 +57,9 @@ STATIC_FILES = {"patient.js": "text/javascript; charset=utf-8", "page.css": "tex
 COOKIE = "fhirtwin_session"
 SESSION_TTL_S = 3600
 PENDING_TTL_S = 600
+# Consent.rs: the patient's active Consents are honoured before the record is read (fhirtwin.consent).
 RECORD_SCOPES = ("patient/Patient.rs patient/Observation.rs patient/Condition.rs patient/MedicationRequest.rs "
-                 "patient/MedicationStatement.rs patient/MolecularSequence.rs")
+                 "patient/MedicationStatement.rs patient/MolecularSequence.rs patient/Consent.rs")
 # Writing a proposal reads fhirtwin's earlier results (r, s), creates the new ones (c) and tags the ones
 # they supersede (u); nothing is ever deleted.
 WRITE_SCOPES = "patient/RiskAssessment.crus patient/CarePlan.crus patient/Goal.crus patient/Provenance.c"
@@ -359,6 +362,22 @@ def _client(settings: ServiceSettings, session: Session) -> FhirClient:
                       timeout=(5, 60), max_retries=2)
 
 
+def session_caller(settings: ServiceSettings, session: Session) -> Caller:
+    """The audit agent of a SMART session: this app's client id and the user the id_token names
+    (``fhirUser``). The id_token came straight from the token endpoint over TLS, which OpenID Connect Core
+    §3.1.3.7 accepts in place of checking its signature; it only names the user in the audit trail."""
+    user = None
+    id_token = (session.token or {}).get("id_token")
+    if isinstance(id_token, str) and id_token.count(".") == 2:
+        try:
+            claims = json.loads(b64url_decode(id_token.split(".")[1]))
+        except (ValueError, UnicodeDecodeError):
+            claims = {}
+        value = claims.get("fhirUser") if isinstance(claims, dict) else None
+        user = value[:200] if isinstance(value, str) else None
+    return Caller(client_id=settings.smart_client_id, user=user)
+
+
 def twin_for(settings: ServiceSettings, session: Session) -> dict[str, Any]:
     """The session's twin run and eligible interventions (computed once per session, same seed and draws
     as a write, so the page shows the numbers a write stores)."""
@@ -366,7 +385,8 @@ def twin_for(settings: ServiceSettings, session: Session) -> dict[str, Any]:
         if "run" not in session.cache:
             if not session.patient:
                 raise BadRequest("no patient in the launch context")
-            engine = engine_for(settings, client=_client(settings, session), signed=False)
+            engine = engine_for(settings, client=_client(settings, session), signed=False,
+                                caller=session_caller(settings, session))
             run = engine.run(session.patient)
             session.cache["run"] = run
             session.cache["eligible"] = engine.eligible(run)
@@ -486,7 +506,7 @@ def write_run(settings: ServiceSettings, session: Session) -> dict[str, Any]:
         return {"status": "failed", "http_status": 400, "message": "no patient in the launch context"}
     try:
         # the user's token covers the patient's results only; fhirtwin's Devices are registered beforehand
-        engine = engine_for(settings, client=_client(settings, session))
+        engine = engine_for(settings, client=_client(settings, session), caller=session_caller(settings, session))
         simulation = engine.simulate_patient(session.patient, write=True, include_device=False)
     except KeyPolicyError:
         return {"status": "failed", "http_status": 409,

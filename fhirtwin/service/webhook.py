@@ -282,7 +282,7 @@ async def _stored(service: WebhookService, work: Callable[[], JSONResponse]) -> 
 @router.post(BASE + "/{resource_type}")
 async def deliver_resource(request: Request, resource_type: str, resource_id: str | None = None) -> JSONResponse:
     """A delivery with payload (HAPI: ``PUT {endpoint}/{Type}/{id}``); answered at once, processed later."""
-    if (refused := _refused(request)) is not None:
+    if (refused := await run_in_threadpool(_refused, request)) is not None:  # a JWKS fetch may block
         return refused
     service = get_service(request.app)
     body = await _read_json(request)
@@ -308,7 +308,7 @@ async def deliver_resource(request: Request, resource_type: str, resource_id: st
 @router.delete(BASE + "/{resource_type}/{resource_id}")
 async def deliver_delete(request: Request, resource_type: str, resource_id: str) -> JSONResponse:
     """A deletion: the patient is found from the resource's history on the worker thread."""
-    if (refused := _refused(request)) is not None:
+    if (refused := await run_in_threadpool(_refused, request)) is not None:  # a JWKS fetch may block
         return refused
     service = get_service(request.app)
 
@@ -326,7 +326,7 @@ async def deliver_delete(request: Request, resource_type: str, resource_id: str)
 @router.post(BASE)
 async def deliver_ping(request: Request) -> JSONResponse:
     """A payload-less notification (empty POST): re-query recently changed resources on the worker."""
-    if (refused := _refused(request)) is not None:
+    if (refused := await run_in_threadpool(_refused, request)) is not None:  # a JWKS fetch may block
         return refused
     service = get_service(request.app)
     body = await _read_json(request)
@@ -337,7 +337,11 @@ async def deliver_ping(request: Request) -> JSONResponse:
             return _ack("body is not JSON", 400)
         resources: list[Any] = []
         if isinstance(body, dict) and body.get("resourceType") == "Bundle":
-            resources = [e.get("resource") for e in body.get("entry", []) or [] if isinstance(e, dict)]
+            entries = body.get("entry") or []
+            if not isinstance(entries, list):
+                _record(service, "invalid", "POST", "Bundle")
+                return _ack("Bundle.entry must be an array", 400)
+            resources = [e.get("resource") for e in entries if isinstance(e, dict)]
             resources = [r for r in resources if isinstance(r, dict) and r.get("resourceType") != "Parameters"]
         elif isinstance(body, dict):
             resources = [body]

@@ -19,9 +19,11 @@ PUBLIC = "https://twin.example.org"
 
 
 @pytest.fixture(scope="module")
-def client() -> TestClient:
+def client(tmp_path_factory) -> TestClient:
     # the FHIR server is never contacted by these tests (prefetch only, or requests rejected before reading)
-    app = create_app(ServiceSettings(fhir_server="http://127.0.0.1:9/fhir", public_url=PUBLIC, dev_no_auth=True))
+    store = tmp_path_factory.mktemp("cds") / "service.sqlite3"
+    app = create_app(ServiceSettings(fhir_server="http://127.0.0.1:9/fhir", public_url=PUBLIC, dev_no_auth=True,
+                                     store_path=str(store)))
     return TestClient(app)
 
 
@@ -58,6 +60,7 @@ def prefetch_for(record: list[dict[str, Any]]) -> dict[str, Any]:
         "molecularSequences": searchset(by_type.get("MolecularSequence", [])),
         "medicationDispenses": searchset(by_type.get("MedicationDispense", [])),
         "diagnosticReports": searchset(by_type.get("DiagnosticReport", [])),
+        "consents": searchset(by_type.get("Consent", [])),
         "procedures": searchset(by_type.get("Procedure", [])),
     }
 
@@ -77,7 +80,8 @@ def test_discovery_lists_the_patient_view_service_with_prefetch(client: TestClie
     assert service["prefetch"]["patient"] == "Patient/{{context.patientId}}"
     searches = ("observations", "conditions", "medicationRequests", "medicationStatements", "medicationDispenses",
                 "molecularSequences", "diagnosticReports", "procedures")
-    assert set(service["prefetch"]) == {"patient", *searches}
+    assert set(service["prefetch"]) == {"patient", "consents", *searches}
+    assert service["prefetch"]["consents"] == "Consent?patient={{context.patientId}}&status=active"
     for key in searches:
         assert "patient={{context.patientId}}" in service["prefetch"][key]
     assert service["prefetch"]["medicationRequests"].endswith("&_include=MedicationRequest:medication")

@@ -88,9 +88,9 @@ def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def prefetch_of(record: list[dict[str, Any]]) -> dict[str, Any]:
-    """Complete prefetch for the service's templates."""
+    """Complete prefetch for the service's templates (as its discovery document lists them)."""
     out: dict[str, Any] = {"patient": record[0]}
-    for key, template in cds_hooks.PREFETCH.items():
+    for key, template in cds_hooks.discovery()["services"][0]["prefetch"].items():
         if key != "patient":
             rtype = template.split("?", 1)[0]
             out[key] = searchset([r for r in record if r["resourceType"] == rtype])

@@ -60,6 +60,10 @@ class FakeFhir:
         self.updates.append(resource)
         return resource
 
+    def search_all(self, rtype: str, params: dict, **_: object) -> list[dict]:
+        """Searches answer from the record (the consent check asks for the patient's Consents)."""
+        return [r for r in self.record if r.get("resourceType") == rtype]
+
     def fetch_patient_record(self, patient_id: str, types: object, **_: object) -> list[dict]:
         if self.error is not None:
             raise self.error
