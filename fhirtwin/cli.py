@@ -654,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--group", type=positive_int, default=1, help="patients per transaction (default 1)")
     run.add_argument("--as-of", type=iso_date, default=None, help="reference date YYYY-MM-DD (default today)")
     run.add_argument("--json", action="store_true", help="print per-patient results as JSON")
-    run.add_argument("--purpose-of-use", default="HRESCH", choices=PURPOSES_OF_USE,
-                     help="v3-ActReason purpose checked against each patient's active Consents (default HRESCH)")
+    run.add_argument("--purpose-of-use", default="TREAT", choices=PURPOSES_OF_USE,
+                     help="v3-ActReason purpose checked against each patient's active Consents (default TREAT: "
+                     "the results go to the chart for the patient's care; HRESCH for research runs)")
     run.add_argument("--ignore-consent", action="store_true",
                      help="do not search Consents (only for servers without Consent; never for real patients)")
     run.add_argument("--audit-log", default=None, metavar="FILE",
