@@ -248,7 +248,7 @@ def build_patient_write(
         by_key = {key_of(r): r for r in stored}
         currency = build_currency_provenance([by_key[k] for k in keys.values()], to_supersede,
                                              device_reference=device_ref, organization_reference=org_ref,
-                                             key=key, recorded=moment, hapi=hapi)
+                                             key=key, recorded=moment, hapi=hapi, sources=forecast.sources)
         entries.append(_provenance_entry(currency))
         expect_created.append(_provenance_condition(currency))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
@@ -269,19 +269,20 @@ def _provenance_entry(provenance: dict[str, Any]) -> dict[str, Any]:
 
 def build_currency_provenance(current: Sequence[dict[str, Any]], superseded: Sequence[dict[str, Any]], *,
                               device_reference: str, organization_reference: str, key: SigningKey,
-                              recorded: datetime, hapi: bool = True) -> dict[str, Any]:
+                              recorded: datetime, hapi: bool = True, sources: Sequence[str] = ()) -> dict[str, Any]:
     """The signed Provenance of a change of currency that creates no result (see the module docstring).
 
     ``current`` are stored results current after the transaction (its targets), ``superseded`` stored
-    results it tags (its revisions). A retirement passes the retired results as both. The run tag hashes
-    the targets, the revisions and the time, so a retry of the same transaction matches it and a later
-    change of currency gets a Provenance of its own.
+    results it tags (its revisions), ``sources`` the inputs that make ``current`` current again (entities
+    with role ``source``). A retirement passes the retired results as both targets and revisions (its
+    revisions are then its entities). The run tag hashes the targets, the revisions and the time, so a
+    retry of the same transaction matches it and a later change of currency gets a Provenance of its own.
     """
     refs = [f"{r['resourceType']}/{r['id']}" for r in current]
     revisions = [_versioned(r) for r in superseded]
     stamp = recorded.isoformat(timespec="milliseconds")
     ckey = run_key(["currency", stamp, *refs, *(f"revision {ref}" for ref in revisions)])
-    return build_provenance(list(zip(refs, current, strict=True)), [], device_reference=device_reference,
+    return build_provenance(list(zip(refs, current, strict=True)), sources, device_reference=device_reference,
                             organization_reference=organization_reference, key=key, recorded=recorded,
                             run_key=ckey, revisions=revisions, hapi=hapi, activity=("UPDATE", "revise"),
                             version_paths=("entity.what",))

@@ -154,6 +154,27 @@ def test_a_lost_response_to_a_committed_superseding_write_is_a_success(copies, b
     assert Engine(FhirClient(base_url)).verify_patient(patient).valid
 
 
+def test_a_superseded_tag_without_a_signature_fails_verify_patient(copies, base_url, http, capsys) -> None:
+    patient = copies[5]
+    assert main(["run", "--server", base_url, "--patient", patient]) == 0
+    assert main(["verify", "--server", base_url, "--patient", patient]) == 0
+    [current] = [r for r in current_results(http, base_url, [patient])[patient]
+                 if r["resourceType"] == "RiskAssessment"][:1]
+    meta = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": [
+        {"system": SUPERSEDED.split("|")[0], "code": SUPERSEDED.split("|")[1]}]}}]}
+    url = f"{base_url}/RiskAssessment/{current['id']}"
+    assert http.post(f"{url}/$meta-add", data=json.dumps(meta)).status_code == 200
+    capsys.readouterr()
+    try:
+        assert main(["verify", "--server", base_url, "--patient", patient]) == 1
+        err = capsys.readouterr().err
+        assert "INVALID" in err and f"RiskAssessment/{current['id']}" in err
+        assert "without a signed Provenance" in err
+    finally:
+        assert http.post(f"{url}/$meta-delete", data=json.dumps(meta)).status_code == 200
+    assert main(["verify", "--server", base_url, "--patient", patient]) == 0
+
+
 def _copy_bundles(ids: list[str]) -> list[dict]:
     from fhirtwin.sandbox.cohort import generate_cohort
 
