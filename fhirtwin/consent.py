@@ -171,7 +171,8 @@ def _list(value: Any) -> list[Any]:
 
 
 def _patient_of(consent: Any) -> str | None:
-    reference = (consent.get("patient") or {}).get("reference") if isinstance(consent, Mapping) else None
+    patient = consent.get("patient") if isinstance(consent, Mapping) else None
+    reference = patient.get("reference") if isinstance(patient, Mapping) else None
     if not isinstance(reference, str):
         return None
     parts = reference.rstrip("/").split("/")
