@@ -25,7 +25,7 @@ from typing import IO
 from fhirtwin.sandbox.cohort import DEFAULT_SEED, generate_patient
 
 DEFAULT_REFERENCE_DATE = "2026-06-30"
-_WRITE_BUFFER = 1 << 20
+_WRITE_BUFFER = 256 << 10
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fhirtwin.cli import main
 from fhirtwin.fhir.ndjson import NdjsonSource
+from fhirtwin.population import generate as generate_module
 from fhirtwin.population.generate import write_cohort_ndjson
 from fhirtwin.sandbox.cohort import codes, generate_cohort, generate_patient
 
@@ -80,14 +84,34 @@ def _peak_traced_bytes(run: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-def test_memory_does_not_grow_with_patients(tmp_path: Path) -> None:
-    """Six times the patients, about the same peak: one patient (and the write buffers) in memory at a time."""
+def test_one_patient_is_alive_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When patient k is generated, at most patient k - 1's bundle is still referenced (by the loop)."""
+
+    class Tracked(dict[str, Any]):  # a dict that can be weakly referenced
+        pass
+
+    alive: list[weakref.ref[Tracked]] = []
+    most_alive = 0
+
+    def tracked_patient(k: int, seed: int, reference_date: str | date) -> tuple[dict, dict]:
+        nonlocal most_alive
+        most_alive = max(most_alive, sum(ref() is not None for ref in alive))
+        bundle, truth = generate_patient(k, seed, reference_date)
+        wrapped = Tracked(bundle)
+        alive.append(weakref.ref(wrapped))
+        return wrapped, truth
+
+    monkeypatch.setattr(generate_module, "generate_patient", tracked_patient)
+    report = write_cohort_ndjson(tmp_path, 15, seed=SEED)
+    assert report.patients == 15 and len(alive) == 15
+    assert most_alive <= 1
+
+
+def test_streaming_peak_is_far_below_the_in_memory_cohort(tmp_path: Path) -> None:
     codes()  # the code tables are loaded once per process, outside the measurement
-    small = _peak_traced_bytes(lambda: write_cohort_ndjson(tmp_path / "small", 20, seed=SEED))
-    large = _peak_traced_bytes(lambda: write_cohort_ndjson(tmp_path / "large", 120, seed=SEED))
-    in_memory = _peak_traced_bytes(lambda: generate_cohort(120, seed=SEED))
-    assert large < 1.5 * small
-    assert in_memory > 2 * large  # the control: holding the cohort costs far more
+    streaming = _peak_traced_bytes(lambda: write_cohort_ndjson(tmp_path, 60, seed=SEED))
+    in_memory = _peak_traced_bytes(lambda: generate_cohort(60, seed=SEED))
+    assert in_memory > 2.5 * streaming
 
 
 def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
