@@ -54,6 +54,7 @@ from fhirtwin.fhir.ndjson import NdjsonSource
 FORMAT = "fhirtwin-stage/1"
 #: Partitions are sized for about this many patients when the bucket count is not given.
 PATIENTS_PER_PARTITION = 1000
+#: Each bucket keeps one Parquet file open while staging, so this also bounds open files.
 MAX_BUCKETS = 1024
 DEFAULT_MAX_BUFFER_BYTES = 256 << 20
 #: Buffer accounting per row on top of the line's length: the Python objects of the typed columns (measured
