@@ -80,6 +80,13 @@ def fuzz_record() -> list[dict[str, Any]]:
 
 
 RECORD = fuzz_record()
+#: The patient's active Consent (a privacy permit: the record may be used for treatment).
+CONSENT = {"resourceType": "Consent", "id": "consent-1", "status": "active",
+           "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                 "code": "patient-privacy"}]},
+           "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+           "patient": {"reference": f"Patient/{PID}"}, "dateTime": "2024-01-01",
+           "provision": {"type": "permit", "period": {"start": "2024-01-01"}}}
 
 
 def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +100,7 @@ def prefetch_of(record: list[dict[str, Any]]) -> dict[str, Any]:
     for key, template in cds_hooks.discovery()["services"][0]["prefetch"].items():
         if key != "patient":
             rtype = template.split("?", 1)[0]
-            out[key] = searchset([r for r in record if r["resourceType"] == rtype])
+            out[key] = searchset([r for r in [*record, CONSENT] if r["resourceType"] == rtype])
     return out
 
 
@@ -106,6 +113,11 @@ class StubFhir:
 
     def __init__(self, record: list[dict[str, Any]]) -> None:
         self.record = record
+        self.consents: list[Any] = [CONSENT]
+
+    def search_all(self, resource_type: str, params: object, **_: object) -> Iterator[Any]:
+        if resource_type == "Consent":
+            yield from copy.deepcopy(self.consents)
 
     def capabilities(self) -> dict[str, Any]:
         return {"resourceType": "CapabilityStatement", "software": {"name": "HAPI FHIR Server"}}
@@ -300,9 +312,10 @@ class HostileRequest:
 
     def __init__(self, method: str, url: str, headers: dict[str, str] | None = None, content: bytes | None = None,
                  *, params: list[tuple[str, str]] | None = None, reads_named_server: bool = False,
-                 record: list[dict[str, Any]] | None = None) -> None:
+                 record: list[dict[str, Any]] | None = None, consents: list[Any] | None = None) -> None:
         self.method, self.url, self.headers, self.content = method, url, headers or {}, content
         self.params, self.reads_named_server, self.record = params or [], reads_named_server, record
+        self.consents = consents
 
     def __repr__(self) -> str:  # short: hypothesis prints it for a failing example
         body = (self.content or b"")[:300]
@@ -369,14 +382,15 @@ DOORS = ["simulate_post"] * 4 + ["simulate_get"] * 2 + ["hook_put"] * 3 + ["hook
 def hostile_request(draw: st.DrawFn) -> HostileRequest:
     """One hostile request to a door drawn from ``DOORS``."""
     door = draw(st.sampled_from(DOORS))
-    if door == "simulate_post":
+    if door in ("simulate_post", "simulate_get"):
         record = [draw(mutated(r, 1)) if draw(st.integers(0, 5)) == 0 else r for r in RECORD]
-        return HostileRequest(_method(draw, "POST"), f"/fhir/Patient/{_id(draw, PID)}/$simulate", draw(headers()),
-                              draw(body_bytes(draw(mutated(PARAMETERS)))), record=record)
-    if door == "simulate_get":
-        record = [draw(mutated(r, 1)) if draw(st.integers(0, 5)) == 0 else r for r in RECORD]
-        return HostileRequest(_method(draw, "GET"), f"/fhir/Patient/{_id(draw, PID)}/$simulate", draw(headers()),
-                              params=_query(draw, ["write", "scenario", "horizon"]), record=record)
+        consents = [draw(mutated(CONSENT))] if draw(st.booleans()) else None
+        url = f"/fhir/Patient/{_id(draw, PID)}/$simulate"
+        if door == "simulate_get":
+            return HostileRequest(_method(draw, "GET"), url, draw(headers()), record=record, consents=consents,
+                                  params=_query(draw, ["write", "scenario", "horizon"]))
+        return HostileRequest(_method(draw, "POST"), url, draw(headers()), draw(body_bytes(draw(mutated(PARAMETERS)))),
+                              record=record, consents=consents)
     if door in ("hook_put", "hook_post_type"):
         resource = draw(mutated(draw(st.sampled_from([*RECORD[:3], RECORD[-1], MEDICATION]))))
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
@@ -484,6 +498,7 @@ def problems(request: HostileRequest, response: Any) -> list[str]:
 
 def send(client: TestClient, stub: StubFhir, request: HostileRequest) -> Any:
     stub.record = request.record if request.record is not None else RECORD
+    stub.consents = request.consents if request.consents is not None else [CONSENT]
     return client.request(request.method, request.url, params=request.params or None, headers=request.headers,
                           content=request.content)
 
@@ -659,6 +674,15 @@ def test_bundles_whose_entry_is_not_an_array_are_refused(client: TestClient) -> 
     assert response.status_code == 400
     assert response.json() == {"error": "bad_request",
                                "message": "prefetch.observations: Bundle.entry must be an array"}
+
+
+def test_a_consent_whose_patient_is_not_an_object_is_not_a_500(open_service: Service) -> None:
+    """Found by the suite: ``Consent.patient`` as a string or a list was a 500 at ``$simulate``."""
+    for patient in ("Patient/ftp-0001", [{"reference": f"Patient/{PID}"}]):
+        consent = {**CONSENT, "patient": patient, "provision": {"type": "deny"}}
+        request = HostileRequest("GET", f"/fhir/Patient/{PID}/$simulate", consents=[consent])
+        response = send(open_service.client, open_service.stub, request)
+        assert response.status_code in (200, 403) and not problems(request, response), response.text[:300]
 
 
 def test_the_checks_can_fail() -> None:
