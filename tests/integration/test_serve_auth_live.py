@@ -70,8 +70,11 @@ def test_every_door_answers_401_without_credentials(secured) -> None:
     assert requests.get(f"{url}/health", timeout=30).status_code == 200  # holds no patient data
 
 
-def test_a_token_from_the_configured_issuer_reads_a_real_patient(secured) -> None:
-    now = int(time.time())
+def test_a_token_from_the_configured_issuer_reads_a_real_patient(secured, base_url, http) -> None:
+    """The read is answered, refused for writing without the scopes, and audited (BALP AuditEvent with the
+    token's client as agent, reaching the server through the store's outbox)."""
+    started = time.time()
+    now = int(started)
     token = jwt.encode({"iss": IDP, "aud": f"{secured['url']}/fhir", "exp": now + 300, "iat": now,
                         "client_id": "integration-engine", "scope": "system/Patient.rs"},
                        secured["idp"], algorithm="RS384", headers={"kid": "idp-1"})
@@ -83,6 +86,15 @@ def test_a_token_from_the_configured_issuer_reads_a_real_patient(secured) -> Non
                             headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON},
                             json={"resourceType": "Parameters", "parameter": [{"name": "write", "valueBoolean": True}]})
     assert refused.status_code == 403
+    deadline = time.monotonic() + 60
+    clients: list[str] = []
+    while time.monotonic() < deadline and "integration-engine" not in clients:
+        bundle = http.get(f"{base_url}/AuditEvent", params={"entity": f"Patient/{PATIENT}", "_count": 200,
+                                                             "_sort": "-_lastUpdated"}).json()
+        clients = [agent["who"]["identifier"]["value"] for e in bundle.get("entry", [])
+                   for agent in e["resource"].get("agent", []) if agent.get("who", {}).get("identifier")]
+        time.sleep(1)
+    assert "integration-engine" in clients, "the service's read of the patient left no AuditEvent on the server"
 
 
 def test_a_registered_cds_client_gets_cards_once_per_token(secured, base_url) -> None:
