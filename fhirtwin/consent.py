@@ -200,12 +200,15 @@ def _bounds(text: Any) -> tuple[datetime, datetime] | None:
         if match:
             year, month, day = int(match[1]), int(match[2] or 1), int(match[3] or 1)
             start = datetime(year, month, day, tzinfo=UTC)
-            if match[3]:
-                end = start + timedelta(days=1)
-            elif match[2]:
-                end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
-            else:
-                end = datetime(year + 1, 1, 1, tzinfo=UTC)
+            try:
+                if match[3]:
+                    end = start + timedelta(days=1)
+                elif match[2]:
+                    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+                else:
+                    end = datetime(year + 1, 1, 1, tzinfo=UTC)
+            except (ValueError, OverflowError):  # the calendar's last day, month or year (9999-12-31)
+                return start, datetime.max.replace(tzinfo=UTC)
             return start, end - timedelta(microseconds=1)
         instant = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
