@@ -676,10 +676,13 @@ def test_bundles_whose_entry_is_not_an_array_are_refused(client: TestClient) -> 
                                "message": "prefetch.observations: Bundle.entry must be an array"}
 
 
-def test_a_consent_whose_patient_is_not_an_object_is_not_a_500(open_service: Service) -> None:
-    """Found by the suite: ``Consent.patient`` as a string or a list was a 500 at ``$simulate``."""
-    for patient in ("Patient/ftp-0001", [{"reference": f"Patient/{PID}"}]):
-        consent = {**CONSENT, "patient": patient, "provision": {"type": "deny"}}
+def test_consents_with_odd_patients_or_periods_are_not_a_500(open_service: Service) -> None:
+    """Found by the suite: ``Consent.patient`` as a string or a list, and a period ending 9999-12-31, were 500s
+    at ``$simulate``."""
+    odd = [{"patient": "Patient/ftp-0001"}, {"patient": [{"reference": f"Patient/{PID}"}]}]
+    odd += [{"provision": {"type": "deny", "period": {"end": end}}} for end in ("9999-12-31", "9999-12", "9999")]
+    for change in odd:
+        consent = {**CONSENT, "provision": {"type": "deny"}, **change}
         request = HostileRequest("GET", f"/fhir/Patient/{PID}/$simulate", consents=[consent])
         response = send(open_service.client, open_service.stub, request)
         assert response.status_code in (200, 403) and not problems(request, response), response.text[:300]
