@@ -3,7 +3,7 @@ duplicated, nothing stale, no committed write reported as failed; a killed run r
 
 The tests work on their own copies of the default cohort (ids ``flt-NNNN``, uploaded once, kept), so the
 writes and input changes here never touch the patients other tests use. Each session gives every copy
-a fresh input (a repeat of its latest BMI, dated now), so every run supersedes the previous session's
+a fresh input (a repeat of its latest blood pressure, dated now), so every run supersedes the previous session's
 results: the transactions carry ``ifMatch`` and a lost response makes the retry conflict (409/412).
 """
 
@@ -37,7 +37,7 @@ COPIES = 200
 GENERATED = "https://fhirtwin.org/CodeSystem/fhirtwin|fhirtwin-generated"
 SUPERSEDED = "https://fhirtwin.org/CodeSystem/fhirtwin|superseded"
 RESULT_TYPES = ("RiskAssessment", "Goal", "CarePlan")
-FRESH_CODES = ("39156-5", "29463-7")  # BMI, else body weight: read by the twin, harmless to repeat
+FRESH_CODES = ("85354-9", "8480-6")  # blood pressure panel, else systolic: read by the twin, harmless to repeat
 SEED = 14
 
 
@@ -52,9 +52,9 @@ def _post(http: requests.Session, base_url: str, bundle: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def copies(base_url: str, loaded_cohort, http: requests.Session) -> list[str]:
+def copies(base_url: str, cohort, http: requests.Session) -> list[str]:
     """The cohort's first COPIES patients under ``flt-`` ids (uploaded when missing), each with a fresh input."""
-    bundles = [_copy(b) for b in loaded_cohort.bundles[:COPIES]]
+    bundles = [_copy(b) for b in cohort.bundles[:COPIES]]
     ids = [b["entry"][0]["resource"]["id"] for b in bundles]
     present = http.get(f"{base_url}/Patient", params={"_id": ",".join(ids), "_elements": "id", "_count": COPIES})
     have = {e["resource"]["id"] for e in present.json().get("entry", [])}
@@ -67,9 +67,8 @@ def copies(base_url: str, loaded_cohort, http: requests.Session) -> list[str]:
 
 
 def _fresh_input(bundle: dict, when: datetime | None = None) -> dict | None:
-    """A POST entry repeating the copy's latest BMI (or weight) observation, dated ``when`` (now)."""
+    """A POST entry repeating the copy's latest blood pressure observation, dated ``when`` (now)."""
     observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
-                    and "valueQuantity" in e["resource"]
                     and e["resource"]["code"]["coding"][0]["code"] in FRESH_CODES]
     if not observations:
         return None
