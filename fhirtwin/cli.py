@@ -419,6 +419,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                                            "--webhook-secret-file"))
         if args.dev_no_auth:
             check_dev_mode(args.host)
+            if args.public_url:  # behind a proxy, a loopback listener still serves the world
+                check_dev_mode(urlsplit(args.public_url).hostname or "")
         elif not (auth.issuer or auth.cds_clients or auth.webhook_secret):
             raise ConfigError("no credentials are configured: give --config (token issuer, CDS clients) or "
                               "--webhook-secret-file; --dev-no-auth opens every door on a loopback host")

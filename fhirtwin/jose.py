@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ ALGORITHMS: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
 #: cryptography curve name → (JWK ``crv``, coordinate size in bytes).
 CURVES: dict[str, tuple[str, int]] = {"secp256r1": ("P-256", 32), "secp384r1": ("P-384", 48),
                                       "secp521r1": ("P-521", 66)}
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 #: Any key ``cryptography`` loads; the functions here accept it and raise ValueError unless it is RSA or EC.
 Key = PrivateKeyTypes | PublicKeyTypes
 
@@ -39,7 +41,10 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    """Inverse of :func:`b64url`."""
+    """Inverse of :func:`b64url`; strict (RFC 7515 §2: the URL-safe alphabet, no padding, nothing else), so
+    one value has one encoding. Raises ValueError otherwise."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url without padding")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 

@@ -86,13 +86,16 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
         await run_in_threadpool(flusher.stop)
 
-    app = FastAPI(title="fhirtwin", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    # the interactive API docs describe every door: only for development, like the open doors themselves
+    docs = "/docs" if settings.dev_no_auth else None
+    app = FastAPI(title="fhirtwin", version=__version__, docs_url=docs, redoc_url=None, lifespan=lifespan,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.guard = guard_for(settings, replay=_StoredReplayCache(settings))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "fhir_server": settings.fhir_server}
+        return {"status": "ok", "version": __version__}
 
     @app.get("/model-card", response_model=None)
     def model_card(request: Request, model: str | None = Query(default=None)) -> Response:

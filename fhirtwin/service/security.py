@@ -50,10 +50,15 @@ JWKS_TTL_S = 300
 _JWKS_MIN_REFRESH_S = 30
 _JWKS_MAX_BYTES = 256 * 1024
 _TOKEN_MAX_CHARS = 16 * 1024
+_SEGMENT_MAX_CHARS = 8 * 1024
+#: Time claims beyond this (the year 5138) are not real times.
+_MAX_TIME = 1e11
 
 #: The SMART v2 scopes each use needs (resource type → permissions, any of system/ or user/ context).
 READ_SCOPES: dict[str, str] = {"Patient": "r"}
 WRITE_SCOPES: dict[str, str] = {"Patient": "r", "RiskAssessment": "cu", "CarePlan": "cu", "Provenance": "c"}
+#: The webhook's status page describes Subscription deliveries (no patient data).
+STATUS_SCOPES: dict[str, str] = {"Subscription": "r"}
 #: SMART v1 permission words and what they mean in v2 letters.
 _V1_PERMISSIONS = {"read": "rs", "write": "cud", "*": "cruds"}
 
@@ -319,9 +324,13 @@ def key_set(source: str, *, verify_tls: bool = True) -> KeySet:
 
 
 def _segment(text: str, what: str) -> dict[str, Any]:
+    """One JSON segment of a compact JWS, parsed before its signature is checked: so bounded in size and
+    nesting (a deeply nested header must be a 401, not a recursion error)."""
+    if len(text) > _SEGMENT_MAX_CHARS:
+        raise AuthError(401, f"the token's {what} is too large")
     try:
         value = json.loads(jose.b64url_decode(text))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise AuthError(401, f"the token's {what} is not base64url JSON") from exc
     if not isinstance(value, dict):
         raise AuthError(401, f"the token's {what} is not a JSON object")
@@ -366,8 +375,11 @@ def verify_jwt(token: str, keys: Callable[[dict[str, Any]], tuple[Any, str | Non
         if name not in claims:
             raise AuthError(401, f"the token has no {name} claim")
     for name in ("exp", "nbf", "iat"):
-        if name in claims and (not isinstance(claims[name], int | float) or isinstance(claims[name], bool)):
-            raise AuthError(401, f"the token's {name} is not a number")
+        value = claims.get(name)
+        # the range test also refuses NaN and infinities (every comparison with NaN is false)
+        if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)
+                               or not 0 <= value < _MAX_TIME):
+            raise AuthError(401, f"the token's {name} is not a time")
     if "exp" in claims and claims["exp"] <= now - CLOCK_SKEW_S:
         raise AuthError(401, "the token has expired")
     if "nbf" in claims and claims["nbf"] > now + CLOCK_SKEW_S:
@@ -398,13 +410,15 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 def granted(scopes: Iterable[str], resource_type: str, permissions: str) -> bool:
     """True if SMART scopes grant every letter of ``permissions`` (v2 ``cruds``) on ``resource_type``.
 
-    Accepts ``system/`` and ``user/`` scopes, the ``*`` resource and SMART v1 ``read``/``write``/``*``;
-    a scope with a ``?`` restriction grants nothing here (the service cannot enforce the restriction).
+    Only ``system/`` scopes count: these doors read and write with the service's own credentials, so a
+    ``user/`` or ``patient/`` scope (limited by what that user may see) cannot authorise them. Accepts the
+    ``*`` resource and SMART v1 ``read``/``write``/``*``; a scope with a ``?`` restriction grants nothing here
+    (the service cannot enforce the restriction).
     """
     have: set[str] = set()
     for scope in scopes:
         context, _, rest = scope.partition("/")
-        if context not in ("system", "user") or "?" in rest or "." not in rest:
+        if context != "system" or "?" in rest or "." not in rest:
             continue
         rtype, _, perms = rest.partition(".")
         if rtype not in (resource_type, "*"):
@@ -513,13 +527,24 @@ class Guard:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise AuthError(401, "the CDS client JWT needs a jti")
-        if self.replay is not None and self.replay.seen_jti(registered.issuer, jti, float(claims["exp"])):
+        if claims["exp"] <= time.time():
+            raise AuthError(401, "the CDS client JWT has expired")  # no skew here: the replay cache must cover it
+        if self.replay is not None and self.replay.seen_jti(registered.issuer, jti,
+                                                             float(claims["exp"]) + CLOCK_SKEW_S):
             raise AuthError(401, "the CDS client JWT was already used (jti replay)")
         return Principal(client=_client_of(claims), via="cds-jwt", issuer=registered.issuer), registered
 
     def fhir_server_allowed(self, url: str, client: CdsClient | None = None) -> bool:
-        """True if a CDS ``fhirServer`` (or SMART ``iss``) may be contacted with the caller's token."""
-        allowed = client.fhir_servers if client is not None and client.fhir_servers else self.allowed_fhir_servers
+        """True if a CDS ``fhirServer`` may be contacted with the caller's token: one the client's registration
+        lists, else one of ``auth.fhir_servers`` (in development: also the service's own server). The
+        service's own server is never implied for a registered client: it would read it for them (a
+        confused deputy)."""
+        if client is not None and client.fhir_servers:
+            allowed: tuple[str, ...] = client.fhir_servers
+        elif self.dev_no_auth:
+            allowed = self.allowed_fhir_servers
+        else:
+            allowed = self.auth.fhir_servers
         return url.rstrip("/") in {a.rstrip("/") for a in allowed}
 
 

@@ -45,7 +45,7 @@ from fhirtwin.engine import (
 from fhirtwin.fhir.client import patient_reference_id
 from fhirtwin.service.jobs import Permanent, WebhookWorker
 from fhirtwin.service.runtime import ServiceSettings, engine_for, ensure_json_logging, log_event, shared_client
-from fhirtwin.service.security import WRITE_SCOPES, AuthError
+from fhirtwin.service.security import STATUS_SCOPES, WRITE_SCOPES, AuthError
 from fhirtwin.service.store import open_store
 
 BASE = "/hooks/fhir"
@@ -239,7 +239,7 @@ def _refused(request: Request, *, operator: bool = False) -> JSONResponse | None
     guard = request.app.state.guard
     try:
         if operator:
-            guard.bearer(request.headers, WRITE_SCOPES if request.method == "POST" else {})
+            guard.bearer(request.headers, WRITE_SCOPES if request.method == "POST" else STATUS_SCOPES)
         else:
             guard.webhook(request.headers)
     except AuthError as exc:

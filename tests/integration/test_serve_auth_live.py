@@ -34,6 +34,8 @@ def test_serve_refuses_to_start_without_credentials_or_with_dev_mode_off_loopbac
     assert bare.returncode == 2 and "no credentials are configured" in bare.stderr
     exposed = serve_exit("--fhir-server", base_url, "--host", "0.0.0.0", "--dev-no-auth")
     assert exposed.returncode == 2 and "loopback" in exposed.stderr
+    proxied = serve_exit("--fhir-server", base_url, "--dev-no-auth", "--public-url", "https://twin.example.org")
+    assert proxied.returncode == 2 and "loopback" in proxied.stderr
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def secured(base_url, loaded_cohort, start_service, tmp_path_factory) -> dict:
     (folder / "secret").write_text("a-webhook-secret-of-some-length")
     (folder / "fhirtwin.toml").write_text(
         f'[auth]\nissuer = "{IDP}"\njwks = "idp.json"\nwebhook_secret_file = "secret"\n'
-        f'[[auth.cds_clients]]\nissuer = "{EHR}"\njwks = "ehr.json"\n')
+        f'[[auth.cds_clients]]\nissuer = "{EHR}"\njwks = "ehr.json"\nfhir_servers = ["{base_url}"]\n')
     url = start_service(base_url, args=["--config", str(folder / "fhirtwin.toml")])
     return {"url": url, "idp": idp_key, "ehr": ehr_key, "folder": folder}
 

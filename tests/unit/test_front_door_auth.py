@@ -210,7 +210,8 @@ def test_simulate_get_needs_a_read_token_and_writes_need_write_scopes(simulate_a
 
 
 @pytest.mark.parametrize("case", ["wrong_issuer", "wrong_audience", "expired", "not_yet_valid", "alg_none",
-                                  "hs256_with_public_key", "garbage", "other_key", "no_exp"])
+                                  "hs256_with_public_key", "garbage", "other_key", "no_exp", "user_scopes",
+                                  "deeply_nested_header", "padded_signature", "infinite_exp"])
 def test_simulate_refuses_bad_bearer_tokens(simulate_app, keys, case) -> None:
     client, fake, patient_id = simulate_app
     now = int(time.time())
@@ -239,6 +240,27 @@ def test_simulate_refuses_bad_bearer_tokens(simulate_app, keys, case) -> None:
         headers = {"Authorization": "Bearer " + head + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()}
     elif case == "garbage":
         headers = {"Authorization": "Bearer not-a-token"}
+    elif case == "user_scopes":  # a clinician's token cannot make the service act with its own credentials
+        headers = bearer(keys, scope="user/*.cruds")
+    elif case == "deeply_nested_header":  # parsed before the signature is checked: must be a 401, not a 500
+        import base64
+        headers = {"Authorization": "Bearer " + base64.urlsafe_b64encode(b"[" * 1000).rstrip(b"=").decode()
+                   + ".e30.x"}
+    elif case == "padded_signature":  # one token, one encoding
+        headers = {"Authorization": bearer(keys)["Authorization"] + "=="}
+    elif case == "infinite_exp":
+        token = jwt.encode({"iss": IDP, "aud": f"{PUBLIC}/fhir", "scope": WRITE}, keys["idp"], algorithm="RS384",
+                           headers={"kid": "idp-1"})
+        head, payload, _ = token.split(".")
+        import base64
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+        claims = base64.urlsafe_b64encode(b'{"iss":"%s","aud":"%s/fhir","scope":"%s","exp":Infinity}'
+                                          % (IDP.encode(), PUBLIC.encode(), WRITE.encode())).rstrip(b"=").decode()
+        signature = keys["idp"].sign(f"{head}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA384())
+        headers = {"Authorization": f"Bearer {head}.{claims}."
+                   + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()}
     elif case == "other_key":
         token = jwt.encode({"iss": IDP, "aud": f"{PUBLIC}/fhir", "exp": now + 300, "scope": WRITE}, keys["other"],
                            algorithm="ES384", headers={"kid": "idp-1"})
@@ -246,7 +268,7 @@ def test_simulate_refuses_bad_bearer_tokens(simulate_app, keys, case) -> None:
     else:
         headers = bearer(keys, exp=None)
     response = client.post(f"/fhir/Patient/{patient_id}/$simulate", json=parameters(), headers=headers)
-    assert response.status_code == 401, (case, response.text)
+    assert response.status_code == (403 if case == "user_scopes" else 401), (case, response.text)
     assert response.json()["resourceType"] == "OperationOutcome"
     assert fake.transactions == []
 
@@ -275,7 +297,8 @@ def test_cds_call_with_a_registered_clients_jwt_gets_cards(cds_client, keys, cds
 
 
 @pytest.mark.parametrize("case", ["none", "alg_none", "expired", "garbage", "no_kid", "unknown_kid", "wrong_aud",
-                                  "unregistered_iss", "old_iat", "no_jti", "jku_not_allowed", "wrong_key"])
+                                  "unregistered_iss", "old_iat", "no_jti", "jku_not_allowed", "wrong_key",
+                                  "just_expired", "huge_exp"])
 def test_cds_call_refuses_bad_client_jwts(cds_client, keys, cds_body, case) -> None:
     """Finding 2: no token, ``alg=none``, expired and garbage tokens all got cards."""
     now = int(time.time())
@@ -294,6 +317,9 @@ def test_cds_call_refuses_bad_client_jwts(cds_client, keys, cds_body, case) -> N
         "jku_not_allowed": lambda: cds_token(keys, key="other", kid="jku-key",
                                              headers={"jku": "https://attacker.example/jwks"}),
         "wrong_key": lambda: cds_token(keys, key="other"),
+        # within the clock skew but past exp: the replay cache would no longer know its jti
+        "just_expired": lambda: cds_token(keys, exp=now - 30, iat=now - 60),
+        "huge_exp": lambda: cds_token(keys, exp=10 ** 400),
     }[case]()
     response = cds_client.post(f"/cds-services/{cds_hooks.SERVICE_ID}", json=cds_body, headers=headers)
     assert response.status_code == 401, (case, response.text)
@@ -336,6 +362,16 @@ def test_cds_feedback_needs_a_client_jwt(cds_client, keys) -> None:
     assert cds_client.post(url, json=body, headers=cds_token(keys)).status_code == 200
 
 
+def test_cds_client_cannot_make_the_service_read_its_own_server(settings, keys, cds_body) -> None:
+    """A registered client without its own fhirServer list may not name the service's FHIR server: the
+    service would read it for them (a confused deputy)."""
+    client = TestClient(create_app(replace(settings, fhir_server=EHR_FHIR.replace("ehr", "internal"), auth=replace(
+        settings.auth, cds_clients=(replace(settings.auth.cds_clients[0], fhir_servers=()),)))))
+    body = {**cds_body, "prefetch": {}, "fhirServer": EHR_FHIR.replace("ehr", "internal")}
+    response = client.post(f"/cds-services/{cds_hooks.SERVICE_ID}", json=body, headers=cds_token(keys))
+    assert response.status_code == 403 and response.json()["error"] == "forbidden"
+
+
 def test_cds_discovery_stays_public(cds_client) -> None:
     assert cds_client.get("/cds-services").status_code == 200
 
@@ -359,13 +395,14 @@ def test_webhook_needs_the_secret_or_a_write_token(settings, keys, monkeypatch) 
         assert client.get("/hooks/fhir/status").status_code == 401
         assert client.post("/hooks/fhir/dead-letter/replay",
                            headers=bearer(keys, scope="system/Patient.r")).status_code == 403
-        status = client.get("/hooks/fhir/status", headers=bearer(keys, scope="system/Patient.r")).json()
+        assert client.get("/hooks/fhir/status", headers=bearer(keys, scope="system/Patient.r")).status_code == 403
+        status = client.get("/hooks/fhir/status", headers=bearer(keys, scope="system/Subscription.r")).json()
         assert not any(v for k, v in status["counts"].items() if k.startswith("scheduled")), status
         ok = client.put("/hooks/fhir/Observation/1", json=obs, headers={"Authorization": f"Bearer {SECRET}"})
         assert ok.status_code == 200
         by_token = client.put("/hooks/fhir/Observation/2", json={**obs, "id": "2"}, headers=bearer(keys))
         assert by_token.status_code == 200
-        status = client.get("/hooks/fhir/status", headers=bearer(keys, scope="system/Patient.r")).json()
+        status = client.get("/hooks/fhir/status", headers=bearer(keys, scope="system/Subscription.r")).json()
         assert status["pending"] == 1  # the two deliveries are one patient's recompute
 
 
@@ -375,7 +412,8 @@ def test_webhook_needs_the_secret_or_a_write_token(settings, keys, monkeypatch) 
 def test_scope_grammar() -> None:
     assert granted(["system/RiskAssessment.cu"], "RiskAssessment", "cu")
     assert granted(["system/*.cruds"], "CarePlan", "cu")
-    assert granted(["user/RiskAssessment.write"], "RiskAssessment", "cu")  # SMART v1
+    assert granted(["system/RiskAssessment.write"], "RiskAssessment", "cu")  # SMART v1
+    assert not granted(["user/RiskAssessment.cruds"], "RiskAssessment", "c")  # the service acts as itself
     assert not granted(["system/RiskAssessment.c"], "RiskAssessment", "cu")
     assert not granted(["patient/RiskAssessment.cruds"], "RiskAssessment", "c")
     assert not granted(["system/RiskAssessment.cu?subject=Patient/1"], "RiskAssessment", "c")
