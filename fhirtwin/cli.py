@@ -574,6 +574,34 @@ def cmd_population_stage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_population_run(args: argparse.Namespace) -> int:
+    """Staged partitions simulated in parallel on Dask; per-patient summaries and signed bundles per partition."""
+    from tqdm import tqdm
+
+    from fhirtwin.population.run import LEDGER_FILE, run_population
+
+    if args.source is None and args.resume is None:
+        raise CliError("population run needs SOURCE (a folder of NDJSON or a staged folder) or --resume RUN_ID")
+    with tqdm(unit="partition", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
+        report = run_population(args.source, args.out, scheduler=args.scheduler, workers=args.workers,
+                                serial=args.serial, resume=args.resume, draws=args.draws, as_of=args.as_of,
+                                target=args.server, buckets=args.buckets, on_partition=lambda _: bar.update())
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(f"run {report.run_id}: {report.partitions} partitions ({report.done_now} done now, "
+              f"{report.already_done} already done, {report.failed} failed); patients: "
+              f"{_counts_text(report.patients)}; {report.simulated_now} simulated in {report.simulate_seconds:.1f} s "
+              f"on {report.workers} worker(s)")
+        for name, error in sorted(report.errors.items()):
+            print(f"  {name}: failed: {error}", file=sys.stderr)
+        print(f"summaries and bundles under {args.out}/runs/{report.run_id}; ledger {args.out}/{LEDGER_FILE}"
+              + (f" (resume with --resume {report.run_id})" if report.failed else ""))
+    if report.failed:
+        return EXIT_PARTIAL
+    return EXIT_PARTIAL if report.patients.get("failed") else EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -756,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     server_options(register)
     register.set_defaults(func=cmd_register)
 
-    population = commands.add_parser("population", help="population scale: NDJSON scale fixtures, Parquet staging")
+    population = commands.add_parser("population", help="population scale: NDJSON scale fixtures, Parquet "
+                                     "staging, parallel runs")
     steps = population.add_subparsers(dest="step", required=True, parser_class=_Parser)
     gen = steps.add_parser("generate", help="write N synthetic patients as NDJSON (one file per type, flat memory)")
     gen.add_argument("--patients", type=positive_int, required=True, help="number of patients")
@@ -775,6 +804,28 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--buffer-mb", type=positive_int, default=256, help="cap of buffered rows (default 256)")
     stage.add_argument("--json", action="store_true", help="print one JSON object")
     stage.set_defaults(func=cmd_population_stage)
+    prun = steps.add_parser("run", help="simulate a population in parallel on Dask: per-patient summaries (Parquet) "
+                            "and signed transaction bundles (NDJSON), with a resumable ledger")
+    prun.add_argument("source", nargs="?", default=None, help="folder of NDJSON (staged into OUT/stage/RUN_ID first) "
+                      "or a staged folder (fhirtwin population stage); not needed with --resume")
+    prun.add_argument("--out", required=True, help="output folder: ledger.sqlite3, runs/RUN_ID/{summaries,bundles}")
+    prun.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. "
+                      "tcp://host:8786 (default: an in-process cluster; OUT and the staged folder must be visible "
+                      "to every worker)")
+    prun.add_argument("--workers", type=positive_int, default=None,
+                      help="worker processes of the in-process cluster, one thread each (default: the cores)")
+    prun.add_argument("--serial", action="store_true", help="no Dask: partitions one after another in this process")
+    prun.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run: done partitions are kept, "
+                      "the others (pending, failed, left running by a crash) are simulated again")
+    prun.add_argument("--draws", type=positive_int, default=None, help="ensemble draws per scenario (default 1000)")
+    prun.add_argument("--as-of", type=iso_date, default=None, help="reference date YYYY-MM-DD (default today)")
+    prun.add_argument("--server", type=fhir_base, default=None, help="FHIR base the bundles are for (not contacted): "
+                      "their fullUrls and the signing key from the key store (default: the key in "
+                      "$FHIRTWIN_SIGNING_KEY_FILE and urn:uuid fullUrls)")
+    prun.add_argument("--buckets", type=positive_int, default=None, help="partitions when staging NDJSON "
+                      "(default: 4 per worker or one per 1000 patients, whichever is more)")
+    prun.add_argument("--json", action="store_true", help="print one JSON object")
+    prun.set_defaults(func=cmd_population_run)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=port_number, default=None,

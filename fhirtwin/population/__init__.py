@@ -3,12 +3,14 @@
 Why: a health system runs the twin over 100 k - 10 M patients. The steps here keep memory flat however
 large the panel: :mod:`~fhirtwin.population.generate` writes a synthetic cohort as Bulk-Data-style NDJSON
 (scale fixtures that need no server), and :mod:`~fhirtwin.population.stage` streams any NDJSON folder into
-Parquet partitions that each hold whole patients, the unit a later simulate step works on.
+Parquet partitions that each hold whole patients, and :mod:`~fhirtwin.population.run` simulates those
+partitions in parallel on Dask with a resumable ledger.
 """
 
 from __future__ import annotations
 
 from fhirtwin.population.generate import GenerateReport, write_cohort_ndjson
+from fhirtwin.population.run import Ledger, PopulationReport, PopulationRunError, run_population
 from fhirtwin.population.stage import (
     StageReport,
     bucket_of,
@@ -20,11 +22,15 @@ from fhirtwin.population.stage import (
 
 __all__ = [
     "GenerateReport",
+    "Ledger",
+    "PopulationReport",
+    "PopulationRunError",
     "StageReport",
     "bucket_of",
     "iter_patient_records",
     "list_partitions",
     "read_shared",
+    "run_population",
     "stage_ndjson",
     "write_cohort_ndjson",
 ]

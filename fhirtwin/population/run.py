@@ -1,0 +1,729 @@
+"""Population runs: staged partitions simulated in parallel on Dask, with a ledger that survives crashes.
+
+Why: a panel of 100 k patients is hours of CPU; one process reading one patient at a time uses one core and
+starts over after a crash. Here each Parquet partition of whole patients (:mod:`fhirtwin.population.stage`)
+is one task. A task builds each patient's twin, runs the engine with every scenario (as ``fhirtwin run``
+does), and writes two files per partition:
+
+* ``runs/<run id>/summaries/<partition>.parquet``: one row per patient (:data:`SUMMARY_SCHEMA`): median and
+  90 % interval of each outcome at 5 and 10 years, the guideline risk category, the best proposal, and the
+  scope or insufficient-data status;
+* ``runs/<run id>/bundles/<partition>.ndjson``: the signed transaction Bundle of each patient with a plan,
+  one a line, prepared by :meth:`fhirtwin.engine.Engine.prepare` (the deterministic identifiers of every
+  write path), for a server's ``$import`` or a later write-back step.
+
+Raw ensemble draws never leave the worker: a task returns a :class:`PartitionResult` of counts. Both files
+are written under temporary names and renamed, so a killed task leaves no half file.
+
+The ledger (``ledger.sqlite3``, WAL) holds each run (model version, source, settings, creation time), each
+partition's state (``pending``, ``running``, ``done``, ``failed``; attempts; output paths) and each
+patient's input hash and status. Only the driver writes it. ``resume`` skips done partitions whose files
+exist and redoes the rest, including partitions a killed run left ``running``; a redone partition's files
+replace the earlier ones and its patients' rows are replaced, so nothing is lost or counted twice.
+
+A run's settings (draws, reference date, recorded time, target server) are fixed when it is created and
+read back on resume: every partition of a run signs the same ``recorded`` instant and simulates the same
+question, whichever attempt computed it.
+
+Signing keys never travel in the task graph: each worker resolves the key itself with the key policy
+(:mod:`fhirtwin.keys`: ``FHIRTWIN_SIGNING_KEY(_FILE)``, else the key store for the target server) and the
+task refuses to sign when the worker's key id differs from the run's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import resource
+import secrets
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fhirtwin.population.stage import FORMAT as STAGE_FORMAT
+from fhirtwin.population.stage import (
+    MAX_BUCKETS,
+    PATIENTS_PER_PARTITION,
+    iter_patient_records,
+    list_partitions,
+    read_shared,
+    stage_ndjson,
+)
+
+LEDGER_FILE = "ledger.sqlite3"
+DEFAULT_DRAWS = 1000
+RUNS_DIR = "runs"
+STAGE_DIR = "stage"
+#: Outcomes summarised per patient (the mechanistic twin's competing-risk outcomes).
+SUMMARY_OUTCOMES = ("total_cvd", "ascvd", "heart_failure", "kidney_failure", "death")
+SUMMARY_YEARS = (5, 10)
+#: Partitions per worker when staging on the fly without ``buckets``: enough to keep every worker busy
+#: until the end (the last partitions finish unevenly), few enough that per-task overhead stays small.
+PARTITIONS_PER_WORKER = 4
+PLANNED, OUT_OF_SCOPE, INSUFFICIENT, FAILED = "planned", "out-of-scope", "insufficient-data", "failed"
+_TEMP_MARK = ".tmp-"
+
+
+def _summary_schema() -> pa.Schema:
+    fields = [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("input_hash", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("scope", pa.string()),
+        pa.field("missing", pa.list_(pa.string())),
+        pa.field("message", pa.string()),
+        pa.field("risk_outcome", pa.string()),
+        pa.field("risk_category_code", pa.string()),
+        pa.field("risk_category", pa.string()),
+    ]
+    for outcome in SUMMARY_OUTCOMES:
+        for years in SUMMARY_YEARS:
+            fields += [pa.field(f"{outcome}_{years}y_{stat}", pa.float64()) for stat in ("median", "p05", "p95")]
+    fields += [
+        pa.field("best_proposal", pa.string()),
+        pa.field("best_arr_median", pa.float64()),
+        pa.field("best_net_benefit_median", pa.float64()),
+        pa.field("best_nnt", pa.float64()),
+        pa.field("options", pa.int32()),
+        pa.field("medication_flags", pa.int32()),
+        pa.field("run_key", pa.string()),
+        pa.field("result_keys", pa.list_(pa.string())),
+    ]
+    return pa.schema(fields)
+
+
+#: One row per patient in ``summaries/<partition>.parquet``.
+SUMMARY_SCHEMA = _summary_schema()
+
+
+class PopulationRunError(ValueError):
+    """A run cannot start or resume (unknown run id, conflicting settings, source not usable)."""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What fixes a run's results besides the records; stored in the ledger and reused on resume."""
+
+    draws: int
+    as_of: str
+    recorded: str
+    target: str | None
+    fhirtwin_version: str
+    models: tuple[str, ...]
+    seed: int = 0
+    horizon_years: float = 10.0
+    outcome: str = "total_cvd"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["models"] = list(self.models)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSettings:
+        return cls(**{**data, "models": tuple(data["models"])})
+
+    def digest_basis(self) -> dict[str, Any]:
+        """The settings that change a patient's numbers (``recorded`` and ``target`` only change the bundle)."""
+        return {k: v for k, v in self.to_json().items() if k not in ("recorded", "target")}
+
+
+def current_models() -> tuple[str, ...]:
+    from fhirtwin.sim.model import registered_models
+
+    return tuple(sorted(f"{m.name} {m.version}" for m in registered_models()))
+
+
+def new_settings(*, draws: int, as_of: date | None, target: str | None,
+                 recorded: datetime | None = None) -> RunSettings:
+    from fhirtwin import __version__
+
+    moment = (recorded or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    return RunSettings(draws=draws, as_of=(as_of or moment.date()).isoformat(), recorded=moment.isoformat(),
+                       target=target, fhirtwin_version=__version__, models=current_models())
+
+
+def resolve_signing_key(target: str | None) -> Any:
+    """The key that signs a run's bundles: :func:`fhirtwin.keys.signing_key_for` the target server, or the
+    deployment's key from the environment when the bundles have no target yet."""
+    from fhirtwin.keys import KeyPolicyError, signing_key_for
+    from fhirtwin.writeback.jws import ENV_KEY, ENV_KEY_FILE
+
+    if target is not None:
+        return signing_key_for(target)
+    if os.environ.get(ENV_KEY) or os.environ.get(ENV_KEY_FILE):
+        return signing_key_for("http://offline.invalid/fhir")  # the environment's key wins over any store
+    raise KeyPolicyError(f"a population run signs its bundles: set {ENV_KEY_FILE} (or {ENV_KEY}), or name the "
+                         "FHIR server the results are for with --server (its key from the key store)")
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+@dataclass(frozen=True)
+class PartitionTask:
+    """Everything a worker needs for one partition (paths must be visible to the worker)."""
+
+    run_id: str
+    partition: str
+    partition_path: str
+    stage_dir: str
+    summary_path: str
+    bundles_path: str
+    settings: RunSettings
+    kid: str
+
+
+@dataclass
+class PartitionResult:
+    """What a task sends back: counts only (the numbers are in the files)."""
+
+    partition: str
+    patients: int = 0
+    planned: int = 0
+    out_of_scope: int = 0
+    insufficient: int = 0
+    failed: int = 0
+    bundles: int = 0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+class _Target:
+    """The engine's source in a worker: no reads (records come from the partition), only the base URL the
+    bundles' ``fullUrl`` s name (None: ``urn:uuid`` of each resource)."""
+
+    def __init__(self, base_url: str | None) -> None:
+        self.base_url = base_url
+
+
+def input_hash(record: list[dict[str, Any]], settings: RunSettings) -> str:
+    """SHA-256 over the settings that fix the numbers and every resource of the record (canonical JSON,
+    in record order): a patient whose hash is unchanged needs no new simulation."""
+    digest = hashlib.sha256(json.dumps(settings.digest_basis(), sort_keys=True).encode())
+    for item in record:
+        digest.update(b"\n")
+        digest.update(json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def simulate_partition(task: PartitionTask) -> PartitionResult:
+    """Simulate every patient of one partition and write its summary and bundle files (see the module doc).
+
+    A patient that fails is a ``failed`` row (with the error's type, or an engine error's message, which
+    never holds PHI); the partition goes on.
+    """
+    from fhirtwin import __version__
+    from fhirtwin.engine import Engine, PatientRecord
+
+    started, cpu_started = time.monotonic(), time.process_time()
+    settings = task.settings
+    if settings.fhirtwin_version != __version__ or tuple(settings.models) != current_models():
+        raise PopulationRunError(f"this worker runs fhirtwin {__version__} ({', '.join(current_models())}); the run "
+                                 f"needs {settings.fhirtwin_version} ({', '.join(settings.models)})")
+    key = resolve_signing_key(settings.target)
+    if key.kid != task.kid:
+        raise PopulationRunError("this worker's signing key is not the run's (check FHIRTWIN_SIGNING_KEY_FILE "
+                                 "on the workers)")
+    engine = Engine(_Target(settings.target), signing_key=key, draws=settings.draws,
+                    horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome)
+    as_of = date.fromisoformat(settings.as_of)
+    recorded = datetime.fromisoformat(settings.recorded)
+    result = PartitionResult(task.partition)
+    rows: list[dict[str, Any]] = []
+    shared = read_shared(task.stage_dir)
+    with _atomic_text(Path(task.bundles_path)) as bundles:
+        for patient_id, resources in iter_patient_records(task.partition_path, shared=shared):
+            row: dict[str, Any] = {"patient_id": patient_id, "input_hash": input_hash(resources, settings)}
+            try:
+                record = PatientRecord.split(patient_id, resources, stored_read=True)
+                run = engine.run(patient_id, record=record, as_of=as_of)
+                row.update(_summary(run, settings.outcome))
+                if run.plan is not None:
+                    write = engine.prepare(run, now=recorded)
+                    bundles.write(json.dumps(write.bundle, separators=(",", ":"), ensure_ascii=False) + "\n")
+                    row["run_key"] = write.run_key
+                    row["result_keys"] = sorted(f"{name}={value}" for name, value in write.keys.items())
+                    result.bundles += 1
+            except Exception as exc:  # noqa: BLE001 - one patient's failure must not lose the partition
+                row = {"patient_id": patient_id, "input_hash": row["input_hash"], "status": FAILED,
+                       "message": _error_text(exc)}
+            rows.append(row)
+            result.patients += 1
+    for row in rows:
+        status = row["status"]
+        result.planned += status == PLANNED
+        result.out_of_scope += status == OUT_OF_SCOPE
+        result.insufficient += status == INSUFFICIENT
+        result.failed += status == FAILED
+    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    with _atomic_path(Path(task.summary_path)) as temporary:
+        pq.write_table(table, temporary, compression="zstd")
+    result.cpu_seconds = time.process_time() - cpu_started
+    result.wall_seconds = time.monotonic() - started
+    result.peak_rss_bytes = _peak_rss()
+    return result
+
+
+def _summary(run: Any, outcome: str) -> dict[str, Any]:
+    """One summary row from a TwinRun (only medians and intervals; the draws stay here)."""
+    row: dict[str, Any] = {"scope": run.scope.code if run.scope is not None else None,
+                           "medication_flags": len(run.medication_flags)}
+    if run.plan is None:
+        out_of_scope = run.scope is not None and not run.scope.in_scope
+        row["status"] = OUT_OF_SCOPE if out_of_scope else INSUFFICIENT
+        row["missing"] = list(run.missing)
+        row["message"] = run.error if out_of_scope else None
+        return row
+    plan = run.plan
+    forecast = plan.baseline
+    row["status"] = PLANNED
+    for name in SUMMARY_OUTCOMES:
+        if name not in forecast.cif:
+            continue
+        for years in SUMMARY_YEARS:
+            if 12 * years > forecast.times_months[-1]:
+                continue
+            for stat, value in forecast.at_horizon(name, float(years)).items():
+                row[f"{name}_{years}y_{stat}"] = value
+    median = forecast.at_horizon(outcome, plan.horizon_years)["median"]
+    category = forecast.risk_category(outcome, plan.horizon_years, median)
+    row["risk_outcome"] = f"{outcome}_{plan.horizon_years:g}y"
+    row["risk_category_code"] = category.code if category is not None else None
+    row["risk_category"] = category.name if category is not None else None
+    row["options"] = len(plan.options)
+    if plan.options:
+        best = plan.options[0]
+        row["best_proposal"] = best.scenario.name
+        row["best_arr_median"] = best.arr.get("median")
+        row["best_net_benefit_median"] = best.net_benefit.get("median")
+        row["best_nnt"] = best.nnt
+    return row
+
+
+def _error_text(exc: BaseException) -> str:
+    """An error for the summary: an engine error's message (written to hold no PHI), else only its type."""
+    from fhirtwin.engine import EngineError
+
+    return exc.message if isinstance(exc, EngineError) else type(exc).__name__
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` that becomes ``path`` (``os.replace``) only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}{_TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic_text(path: Path) -> Iterator[Any]:
+    with _atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        yield handle
+
+
+# ------------------------------------------------------------------------------------------------ ledger
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    source TEXT NOT NULL,
+    stage_dir TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    created TEXT NOT NULL,
+    finished TEXT
+);
+CREATE TABLE IF NOT EXISTS partitions (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    partition TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    patients INTEGER,
+    simulated INTEGER NOT NULL DEFAULT 0,
+    summary_path TEXT,
+    bundles_path TEXT,
+    error TEXT,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (run_id, partition)
+);
+CREATE TABLE IF NOT EXISTS patients (
+    run_id TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    input_hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    PRIMARY KEY (run_id, patient_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    model_version: str
+    source: str
+    stage_dir: str
+    settings: RunSettings
+    created: str
+    finished: str | None
+
+
+@dataclass(frozen=True)
+class PartitionRow:
+    partition: str
+    state: str
+    attempts: int
+    patients: int | None
+    simulated: int
+    summary_path: str | None
+    bundles_path: str | None
+    error: str | None
+
+
+class Ledger:
+    """The SQLite ledger of a population output folder (WAL: readers watch progress while the run writes)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_run(self, run_id: str, *, source: str, stage_dir: str, settings: RunSettings) -> RunRow:
+        with self._db:
+            self._db.execute("INSERT INTO runs (run_id, model_version, source, stage_dir, settings, created) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (run_id, ", ".join(settings.models), source, stage_dir,
+                              json.dumps(settings.to_json(), sort_keys=True), _now()))
+        found = self.run(run_id)
+        assert found is not None
+        return found
+
+    def run(self, run_id: str) -> RunRow | None:
+        row = self._db.execute("SELECT run_id, model_version, source, stage_dir, settings, created, finished "
+                               "FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        return RunRow(row[0], row[1], row[2], row[3], RunSettings.from_json(json.loads(row[4])), row[5], row[6])
+
+    def runs(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT run_id FROM runs ORDER BY created, run_id")]
+
+    def add_partitions(self, run_id: str, partitions: list[str]) -> None:
+        """Register partitions as pending (those already known keep their state)."""
+        with self._db:
+            self._db.executemany("INSERT OR IGNORE INTO partitions (run_id, partition, state, updated) "
+                                 "VALUES (?, ?, 'pending', ?)", [(run_id, p, _now()) for p in partitions])
+
+    def partitions(self, run_id: str) -> dict[str, PartitionRow]:
+        rows = self._db.execute("SELECT partition, state, attempts, patients, simulated, summary_path, "
+                                "bundles_path, error FROM partitions WHERE run_id = ? ORDER BY partition",
+                                (run_id,))
+        return {r[0]: PartitionRow(*r) for r in rows}
+
+    def mark_running(self, run_id: str, partition: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE partitions SET state = 'running', attempts = attempts + 1, error = NULL, "
+                             "updated = ? WHERE run_id = ? AND partition = ?", (_now(), run_id, partition))
+
+    def mark_done(self, run_id: str, partition: str, result: PartitionResult, *, summary_path: str,
+                  bundles_path: str, patients: list[tuple[str, str, str]]) -> None:
+        """The partition's state and its patients' rows in one transaction (``patients``: id, hash, status)."""
+        with self._db:
+            self._db.execute("DELETE FROM patients WHERE run_id = ? AND partition = ?", (run_id, partition))
+            self._db.executemany("INSERT OR REPLACE INTO patients (run_id, patient_id, partition, input_hash, "
+                                 "status) VALUES (?, ?, ?, ?, ?)",
+                                 [(run_id, pid, partition, digest, status) for pid, digest, status in patients])
+            self._db.execute("UPDATE partitions SET state = 'done', patients = ?, simulated = simulated + ?, "
+                             "summary_path = ?, bundles_path = ?, error = NULL, updated = ? "
+                             "WHERE run_id = ? AND partition = ?",
+                             (result.patients, result.patients, summary_path, bundles_path, _now(), run_id,
+                              partition))
+
+    def mark_failed(self, run_id: str, partition: str, error: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE partitions SET state = 'failed', error = ?, updated = ? "
+                             "WHERE run_id = ? AND partition = ?", (error, _now(), run_id, partition))
+
+    def finish(self, run_id: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (_now(), run_id))
+
+    def patient_counts(self, run_id: str) -> dict[str, int]:
+        rows = self._db.execute("SELECT status, COUNT(*) FROM patients WHERE run_id = ? GROUP BY status", (run_id,))
+        return {str(status): int(n) for status, n in rows}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    """A sortable, unguessable run id: ``YYYYMMDDTHHMMSSZ-<6 hex>``."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class PopulationReport:
+    """What a run (or a resumed run) did; paths are relative to the output folder."""
+
+    run_id: str
+    out_dir: str
+    partitions: int
+    done_now: int = 0
+    already_done: int = 0
+    failed: int = 0
+    patients: dict[str, int] = field(default_factory=dict)
+    simulated_now: int = 0
+    bundles_now: int = 0
+    workers: int = 0
+    seconds: float = 0.0
+    cluster_start_seconds: float = 0.0
+    simulate_seconds: float = 0.0
+    worker_cpu_seconds: float = 0.0
+    peak_worker_rss_bytes: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_staged(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` is a complete staged folder (its manifest names the staging format)."""
+    manifest = Path(folder) / "manifest.json"
+    try:
+        return bool(json.loads(manifest.read_text("utf-8")).get("format") == STAGE_FORMAT)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_population(
+    source: str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    serial: bool = False,
+    resume: str | None = None,
+    draws: int | None = None,
+    as_of: date | None = None,
+    target: str | None = None,
+    buckets: int | None = None,
+    recorded: datetime | None = None,
+    on_partition: Callable[[PartitionResult], object] | None = None,
+) -> PopulationReport:
+    """Run (or ``resume``) a population run into ``out_dir`` and return what it did.
+
+    ``source`` is a folder of NDJSON (staged into ``out_dir/stage/<run id>`` first; ``buckets`` partitions,
+    default :data:`PARTITIONS_PER_WORKER` per worker or one per 1000 patients, whichever is more) or an
+    already staged folder; on resume it comes from the ledger. Partitions run on the Dask cluster at
+    ``scheduler``, else on an in-process ``LocalCluster`` of ``workers`` processes (default: the cores) with
+    one thread each; ``serial`` runs them one after another in this process. ``draws`` (default
+    :data:`DEFAULT_DRAWS`), ``as_of``, ``target`` and ``recorded`` fix a new run's settings
+    (:class:`RunSettings`); a resumed run keeps its own and refuses different ones.
+    """
+    started = time.monotonic()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    with Ledger(out / LEDGER_FILE) as ledger:
+        if resume is not None:
+            run = ledger.run(resume)
+            if run is None:
+                raise PopulationRunError(f"no run {resume!r} in {out.name}/{LEDGER_FILE}")
+            settings = run.settings
+            asked = {"draws": draws, "as_of": as_of.isoformat() if as_of else None, "target": target}
+            differ = [k for k, v in asked.items() if v is not None and v != getattr(settings, k)]
+            if differ:
+                raise PopulationRunError(f"run {resume} was made with other settings ({', '.join(differ)}); a resumed "
+                                         "run keeps its settings (start a new run instead)")
+        else:
+            if source is None:
+                raise PopulationRunError("a new run needs a SOURCE folder (NDJSON or staged)")
+            if not Path(source).is_dir():
+                raise PopulationRunError(f"SOURCE {Path(source).name} is not a folder")
+            settings = new_settings(draws=draws or DEFAULT_DRAWS, as_of=as_of, target=target, recorded=recorded)
+            run_id = new_run_id()
+            staged = is_staged(source)
+            stage_dir = Path(source).resolve() if staged else out / STAGE_DIR / run_id
+            run = ledger.create_run(run_id, source=str(Path(source).resolve()),
+                                    stage_dir=str(stage_dir), settings=settings)
+        key = resolve_signing_key(settings.target)
+        stage_dir = Path(run.stage_dir)
+        if not is_staged(stage_dir):
+            source_dir = Path(run.source)
+            if not source_dir.is_dir():
+                raise PopulationRunError("the run's NDJSON source folder is gone and its staging is incomplete")
+            stage_ndjson(source_dir, stage_dir, buckets=buckets or _default_buckets(source_dir, workers))
+        names = {p.stem: p for p in list_partitions(stage_dir)}
+        ledger.add_partitions(run.run_id, sorted(names))
+        vanished = sorted(set(ledger.partitions(run.run_id)) - set(names))
+        if vanished:
+            raise PopulationRunError(f"the staged folder no longer holds partition(s) {', '.join(vanished[:5])}")
+        run_dir = out / RUNS_DIR / run.run_id
+        _remove_leftovers(run_dir)
+        known = ledger.partitions(run.run_id)
+        todo = [name for name, row in known.items() if not _is_done(out, row)]
+        report = PopulationReport(run.run_id, str(out), partitions=len(known),
+                                  already_done=len(known) - len(todo), workers=1 if serial else workers)
+        tasks = {name: PartitionTask(
+            run_id=run.run_id, partition=name, partition_path=str(names[name].resolve()),
+            stage_dir=str(stage_dir.resolve()), summary_path=str((run_dir / "summaries" / f"{name}.parquet").resolve()),
+            bundles_path=str((run_dir / "bundles" / f"{name}.ndjson").resolve()), settings=settings, kid=key.kid)
+            for name in todo}
+        simulate_started = time.monotonic()
+
+        def finished(name: str, result: PartitionResult | None, error: BaseException | None) -> None:
+            task = tasks[name]
+            if result is None:
+                text = str(error) if isinstance(error, PopulationRunError) else type(error).__name__
+                ledger.mark_failed(run.run_id, name, text)
+                report.failed += 1
+                report.errors[name] = text
+                return
+            rows = pq.read_table(task.summary_path, columns=["patient_id", "input_hash", "status"]).to_pylist()
+            ledger.mark_done(run.run_id, name, result, summary_path=_relative(task.summary_path, out),
+                             bundles_path=_relative(task.bundles_path, out),
+                             patients=[(r["patient_id"], r["input_hash"], r["status"]) for r in rows])
+            report.done_now += 1
+            report.simulated_now += result.patients
+            report.bundles_now += result.bundles
+            report.worker_cpu_seconds += result.cpu_seconds
+            report.peak_worker_rss_bytes = max(report.peak_worker_rss_bytes, result.peak_rss_bytes)
+            if on_partition is not None:
+                on_partition(result)
+
+        if tasks:
+            if serial:
+                for name, task in tasks.items():
+                    ledger.mark_running(run.run_id, name)
+                    try:
+                        outcome = simulate_partition(task)
+                    except Exception as exc:  # noqa: BLE001 - a failed partition is recorded; the others go on
+                        finished(name, None, exc)
+                    else:
+                        finished(name, outcome, None)
+            else:
+                report.workers, report.cluster_start_seconds = _run_on_dask(tasks, ledger, run.run_id, scheduler,
+                                                                            workers, finished)
+        report.simulate_seconds = time.monotonic() - simulate_started - report.cluster_start_seconds
+        states = ledger.partitions(run.run_id)
+        if all(row.state == "done" for row in states.values()):
+            ledger.finish(run.run_id)
+        report.patients = ledger.patient_counts(run.run_id)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run_on_dask(tasks: dict[str, PartitionTask], ledger: Ledger, run_id: str, scheduler: str | None,
+                 workers: int, finished: Callable[[str, PartitionResult | None, BaseException | None], None],
+                 ) -> tuple[int, float]:
+    """Submit one task per partition and record each as it completes; returns the cluster's worker threads
+    and the seconds it took to start (or connect to) the cluster."""
+    import logging
+
+    from distributed import Client, LocalCluster, as_completed
+
+    started = time.monotonic()
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    try:
+        with Client(cluster if cluster is not None else scheduler, set_as_default=False) as client:
+            threads = sum(client.nthreads().values())
+            startup = time.monotonic() - started
+            futures = {}
+            for name, task in tasks.items():
+                ledger.mark_running(run_id, name)
+                future = client.submit(simulate_partition, task, key=f"fhirtwin-{run_id}-{name}-{uuid.uuid4().hex[:8]}",
+                                       pure=False)
+                futures[future] = name
+            for future in as_completed(futures, loop=client.loop):
+                name = futures[future]
+                error = future.exception()
+                if error is not None:
+                    finished(name, None, error)
+                else:
+                    finished(name, future.result(), None)
+                future.release()
+            return threads, startup
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _is_done(out: Path, row: PartitionRow) -> bool:
+    """Done and both files still there (a deleted output is redone)."""
+    return (row.state == "done" and row.summary_path is not None and row.bundles_path is not None
+            and (out / row.summary_path).is_file() and (out / row.bundles_path).is_file())
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary files of tasks a crash interrupted (never visible under a final name)."""
+    for folder in (run_dir / "summaries", run_dir / "bundles"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _TEMP_MARK in path.name:
+                    path.unlink(missing_ok=True)
+
+
+def _relative(path: str, out: Path) -> str:
+    return os.path.relpath(path, out.resolve())
+
+
+def _default_buckets(source_dir: Path, workers: int) -> int:
+    """Partitions for on-the-fly staging: at least :data:`PARTITIONS_PER_WORKER` per worker."""
+    from fhirtwin.fhir.ndjson import NdjsonSource
+
+    patients = 0
+    for path in NdjsonSource(source_dir).files.get("Patient", []):
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as handle:
+            patients += sum(1 for line in handle if line.strip())
+    wanted = max(math.ceil(patients / PATIENTS_PER_PARTITION), PARTITIONS_PER_WORKER * workers)
+    return max(1, min(MAX_BUCKETS, wanted, patients or 1))
