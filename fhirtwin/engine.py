@@ -355,10 +355,14 @@ class Transacted:
 
 
 def outcome_unknown(exc: fhir_errors.FhirError) -> bool:
-    """True when a failed transaction may have committed: no response (reset, timeout), a server error, a
-    throttle after retries, or a retry refused by a version check (409/412) because the first try committed."""
+    """True when a failed transaction may have committed: no response (reset, timeout), a server error, or
+    a refusal (409/412 version check, 429) of a *retry* after an attempt whose response was lost, because
+    that attempt may have committed. A first attempt refused with 409/412 is a real conflict (another
+    writer got there first), never a success of this one."""
     status = exc.status
-    return status is None or status >= 500 or status in (409, 412, 429)
+    if status is None or status >= 500:
+        return True
+    return status in (409, 412, 429) and exc.after_uncertain_attempt
 
 
 def _ref_key(ref: str) -> str:
@@ -380,6 +384,17 @@ def _instant_value(text: str | None) -> datetime:
 
 def today() -> date:
     return datetime.now(UTC).date()
+
+
+def _all_pages(client: Any, bundle: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The resources of a searchset and of every page after it (a patient with more results than one page
+    must not have the rest ignored: they would stay current, or escape a verification)."""
+    if not bundle:
+        return []
+    pages = getattr(client, "iter_bundle_pages", None)
+    if callable(pages):
+        return list(pages(bundle, max_pages=1000))
+    return [e["resource"] for e in bundle.get("entry") or [] if isinstance(e, dict) and "resource" in e]
 
 
 def stored_results_searches(patient_id: str) -> list[str]:
@@ -850,7 +865,7 @@ class Engine:
             if not result.ok:
                 raise UpstreamError(f"search of stored results failed with HTTP {result.status}",
                                     upstream_status=result.status)
-            found += [e["resource"] for e in (result.resource or {}).get("entry", []) if "resource" in e]
+            found += _all_pages(client, result.resource)
         return found
 
     @_audited_commit
@@ -1250,8 +1265,7 @@ class Engine:
             if not result.ok:
                 raise UpstreamError(f"Provenance search failed with HTTP {result.status}",
                                     upstream_status=result.status)
-            for entry in (result.resource or {}).get("entry") or []:
-                resource = entry.get("resource")
+            for resource in _all_pages(self._client(), result.resource):
                 if isinstance(resource, dict) and resource.get("resourceType") == "Provenance":
                     found[str(resource.get("id"))] = resource
         return list(found.values())

@@ -336,6 +336,7 @@ class FhirClient:
         template = path_template(url, self.base_url)
         attempt = 0
         refreshed_auth = False
+        uncertain = False  # an earlier attempt may have reached the server and been carried out
         while True:
             attempt += 1
             prepared = self.session.prepare_request(
@@ -364,13 +365,16 @@ class FhirClient:
                 timed_out = isinstance(exc, requests.Timeout)
                 log.warning("fhir %s %s failed: %s attempt=%d", method, template, type(exc).__name__, attempt)
                 if retry_safe and attempt <= self.max_retries:
+                    uncertain = True
                     self.sleep(self._backoff_delay(attempt))
                     continue
                 error_cls = FhirTimeout if timed_out else FhirConnectionError
                 # "from None": the requests exception text contains the full URL with query values.
-                raise error_cls(
+                lost = error_cls(
                     f"{type(exc).__name__} after {attempt} attempt(s)", method=method, url=prepared.url or url
-                ) from None
+                )
+                lost.after_uncertain_attempt = uncertain
+                raise lost from None
             elapsed_ms = (time.monotonic() - started) * 1000
             log.info(
                 "fhir %s %s status=%d duration_ms=%.0f attempt=%d",
@@ -400,10 +404,11 @@ class FhirClient:
                         "fhir %s %s status=%d retry in %.2fs attempt=%d", method, template, status, delay, attempt
                     )
                     response.close()
+                    uncertain = uncertain or status >= 500  # a 429 was not carried out; a 5xx may have been
                     self.sleep(delay)
                     continue
                 if status == 429:
-                    raise FhirThrottled(
+                    throttled = FhirThrottled(
                         f"throttled after {attempt} attempt(s)",
                         retry_after=retry_after,
                         method=method,
@@ -411,8 +416,13 @@ class FhirClient:
                         status=status,
                         outcome=_json_or_none(response),
                     )
+                    throttled.after_uncertain_attempt = uncertain
+                    raise throttled
             if status >= 400:
-                raise error_for_status(status, method=method, url=prepared.url or url, outcome=_json_or_none(response))
+                failed = error_for_status(status, method=method, url=prepared.url or url,
+                                          outcome=_json_or_none(response))
+                failed.after_uncertain_attempt = uncertain
+                raise failed
             return response
 
     def _backoff_delay(self, attempt: int) -> float:
@@ -574,9 +584,11 @@ class FhirClient:
         except FhirError as exc:
             if exc.status is None:
                 raise
-            raise FhirTransactionError(
+            rejected = FhirTransactionError(
                 "transaction rejected", method="POST", url=self.base_url, status=exc.status, outcome=exc.outcome
-            ) from exc
+            )
+            rejected.after_uncertain_attempt = exc.after_uncertain_attempt
+            raise rejected from exc
         check_transaction_response(response, entries)
         return response
 

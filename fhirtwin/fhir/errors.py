@@ -107,6 +107,10 @@ def outcome_issues(body: Any) -> list[dict[str, Any]]:
 class FhirError(Exception):
     """Base of every error raised by ``fhirtwin.fhir``."""
 
+    #: An earlier attempt of the same request lost its response (reset, timeout or 5xx before a retry), so
+    #: the server may have carried it out: a refusal of the retry says nothing about that attempt.
+    after_uncertain_attempt: bool = False
+
     def __init__(
         self,
         message: str,

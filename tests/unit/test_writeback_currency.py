@@ -132,14 +132,51 @@ def test_checkpoint_skips_only_unchanged_inputs_with_current_outputs(tmp_path) -
 
 
 def test_an_edited_revision_list_breaks_the_signature_check() -> None:
-    first = _store(_write())[:-1]
-    [provenance] = _provenances(_write(changed_run(), existing=first))
-    header = signature_header(provenance["signature"][0]["data"])
-    with pytest.raises(JwsError):  # a signature is bound to its header: revisions cannot be swapped
-        data = provenance["signature"][0]["data"]
-        import base64
-        jws = base64.b64decode(data).decode()
-        forged_header = jws.split(".")[0][:-4] + "AAAA"
-        forged = base64.b64encode(f"{forged_header}.{jws.split('.', 1)[1]}".encode()).decode()
-        verify_targets(forged, [], [], KEY.private_key.public_key())
-    assert header["revisions"]
+    """The revisions are in the signed header: the genuine signature verifies, the same signature under a
+    header claiming other revisions does not (a signature cannot be re-used to hide other results)."""
+    import base64
+    import json as json_module
+
+    from fhirtwin.jose import b64url, b64url_decode
+
+    stored = _store(_write())[:-1]
+    run = cohort_run()
+    write = build_patient_write(run.plan, run.state, key=KEY, existing=_tagged(stored), now=NOW + timedelta(seconds=1))
+    _, currency = _provenances(write)
+    targets, refs = _tagged(stored), [t["reference"] for t in currency["target"]]
+    data = currency["signature"][0]["data"]
+    public = KEY.private_key.public_key()
+    assert verify_targets(data, targets, refs, public)["revisions"] == []  # the genuine one verifies
+    head, rest = base64.b64decode(data).decode().split(".", 1)
+    header = json_module.loads(b64url_decode(head))
+    header["revisions"] = [refs[0]]  # claim that a current result was superseded by this signature
+    forged = base64.b64encode(f"{b64url(json_module.dumps(header).encode())}.{rest}".encode()).decode()
+    with pytest.raises(JwsError):
+        verify_targets(forged, targets, refs, public)
+
+
+
+def test_a_refused_first_attempt_is_a_conflict_and_a_refused_retry_after_a_lost_response_is_unknown() -> None:
+    """A 409/412 says nothing about an earlier attempt whose response was lost, but on a first attempt it is
+    another writer's conflict: confirming it would report someone else's write as this one's success."""
+    import requests
+    import responses
+
+    from fhirtwin.engine import outcome_unknown
+    from fhirtwin.fhir.client import FhirClient
+
+    base = "http://fhir.test/fhir"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+    with responses.RequestsMock() as mock:
+        mock.add(responses.POST, base, status=409, json={"resourceType": "OperationOutcome", "issue": []})
+        with pytest.raises(Exception) as first:
+            FhirClient(base, max_retries=2, sleep=lambda _s: None).transaction(bundle)
+    assert first.value.status == 409 and not first.value.after_uncertain_attempt
+    assert not outcome_unknown(first.value)
+    with responses.RequestsMock() as mock:
+        mock.add(responses.POST, base, body=requests.ConnectionError("reset"))
+        mock.add(responses.POST, base, status=409, json={"resourceType": "OperationOutcome", "issue": []})
+        with pytest.raises(Exception) as retried:
+            FhirClient(base, max_retries=2, sleep=lambda _s: None).transaction(bundle)
+    assert retried.value.status == 409 and retried.value.after_uncertain_attempt
+    assert outcome_unknown(retried.value)
