@@ -357,6 +357,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"Patient {args.patient}: {patient.message}", file=stream)
         for problem in patient.problems:
             print(f"  {problem}", file=stream)
+        if public_key is None:  # the keys came from Devices on the same server: a writer there could add one
+            print("  note: signing keys were taken from the server's own Devices; pin the deployment's key with "
+                  "--key to detect a writer who can also publish keys", file=sys.stderr)
         return EXIT_OK if patient.valid else EXIT_PARTIAL
     report = _engine(args).verify(args.provenance, public_key)
     stream = sys.stdout if report.valid else sys.stderr
