@@ -224,12 +224,15 @@ def _checkpoint(args: argparse.Namespace) -> Any:
     """The run checkpoint, or None: used for --all and several patients, never for --dry-run or --out."""
     from pathlib import Path
 
-    from fhirtwin.writeback.checkpoint import Checkpoint
+    from fhirtwin.writeback.checkpoint import Checkpoint, CheckpointError
 
     many = args.all or len(set(args.patient or ())) > 1
     if args.no_checkpoint or args.dry_run or args.out is not None or not many:
         return None
-    return Checkpoint.for_server(args.server, Path(args.state_dir) if args.state_dir else None)
+    try:
+        return Checkpoint.for_server(args.server, Path(args.state_dir) if args.state_dir else None)
+    except CheckpointError as exc:
+        raise CliError(f"fhirtwin run: {exc}") from exc
 
 
 def _run_settings(engine: Any, args: argparse.Namespace) -> dict[str, Any]:

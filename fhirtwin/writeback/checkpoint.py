@@ -68,20 +68,28 @@ class Done:
     provenance: str | None
 
 
+class CheckpointError(ValueError):
+    """The checkpoint file cannot be used (corrupt, locked, unwritable): named, with the way out."""
+
+
 class Checkpoint:
     """The checkpoint file of one server; use as a context manager (or call :meth:`close`)."""
 
     def __init__(self, path: Path, base_url: str = "") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path))
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS patient (id TEXT PRIMARY KEY, digest TEXT NOT NULL, "
-                         "outputs TEXT NOT NULL, provenance TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS server (base_url TEXT)")
-        if base_url and not self._db.execute("SELECT 1 FROM server").fetchone():
-            self._db.execute("INSERT INTO server VALUES (?)", (base_url,))
-        self._db.commit()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS patient (id TEXT PRIMARY KEY, digest TEXT NOT NULL, "
+                             "outputs TEXT NOT NULL, provenance TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS server (base_url TEXT)")
+            if base_url and not self._db.execute("SELECT 1 FROM server").fetchone():
+                self._db.execute("INSERT INTO server VALUES (?)", (base_url,))
+            self._db.commit()
+        except (sqlite3.Error, OSError) as exc:
+            raise CheckpointError(f"the checkpoint {path} cannot be used ({type(exc).__name__}): move it aside "
+                                  "or run with --no-checkpoint") from exc
 
     @classmethod
     def for_server(cls, base_url: str, folder: Path | None = None) -> Checkpoint:
@@ -100,7 +108,11 @@ class Checkpoint:
         row = self._db.execute("SELECT digest, outputs, provenance FROM patient WHERE id = ?", (patient_id,)).fetchone()
         if row is None:
             return None
-        return Done(patient_id, str(row[0]), list(json.loads(row[1])), row[2])
+        try:
+            outputs = json.loads(row[1])
+        except (ValueError, TypeError):
+            return None  # an unreadable entry: the patient simply runs again
+        return Done(patient_id, str(row[0]), list(outputs) if isinstance(outputs, list) else [], row[2])
 
     def skip(self, patient_id: str, digest: str, stored: Iterable[Mapping[str, Any]] | None) -> Done | None:
         """The checkpoint entry when the patient needs no run: same inputs, recorded outputs still current."""

@@ -180,3 +180,21 @@ def test_a_refused_first_attempt_is_a_conflict_and_a_refused_retry_after_a_lost_
             FhirClient(base, max_retries=2, sleep=lambda _s: None).transaction(bundle)
     assert retried.value.status == 409 and retried.value.after_uncertain_attempt
     assert outcome_unknown(retried.value)
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error_and_a_bad_entry_just_runs_again(tmp_path) -> None:
+    import sqlite3
+
+    from fhirtwin.writeback.checkpoint import CheckpointError
+
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CheckpointError, match="--no-checkpoint"):
+        Checkpoint(garbage)
+    path = tmp_path / "ok.sqlite3"
+    with Checkpoint(path) as checkpoint:
+        checkpoint.record("p1", "d", ["RiskAssessment/1"], None)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE patient SET outputs = '{not json' WHERE id = 'p1'")
+    with Checkpoint(path) as checkpoint:
+        assert checkpoint.get("p1") is None
