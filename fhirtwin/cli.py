@@ -580,6 +580,25 @@ def cmd_population_stage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_population_export(args: argparse.Namespace) -> int:
+    """Bulk Data $export of the types the twin reads into an NDJSON folder (the input of population stage)."""
+    from fhirtwin.population.bulk import BulkExport
+
+    level = "group" if args.group else "patient" if args.patients_level else "system"
+    progress = (lambda text: print(f"  {text}", file=sys.stderr)) if sys.stderr.isatty() else None
+    export = BulkExport(_client(args), level, group_id=args.group, since=args.since, max_wait=args.max_wait,
+                        on_progress=progress)
+    result = export.run(args.out)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{sum(result.resources.values())} resources in {len(result.output)} files under {args.out} "
+              f"({', '.join(f'{n} {t}' for t, n in result.resources.items()) or 'none'}); "
+              f"{result.error_outcomes} error outcome(s), {result.deleted_resources} deleted; "
+              f"transactionTime {result.transaction_time} (the next --since)")
+    return EXIT_OK
+
+
 def cmd_population_run(args: argparse.Namespace) -> int:
     """Staged partitions simulated in parallel on Dask; per-patient summaries and signed bundles per partition."""
     from tqdm import tqdm
@@ -591,7 +610,8 @@ def cmd_population_run(args: argparse.Namespace) -> int:
     with tqdm(unit="partition", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
         report = run_population(args.source, args.out, scheduler=args.scheduler, workers=args.workers,
                                 serial=args.serial, resume=args.resume, draws=args.draws, as_of=args.as_of,
-                                target=args.server, buckets=args.buckets, on_partition=lambda _: bar.update())
+                                target=args.server, buckets=args.buckets, purpose=args.purpose_of_use,
+                                on_partition=lambda _: bar.update())
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -810,6 +830,19 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--buffer-mb", type=positive_int, default=256, help="cap of buffered rows (default 256)")
     stage.add_argument("--json", action="store_true", help="print one JSON object")
     stage.set_defaults(func=cmd_population_stage)
+    export = steps.add_parser("export", help="Bulk Data $export of the types the twin reads into an NDJSON folder "
+                              "(the input of stage and run)")
+    server_options(export)
+    scope = export.add_mutually_exclusive_group()
+    scope.add_argument("--group", default=None, metavar="ID", help="export Group/ID's members (default: system level)")
+    scope.add_argument("--patients-level", action="store_true", help="export at Patient level (all patients)")
+    export.add_argument("--since", default=None, metavar="INSTANT", help="incremental: only resources changed "
+                        "after this FHIR instant (the transactionTime of the previous export)")
+    export.add_argument("--out", required=True, help="new folder: <Type>.<n>.ndjson, error/, deleted/, manifest.json")
+    export.add_argument("--max-wait", type=float, default=4 * 3600.0, help="seconds to wait for the server's "
+                        "export before cancelling it (default 14400)")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    export.set_defaults(func=cmd_population_export)
     prun = steps.add_parser("run", help="simulate a population in parallel on Dask: per-patient summaries (Parquet) "
                             "and signed transaction bundles (NDJSON), with a resumable ledger")
     prun.add_argument("source", nargs="?", default=None, help="folder of NDJSON (staged into OUT/stage/RUN_ID first) "
@@ -830,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "$FHIRTWIN_SIGNING_KEY_FILE and urn:uuid fullUrls)")
     prun.add_argument("--buckets", type=positive_int, default=None, help="partitions when staging NDJSON "
                       "(default: 4 per worker or one per 1000 patients, whichever is more)")
+    prun.add_argument("--purpose-of-use", default="TREAT", choices=PURPOSES_OF_USE, help="v3-ActReason purpose "
+                      "checked against the active Consents in each record (default TREAT; HRESCH for research; "
+                      "export Consent with the records)")
     prun.add_argument("--json", action="store_true", help="print one JSON object")
     prun.set_defaults(func=cmd_population_run)
 

@@ -74,6 +74,7 @@ SUMMARY_YEARS = (5, 10)
 #: until the end (the last partitions finish unevenly), few enough that per-task overhead stays small.
 PARTITIONS_PER_WORKER = 4
 PLANNED, OUT_OF_SCOPE, INSUFFICIENT, FAILED = "planned", "out-of-scope", "insufficient-data", "failed"
+CONSENT_DENIED = "consent-denied"
 _TEMP_MARK = ".tmp-"
 
 
@@ -129,6 +130,8 @@ class RunSettings:
     seed: int = 0
     horizon_years: float = 10.0
     outcome: str = "total_cvd"
+    #: v3-ActReason purpose of use checked against each patient's active Consents (:mod:`fhirtwin.consent`)
+    purpose: str = "TREAT"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -150,13 +153,13 @@ def current_models() -> tuple[str, ...]:
     return tuple(sorted(f"{m.name} {m.version}" for m in registered_models()))
 
 
-def new_settings(*, draws: int, as_of: date | None, target: str | None,
-                 recorded: datetime | None = None) -> RunSettings:
+def new_settings(*, draws: int, as_of: date | None, target: str | None, recorded: datetime | None = None,
+                 purpose: str = "TREAT") -> RunSettings:
     from fhirtwin import __version__
 
     moment = (recorded or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     return RunSettings(draws=draws, as_of=(as_of or moment.date()).isoformat(), recorded=moment.isoformat(),
-                       target=target, fhirtwin_version=__version__, models=current_models())
+                       target=target, fhirtwin_version=__version__, models=current_models(), purpose=purpose)
 
 
 def resolve_signing_key(target: str | None) -> Any:
@@ -199,6 +202,7 @@ class PartitionResult:
     planned: int = 0
     out_of_scope: int = 0
     insufficient: int = 0
+    consent_denied: int = 0
     failed: int = 0
     bundles: int = 0
     cpu_seconds: float = 0.0
@@ -227,11 +231,13 @@ def input_hash(record: list[dict[str, Any]], settings: RunSettings) -> str:
 def simulate_partition(task: PartitionTask) -> PartitionResult:
     """Simulate every patient of one partition and write its summary and bundle files (see the module doc).
 
-    A patient that fails is a ``failed`` row (with the error's type, or an engine error's message, which
-    never holds PHI); the partition goes on.
+    A patient whose active Consent (exported with the record) denies the run's purpose of use is a
+    ``consent-denied`` row: no numbers, no bundle. A patient that fails is a ``failed`` row (with the
+    error's type, or an engine error's message, which never holds PHI); the partition goes on.
     """
     from fhirtwin import __version__
-    from fhirtwin.engine import Engine, PatientRecord
+    from fhirtwin.consent import ConsentPolicy
+    from fhirtwin.engine import Engine
 
     started, cpu_started = time.monotonic(), time.process_time()
     settings = task.settings
@@ -246,6 +252,7 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
                     horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome)
     as_of = date.fromisoformat(settings.as_of)
     recorded = datetime.fromisoformat(settings.recorded)
+    consent = ConsentPolicy(settings.purpose)
     result = PartitionResult(task.partition)
     rows: list[dict[str, Any]] = []
     shared = read_shared(task.stage_dir)
@@ -253,25 +260,22 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
         for patient_id, resources in iter_patient_records(task.partition_path, shared=shared):
             row: dict[str, Any] = {"patient_id": patient_id, "input_hash": input_hash(resources, settings)}
             try:
-                record = PatientRecord.split(patient_id, resources, stored_read=True)
-                run = engine.run(patient_id, record=record, as_of=as_of)
-                row.update(_summary(run, settings.outcome))
-                if run.plan is not None:
-                    write = engine.prepare(run, now=recorded)
-                    bundles.write(json.dumps(write.bundle, separators=(",", ":"), ensure_ascii=False) + "\n")
-                    row["run_key"] = write.run_key
-                    row["result_keys"] = sorted(f"{name}={value}" for name, value in write.keys.items())
-                    result.bundles += 1
+                bundle = _simulate_one(engine, consent, patient_id, resources, row, as_of, recorded, settings)
             except Exception as exc:  # noqa: BLE001 - one patient's failure must not lose the partition
                 row = {"patient_id": patient_id, "input_hash": row["input_hash"], "status": FAILED,
                        "message": _error_text(exc)}
+            else:
+                if bundle is not None:
+                    bundles.write(json.dumps(bundle, separators=(",", ":"), ensure_ascii=False) + "\n")
+                    result.bundles += 1
             rows.append(row)
-            result.patients += 1
     for row in rows:
         status = row["status"]
+        result.patients += 1
         result.planned += status == PLANNED
         result.out_of_scope += status == OUT_OF_SCOPE
         result.insufficient += status == INSUFFICIENT
+        result.consent_denied += status == CONSENT_DENIED
         result.failed += status == FAILED
     table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
     with _atomic_path(Path(task.summary_path)) as temporary:
@@ -280,6 +284,28 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     result.wall_seconds = time.monotonic() - started
     result.peak_rss_bytes = _peak_rss()
     return result
+
+
+def _simulate_one(engine: Any, consent: Any, patient_id: str, resources: list[dict[str, Any]], row: dict[str, Any],
+                  as_of: date, recorded: datetime, settings: RunSettings) -> dict[str, Any] | None:
+    """Fill ``row`` for one patient and return the patient's transaction bundle (None: nothing to write)."""
+    from fhirtwin.adapters.reads import READ_TYPES
+    from fhirtwin.engine import PatientRecord
+
+    if consent.denying((r for r in resources if r.get("resourceType") == "Consent"), recorded):
+        row.update(status=CONSENT_DENIED, message=f"denied by the patient's privacy consent for {settings.purpose}")
+        return None
+    # only the types a record read returns are twin inputs (an export may hold others)
+    readable = [r for r in resources if r.get("resourceType") in READ_TYPES]
+    run = engine.run(patient_id, record=PatientRecord.split(patient_id, readable, stored_read=True), as_of=as_of)
+    row.update(_summary(run, settings.outcome))
+    if run.plan is None:
+        return None
+    write = engine.prepare(run, now=recorded)
+    row["run_key"] = write.run_key
+    row["result_keys"] = sorted(f"{name}={value}" for name, value in write.keys.items())
+    bundle: dict[str, Any] = write.bundle
+    return bundle
 
 
 def _summary(run: Any, outcome: str) -> dict[str, Any]:
@@ -555,6 +581,7 @@ def run_population(
     target: str | None = None,
     buckets: int | None = None,
     recorded: datetime | None = None,
+    purpose: str = "TREAT",
     on_partition: Callable[[PartitionResult], object] | None = None,
 ) -> PopulationReport:
     """Run (or ``resume``) a population run into ``out_dir`` and return what it did.
@@ -565,7 +592,8 @@ def run_population(
     ``scheduler``, else on an in-process ``LocalCluster`` of ``workers`` processes (default: the cores) with
     one thread each; ``serial`` runs them one after another in this process. ``draws`` (default
     :data:`DEFAULT_DRAWS`), ``as_of``, ``target`` and ``recorded`` fix a new run's settings
-    (:class:`RunSettings`); a resumed run keeps its own and refuses different ones.
+    (:class:`RunSettings`); a resumed run keeps its own and refuses different ones. ``purpose`` is the
+    purpose of use checked against the Consents in each record (a Bulk export should include Consent).
     """
     started = time.monotonic()
     out = Path(out_dir)
@@ -587,7 +615,8 @@ def run_population(
                 raise PopulationRunError("a new run needs a SOURCE folder (NDJSON or staged)")
             if not Path(source).is_dir():
                 raise PopulationRunError(f"SOURCE {Path(source).name} is not a folder")
-            settings = new_settings(draws=draws or DEFAULT_DRAWS, as_of=as_of, target=target, recorded=recorded)
+            settings = new_settings(draws=draws or DEFAULT_DRAWS, as_of=as_of, target=target, recorded=recorded,
+                                    purpose=purpose)
             run_id = new_run_id()
             staged = is_staged(source)
             stage_dir = Path(source).resolve() if staged else out / STAGE_DIR / run_id

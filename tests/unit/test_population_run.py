@@ -56,10 +56,20 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
         yield signing
 
 
+DENIED = "ftp-0002"
+#: A privacy Consent denying every purpose of use (FHIR R4 Consent; scope patient-privacy, base provision deny).
+DENY_ALL = {"resourceType": "Consent", "id": "deny-all", "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                  "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{DENIED}"}, "provision": {"type": "deny"}}
+
+
 @pytest.fixture(scope="module")
 def ndjson(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ndjson")
     write_cohort_ndjson(folder, N_PATIENTS, seed=23)
+    (folder / "Consent.ndjson").write_text(json.dumps(DENY_ALL) + "\n", encoding="utf-8")
     return folder
 
 
@@ -147,7 +157,7 @@ def test_summaries_and_bundles_equal_a_plain_engine_run(ndjson: Path, serial: tu
     rows = {r["patient_id"]: r for r in table.to_pylist()}
     written = bundles(out, report.run_id)
     planned = [pid for pid, r in rows.items() if r["status"] == "planned"]
-    others = [pid for pid, r in rows.items() if r["status"] != "planned"]
+    others = [pid for pid, r in rows.items() if r["status"] in ("out-of-scope", "insufficient-data")]
     assert len(planned) >= 3 and others, "the cohort should hold planned and unplanned patients"
     assert len(written) == len(planned)
 
@@ -273,3 +283,15 @@ def test_resume_refuses_other_settings_and_unknown_runs(serial: tuple[Path, Popu
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no run" in err
     assert main(["population", "run", "--out", str(tmp_path)]) == 2
+
+
+def test_a_patient_whose_consent_denies_the_purpose_gets_no_numbers_and_no_bundle(
+        ndjson: Path, serial: tuple[Path, PopulationReport], key: SigningKey) -> None:
+    out, report = serial
+    row = next(r for r in summaries(out, report.run_id).to_pylist() if r["patient_id"] == DENIED)
+    assert row["status"] == "consent-denied" and row["total_cvd_10y_median"] is None
+    assert f"Patient/{DENIED}" not in bundles(out, report.run_id)
+    assert report.patients["consent-denied"] == 1
+    engine = Engine(NdjsonSource(ndjson), signing_key=key, draws=DRAWS)  # without the Consent it would be planned
+    record = dataclasses.replace(engine.read(DENIED, with_stored=False), stored=[])
+    assert engine.run(DENIED, record=record, as_of=AS_OF).plan is not None
