@@ -120,6 +120,9 @@ class ConsentPolicy:
                 owner = _patient_of(consent)
                 if owner in found:  # a server ignoring a parameter must not attribute a Consent to the wrong patient
                     found[owner].append(consent)
+                elif owner is None:  # the server matched it to this search but its patient is unreadable:
+                    for pid in chunk:  # it may be any of them, so it counts for each (fail closed)
+                        found[pid].append(consent)
         out: dict[str, ConsentDenied] = {}
         for pid, consents in found.items():
             denying = self.denying(consents, now)

@@ -201,3 +201,18 @@ def test_offline_source_cannot_check_consent() -> None:
 
     with pytest.raises(BadRequest):
         Engine(Offline(), consent=TREAT).read("p1")
+
+
+def test_a_consent_the_server_matched_but_whose_patient_is_unreadable_fails_closed() -> None:
+    """A deny whose ``patient`` is malformed still came back for this search: it counts for every patient
+    searched (it may be any of them), rather than being silently ignored."""
+
+    class Server:
+        def search_all(self, rtype: str, params: dict, **_: object) -> list[dict]:
+            return [{"resourceType": "Consent", "id": "odd", "status": "active", "patient": "Patient/p1",
+                     "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                           "code": "patient-privacy"}]},
+                     "provision": {"type": "deny"}}]
+
+    denied = ConsentPolicy("TREAT").denials(Server(), ["p1", "p2"])
+    assert set(denied) == {"p1", "p2"}
