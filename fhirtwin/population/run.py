@@ -594,6 +594,8 @@ def run_population(
     :data:`DEFAULT_DRAWS`), ``as_of``, ``target`` and ``recorded`` fix a new run's settings
     (:class:`RunSettings`); a resumed run keeps its own and refuses different ones. ``purpose`` is the
     purpose of use checked against the Consents in each record (a Bulk export should include Consent).
+    The in-process cluster starts worker processes by ``spawn``: a script calling this needs the
+    ``if __name__ == "__main__":`` guard.
     """
     started = time.monotonic()
     out = Path(out_dir)
