@@ -355,7 +355,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if (args.provenance is None) == (args.patient is None):
         raise CliError("verify needs Provenance/ID or --patient ID (one of them)")
     if args.patient is not None:
-        patient = _engine(args).verify_patient(args.patient, public_key)
+        patient = _engine(args).verify_patient(args.patient, public_key, anchor=_anchor(args))
         stream = sys.stdout if patient.valid else sys.stderr
         print(f"Patient {args.patient}: {patient.message}", file=stream)
         for problem in patient.problems:
@@ -370,6 +370,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for change in report.changed_versions:
         print(f"  newer version: {change}", file=stream)
     return EXIT_OK if report.valid else EXIT_PARTIAL
+
+
+def _anchor(args: argparse.Namespace) -> str | None:
+    """The last Provenance this machine wrote for ``args.patient`` (from the run checkpoint), if it has one."""
+    from pathlib import Path
+
+    from fhirtwin.writeback.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+
+    path = checkpoint_path(args.server, Path(args.state_dir) if args.state_dir else None)
+    if not path.is_file():
+        return None
+    try:
+        with Checkpoint(path) as checkpoint:
+            done = checkpoint.get(args.patient)
+    except CheckpointError as exc:
+        raise CliError(f"fhirtwin verify: {exc}") from exc
+    return done.provenance if done is not None else None
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -732,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the newest valid signed Provenance and every superseded one is a signed revision")
     verify.add_argument("--key", default=None, help="pin this public (or private) key PEM instead of the key the "
                         "server publishes for the signature's kid (default: the published key)")
+    verify.add_argument("--state-dir", default=None, help="folder of the run checkpoint whose last Provenance per "
+                        "patient anchors --patient (default $FHIRTWIN_STATE_DIR, else ~/.local/state/fhirtwin)")
     verify.set_defaults(func=cmd_verify)
 
     serve = commands.add_parser("serve", help="the web service: $simulate, Subscription webhook, CDS Hooks, SMART")

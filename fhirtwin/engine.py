@@ -1203,12 +1203,17 @@ class Engine:
                             revisions=signed_revisions,
                             recorded=str(header.get("recorded") or provenance.get("recorded") or ""))
 
-    def verify_patient(self, patient_id: str, public_key: Any = None) -> PatientVerifyReport:
+    def verify_patient(self, patient_id: str, public_key: Any = None, *,
+                       anchor: str | None = None) -> PatientVerifyReport:
         """Check that what is current for a patient is what signed Provenances say, not what tags say.
 
         Valid when every Provenance naming the patient's results verifies, every result tagged superseded
         is a signed revision of a valid Provenance, and the current (untagged) results are exactly the
         targets minus the revisions of the newest valid Provenance (by its signed ``recorded``).
+
+        ``anchor``: a Provenance known from outside the server (the last one this machine wrote, from its
+        run checkpoint). Signatures cannot prove that nothing newer was deleted; the anchor can: if it is
+        gone or invalid, the patient's results were rolled back.
         """
         if not isinstance(patient_id, str) or not patient_id or "," in patient_id or "/" in patient_id:
             raise BadRequest("invalid patient id")
@@ -1242,6 +1247,9 @@ class Engine:
                                     f"current but not signed current: {', '.join(extra)}" if extra else "") if part))
         elif current:
             problems.append(f"no valid signed Provenance for the current results: {', '.join(current)}")
+        if anchor is not None and anchor not in {r.provenance for r in valid}:
+            problems.append(f"{anchor}, the last Provenance this machine wrote for the patient, is missing or "
+                            "invalid: the results may have been rolled back")
         if problems:
             message = f"INVALID: {len(problems)} problem(s)"
         else:

@@ -265,3 +265,40 @@ def _changed_rows(database: Path, before: dict[str, str]) -> set[str]:
     except sqlite3.Error:
         return set()
     return {p for p, digest in rows.items() if before.get(p) != digest}
+
+
+def test_a_rollback_by_deletion_is_caught_by_the_checkpoint_anchor(copies, base_url, http, tmp_path, capsys) -> None:
+    """Signatures cannot prove that nothing newer was deleted. Deleting a patient's newest results and their
+    Provenance, then untagging the older ones, passes ``verify --patient`` on the server's word alone; the
+    run checkpoint's record of the last Provenance this machine wrote catches it."""
+    patient, other = copies[6], copies[7]
+    state = tmp_path / "state"
+    run = ["run", "--server", base_url, "--patient", patient, "--patient", other, "--state-dir", str(state)]
+    assert main(run) == 0
+    fresh = _fresh_input(_copy_bundles(copies[:8])[6])
+    assert fresh is not None
+    _post(http, base_url, {"resourceType": "Bundle", "type": "transaction", "entry": [fresh]})
+    assert main(run) == 0  # the new results supersede the old; the checkpoint records the new Provenance
+    assert main(["verify", "--server", base_url, "--patient", patient, "--state-dir", str(state)]) == 0
+    newest = current_results(http, base_url, [patient])[patient]
+    refs = [f"{r['resourceType']}/{r['id']}" for r in newest]
+    provenances = http.get(f"{base_url}/Provenance", params={"target": ",".join(refs), "_count": 100}).json()
+    found = [e["resource"] for e in provenances.get("entry", [])]
+    older = sorted({"/".join(entity["what"]["reference"].split("/")[:2]) for prov in found
+                    for entity in prov.get("entity", []) if entity.get("role") == "revision"})
+    assert older, "the newest Provenance names the results it superseded"
+    doomed = [f"Provenance/{prov['id']}" for prov in found] + refs
+    assert http.post(base_url, data=json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": ref}} for ref in doomed]})).status_code == 200
+    meta = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": [
+        {"system": SUPERSEDED.split("|")[0], "code": SUPERSEDED.split("|")[1]}]}}]}
+    for ref in older:  # the previous run's results become "current" again
+        assert http.post(f"{base_url}/{ref}/$meta-delete", data=json.dumps(meta)).status_code == 200
+    capsys.readouterr()
+    try:
+        assert main(["verify", "--server", base_url, "--patient", patient,
+                     "--state-dir", str(tmp_path / "elsewhere")]) == 0  # the server's word alone: looks fine
+        assert main(["verify", "--server", base_url, "--patient", patient, "--state-dir", str(state)]) == 1
+        assert "rolled back" in capsys.readouterr().err
+    finally:
+        assert main(["run", "--server", base_url, "--patient", patient, "--no-checkpoint"]) == 0
