@@ -53,6 +53,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fhirtwin.keys import KeyPolicyError
 from fhirtwin.population.stage import FORMAT as STAGE_FORMAT
 from fhirtwin.population.stage import (
     MAX_BUCKETS,
@@ -165,7 +166,7 @@ def new_settings(*, draws: int, as_of: date | None, target: str | None, recorded
 def resolve_signing_key(target: str | None) -> Any:
     """The key that signs a run's bundles: :func:`fhirtwin.keys.signing_key_for` the target server, or the
     deployment's key from the environment when the bundles have no target yet."""
-    from fhirtwin.keys import KeyPolicyError, signing_key_for
+    from fhirtwin.keys import signing_key_for
     from fhirtwin.writeback.jws import ENV_KEY, ENV_KEY_FILE
 
     if target is not None:
@@ -652,7 +653,8 @@ def run_population(
         def finished(name: str, result: PartitionResult | None, error: BaseException | None) -> None:
             task = tasks[name]
             if result is None:
-                text = str(error) if isinstance(error, PopulationRunError) else type(error).__name__
+                # our own errors say what to fix and hold no PHI; anything else is named by its type only
+                text = str(error) if isinstance(error, PopulationRunError | KeyPolicyError) else type(error).__name__
                 ledger.mark_failed(run.run_id, name, text)
                 report.failed += 1
                 report.errors[name] = text

@@ -295,3 +295,21 @@ def test_a_patient_whose_consent_denies_the_purpose_gets_no_numbers_and_no_bundl
     engine = Engine(NdjsonSource(ndjson), signing_key=key, draws=DRAWS)  # without the Consent it would be planned
     record = dataclasses.replace(engine.read(DENIED, with_stored=False), stored=[])
     assert engine.run(DENIED, record=record, as_of=AS_OF).plan is not None
+
+
+def test_a_failing_patient_is_a_failed_row_and_the_partition_goes_on(key: SigningKey, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "ndjson"
+    write_cohort_ndjson(source, 3, seed=5)
+    unborn = {"resourceType": "Patient", "id": "born-later", "gender": "female", "birthDate": "2031-01-01"}
+    with open(source / "Patient.ndjson", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(unborn) + "\n")
+    out = tmp_path / "out"
+    code = main(["population", "run", str(source), "--out", str(out), "--serial", "--draws", str(DRAWS),
+                 "--as-of", AS_OF.isoformat(), "--buckets", "1", "--json"])
+    assert code == 1  # some patients failed
+    report = json.loads(capsys.readouterr().out)
+    assert report["done_now"] == 1 and report["patients"]["failed"] == 1
+    assert sum(report["patients"].values()) == 4
+    row = next(r for r in summaries(out, report["run_id"]).to_pylist() if r["patient_id"] == "born-later")
+    assert row["status"] == "failed" and "birth date" in row["message"]
