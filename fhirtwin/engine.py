@@ -214,6 +214,9 @@ class PatientRecord:
     patient_id: str
     resources: list[dict[str, Any]]
     stored: list[dict[str, Any]] | None = None
+    #: The purpose of use whose Consents the reading engine checked (None: not checked), so that a run on
+    #: this record does not search them again.
+    consented_for: str | None = None
 
     @classmethod
     def split(cls, patient_id: str, resources: Iterable[Any], *, stored_read: bool) -> PatientRecord:
@@ -607,7 +610,12 @@ class Engine:
             self._audit_read(patient_id, extra, exc)
             raise
         self._audit_read(patient_id, extra)
-        return PatientRecord.split(patient_id, resources, stored_read=with_stored)
+        return self._consented(PatientRecord.split(patient_id, resources, stored_read=with_stored))
+
+    def _consented(self, record: PatientRecord) -> PatientRecord:
+        """The record marked with the purpose whose Consents were checked before it was read."""
+        purpose = self.consent.purpose if self.consent is not None else None
+        return dataclasses.replace(record, consented_for=purpose) if purpose else record
 
     def _fetch_record(self, patient_id: str, extra: list[str]) -> list[dict[str, Any]]:
         try:
@@ -647,7 +655,7 @@ class Engine:
                 raise error from exc
             for patient_id, resources in records.items():
                 self._audit_read(patient_id, [])
-                yield PatientRecord.split(patient_id, resources, stored_read=False)
+                yield self._consented(PatientRecord.split(patient_id, resources, stored_read=False))
 
     # -- consent and audit
 
@@ -752,8 +760,8 @@ class Engine:
         if record is not None and not any(isinstance(r, dict) and r.get("resourceType") == "Patient"
                                           for r in record.resources):
             raise BadRequest("the supplied record holds no Patient resource")
-        if record is not None and self.consent is not None:  # a record read elsewhere: check before any write
-            self.require_consent(patient_id)
+        if record is not None and self.consent is not None and record.consented_for != self.consent.purpose:
+            self.require_consent(patient_id)  # a record read elsewhere: check before any write
         record = record if record is not None else self.read(patient_id)
         state = self.twin(record, as_of)
         return self.simulate(state, scenario=scenario, horizon_years=horizon_years, draws=draws,
