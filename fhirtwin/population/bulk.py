@@ -23,6 +23,11 @@ Protocol (FHIR Bulk Data Access IG v2.0.0, https://hl7.org/fhir/uv/bulkdata/STU2
   renewed between files, and a 401 on a file refreshes it once);
 * ``DELETE`` on the status URL cancels a job (done on KeyboardInterrupt and on timeout).
 
+HAPI 8.8 leaves ``deleted`` out of ``_since`` manifests altogether, so an incremental run would never learn of
+a deletion. When a ``_since`` manifest has no ``deleted`` key, the deletions are read from each exported
+type's history instead (``[type]/_history?_since=``, newest entry first; a resource counts as deleted when
+its newest entry is a ``DELETE``) and written as ``deleted/Bundle.history.ndjson`` in the IG's shape.
+
 Patient and Group exports carry only Patient-compartment types (HAPI refuses ``Medication`` there with
 HAPI-0512, and the IG defines those levels by the compartment). The types the twin reads by reference
 (``fhirtwin.adapters.reads.REFERENCED_TYPES``: Medication) are then read by id, for exactly the references
@@ -50,12 +55,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urlencode, urljoin
 
 import requests
 
 from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES, REFERENCED_TYPES
-from fhirtwin.fhir.client import FhirClient, parse_retry_after
+from fhirtwin.fhir.client import FhirClient, next_link, parse_retry_after
 from fhirtwin.fhir.errors import (
     BulkExportError,
     FhirConnectionError,
@@ -198,6 +203,7 @@ class BulkExport:
         min_poll_interval: float = 1.0,
         max_transient_failures: int = 10,
         download_attempts: int = 3,
+        deletions_from_history: bool = True,
         on_progress: Callable[[str], object] | None = None,
         sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -223,6 +229,7 @@ class BulkExport:
         self.min_poll_interval = min_poll_interval
         self.max_transient_failures = max_transient_failures
         self.download_attempts = download_attempts
+        self.deletions_from_history = deletions_from_history
         self.on_progress = on_progress
         self.sleep = sleep or client.sleep
         self.clock = clock
@@ -362,6 +369,10 @@ class BulkExport:
                 relative += f"{resource_type}.{numbers[resource_type]}.ndjson"
                 lines, size = self._download(str(item["url"]), folder / relative, requires_token, resource_type)
                 files.append(ExportFile(kind, resource_type, relative, lines, size))
+        if self.since and "deleted" not in manifest and self.deletions_from_history:
+            from_history = self._deleted_from_history(folder)
+            if from_history is not None:
+                result.deleted.append(from_history)
         for resource_type in self.resolved_types:
             written, unresolved = self._read_referenced(resource_type, folder)
             result.unresolved_references += unresolved
@@ -479,6 +490,41 @@ class BulkExport:
         if unresolved:
             log.warning("bulk export: %d %s reference(s) not found on the server", unresolved, resource_type)
         return ExportFile("output", resource_type, relative, len(found), (folder / relative).stat().st_size), unresolved
+
+
+    def _deleted_from_history(self, folder: Path) -> ExportFile | None:
+        """Resources of the exported types whose newest history entry since ``since`` is a DELETE."""
+        deleted: list[str] = []
+        for resource_type in self.types:
+            newest_seen: set[str] = set()
+            query = urlencode({"_since": self.since, "_count": 1000})
+            bundle: dict[str, Any] | None = self.client.follow(f"{resource_type}/_history?{query}")
+            while bundle is not None:
+                for entry in bundle.get("entry") or []:
+                    request = entry.get("request") if isinstance(entry, dict) else None
+                    if not isinstance(request, dict):
+                        continue
+                    key = _reference_key(str(request.get("url") or ""))
+                    if key is None or key in newest_seen:
+                        continue
+                    newest_seen.add(key)
+                    if str(request.get("method", "")).upper() == "DELETE":
+                        deleted.append(key)
+                following = next_link(bundle)
+                bundle = self.client.follow(following) if following else None
+        if not deleted:
+            return None
+        relative = "deleted/Bundle.history.ndjson"
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = 0
+        with open(path, "w", encoding="utf-8") as handle:
+            for start in range(0, len(deleted), ID_CHUNK):
+                entries = [{"request": {"method": "DELETE", "url": key}} for key in deleted[start:start + ID_CHUNK]]
+                handle.write(json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}) + "\n")
+                lines += 1
+        log.info("bulk export: %d deletion(s) read from history (the manifest has no deleted list)", len(deleted))
+        return ExportFile("deleted", "Bundle", relative, lines, path.stat().st_size)
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -79,7 +79,7 @@ def test_polls_honouring_retry_after_and_progress_then_writes_a_stageable_folder
     kickoff()
     responses.get(STATUS, status=202, headers={"X-Progress": "10% done", "Retry-After": "4"})
     responses.get(STATUS, status=202, headers={"X-Progress": "60% done"})
-    body = manifest({"b1": "Patient", "b2": "Observation", "b3": "Observation"})
+    body = manifest({"b1": "Patient", "b2": "Observation", "b3": "Observation"}, deleted=[])
     responses.get(STATUS, body=json.dumps(body), content_type="application/json")
     responses.get(f"{BASE}/Binary/b1", body=ndjson(patient("a"), patient("b")))
     responses.get(f"{BASE}/Binary/b2", body=ndjson(obs("o1", "a")) + "\n")  # a blank line is not a resource
@@ -98,6 +98,7 @@ def test_polls_honouring_retry_after_and_progress_then_writes_a_stageable_folder
     assert set(query["_type"][0].split(",")) == {*WATCHED_TYPES, "Consent"}  # what the twin reads, Medication too
     assert query["_since"] == ["2026-01-01T00:00:00Z"]
     assert query["_outputFormat"] == ["application/fhir+ndjson"]
+    assert not any("_history" in c.request.url for c in responses.calls)  # the manifest listed its deletions
     assert result.transaction_time == TT and result.polls == 3
     assert [f.path for f in result.output] == ["Patient.1.ndjson", "Observation.1.ndjson", "Observation.2.ndjson"]
     assert result.resources == {"Observation": 2, "Patient": 2}
@@ -144,6 +145,31 @@ def test_error_and_deleted_files_are_kept_beside_the_output_and_counted(tmp_path
     assert result.error_outcomes == 2 and result.deleted_resources == 2
     assert list(deleted_references(tmp_path / "out")) == ["Observation/o9", "Patient/p9"]
     assert NdjsonSource(tmp_path / "out").types() == ["Patient"]  # the kept files do not pollute the input
+
+
+@responses.activate
+def test_deletions_come_from_history_when_a_since_manifest_has_no_deleted_list(tmp_path: Path) -> None:
+    kickoff()
+    responses.get(STATUS, json=manifest({"b1": "Observation"}))  # HAPI 8.8: no "deleted" key at all
+    responses.get(f"{BASE}/Binary/b1", body=ndjson(obs("o1", "a")))
+    responses.get(f"{BASE}/Patient/_history", json={"resourceType": "Bundle", "type": "history"})
+
+    def entry(method: str, oid: str, version: int) -> dict[str, Any]:
+        return {"fullUrl": f"{BASE}/Observation/{oid}",
+                "request": {"method": method, "url": f"Observation/{oid}/_history/{version}"}}
+
+    next_page = f"{BASE}?_getpages=abc&_getpagesoffset=3"
+    responses.get(f"{BASE}/Observation/_history", json={
+        "resourceType": "Bundle", "type": "history", "link": [{"relation": "next", "url": next_page}],
+        "entry": [entry("DELETE", "o9", 3), entry("PUT", "o8", 3), entry("DELETE", "o8", 2)]})
+    responses.get(next_page, json={"resourceType": "Bundle", "type": "history",
+                                   "entry": [entry("POST", "o9", 2), entry("DELETE", "o7", 4)]})
+    result = BulkExport(FhirClient(BASE, sleep=Sleeps()), types=["Patient", "Observation"], since=TT).run(
+        tmp_path / "out")
+    assert list(deleted_references(tmp_path / "out")) == ["Observation/o9", "Observation/o7"]  # o8 came back
+    assert [f.path for f in result.deleted] == ["deleted/Bundle.history.ndjson"] and result.deleted_resources == 2
+    history = [c.request.url for c in responses.calls if "/_history" in c.request.url]
+    assert all(parse_qs(urlsplit(url).query)["_since"] == [TT] for url in history)
 
 
 @responses.activate
