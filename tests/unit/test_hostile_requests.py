@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
+from test_hostile_inputs import _wrong_type
 from writeback_fixtures import versioned_resources
 
 from fhirtwin.fhir import errors as fe
@@ -100,7 +101,7 @@ def prefetch_of(record: list[dict[str, Any]]) -> dict[str, Any]:
     for key, template in cds_hooks.discovery()["services"][0]["prefetch"].items():
         if key != "patient":
             rtype = template.split("?", 1)[0]
-            out[key] = searchset([r for r in [*record, CONSENT] if r["resourceType"] == rtype])
+            out[key] = searchset([r for r in [*record, copy.deepcopy(CONSENT)] if r["resourceType"] == rtype])
     return out
 
 
@@ -113,7 +114,7 @@ class StubFhir:
 
     def __init__(self, record: list[dict[str, Any]]) -> None:
         self.record = record
-        self.consents: list[Any] = [CONSENT]
+        self.consents: list[Any] = [copy.deepcopy(CONSENT)]
 
     def search_all(self, resource_type: str, params: object, **_: object) -> Iterator[Any]:
         if resource_type == "Consent":
@@ -195,20 +196,6 @@ def _at(root: Any, path: tuple[Any, ...]) -> Any:
     for key in path:
         root = root[key]
     return root
-
-
-def _wrong_type(value: Any) -> Any:
-    if isinstance(value, dict):
-        return [value] if value else "not an object"
-    if isinstance(value, list):
-        return value[0] if value else {}
-    if isinstance(value, str):
-        return {"value": value}
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int | float):
-        return str(value)
-    return 0
 
 
 def _nested(depth: int, leaf: Any) -> Any:
@@ -498,7 +485,7 @@ def problems(request: HostileRequest, response: Any) -> list[str]:
 
 def send(client: TestClient, stub: StubFhir, request: HostileRequest) -> Any:
     stub.record = request.record if request.record is not None else RECORD
-    stub.consents = request.consents if request.consents is not None else [CONSENT]
+    stub.consents = request.consents if request.consents is not None else [copy.deepcopy(CONSENT)]
     return client.request(request.method, request.url, params=request.params or None, headers=request.headers,
                           content=request.content)
 
@@ -517,6 +504,9 @@ def _smart_configuration() -> dict[str, Any]:
             "code_challenge_methods_supported": ["S256"], "capabilities": ["launch-ehr"]}
 
 
+_STUBS: dict[str, StubFhir] = {}
+
+
 def _service(tmp_path_factory: pytest.TempPathFactory, *, dev_no_auth: bool) -> Iterator[Service]:
     folder = tmp_path_factory.mktemp("hostile")
     key = folder / "key.pem"
@@ -527,9 +517,10 @@ def _service(tmp_path_factory: pytest.TempPathFactory, *, dev_no_auth: bool) -> 
         dev_no_auth=dev_no_auth, store_path=str(folder / "service.sqlite3"),
         webhook=WebhookOptions(window=3600.0, max_wait=3600.0),  # deliveries are queued, never run here
         auth=AuthSettings(webhook_secret=WEBHOOK_SECRET))
-    stub = StubFhir(RECORD)
+    stub = _STUBS[str(service_settings.store_path)] = StubFhir(RECORD)
     with pytest.MonkeyPatch.context() as patch, responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        patch.setattr(runtime, "shared_client", lambda _settings: stub)
+        # both services live at once (module fixtures): each app must reach its own stub
+        patch.setattr(runtime, "shared_client", lambda settings: _STUBS[str(settings.store_path)])
         patch.setattr(cds_hooks, "CARD_DRAWS", 16)
         mock.add(responses.GET, f"{FHIR_BASE}/.well-known/smart-configuration", json=_smart_configuration())
         mock.add(responses.POST, f"{FHIR_BASE}/auth/token", json={"error": "invalid_grant"}, status=400)
@@ -682,11 +673,11 @@ def test_consents_with_odd_patients_or_periods_are_not_a_500(open_service: Servi
     odd = [{"patient": "Patient/ftp-0001"}, {"patient": [{"reference": f"Patient/{PID}"}]}]
     odd += [{"provision": {"type": "deny", "period": {"end": end}}} for end in ("9999-12-31", "9999-12", "9999")]
     for change in odd:
-        consent = {**CONSENT, "provision": {"type": "deny"}, **change}
+        consent = {**copy.deepcopy(CONSENT), "provision": {"type": "deny"}, **change}
         request = HostileRequest("GET", f"/fhir/Patient/{PID}/$simulate", consents=[consent])
         response = send(open_service.client, open_service.stub, request)
         # every one denies: an unreadable patient counts for the searched patient (fail closed)
-        assert response.status_code == 403 and not problems(request, response), response.text[:300]
+        assert response.status_code == 403 and not problems(request, response), (change, response.text[:200])
 
 
 def test_the_checks_can_fail() -> None:
