@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlencode, urljoin
 
 import requests
@@ -87,7 +87,6 @@ __all__ = [
 log = logging.getLogger("fhirtwin.population")
 
 NDJSON = "application/fhir+ndjson"
-Level = Literal["system", "patient", "group"]
 #: Resource types the twin reads from a Patient's compartment. Consent joins the record types because a
 #: population run checks each patient's Consents in the exported record (fhirtwin.population.run).
 COMPARTMENT_TYPES: tuple[str, ...] = ("Patient", *RECORD_TYPES, "Consent")
@@ -102,9 +101,11 @@ _INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}
 ID_CHUNK = 100
 
 
-def default_types(level: str = "system") -> tuple[str, ...]:
-    """The ``_type`` list the twin needs: every type it reads, and Consent; derived, never listed twice."""
-    del level  # the same list at every level; patient/group exports read REFERENCED_TYPES by id instead
+def default_types() -> tuple[str, ...]:
+    """The ``_type`` list the twin needs: every type it reads, and Consent; derived, never listed twice.
+
+    The same at every level: patient and group exports leave REFERENCED_TYPES out of ``_type`` and read them by id.
+    """
     return (*COMPARTMENT_TYPES, *REFERENCED_TYPES)
 
 
@@ -217,7 +218,7 @@ class BulkExport:
         self.client = client
         self.level = level
         self.group_id = group_id
-        self.types = list(dict.fromkeys(types if types is not None else default_types(level)))
+        self.types = list(dict.fromkeys(types if types is not None else default_types()))
         for resource_type in self.types:
             if not _RESOURCE_TYPE.match(resource_type):
                 raise ValueError(f"{resource_type!r} is not a FHIR resource type")

@@ -23,7 +23,7 @@ import pytest
 from fhirtwin.adapters.reads import RECORD_TYPES
 from fhirtwin.engine import WATCHED_TYPES, Engine
 from fhirtwin.fhir.client import FhirClient, patient_reference_id
-from fhirtwin.population.bulk import COMPARTMENT_TYPES, BulkExport, BulkExportResult
+from fhirtwin.population.bulk import COMPARTMENT_TYPES, BulkExport, BulkExportResult, deleted_references
 from fhirtwin.population.stage import bucket_of, iter_patient_records, list_partitions, stage_ndjson
 
 pytestmark = pytest.mark.integration
@@ -47,13 +47,13 @@ def _observation(oid: str, pid: str, value: float) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def blk_patient(loaded_cohort, base_url: str) -> dict[str, str]:
-    """A patient of this module's own (never an ftp-* patient): two Observations, a MedicationRequest naming one of
+    """A patient of this module's own (never an ftp-* patient): three Observations, a MedicationRequest naming one of
     the cohort's Medications, and a Group holding only this patient."""
     client = FhirClient(base_url)
     pid = f"blk-{uuid.uuid4().hex[:12]}"
     medication = next(client.search_all("Medication", {"_count": 1}, max_pages=1))
     client.update({"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1961-03-04"})
-    for index, value in enumerate((160.0, 150.0)):
+    for index, value in enumerate((160.0, 150.0, 140.0)):
         client.update(_observation(f"{pid}-o{index}", pid, value))
     client.update({"resourceType": "MedicationRequest", "id": f"{pid}-mr", "status": "active", "intent": "order",
                    "subject": {"reference": f"Patient/{pid}"},
@@ -135,16 +135,19 @@ def test_incremental_export_returns_only_what_changed(blk_patient, cohort_export
     client = FhirClient(base_url)
     pid = blk_patient["patient"]
     full = BulkExport(client, "group", group_id=blk_patient["group"], max_wait=300).run(tmp_path / "group")
-    assert full.resources == {"Medication": 1, "MedicationRequest": 1, "Observation": 2, "Patient": 1}
+    assert full.resources == {"Medication": 1, "MedicationRequest": 1, "Observation": 3, "Patient": 1}
     assert [r["id"] for r in _lines(tmp_path / "group", "Medication")] == [blk_patient["medication"]]
 
     changed = client.update(_observation(f"{pid}-o0", pid, 120.0))
+    client.delete("Observation", f"{pid}-o2")
     since_group = BulkExport(client, "group", group_id=blk_patient["group"], since=full.transaction_time,
                              max_wait=300).run(tmp_path / "group-since")
     assert since_group.resources == {"Observation": 1}
     [observation] = _lines(tmp_path / "group-since", "Observation")
     assert (observation["id"], observation["meta"]["versionId"]) == (changed["id"], changed["meta"]["versionId"])
     assert observation["valueQuantity"]["value"] == 120.0
+    # HAPI sends no "deleted" list; the deletion comes from history (other suites' deletions may come too)
+    assert [r for r in deleted_references(tmp_path / "group-since") if pid in r] == [f"Observation/{pid}-o2"]
 
     # system level (Medication in _type) since the cohort export: others write to the sandbox too, so only this
     # patient's resources are counted exactly; everything returned changed after the transactionTime
@@ -157,6 +160,7 @@ def test_incremental_export_returns_only_what_changed(blk_patient, cohort_export
             if patient_reference_id(resource) == pid:
                 mine[f"{resource['resourceType']}/{resource['id']}"] += 1
     assert mine == {f"Observation/{pid}-o0": 1}
+    assert [r for r in deleted_references(tmp_path / "system-since") if pid in r] == [f"Observation/{pid}-o2"]
     assert set(since_system.resources) <= set(RECORD_TYPES) | {"Patient", "Consent", "Medication"}
 
 
@@ -167,7 +171,8 @@ def test_cli_export_is_a_stage_input(blk_patient, base_url: str, tmp_path: Path,
     assert main(["population", "export", "--server", base_url, "--group", blk_patient["group"], "--out",
                  str(exported), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["resources"] == {"Medication": 1, "MedicationRequest": 1, "Observation": 2, "Patient": 1}
+    assert set(result["resources"]) == {"Medication", "MedicationRequest", "Observation", "Patient"}
+    assert result["resources"]["Patient"] == 1 and result["resources"]["Observation"] >= 2
     assert json.loads((exported / "manifest.json").read_text())["transactionTime"] == result["transaction_time"]
     assert main(["population", "stage", str(exported), "--out", str(tmp_path / "staged"), "--json"]) == 0
     staged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
