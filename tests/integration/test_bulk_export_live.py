@@ -4,7 +4,7 @@ equal to the Engine's reads, and incremental with ``_since``.
 The full export is a Group export of the 240-patient cohort (plus this module's own patient): other suites load
 the sandbox with more patients, and a system-level export of everything takes minutes longer without testing
 more. Measured on the shared 2-core machine (HAPI 8.8, batch maintenance every second, load 4-7): the cohort's
-Group export (about 27 k resources, 33 files, 21 MB) took about 180 s; a Patient-level export of all 468
+Group export (about 27 k resources, 33 files, 21 MB) took 120-210 s; a Patient-level export of all 468
 patients about 300 s and a system-level one 230-410 s; a one-patient Group export about 3 s; ``_since`` exports
 of a few changes a few seconds. Counts are compared for the cohort's own patients and for resources last
 updated before the transactionTime, since other suites write to the sandbox at the same time.
