@@ -1,4 +1,4 @@
-"""NDJSON sources (Bulk Data export folders) and the Bulk Data 2.0 ``$export`` client.
+"""NDJSON sources: Bulk Data export folders read like a FHIR server.
 
 :class:`NdjsonSource` offers the read interface the adapters use on a live server
 (``fetch_patient_record``, ``fetch_patients_records``, ``search_all(type, {"patient": id})``, ``read``)
@@ -7,9 +7,7 @@ over a folder of ``<Type>.ndjson`` / ``<Type>.<n>.ndjson`` files, optionally gzi
 :class:`~fhirtwin.fhir.errors.NdjsonFormatError` with the file name and line number: bad data is never
 silently skipped. Blank lines carry no data and are ignored.
 
-:func:`bulk_export` and :func:`download_manifest` implement kick-off / poll / manifest / download against
-a server (tested shapes: the Bulk Data 2.0 IG and HAPI, whose status URL is
-``$export-poll-status?_jobId=…`` and whose output files are ``Binary`` URLs).
+The ``$export`` client that makes such folders is :mod:`fhirtwin.population.bulk`.
 """
 
 from __future__ import annotations
@@ -20,31 +18,21 @@ import json
 import logging
 import os
 import re
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-import requests
 
 from fhirtwin.fhir.client import (
-    FhirClient,
-    parse_retry_after,
     patient_reference_id,
 )
 from fhirtwin.fhir.errors import (
-    BulkExportError,
-    FhirConnectionError,
     FhirError,
     FhirNotFound,
-    FhirValidationError,
     NdjsonFormatError,
 )
 
-__all__ = ["NdjsonSource", "bulk_export", "download_manifest"]
+__all__ = ["NdjsonSource"]
 
 log = logging.getLogger("fhirtwin.fhir")
 
@@ -231,137 +219,3 @@ def _parse_line(raw: bytes, path: Path, line_no: int | None, resource_type: str)
             f"{resource['resourceType']} found in a {resource_type} file", file=path.name, line=where
         )
     return resource
-
-
-# ------------------------------------------------------------------ Bulk Data client
-
-
-def bulk_export(
-    client: FhirClient,
-    level: str = "system",
-    *,
-    group_id: str | None = None,
-    types: Iterable[str] | None = None,
-    since: str | datetime | None = None,
-    type_filters: Iterable[str] | None = None,
-    poll_interval: float = 2.0,
-    max_poll_interval: float = 60.0,
-    timeout: float = 3600.0,
-    cancel_on_timeout: bool = True,
-    sleep: Callable[[float], None] | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> dict[str, Any]:
-    """Run a Bulk Data export to completion and return the manifest (``output``, ``error``, ``transactionTime``).
-
-    Kick-off with ``Prefer: respond-async``; poll the ``Content-Location`` honouring ``Retry-After``
-    (otherwise backing off from ``poll_interval`` up to ``max_poll_interval``); log ``X-Progress``.
-    Past ``timeout`` the job is cancelled (DELETE on the status URL) and :class:`BulkExportError` raised.
-    """
-    if level == "system":
-        path = "$export"
-    elif level == "patient":
-        path = "Patient/$export"
-    elif level == "group":
-        if not group_id:
-            raise ValueError("group export needs group_id")
-        path = f"Group/{quote(group_id, safe='')}/$export"
-    else:
-        raise ValueError("level must be 'system', 'patient' or 'group'")
-    params: list[tuple[str, str]] = [("_outputFormat", NDJSON)]
-    if types:
-        params.append(("_type", ",".join(types)))
-    if since is not None:
-        params.append(("_since", since.isoformat() if isinstance(since, datetime) else since))
-    params.extend(("_typeFilter", f) for f in type_filters or [])
-    wait = sleep or client.sleep
-    kickoff = client.request(
-        "GET", path, params=params, headers={"Prefer": "respond-async", "Accept": "application/fhir+json"}
-    )
-    status_url = kickoff.headers.get("Content-Location")
-    if kickoff.status_code != 202 or not status_url:
-        raise BulkExportError(
-            "export kick-off did not return 202 with Content-Location", method="GET", status=kickoff.status_code
-        )
-    deadline = clock() + timeout
-    delay = poll_interval
-    polls = 0
-    while True:
-        response = client.request("GET", status_url, headers={"Accept": "application/json"})
-        polls += 1
-        if response.status_code == 200:
-            manifest = _manifest(response)
-            log.info("bulk export complete polls=%d outputs=%d", polls, len(manifest["output"]))
-            return manifest
-        if response.status_code != 202:
-            raise BulkExportError("unexpected status while polling", method="GET", status=response.status_code)
-        progress = (response.headers.get("X-Progress") or "")[:100]
-        log.info("bulk export in progress polls=%d progress=%r", polls, progress)
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-        pause = retry_after if retry_after is not None else delay
-        if clock() + pause > deadline:
-            if cancel_on_timeout:
-                try:
-                    client.request("DELETE", status_url, retry_safe=False)
-                except FhirError as exc:
-                    log.warning("bulk export cancel failed: %s", type(exc).__name__)
-            raise BulkExportError(f"export not finished within {timeout:.0f}s", method="GET", url=status_url)
-        wait(pause)
-        delay = min(max_poll_interval, delay * 1.5)
-
-
-def _manifest(response: requests.Response) -> dict[str, Any]:
-    try:
-        manifest = response.json()
-    except ValueError:
-        raise FhirValidationError("export manifest is not JSON", status=response.status_code) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("output"), list):
-        raise FhirValidationError("export manifest has no output list", status=response.status_code)
-    for item in [*manifest["output"], *(manifest.get("error") or []), *(manifest.get("deleted") or [])]:
-        if not isinstance(item, dict) or not str(item.get("url", "")).startswith(("http://", "https://")):
-            raise FhirValidationError("export manifest entry without an absolute url")
-    return manifest
-
-
-def download_manifest(
-    client: FhirClient, manifest: Mapping[str, Any], out_dir: str | os.PathLike[str]
-) -> dict[str, list[Path]]:
-    """Download every file of a manifest into ``out_dir`` as ``<Type>.<n>.ndjson`` (streamed, atomic).
-
-    ``error`` files go to ``out_dir/error/`` and ``deleted`` files to ``out_dir/deleted/`` so that the
-    folder itself is a clean :class:`NdjsonSource`. The manifest is saved as ``manifest.json`` (its
-    ``transactionTime`` is the next ``_since``). The bearer token is sent only when
-    ``requiresAccessToken`` is true, and then only to the FHIR server's own origin.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    send_auth = bool(manifest.get("requiresAccessToken"))
-    written: dict[str, list[Path]] = {"output": [], "error": [], "deleted": []}
-    for kind, folder in (("output", out), ("error", out / "error"), ("deleted", out / "deleted")):
-        counters: dict[str, int] = defaultdict(int)
-        for item in manifest.get(kind) or []:
-            resource_type = str(item.get("type") or ("OperationOutcome" if kind == "error" else "Bundle"))
-            if not re.fullmatch(r"[A-Z][A-Za-z]+", resource_type):
-                raise FhirValidationError("manifest entry has an invalid type")
-            counters[resource_type] += 1
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{resource_type}.{counters[resource_type]}.ndjson"
-            _download(client, str(item["url"]), target, send_auth)
-            written[kind].append(target)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return written
-
-
-def _download(client: FhirClient, url: str, target: Path, send_auth: bool) -> None:
-    partial = target.with_name(target.name + ".part")
-    response = client.request("GET", url, headers={"Accept": NDJSON}, stream=True, send_auth=send_auth)
-    try:
-        with open(partial, "wb") as handle:
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                handle.write(chunk)
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-        partial.unlink(missing_ok=True)
-        raise FhirConnectionError(f"download broke off ({type(exc).__name__})", method="GET", url=url) from None
-    finally:
-        response.close()
-    os.replace(partial, target)
-    log.info("bulk file downloaded type=%s bytes=%d", target.name.split(".", 1)[0], target.stat().st_size)

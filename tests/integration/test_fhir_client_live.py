@@ -10,7 +10,8 @@ import pytest
 from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.errors import FhirConflict, FhirNotFound, FhirTransactionError
-from fhirtwin.fhir.ndjson import NdjsonSource, bulk_export, download_manifest
+from fhirtwin.fhir.ndjson import NdjsonSource
+from fhirtwin.population.bulk import BulkExport
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +96,8 @@ def test_failed_transaction_raises_with_outcome_and_writes_nothing(base_url: str
 
 def test_bulk_export_round_trips_through_the_ndjson_source(loaded_cohort, base_url: str, tmp_path: Path) -> None:
     client = FhirClient(base_url)
-    manifest = bulk_export(client, "patient", types=["Patient", "Condition"], timeout=300)
-    download_manifest(client, manifest, tmp_path)
-    source = NdjsonSource(tmp_path)
+    BulkExport(client, "patient", types=["Patient", "Condition"], max_wait=600).run(tmp_path / "export")
+    source = NdjsonSource(tmp_path / "export")
     bundle = loaded_cohort.bundles[5]
     patient_id = bundle["entry"][0]["resource"]["id"]
     offline = source.fetch_patient_record(patient_id, RECORD_TYPES, include=RECORD_INCLUDES)

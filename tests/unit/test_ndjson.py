@@ -5,15 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import responses
 
 from fhirtwin.adapters.reads import RECORD_TYPES
-from fhirtwin.fhir.client import FhirClient
-from fhirtwin.fhir.errors import BulkExportError, FhirError, FhirNotFound, NdjsonFormatError
-from fhirtwin.fhir.ndjson import NdjsonSource, bulk_export, download_manifest
+from fhirtwin.fhir.errors import FhirError, FhirNotFound, NdjsonFormatError
+from fhirtwin.fhir.ndjson import NdjsonSource
 
 BASE = "http://127.0.0.1:8080/fhir"
 
@@ -104,110 +101,3 @@ def test_malformed_gzip_line_and_wrong_type(tmp_path: Path) -> None:
     write_ndjson(tmp_path / "Condition.ndjson", [patient("x")])
     with pytest.raises(NdjsonFormatError, match="Patient found in a Condition file"):
         list(NdjsonSource(tmp_path).iter_resources("Condition"))
-
-
-# ------------------------------------------------------------------ Bulk Data
-
-
-class Sleeps(list):
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
-def manifest(base: str = BASE, requires_token: bool = True) -> dict:
-    return {
-        "transactionTime": "2026-11-27T03:00:00.000+00:00",
-        "request": f"{base}/$export",
-        "requiresAccessToken": requires_token,
-        "output": [
-            {"type": "Patient", "url": f"{base}/Binary/b1"},
-            {"type": "Observation", "url": f"{base}/Binary/b2"},
-            {"type": "Observation", "url": f"{base}/Binary/b3"},
-        ],
-        "error": [{"type": "OperationOutcome", "url": f"{base}/Binary/e1"}],
-    }
-
-
-@responses.activate
-def test_bulk_export_kickoff_poll_manifest() -> None:
-    status_url = f"{BASE}/$export-poll-status?_jobId=job-1"
-    responses.get(f"{BASE}/Group/g1/$export", status=202, headers={"Content-Location": status_url})
-    responses.get(status_url, status=202, headers={"X-Progress": "10% done", "Retry-After": "4"})
-    responses.get(status_url, status=202, headers={"X-Progress": "60% done"})
-    responses.get(status_url, json=manifest())
-    sleeps = Sleeps()
-    client = FhirClient(BASE, sleep=sleeps)
-    result = bulk_export(
-        client, "group", group_id="g1", types=["Patient", "Observation"], since="2026-01-01T00:00:00Z", poll_interval=3
-    )
-    assert len(result["output"]) == 3
-    assert sleeps == [4.0, 4.5]  # Retry-After honoured; then the interval, backed off x1.5 per poll
-    kickoff = responses.calls[0].request
-    assert kickoff.headers["Prefer"] == "respond-async"
-    assert kickoff.headers["Accept"] == "application/fhir+json"
-    query = parse_qs(urlsplit(kickoff.url).query)
-    assert query == {
-        "_outputFormat": ["application/fhir+ndjson"],
-        "_type": ["Patient,Observation"],
-        "_since": ["2026-01-01T00:00:00Z"],
-    }
-    assert client.request_count == 4
-
-
-@responses.activate
-def test_bulk_export_times_out_and_cancels() -> None:
-    status_url = f"{BASE}/$export-poll-status?_jobId=job-2"
-    responses.get(f"{BASE}/$export", status=202, headers={"Content-Location": status_url})
-    responses.get(status_url, status=202)
-    responses.delete(status_url, status=202)
-    now = [0.0]
-
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
-
-    with pytest.raises(BulkExportError):
-        bulk_export(FhirClient(BASE), sleep=sleep, clock=lambda: now[0], poll_interval=10, timeout=30)
-    assert responses.calls[-1].request.method == "DELETE"
-
-
-@responses.activate
-def test_bulk_export_kickoff_must_be_async() -> None:
-    responses.get(f"{BASE}/Patient/$export", status=200, json={"resourceType": "OperationOutcome"})
-    with pytest.raises(BulkExportError):
-        bulk_export(FhirClient(BASE), "patient")
-    with pytest.raises(ValueError):
-        bulk_export(FhirClient(BASE), "group")
-
-
-@responses.activate
-def test_download_manifest_writes_a_readable_source(tmp_path: Path) -> None:
-    lines = {
-        "b1": json.dumps(patient("a")) + "\n",
-        "b2": json.dumps(obs("o1", "a")) + "\n",
-        "b3": json.dumps(obs("o2", "a")) + "\n",
-        "e1": json.dumps({"resourceType": "OperationOutcome", "issue": []}) + "\n",
-    }
-    for binary_id, body in lines.items():
-        responses.get(f"{BASE}/Binary/{binary_id}", body=body, content_type="application/fhir+ndjson")
-    client = FhirClient(BASE, auth=lambda r: (r.headers.__setitem__("Authorization", "Bearer t"), r)[1])
-    written = download_manifest(client, manifest(), tmp_path / "out")
-    assert [p.name for p in written["output"]] == ["Patient.1.ndjson", "Observation.1.ndjson", "Observation.2.ndjson"]
-    assert [p.relative_to(tmp_path / "out").as_posix() for p in written["error"]] == ["error/OperationOutcome.1.ndjson"]
-    assert all(c.request.headers["Accept"] == "application/fhir+ndjson" for c in responses.calls)
-    assert all(c.request.headers["Authorization"] == "Bearer t" for c in responses.calls)
-    source = NdjsonSource(tmp_path / "out")
-    assert ids(source.fetch_patient_record("a", RECORD_TYPES)) == ["a", "o1", "o2"]
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["transactionTime"].startswith("2026")
-    assert not list((tmp_path / "out").glob("*.part"))
-
-
-@responses.activate
-def test_download_without_required_token_sends_no_credentials(tmp_path: Path) -> None:
-    storage = "https://storage.example.org/exports"
-    for binary_id in ("b1", "b2", "b3", "e1"):
-        responses.get(f"{storage}/Binary/{binary_id}", body="")
-    client = FhirClient(BASE, auth=lambda r: (r.headers.__setitem__("Authorization", "Bearer t"), r)[1])
-    download_manifest(client, manifest(storage, requires_token=False), tmp_path)
-    assert all("Authorization" not in c.request.headers for c in responses.calls)
-    with pytest.raises(FhirError, match="credentials"):
-        download_manifest(client, manifest(storage, requires_token=True), tmp_path / "again")
