@@ -645,6 +645,18 @@ def cmd_population_run(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if report.patients.get("failed") else EXIT_OK
 
 
+def cmd_population_report(args: argparse.Namespace) -> int:
+    """A run's aggregate Parquet and self-contained HTML page (aggregates only, no patient named)."""
+    from fhirtwin.population.report import write_population_report
+
+    files = write_population_report(args.run_dir, args.out)
+    if args.json:
+        print(json.dumps({"html": str(files.html), "parquet": str(files.parquet), "patients": files.patients}))
+    else:
+        print(f"{files.patients} patients: report {files.html}, aggregates {files.parquet}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -887,6 +899,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "export Consent with the records)")
     prun.add_argument("--json", action="store_true", help="print one JSON object")
     prun.set_defaults(func=cmd_population_run)
+    preport = steps.add_parser("report", help="population report of a run: risk distributions by outcome and "
+                               "subgroup, proposals, statuses, run metrics (HTML + aggregate Parquet)")
+    preport.add_argument("run_dir", help="the run's folder, OUT/runs/RUN_ID")
+    preport.add_argument("--out", default=None, metavar="FILE.html",
+                         help="HTML page to write (default RUN_DIR/population-report.html); the aggregates go to "
+                         "RUN_DIR/population-summary.parquet")
+    preport.add_argument("--json", action="store_true", help="print one JSON object")
+    preport.set_defaults(func=cmd_population_report)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=port_number, default=None,
