@@ -51,13 +51,38 @@ _BINS = round(1 / BIN_WIDTH)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 STATUSES = (PLANNED, OUT_OF_SCOPE, INSUFFICIENT, CONSENT_DENIED, FAILED)
 #: Subgroups the summaries carry, in page order: label -> how a row's value is named.
-SUBGROUPS = ("all", "scope", "risk category", "medication flags")
+SUBGROUPS = ("all", "scope", "risk category", "medication flags", "sex", "age band", "diabetes", "CKD stage", "race")
+#: Lower bounds of the age bands (years), highest first; below the lowest is "under 30".
+AGE_BANDS = ((80, "80+"), (70, "70-79"), (60, "60-69"), (45, "45-59"), (30, "30-44"))
+#: KDIGO 2012 GFR categories (mL/min/1.73 m²), lower bounds highest first; G1 and G2 are one group.
+CKD_STAGES = ((60.0, "G1-2"), (45.0, "G3a"), (30.0, "G3b"), (15.0, "G4"), (0.0, "G5"))
+UNKNOWN = "unknown"
 #: A statin component of a proposal that starts one: the planner names it "Start ..." only for a patient not
 #: on a statin ("Intensify to ..." otherwise; see :func:`fhirtwin.sim.interventions.choose_statin`).
 _STARTS_STATIN = re.compile(r"^Start \w+-intensity statin\b")
 _BATCH_ROWS = 8192
 _COLUMNS = ["status", "scope", "risk_category_code", "risk_category", "missing", "medication_flags",
             "best_proposal", "best_arr_median", *(f"{o}_{YEARS}y_median" for o in SUMMARY_OUTCOMES)]
+#: Summary columns a run written before they existed may lack (read as nulls).
+_OPTIONAL_COLUMNS = ["sex", "age_years", "diabetes", "egfr", "race"]
+
+
+def age_band(age_years: float | None) -> str:
+    """The report's age band of an age in years (``unknown`` when null)."""
+    if age_years is None or math.isnan(age_years):
+        return UNKNOWN
+    return next((label for lower, label in AGE_BANDS if age_years >= lower), "under 30")
+
+
+def ckd_stage(egfr: float | None) -> str:
+    """The KDIGO GFR category of an eGFR (``unknown`` when null)."""
+    if egfr is None or math.isnan(egfr):
+        return UNKNOWN
+    return next((label for lower, label in CKD_STAGES if egfr >= lower), "G5")
+
+
+def _yes_no(value: bool | None) -> str:
+    return UNKNOWN if value is None else ("yes" if value else "no")
 
 
 class PopulationReportError(ValueError):
@@ -153,7 +178,10 @@ def summary_files(run_dir: str | os.PathLike[str]) -> list[Path]:
 
 def _batches(files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
     for path in files:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=_COLUMNS)
+        summary = pq.ParquetFile(path)
+        present = set(summary.schema_arrow.names)
+        columns = _COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in present]
+        yield from summary.iter_batches(batch_size=_BATCH_ROWS, columns=columns)
 
 
 def aggregate_run(run_dir: str | os.PathLike[str]) -> PopulationAggregate:
@@ -163,6 +191,8 @@ def aggregate_run(run_dir: str | os.PathLike[str]) -> PopulationAggregate:
     agg = PopulationAggregate(run_path.name, partitions_read=len(files))
     for batch in _batches(files):
         columns = batch.to_pydict()
+        for name in _OPTIONAL_COLUMNS:
+            columns.setdefault(name, [None] * batch.num_rows)
         agg.patients += batch.num_rows
         agg.statuses.update(columns["status"])
         for status, missing in zip(columns["status"], columns["missing"], strict=True):
@@ -175,7 +205,12 @@ def aggregate_run(run_dir: str | os.PathLike[str]) -> PopulationAggregate:
         groups = {"all": ["all"] * batch.num_rows,
                   "scope": [s or "unknown" for s in columns["scope"]],
                   "risk category": codes,
-                  "medication flags": ["any" if (f or 0) > 0 else "none" for f in columns["medication_flags"]]}
+                  "medication flags": ["any" if (f or 0) > 0 else "none" for f in columns["medication_flags"]],
+                  "sex": [s or UNKNOWN for s in columns["sex"]],
+                  "age band": [age_band(a) for a in columns["age_years"]],
+                  "diabetes": [_yes_no(d) for d in columns["diabetes"]],
+                  "CKD stage": [ckd_stage(e) for e in columns["egfr"]],
+                  "race": [r or "not recorded" for r in columns["race"]]}
         code_array = np.array(codes, dtype=object)
         key_arrays = {subgroup: np.array(keys, dtype=object) for subgroup, keys in groups.items()}
         for outcome in SUMMARY_OUTCOMES:

@@ -90,6 +90,12 @@ def _summary_schema() -> pa.Schema:
         pa.field("risk_outcome", pa.string()),
         pa.field("risk_category_code", pa.string()),
         pa.field("risk_category", pa.string()),
+        # the engine's own model inputs (subgroups for the population report); null when a run had none
+        pa.field("sex", pa.string()),
+        pa.field("age_years", pa.float64()),
+        pa.field("diabetes", pa.bool_()),
+        pa.field("egfr", pa.float64()),
+        pa.field("race", pa.string()),
     ]
     for outcome in SUMMARY_OUTCOMES:
         for years in SUMMARY_YEARS:
@@ -312,7 +318,7 @@ def _simulate_one(engine: Any, consent: Any, patient_id: str, resources: list[di
 def _summary(run: Any, outcome: str) -> dict[str, Any]:
     """One summary row from a TwinRun (only medians and intervals; the draws stay here)."""
     row: dict[str, Any] = {"scope": run.scope.code if run.scope is not None else None,
-                           "medication_flags": len(run.medication_flags)}
+                           "medication_flags": len(run.medication_flags), **_characteristics(run)}
     if run.plan is None:
         out_of_scope = run.scope is not None and not run.scope.in_scope
         row["status"] = OUT_OF_SCOPE if out_of_scope else INSUFFICIENT
@@ -343,6 +349,25 @@ def _summary(run: Any, outcome: str) -> dict[str, Any]:
         row["best_net_benefit_median"] = best.net_benefit.get("median")
         row["best_nnt"] = best.nnt
     return row
+
+
+def _characteristics(run: Any) -> dict[str, Any]:
+    """Sex, age, diabetes, eGFR and race as the engine used them (its :class:`~fhirtwin.sim.inputs.PatientInputs`).
+
+    Why: the population report groups by them. A run without fitted inputs (out of scope, insufficient data)
+    keeps what the twin's demographics say (sex, race, completed years of age); the rest stays null.
+    """
+    inputs = run.model.inputs_ if run.model is not None else None
+    if inputs is not None:
+        return {"sex": inputs.sex, "age_years": float(inputs.age_years), "diabetes": bool(inputs.diabetes),
+                "egfr": float(inputs.egfr_ml_min_1_73m2), "race": inputs.race}
+    state = run.state
+    try:
+        age: float | None = float(state.age_years())
+    except (LookupError, ValueError):  # no birth date or no reference date
+        age = None
+    return {"sex": state.demographics.sex, "age_years": age, "diabetes": None, "egfr": None,
+            "race": state.demographics.race}
 
 
 def _error_text(exc: BaseException) -> str:

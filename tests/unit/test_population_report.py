@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,9 @@ from fhirtwin.population.report import (
     QUANTILES,
     REPORT_FILE,
     PopulationReportError,
+    age_band,
     aggregate_run,
+    ckd_stage,
     render_html,
     write_population_report,
 )
@@ -56,6 +59,27 @@ def _summaries(run_dir: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted((run_dir / "summaries").glob("*.parquet"))])
 
 
+def _direct_age_band(row: dict[str, Any]) -> str:
+    age = row["age_years"]
+    if age is None:
+        return "unknown"
+    for low, high, label in ((30, 45, "30-44"), (45, 60, "45-59"), (60, 70, "60-69"), (70, 80, "70-79")):
+        if low <= age < high:
+            return label
+    return "80+" if age >= 80 else "under 30"
+
+
+def _direct_ckd_stage(row: dict[str, Any]) -> str:
+    """KDIGO 2012 GFR categories, G1 and G2 together."""
+    egfr = row["egfr"]
+    if egfr is None:
+        return "unknown"
+    for low, high, label in ((60, math.inf, "G1-2"), (45, 60, "G3a"), (30, 45, "G3b"), (15, 30, "G4")):
+        if low <= egfr < high:
+            return label
+    return "G5"
+
+
 def test_aggregates_equal_a_direct_computation(run_dir: Path) -> None:
     rows = _summaries(run_dir).to_pylist()
     assert len(rows) == N_PATIENTS
@@ -64,7 +88,11 @@ def test_aggregates_equal_a_direct_computation(run_dir: Path) -> None:
     assert files.patients == N_PATIENTS
     aggregates = {(r["outcome"], r["subgroup"], r["subgroup_value"]): r for r in table}
     subgroup_of = {"all": lambda r: "all", "scope": lambda r: r["scope"] or "unknown",
-                   "risk category": lambda r: r["risk_category_code"] or "none"}
+                   "risk category": lambda r: r["risk_category_code"] or "none",
+                   "medication flags": lambda r: "any" if r["medication_flags"] else "none",
+                   "sex": lambda r: r["sex"] or "unknown", "age band": _direct_age_band,
+                   "diabetes": lambda r: "unknown" if r["diabetes"] is None else ("yes" if r["diabetes"] else "no"),
+                   "CKD stage": _direct_ckd_stage, "race": lambda r: r["race"] or "not recorded"}
     checked = 0
     for outcome in SUMMARY_OUTCOMES:
         column = f"{outcome}_10y_median"
@@ -84,7 +112,12 @@ def test_aggregates_equal_a_direct_computation(run_dir: Path) -> None:
                 for code, count in categories.items():
                     assert got[f"share_{code}"] == pytest.approx(count / len(chosen))
                 checked += 1
-    assert checked >= len(SUMMARY_OUTCOMES) * 3
+    assert checked >= len(SUMMARY_OUTCOMES) * len(subgroup_of)
+    # the cohort spreads over the new subgroups (else grouping by them would test nothing)
+    planned_rows = [r for r in rows if r["total_cvd_10y_median"] is not None]
+    for subgroup in ("sex", "age band", "diabetes", "CKD stage"):
+        assert len({subgroup_of[subgroup](r) for r in planned_rows}) >= 2, subgroup
+    assert {k[1] for k in aggregates} == set(subgroup_of)
     planned = [r for r in rows if r["status"] == "planned"]
     assert aggregates[("total_cvd", "all", "all")]["n"] == len(planned) > 0
 
@@ -156,3 +189,12 @@ def test_quantile_is_the_bin_edge() -> None:
     assert dist.quantile(0.5) == pytest.approx(0.201)
     assert dist.quantile(1.0) == pytest.approx(0.901)
     assert math.isnan(Distribution().quantile(0.5))
+
+
+def test_age_bands_and_ckd_stages_at_their_edges() -> None:
+    ages = {29.9: "under 30", 30.0: "30-44", 44.9: "30-44", 45.0: "45-59", 59.99: "45-59", 60.0: "60-69",
+            69.5: "60-69", 70.0: "70-79", 79.9: "70-79", 80.0: "80+", 97.0: "80+", None: "unknown"}
+    assert {age: age_band(age) for age in ages} == ages
+    stages = {120.0: "G1-2", 60.0: "G1-2", 59.9: "G3a", 45.0: "G3a", 44.9: "G3b", 30.0: "G3b", 29.9: "G4",
+              15.0: "G4", 14.9: "G5", 0.0: "G5", None: "unknown"}
+    assert {egfr: ckd_stage(egfr) for egfr in stages} == stages

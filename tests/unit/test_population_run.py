@@ -159,6 +159,7 @@ def test_summaries_and_bundles_equal_a_plain_engine_run(ndjson: Path, serial: tu
     planned = [pid for pid, r in rows.items() if r["status"] == "planned"]
     others = [pid for pid, r in rows.items() if r["status"] in ("out-of-scope", "insufficient-data")]
     assert len(planned) >= 3 and others, "the cohort should hold planned and unplanned patients"
+    assert all(isinstance(rows[p]["age_years"], float) and rows[p]["sex"] in ("female", "male") for p in planned)
     assert len(written) == len(planned)
 
     engine = Engine(NdjsonSource(ndjson), signing_key=key, draws=DRAWS)
@@ -166,6 +167,13 @@ def test_summaries_and_bundles_equal_a_plain_engine_run(ndjson: Path, serial: tu
         record = dataclasses.replace(engine.read(patient_id, with_stored=False), stored=[])
         run = engine.run(patient_id, record=record, as_of=AS_OF)
         row = rows[patient_id]
+        inputs = run.model.inputs_ if run.model is not None else None
+        if inputs is not None:  # the characteristics are the engine's own model inputs
+            assert (row["sex"], row["age_years"], row["diabetes"], row["egfr"], row["race"]) == (
+                inputs.sex, inputs.age_years, inputs.diabetes, inputs.egfr_ml_min_1_73m2, inputs.race)
+        else:
+            assert (row["sex"], row["race"]) == (run.state.demographics.sex, run.state.demographics.race)
+            assert row["diabetes"] is None and row["egfr"] is None
         if run.plan is None:
             assert row["status"] in ("out-of-scope", "insufficient-data")
             assert row["scope"] == (run.scope.code if run.scope else None)
