@@ -101,21 +101,12 @@ def signing_key(settings: ServiceSettings, server: str | None = None) -> Signing
 
 #: The purpose of use of every door: predictions for the care of the patient (v3-ActReason TREAT).
 SERVICE_PURPOSE = "TREAT"
-_trails: dict[str, AuditTrail] = {}
-
-
 def audit_trail(settings: ServiceSettings) -> AuditTrail:
-    """The deployment's audit trail: BALP AuditEvents into the store's outbox, flushed to the FHIR server
-    by :class:`AuditFlusher` (one trail per store file)."""
-    from fhirtwin.service.store import open_store, store_path_for
+    """The deployment's audit trail: BALP AuditEvents into the store's outbox (one Store per file, see
+    :func:`fhirtwin.service.store.open_store`), flushed to the FHIR server by :class:`AuditFlusher`."""
+    from fhirtwin.service.store import open_store
 
-    with _cache_lock:
-        path = str(store_path_for(settings))
-        trail = _trails.get(path)
-        if trail is None:
-            trail = _trails[path] = AuditTrail(OutboxSink(open_store(settings)), purpose=SERVICE_PURPOSE,
-                                               site=settings.public_url)
-        return trail
+    return AuditTrail(OutboxSink(open_store(settings)), purpose=SERVICE_PURPOSE, site=settings.public_url)
 
 
 def engine_for(settings: ServiceSettings, *, client: Any = None, draws: int | None = None,

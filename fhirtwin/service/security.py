@@ -1,8 +1,8 @@
 """Who may use which door: bearer tokens, CDS Hooks client JWTs, webhook secrets and the FHIR server allow-list.
 
 Why one module: every door asks the same question ("who is this, and may they do that?") and a hospital's
-security review reads one place. The doors only call :func:`require_bearer`, :func:`require_webhook` or
-:func:`require_cds_client` and turn an :class:`AuthError` into their own typed error body.
+security review reads one place. The doors only call the app's :class:`Guard` (``bearer``, ``webhook``,
+``cds_call``, ``fhir_server_allowed``) and turn an :class:`AuthError` into their own typed error body.
 
 * ``$simulate`` and the webhook: an OAuth 2.0 bearer token that is a JWT from the configured issuer, checked
   against the issuer's JWKS (signature, ``iss``, ``aud``, ``exp``, ``nbf``), with SMART v2 scopes
@@ -497,13 +497,9 @@ class Guard:
 
     # -- CDS Hooks
 
-    def cds_client(self, headers: Mapping[str, str], service_id: str) -> Principal:
-        """The registered CDS client whose JWT authorises this call (CDS Hooks 2.0); raises AuthError."""
-        client, _ = self.cds_call(headers, service_id)
-        return client
-
     def cds_call(self, headers: Mapping[str, str], service_id: str) -> tuple[Principal, CdsClient | None]:
-        """As :meth:`cds_client`, with the client's registration (None in development mode)."""
+        """The registered CDS client whose JWT authorises this call (CDS Hooks 2.0), and its registration
+        (None in development mode); raises AuthError."""
         if self.dev_no_auth:
             return Principal(client="development", via="development"), None
         token = bearer_token(headers)

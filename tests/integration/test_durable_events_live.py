@@ -116,8 +116,9 @@ def stored_keys(store: Path) -> set[tuple[str, str]]:
         reader.close()
 
 
-def ldl(patient: str, value: float) -> dict:
-    return {"resourceType": "Observation", "status": "final", "meta": {"tag": [TEST_TAG]},
+def ldl(patient: str, value: float, tag: dict = TEST_TAG) -> dict:
+    """A new LDL-C result for ``patient``, tagged so that only the test's own Subscriptions see it."""
+    return {"resourceType": "Observation", "status": "final", "meta": {"tag": [tag]},
             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                       "code": "laboratory"}]}],
             "code": {"coding": [{"system": "http://loinc.org", "code": "13457-7",

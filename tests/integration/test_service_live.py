@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import UTC, datetime
 
 import pytest
 import requests
+from test_durable_events_live import ldl as ldl_result
 
 from fhirtwin.cli import main
 from fhirtwin.engine import WATCHED_TYPES
@@ -131,15 +131,7 @@ def test_subscription_round_trip(service, patients, base_url, http, capsys) -> N
         assert main(["subscribe", "--server", base_url, "--endpoint", endpoint, *only_ours]) == 0
         assert "created" not in capsys.readouterr().out
 
-        ldl = {"resourceType": "Observation", "status": "final", "meta": {"tag": [TEST_TAG]},
-               "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                         "code": "laboratory"}]}],
-               "code": {"coding": [{"system": "http://loinc.org", "code": "13457-7",
-                                    "display": "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation"}]},
-               "subject": {"reference": f"Patient/{patient}"},
-               "effectiveDateTime": datetime.now(UTC).isoformat(timespec="seconds"),
-               "valueQuantity": {"value": 161, "unit": "mg/dL", "system": "http://unitsofmeasure.org",
-                                 "code": "mg/dL"}}
+        ldl = ldl_result(patient, 161, tag=TEST_TAG)
         started = time.monotonic()
         created = http.post(f"{base_url}/Observation", json=ldl)
         assert created.status_code == 201, created.text

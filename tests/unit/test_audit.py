@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import responses
+from test_consent import _searchset
 
 from fhirtwin.adapters.reads import RECORD_TYPES
 from fhirtwin.audit import (
@@ -243,11 +244,6 @@ def test_default_observer_is_the_registered_device() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- engine
-
-
-def _searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "searchset",
-            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
 
 
 @pytest.fixture
