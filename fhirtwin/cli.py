@@ -617,25 +617,49 @@ def cmd_population_export(args: argparse.Namespace) -> int:
 
 
 def cmd_population_run(args: argparse.Namespace) -> int:
-    """Staged partitions simulated in parallel on Dask; per-patient summaries and signed bundles per partition."""
+    """Staged partitions simulated in parallel on Dask; per-patient summaries and signed bundles per partition.
+
+    Without SOURCE, ``--server`` is also the source: the run exports the population (``--group``,
+    ``--patients-level``, ``--since``) before staging it. ``--incremental-from RUN_ID`` reuses that run's
+    results for every patient whose input did not change.
+    """
     from tqdm import tqdm
 
-    from fhirtwin.population.run import LEDGER_FILE, run_population
+    from fhirtwin.fhir.client import FhirClient
+    from fhirtwin.population.run import LEDGER_FILE, ServerSource, run_population
 
-    if args.source is None and args.resume is None:
-        raise CliError("population run needs SOURCE (a folder of NDJSON or a staged folder) or --resume RUN_ID")
+    exporting = args.group is not None or args.patients_level or args.since is not None
+    if args.source is not None and exporting:
+        raise CliError("--group, --patients-level and --since choose what to export; they go without SOURCE")
+    if args.source is None and args.resume is None and args.server is None:
+        raise CliError("population run needs SOURCE (a folder of NDJSON or a staged folder), --server URL to export "
+                       "from, or --resume RUN_ID")
+    server = None
+    if args.source is None and args.server is not None:
+        level = "group" if args.group else "patient" if args.patients_level else "system"
+        server = ServerSource(FhirClient(args.server), level, group_id=args.group, since=args.since,
+                              max_wait=args.max_wait)
     with tqdm(unit="partition", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
         report = run_population(args.source, args.out, scheduler=args.scheduler, workers=args.workers,
                                 serial=args.serial, resume=args.resume, draws=args.draws, as_of=args.as_of,
                                 target=args.server, buckets=args.buckets, purpose=args.purpose_of_use,
-                                on_partition=lambda _: bar.update())
+                                server=server if args.resume is None or args.server is not None else None,
+                                incremental_from=args.incremental_from, on_partition=lambda _: bar.update())
     if args.json:
         print(json.dumps(report.to_json()))
     else:
+        if report.export is not None:
+            print(f"export: {sum(report.export.get('resources', {}).values())} resources, "
+                  f"{report.export.get('deleted_resources', 0)} deleted, {report.export.get('error_outcomes', 0)} "
+                  f"error outcome(s); transactionTime {report.export.get('transaction_time')}"
+                  + ("" if report.export.get("exported_now") else " (exported before)"))
         print(f"run {report.run_id}: {report.partitions} partitions ({report.done_now} done now, "
               f"{report.already_done} already done, {report.failed} failed); patients: "
               f"{_counts_text(report.patients)}; {report.simulated_now} simulated in {report.simulate_seconds:.1f} s "
               f"on {report.workers} worker(s)")
+        if report.incremental_from is not None:
+            print(f"incremental from {report.incremental_from}: {report.lineage.get('simulated', 0)} simulated, "
+                  f"{report.lineage.get('carried_over', 0)} carried over, {report.lineage.get('retired', 0)} retired")
         for name, error in sorted(report.errors.items()):
             print(f"  {name}: failed: {error}", file=sys.stderr)
         print(f"summaries and bundles under {args.out}/runs/{report.run_id}; ledger {args.out}/{LEDGER_FILE}"
@@ -655,6 +679,36 @@ def cmd_population_report(args: argparse.Namespace) -> int:
     else:
         print(f"{files.patients} patients: report {files.html}, aggregates {files.parquet}")
     return EXIT_OK
+
+
+def cmd_population_write(args: argparse.Namespace) -> int:
+    """A run's signed bundles to the FHIR server they were made for (resumable), or NDJSON for $import."""
+    from tqdm import tqdm
+
+    from fhirtwin.population.writeback import locate_run, write_import_ndjson, write_population
+
+    out, run_id = locate_run(args.run_dir, args.run)
+    if args.ndjson is not None:
+        report = write_import_ndjson(out, run_id, args.ndjson)
+    else:
+        with tqdm(unit="patient", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
+            report = write_population(out, run_id, server=args.server, client=_client(args),
+                                      bundle_size=args.bundle_size, writers=args.writers, on_group=bar.update)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    elif args.ndjson is not None:
+        print(f"run {run_id}: {report.patients} patients, {report.created} resources in {len(report.files)} files "
+              f"under {args.ndjson} (for $import)")
+    else:
+        for patient_id, message in sorted(report.failures.items()):
+            print(f"  {patient_id}: failed {message}")
+        print(f"run {run_id}: {report.written} patients written now, {report.already_written} already written, "
+              f"{report.failed} failed; {report.created} resources created in {report.transactions} transactions "
+              f"({report.seconds:.1f} s)")
+    if report.partitions_not_done:
+        print(f"{report.partitions_not_done} partition(s) of the run are not done: resume the run, then write again",
+              file=sys.stderr)
+    return EXIT_PARTIAL if report.failed else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -889,14 +943,28 @@ def build_parser() -> argparse.ArgumentParser:
                       "the others (pending, failed, left running by a crash) are simulated again")
     prun.add_argument("--draws", type=positive_int, default=None, help="ensemble draws per scenario (default 1000)")
     prun.add_argument("--as-of", type=iso_date, default=None, help="reference date YYYY-MM-DD (default today)")
-    prun.add_argument("--server", type=fhir_base, default=None, help="FHIR base the bundles are for (not contacted): "
-                      "their fullUrls and the signing key from the key store (default: the key in "
-                      "$FHIRTWIN_SIGNING_KEY_FILE and urn:uuid fullUrls)")
+    prun.add_argument("--server", type=fhir_base, default=None, help="FHIR base the bundles are for: their "
+                      "fullUrls and the signing key from the key store (default: the key in "
+                      "$FHIRTWIN_SIGNING_KEY_FILE and urn:uuid fullUrls); without SOURCE also the server the run "
+                      "exports the population from (Bulk $export into OUT/export/RUN_ID)")
+    pscope = prun.add_mutually_exclusive_group()
+    pscope.add_argument("--group", default=None, metavar="ID", help="with --server and no SOURCE: export Group/ID's "
+                        "members (default: system level)")
+    pscope.add_argument("--patients-level", action="store_true", help="with --server and no SOURCE: export at "
+                        "Patient level")
+    prun.add_argument("--since", default=None, metavar="INSTANT", help="with --server and no SOURCE: export only "
+                      "resources changed after this FHIR instant (an --incremental-from run finds it itself)")
+    prun.add_argument("--max-wait", type=float, default=4 * 3600.0, help="seconds to wait for the server's export "
+                      "before cancelling it (default 14400)")
+    prun.add_argument("--incremental-from", default=None, metavar="RUN_ID", help="an earlier run in OUT: keep its "
+                      "settings, simulate only patients whose input changed or who are new, carry the others' "
+                      "rows and bundles over, retire patients no longer there (listed in runs/RUN_ID/retired.ndjson); "
+                      "with --server the export is _since that run's export's transactionTime")
     prun.add_argument("--buckets", type=positive_int, default=None, help="partitions when staging NDJSON "
                       "(default: 4 per worker or one per 1000 patients, whichever is more)")
-    prun.add_argument("--purpose-of-use", default="TREAT", choices=PURPOSES_OF_USE, help="v3-ActReason purpose "
-                      "checked against the active Consents in each record (default TREAT; HRESCH for research; "
-                      "export Consent with the records)")
+    prun.add_argument("--purpose-of-use", default=None, choices=PURPOSES_OF_USE, help="v3-ActReason purpose "
+                      "checked against the active Consents in each record (default TREAT, or the earlier run's with "
+                      "--incremental-from; HRESCH for research; export Consent with the records)")
     prun.add_argument("--json", action="store_true", help="print one JSON object")
     prun.set_defaults(func=cmd_population_run)
     preport = steps.add_parser("report", help="population report of a run: risk distributions by outcome and "
@@ -907,6 +975,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "RUN_DIR/population-summary.parquet")
     preport.add_argument("--json", action="store_true", help="print one JSON object")
     preport.set_defaults(func=cmd_population_report)
+    pwrite = steps.add_parser("write", help="send a run's signed bundles to the FHIR server they were made for, "
+                              "several patients per transaction, resumable (or --ndjson for $import)")
+    pwrite.add_argument("run_dir", metavar="RUN_DIR_OR_OUT", help="the run's folder OUT/runs/RUN_ID, or OUT with --run")
+    pwrite.add_argument("--run", default=None, metavar="RUN_ID", help="the run, when RUN_DIR_OR_OUT is OUT")
+    where = pwrite.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", type=fhir_base, help="the FHIR base the run was made for (population run "
+                       "--server); any other is refused")
+    where.add_argument("--ndjson", default=None, metavar="DIR", help="instead: an empty folder for <Type>.ndjson "
+                       "files a server's $import takes (resources with deterministic ids, no conditional writes)")
+    pwrite.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    pwrite.add_argument("--bundle-size", type=positive_int, default=10, help="patients per transaction (default 10)")
+    pwrite.add_argument("--writers", type=positive_int, default=2, help="transactions in flight (default 2)")
+    pwrite.add_argument("--json", action="store_true", help="print one JSON object")
+    pwrite.set_defaults(func=cmd_population_write)
 
     demo = commands.add_parser("demo", help="start the sandbox, load the cohort, run the twin, summarise")
     demo.add_argument("--port", type=port_number, default=None,

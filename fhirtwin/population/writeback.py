@@ -138,7 +138,8 @@ def locate_run(path: str | os.PathLike[str], run_id: str | None) -> tuple[Path, 
     folder = Path(path)
     if (folder / LEDGER_FILE).is_file():
         if run_id is None:
-            raise PopulationWriteError(f"{folder.name} holds several runs' ledger: name the run (--run RUN_ID)")
+            raise PopulationWriteError(f"{folder.name} is a population output folder: name the run with --run RUN_ID "
+                                       "(or give OUT/runs/RUN_ID)")
         return folder, run_id
     out = folder.parent.parent
     if folder.parent.name == RUNS_DIR and (out / LEDGER_FILE).is_file():
