@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fhirtwin.population.run import LEDGER_FILE, RUNS_DIR, Ledger, RunRow
 from fhirtwin.vocabulary import AUTO_VERSION_EXT, RUN_TAG_SYSTEM
@@ -71,6 +71,9 @@ from fhirtwin.writeback.transaction import (
     merge_bundles,
     versioned_provenance_update,
 )
+
+if TYPE_CHECKING:
+    from fhirtwin.engine import Transacted
 
 DEFAULT_BUNDLE_SIZE = 10
 DEFAULT_WRITERS = 2
@@ -304,12 +307,12 @@ class _Sender:
         if not entries:
             return
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-        response = self._transact(bundle, [])
-        if response is None:
+        sent = self._transact(bundle, [])
+        if sent is None:
             raise PopulationWriteError("the FHIR server refused the Organization and Device entries every patient "
                                        "shares; nothing was written")
         self.shared = {e["fullUrl"]: e["resource"] for e in entries}
-        self.shared_answers = dict(zip(self.shared, response.get("entry") or [], strict=False))
+        self.shared_answers = dict(zip(self.shared, sent.response.get("entry") or [], strict=False))
 
     def send(self, group: list[PatientWrite]) -> list[_Outcome]:
         bundle = merge_bundles(group)
@@ -317,14 +320,17 @@ class _Sender:
         if self.hapi:
             bundle = for_hapi(bundle)
         try:
-            response = self._transact(bundle, group)
+            sent = self._transact(bundle, group)
         except _Refused as refused:
             return self._refused(group, refused.error, refused.status)
-        return [self._written(write, bundle, response or {}) for write in group]
+        outcomes = [self._written(write, bundle, sent.response if sent else {}) for write in group]
+        for outcome in outcomes:
+            outcome.confirmed = bool(sent and sent.confirmed)
+        return outcomes
 
-    def _transact(self, bundle: dict[str, Any], group: list[PatientWrite]) -> dict[str, Any] | None:
-        """The response, after the retries a server that cannot take it now gets; :class:`_Refused` when the
-        server refuses the content."""
+    def _transact(self, bundle: dict[str, Any], group: list[PatientWrite]) -> Transacted | None:
+        """:meth:`Engine.transact` with the retries a server that cannot take the bundle now gets; None when it
+        refuses the shared entries, :class:`_Refused` when it refuses a group's content."""
         from fhirtwin.engine import EngineError
 
         for attempt in range(self.retries + 1):
@@ -345,8 +351,7 @@ class _Sender:
                 self._count("retries_used")
                 self.sleep(_retry_after(exc) or min(60.0, 2.0 ** attempt))
                 continue
-            response: dict[str, Any] = sent.response
-            return response
+            return sent
         raise AssertionError("unreachable")
 
     def _refused(self, group: list[PatientWrite], exc: Exception, status: int) -> list[_Outcome]:
