@@ -60,16 +60,18 @@ from urllib.parse import quote, urlencode, urljoin
 import requests
 
 from fhirtwin.adapters.reads import RECORD_INCLUDES, RECORD_TYPES, REFERENCED_TYPES
-from fhirtwin.fhir.client import FhirClient, next_link, parse_retry_after
+from fhirtwin.fhir.client import FhirClient, next_link, parse_retry_after, patient_reference_id
 from fhirtwin.fhir.errors import (
     BulkExportError,
     FhirConnectionError,
     FhirError,
     FhirHttpError,
+    FhirNotFound,
     FhirThrottled,
     FhirTimeout,
     same_origin,
 )
+from fhirtwin.fhir.ndjson import NdjsonSource
 
 __all__ = [
     "BulkDownloadError",
@@ -80,8 +82,11 @@ __all__ = [
     "BulkKickoffError",
     "BulkManifestError",
     "ExportFile",
+    "RecordsRead",
     "default_types",
     "deleted_references",
+    "read_whole_records",
+    "touched_patients",
 ]
 
 log = logging.getLogger("fhirtwin.population")
@@ -392,10 +397,14 @@ class BulkExport:
 
     # ---------------------------------------------------------------------------- the whole export
 
-    def run(self, out_dir: str | os.PathLike[str]) -> BulkExportResult:
+    def run(self, out_dir: str | os.PathLike[str], *, status_url: str | None = None,
+            on_status_url: Callable[[str], object] | None = None) -> BulkExportResult:
         """Kick off, wait, download into ``out_dir`` (new or empty; written beside it, renamed when complete).
 
-        KeyboardInterrupt cancels the server's job (DELETE) and leaves no folder behind.
+        ``status_url`` (of a job this export started before, e.g. by a crashed process) is polled instead of
+        kicking off; when the server no longer knows that job a new one is kicked off. ``on_status_url``
+        sees the status URL as soon as the job exists (to record it). KeyboardInterrupt cancels the
+        server's job (DELETE) and leaves no folder behind.
         """
         target = Path(out_dir)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -404,13 +413,27 @@ class BulkExport:
         if partial.exists():
             shutil.rmtree(partial)  # our own leftover of an interrupted export
         partial.mkdir(parents=True)
-        status_url: str | None = None
         try:
             started = time.monotonic()
-            status_url = self.kick_off()
-            manifest, raw = self.wait(status_url)
-            export_seconds = time.monotonic() - started
-            result = self.download(manifest, partial)
+            result: BulkExportResult | None = None
+            if status_url is not None:
+                try:
+                    manifest, raw = self.wait(status_url)
+                    export_seconds = time.monotonic() - started
+                    result = self.download(manifest, partial)
+                except (BulkJobFailed, BulkDownloadError) as exc:  # the job or its files expired
+                    log.warning("bulk export: the recorded job is gone (%s, HTTP %s); starting a new one",
+                                type(exc).__name__, exc.status)
+                    shutil.rmtree(partial)
+                    partial.mkdir(parents=True)
+                    status_url = None
+            if result is None:
+                status_url = self.kick_off()
+                if on_status_url is not None:
+                    on_status_url(status_url)
+                manifest, raw = self.wait(status_url)
+                export_seconds = time.monotonic() - started
+                result = self.download(manifest, partial)
             (partial / "manifest.json").write_bytes(raw)
         except KeyboardInterrupt:
             if status_url is not None:
@@ -526,6 +549,92 @@ class BulkExport:
                 lines += 1
         log.info("bulk export: %d deletion(s) read from history (the manifest has no deleted list)", len(deleted))
         return ExportFile("deleted", "Bundle", relative, lines, path.stat().st_size)
+
+
+# ------------------------------------------------------------------------------------------------ whole records
+
+
+@dataclass
+class RecordsRead:
+    """What :func:`read_whole_records` wrote: patients found and patients the server no longer has."""
+
+    found: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    resources: dict[str, int] = field(default_factory=dict)
+
+
+def read_whole_records(client: FhirClient, patient_ids: Iterable[str], out_dir: str | os.PathLike[str], *,
+                       chunk_size: int = 20) -> RecordsRead:
+    """Each patient's whole record, as an export of :data:`COMPARTMENT_TYPES` holds it, into an NDJSON folder.
+
+    Why: a ``_since`` export returns only a patient's changed resources, and a twin needs the whole record.
+    The records are read by FHIR search, ``chunk_size`` patients per batch (``Observation?patient=a,b,c``
+    with the Medications the records reference ``_include`` d), the read every twin of one patient uses; a
+    patient the server no longer has (deleted after the export) is ``missing``. Each resource is written
+    once (``<Type>.ndjson``); the folder appears only when complete.
+    """
+    types = {t: RECORD_TYPES.get(t, "patient") for t in COMPARTMENT_TYPES if t != "Patient"}
+    target = Path(out_dir)
+    partial = target.with_name(target.name + ".partial")
+    for folder in (partial, target):
+        if folder.exists():
+            shutil.rmtree(folder)  # our own leftover: the step is redone whole
+    partial.mkdir(parents=True)
+    result = RecordsRead()
+    written: set[tuple[str, str]] = set()
+    handles: dict[str, Any] = {}
+    ids = list(dict.fromkeys(patient_ids))
+    try:
+        for start in range(0, len(ids), chunk_size):
+            chunk = ids[start:start + chunk_size]
+            try:
+                records = client.fetch_patients_records(chunk, types, include=RECORD_INCLUDES, chunk_size=chunk_size)
+            except FhirNotFound:  # one of them is gone: read them one by one to learn which
+                records = {}
+                for patient_id in chunk:
+                    try:
+                        records.update(client.fetch_patients_records([patient_id], types, include=RECORD_INCLUDES))
+                    except FhirNotFound:
+                        result.missing.append(patient_id)
+            for patient_id, resources in records.items():
+                result.found.append(patient_id)
+                for resource in resources:
+                    key = (str(resource.get("resourceType")), str(resource.get("id")))
+                    if key in written or not _RESOURCE_TYPE.match(key[0]):
+                        continue
+                    written.add(key)
+                    if key[0] not in handles:
+                        handles[key[0]] = open(partial / f"{key[0]}.ndjson", "w", encoding="utf-8")  # noqa: SIM115
+                    handles[key[0]].write(json.dumps(resource, ensure_ascii=False, separators=(",", ":")) + "\n")
+                    result.resources[key[0]] = result.resources.get(key[0], 0) + 1
+    finally:
+        for handle in handles.values():
+            handle.close()
+    partial.rename(target)
+    result.resources = dict(sorted(result.resources.items()))
+    return result
+
+
+def touched_patients(folder: str | os.PathLike[str]) -> tuple[set[str], set[str]]:
+    """(patient ids, shared ``Type/id`` s) the output files of an export folder hold resources of."""
+    patients: set[str] = set()
+    shared: set[str] = set()
+    for resource_type, paths in NdjsonSource(folder).files.items():
+        for path in paths:
+            with open(path, "rb") as handle:
+                for raw in handle:
+                    if not raw.strip():
+                        continue
+                    try:
+                        resource = json.loads(raw)
+                    except ValueError:
+                        raise BulkManifestError(f"output file {path.name} holds a line that is not JSON") from None
+                    owner = patient_reference_id(resource) if isinstance(resource, dict) else None
+                    if owner is not None:
+                        patients.add(owner)
+                    elif isinstance(resource, dict) and isinstance(resource.get("id"), str):
+                        shared.add(f"{resource_type}/{resource['id']}")
+    return patients, shared
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -39,6 +39,7 @@ import math
 import os
 import resource
 import secrets
+import shutil
 import sqlite3
 import sys
 import time
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fhirtwin.keys import KeyPolicyError
@@ -58,16 +60,24 @@ from fhirtwin.population.stage import FORMAT as STAGE_FORMAT
 from fhirtwin.population.stage import (
     MAX_BUCKETS,
     PATIENTS_PER_PARTITION,
+    bucket_of,
     iter_patient_records,
     list_partitions,
+    partition_name,
     read_shared,
+    resource_owners,
     stage_ndjson,
+    staged_buckets,
+    staged_patients,
 )
 
 LEDGER_FILE = "ledger.sqlite3"
 DEFAULT_DRAWS = 1000
 RUNS_DIR = "runs"
 STAGE_DIR = "stage"
+EXPORT_DIR = "export"
+#: Patients of the run an incremental run follows that are no longer in the population, with their results.
+RETIRED_FILE = "retired.ndjson"
 #: Outcomes summarised per patient (the mechanistic twin's competing-risk outcomes).
 SUMMARY_OUTCOMES = ("total_cvd", "ascvd", "heart_failure", "kidney_failure", "death")
 SUMMARY_YEARS = (5, 10)
@@ -76,6 +86,8 @@ SUMMARY_YEARS = (5, 10)
 PARTITIONS_PER_WORKER = 4
 PLANNED, OUT_OF_SCOPE, INSUFFICIENT, FAILED = "planned", "out-of-scope", "insufficient-data", "failed"
 CONSENT_DENIED = "consent-denied"
+#: Ledger status of a patient the run an incremental run follows had and this run's population has not.
+RETIRED = "retired"
 _TEMP_MARK = ".tmp-"
 
 
@@ -198,14 +210,29 @@ class PartitionTask:
     bundles_path: str
     settings: RunSettings
     kid: str
+    previous: PreviousResults | None = None
+
+
+@dataclass(frozen=True)
+class PreviousResults:
+    """What an incremental run's task may reuse: the earlier run's input hash of each of the partition's
+    patients (from its ledger) and the earlier summary and bundle files that hold their rows."""
+
+    run_id: str
+    hashes: dict[str, str]
+    summary_paths: tuple[str, ...]
+    bundles_paths: tuple[str, ...]
 
 
 @dataclass
 class PartitionResult:
-    """What a task sends back: counts only (the numbers are in the files)."""
+    """What a task sends back: counts and the ids of the patients carried over (the numbers are in the files)."""
 
     partition: str
     patients: int = 0
+    #: patients whose earlier row and bundle were reused (input hash unchanged), not simulated
+    carried: int = 0
+    carried_ids: list[str] = field(default_factory=list)
     planned: int = 0
     out_of_scope: int = 0
     insufficient: int = 0
@@ -263,9 +290,19 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     result = PartitionResult(task.partition)
     rows: list[dict[str, Any]] = []
     shared = read_shared(task.stage_dir)
+    earlier_rows, earlier_bundles = _earlier_outputs(task.previous) if task.previous else ({}, {})
     with _atomic_text(Path(task.bundles_path)) as bundles:
         for patient_id, resources in iter_patient_records(task.partition_path, shared=shared):
             row: dict[str, Any] = {"patient_id": patient_id, "input_hash": input_hash(resources, settings)}
+            earlier = earlier_rows.get(patient_id)
+            if earlier is not None and earlier["input_hash"] == row["input_hash"] and (
+                    earlier["status"] != PLANNED or patient_id in earlier_bundles):
+                rows.append(earlier)  # unchanged input: the earlier row and bundle, as they were
+                if patient_id in earlier_bundles:
+                    bundles.write(earlier_bundles[patient_id] + "\n")
+                    result.bundles += 1
+                result.carried_ids.append(patient_id)
+                continue
             try:
                 bundle = _simulate_one(engine, consent, patient_id, resources, row, as_of, recorded, settings)
             except Exception as exc:  # noqa: BLE001 - one patient's failure must not lose the partition
@@ -276,6 +313,7 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
                     bundles.write(json.dumps(bundle, separators=(",", ":"), ensure_ascii=False) + "\n")
                     result.bundles += 1
             rows.append(row)
+    result.carried = len(result.carried_ids)
     for row in rows:
         status = row["status"]
         result.patients += 1
@@ -291,6 +329,39 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     result.wall_seconds = time.monotonic() - started
     result.peak_rss_bytes = _peak_rss()
     return result
+
+
+def _earlier_outputs(previous: PreviousResults) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The earlier run's summary rows (with the hash its ledger holds) and bundle lines of the candidates."""
+    rows: dict[str, dict[str, Any]] = {}
+    wanted = pa.array(sorted(previous.hashes), type=pa.string())
+    for path in previous.summary_paths:
+        table = pq.read_table(path)
+        table = table.filter(pc.is_in(table["patient_id"], value_set=wanted))
+        for row in table.to_pylist():
+            if previous.hashes.get(row["patient_id"]) == row["input_hash"]:
+                rows[row["patient_id"]] = {name: row.get(name) for name in SUMMARY_SCHEMA.names}
+    lines: dict[str, str] = {}
+    for path in previous.bundles_paths:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                text = line.rstrip("\n")
+                patient_id = _bundle_patient(text) if text else None
+                if patient_id in rows:
+                    lines[patient_id] = text
+    return rows, lines
+
+
+def _bundle_patient(line: str) -> str | None:
+    """The patient a bundle line is for (the subject of its results)."""
+    from fhirtwin.fhir.client import patient_reference_id
+
+    for entry in json.loads(line).get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        found = patient_reference_id(resource) if isinstance(resource, dict) else None
+        if found is not None:
+            return found
+    return None
 
 
 def _simulate_one(engine: Any, consent: Any, patient_id: str, resources: list[dict[str, Any]], row: dict[str, Any],
@@ -437,7 +508,28 @@ CREATE TABLE IF NOT EXISTS patients (
     status TEXT NOT NULL,
     PRIMARY KEY (run_id, patient_id)
 );
+CREATE TABLE IF NOT EXISTS exports (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    server TEXT NOT NULL,
+    level TEXT NOT NULL,
+    group_id TEXT,
+    since TEXT,
+    state TEXT NOT NULL CHECK (state IN ('started', 'done')),
+    status_url TEXT,
+    transaction_time TEXT,
+    facts TEXT,
+    updated TEXT NOT NULL
+);
 """
+#: Columns added to tables of earlier ledgers: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("runs", "incremental_from", "TEXT"),
+    ("runs", "simulated", "INTEGER"),
+    ("runs", "carried_over", "INTEGER"),
+    ("runs", "retired", "INTEGER"),
+    # the run whose simulation a carried-over (or retired) patient's results come from; NULL: simulated here
+    ("patients", "carried_from", "TEXT"),
+)
 
 
 @dataclass(frozen=True)
@@ -449,6 +541,32 @@ class RunRow:
     settings: RunSettings
     created: str
     finished: str | None
+    incremental_from: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """A server run's Bulk export: what was asked, the job's status URL once known, and what came back."""
+
+    run_id: str
+    server: str
+    level: str
+    group_id: str | None
+    since: str | None
+    state: str
+    status_url: str | None
+    transaction_time: str | None
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EarlierPatient:
+    """A patient of the run an incremental run follows, as its ledger holds it."""
+
+    partition: str
+    input_hash: str
+    status: str
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -473,6 +591,10 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        with self._db:
+            for table, column, declaration in _ADDED_COLUMNS:
+                if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -483,22 +605,71 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def create_run(self, run_id: str, *, source: str, stage_dir: str, settings: RunSettings) -> RunRow:
+    def create_run(self, run_id: str, *, source: str, stage_dir: str, settings: RunSettings,
+                   incremental_from: str | None = None) -> RunRow:
         with self._db:
-            self._db.execute("INSERT INTO runs (run_id, model_version, source, stage_dir, settings, created) "
-                             "VALUES (?, ?, ?, ?, ?, ?)",
+            self._db.execute("INSERT INTO runs (run_id, model_version, source, stage_dir, settings, created, "
+                             "incremental_from) VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (run_id, ", ".join(settings.models), source, stage_dir,
-                              json.dumps(settings.to_json(), sort_keys=True), _now()))
+                              json.dumps(settings.to_json(), sort_keys=True), _now(), incremental_from))
         found = self.run(run_id)
         assert found is not None
         return found
 
     def run(self, run_id: str) -> RunRow | None:
-        row = self._db.execute("SELECT run_id, model_version, source, stage_dir, settings, created, finished "
-                               "FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._db.execute("SELECT run_id, model_version, source, stage_dir, settings, created, finished, "
+                               "incremental_from FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             return None
-        return RunRow(row[0], row[1], row[2], row[3], RunSettings.from_json(json.loads(row[4])), row[5], row[6])
+        return RunRow(row[0], row[1], row[2], row[3], RunSettings.from_json(json.loads(row[4])), row[5], row[6],
+                      row[7])
+
+    def start_export(self, run_id: str, *, server: str, level: str, group_id: str | None, since: str | None) -> None:
+        with self._db:
+            self._db.execute("INSERT INTO exports (run_id, server, level, group_id, since, state, updated) "
+                             "VALUES (?, ?, ?, ?, ?, 'started', ?)", (run_id, server, level, group_id, since, _now()))
+
+    def export_polling(self, run_id: str, status_url: str) -> None:
+        """The export job's status URL, recorded as soon as the server answered the kick-off."""
+        with self._db:
+            self._db.execute("UPDATE exports SET status_url = ?, updated = ? WHERE run_id = ?",
+                             (status_url, _now(), run_id))
+
+    def finish_export(self, run_id: str, facts: dict[str, Any]) -> None:
+        with self._db:
+            self._db.execute("UPDATE exports SET state = 'done', transaction_time = ?, facts = ?, updated = ? "
+                             "WHERE run_id = ?", (facts["transaction_time"], json.dumps(facts, sort_keys=True),
+                                                  _now(), run_id))
+
+    def add_export_facts(self, run_id: str, facts: dict[str, Any]) -> None:
+        """Facts learnt after the export (an incremental run's changed and dropped patients)."""
+        found = self.export(run_id)
+        assert found is not None
+        with self._db:
+            self._db.execute("UPDATE exports SET facts = ?, updated = ? WHERE run_id = ?",
+                             (json.dumps({**found.facts, **facts}, sort_keys=True), _now(), run_id))
+
+    def export(self, run_id: str) -> ExportRow | None:
+        row = self._db.execute("SELECT run_id, server, level, group_id, since, state, status_url, transaction_time, "
+                               "facts FROM exports WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        return ExportRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                         json.loads(row[8]) if row[8] else {})
+
+    def earlier_patients(self, run_id: str) -> dict[str, EarlierPatient]:
+        """The patients of ``run_id`` that are still in its population (every status but retired)."""
+        rows = self._db.execute("SELECT patient_id, partition, input_hash, status, COALESCE(carried_from, run_id) "
+                                "FROM patients WHERE run_id = ? AND status != ?", (run_id, RETIRED))
+        return {r[0]: EarlierPatient(*r[1:]) for r in rows}
+
+    def retire(self, run_id: str, patients: dict[str, EarlierPatient]) -> None:
+        """Patients of the earlier run that this run's population no longer has (partition ``''``)."""
+        with self._db:
+            self._db.execute("DELETE FROM patients WHERE run_id = ? AND status = ?", (run_id, RETIRED))
+            self._db.executemany("INSERT OR REPLACE INTO patients (run_id, patient_id, partition, input_hash, status, "
+                                 "carried_from) VALUES (?, ?, '', ?, ?, ?)",
+                                 [(run_id, pid, p.input_hash, RETIRED, p.origin) for pid, p in patients.items()])
 
     def runs(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT run_id FROM runs ORDER BY created, run_id")]
@@ -521,18 +692,25 @@ class Ledger:
                              "updated = ? WHERE run_id = ? AND partition = ?", (_now(), run_id, partition))
 
     def mark_done(self, run_id: str, partition: str, result: PartitionResult, *, summary_path: str,
-                  bundles_path: str, patients: list[tuple[str, str, str]]) -> None:
-        """The partition's state and its patients' rows in one transaction (``patients``: id, hash, status)."""
+                  bundles_path: str, patients: list[tuple[str, str, str]], previous: str | None = None) -> None:
+        """The partition's state and its patients' rows in one transaction (``patients``: id, hash, status).
+
+        A patient in ``result.carried_ids`` keeps the origin of its results from the ``previous`` run's row.
+        """
+        carried = set(result.carried_ids)
         with self._db:
             self._db.execute("DELETE FROM patients WHERE run_id = ? AND partition = ?", (run_id, partition))
-            self._db.executemany("INSERT OR REPLACE INTO patients (run_id, patient_id, partition, input_hash, "
-                                 "status) VALUES (?, ?, ?, ?, ?)",
-                                 [(run_id, pid, partition, digest, status) for pid, digest, status in patients])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO patients (run_id, patient_id, partition, input_hash, status, carried_from) "
+                "VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(p.carried_from, p.run_id) FROM patients p "
+                "WHERE ? AND p.run_id = ? AND p.patient_id = ?))",
+                [(run_id, pid, partition, digest, status, pid in carried, previous, pid)
+                 for pid, digest, status in patients])
             self._db.execute("UPDATE partitions SET state = 'done', patients = ?, simulated = simulated + ?, "
                              "summary_path = ?, bundles_path = ?, error = NULL, updated = ? "
                              "WHERE run_id = ? AND partition = ?",
-                             (result.patients, result.patients, summary_path, bundles_path, _now(), run_id,
-                              partition))
+                             (result.patients, result.patients - result.carried, summary_path, bundles_path, _now(),
+                              run_id, partition))
 
     def mark_failed(self, run_id: str, partition: str, error: str) -> None:
         with self._db:
@@ -540,8 +718,20 @@ class Ledger:
                              "WHERE run_id = ? AND partition = ?", (error, _now(), run_id, partition))
 
     def finish(self, run_id: str) -> None:
+        """The run is complete: its finish time and its counts (simulated, carried over, retired)."""
+        counts = self.lineage_counts(run_id)
         with self._db:
-            self._db.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (_now(), run_id))
+            self._db.execute("UPDATE runs SET finished = ?, simulated = ?, carried_over = ?, retired = ? "
+                             "WHERE run_id = ?", (_now(), counts["simulated"], counts["carried_over"],
+                                                  counts["retired"], run_id))
+
+    def lineage_counts(self, run_id: str) -> dict[str, int]:
+        """Patients simulated by this run, carried over from an earlier one, and retired."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(status != ? AND carried_from IS NULL), 0), "
+            "COALESCE(SUM(status != ? AND carried_from IS NOT NULL), 0), COALESCE(SUM(status = ?), 0) "
+            "FROM patients WHERE run_id = ?", (RETIRED, RETIRED, RETIRED, run_id)).fetchone()
+        return {"simulated": int(row[0]), "carried_over": int(row[1]), "retired": int(row[2])}
 
     def patient_counts(self, run_id: str) -> dict[str, int]:
         rows = self._db.execute("SELECT status, COUNT(*) FROM patients WHERE run_id = ? GROUP BY status", (run_id,))
@@ -572,6 +762,8 @@ class PopulationReport:
     failed: int = 0
     patients: dict[str, int] = field(default_factory=dict)
     simulated_now: int = 0
+    #: patients whose earlier results an incremental run reused in the partitions done now
+    carried_now: int = 0
     bundles_now: int = 0
     workers: int = 0
     seconds: float = 0.0
@@ -580,9 +772,30 @@ class PopulationReport:
     worker_cpu_seconds: float = 0.0
     peak_worker_rss_bytes: int = 0
     errors: dict[str, str] = field(default_factory=dict)
+    incremental_from: str | None = None
+    #: the ledger's counts of the run so far: simulated, carried_over, retired
+    lineage: dict[str, int] = field(default_factory=dict)
+    #: a server run's export: transactionTime and the manifest's facts; ``exported_now`` False on a resume
+    #: that found the export done
+    export: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ServerSource:
+    """A run's population read from a FHIR server by Bulk ``$export`` (:class:`~fhirtwin.population.bulk.BulkExport`).
+
+    ``level`` is ``system``, ``patient`` or ``group`` (with ``group_id``); ``since`` makes a first run's
+    export incremental (an incremental run takes its ``_since`` from the earlier run's export instead).
+    """
+
+    client: Any
+    level: str = "system"
+    group_id: str | None = None
+    since: str | None = None
+    max_wait: float = 4 * 3600.0
 
 
 def is_staged(folder: str | os.PathLike[str]) -> bool:
@@ -607,19 +820,31 @@ def run_population(
     target: str | None = None,
     buckets: int | None = None,
     recorded: datetime | None = None,
-    purpose: str = "TREAT",
+    purpose: str | None = None,
+    server: ServerSource | None = None,
+    incremental_from: str | None = None,
     on_partition: Callable[[PartitionResult], object] | None = None,
 ) -> PopulationReport:
     """Run (or ``resume``) a population run into ``out_dir`` and return what it did.
 
     ``source`` is a folder of NDJSON (staged into ``out_dir/stage/<run id>`` first; ``buckets`` partitions,
     default :data:`PARTITIONS_PER_WORKER` per worker or one per 1000 patients, whichever is more) or an
-    already staged folder; on resume it comes from the ledger. Partitions run on the Dask cluster at
+    already staged folder; or, instead, ``server``: the run exports the twin's types into
+    ``out_dir/export/<run id>`` and stages that. On resume both come from the ledger (a server run whose
+    export completed is not exported again; one interrupted while the job ran polls the recorded status URL,
+    or kicks off anew when the server no longer has the job). Partitions run on the Dask cluster at
     ``scheduler``, else on an in-process ``LocalCluster`` of ``workers`` processes (default: the cores) with
     one thread each; ``serial`` runs them one after another in this process. ``draws`` (default
-    :data:`DEFAULT_DRAWS`), ``as_of``, ``target`` and ``recorded`` fix a new run's settings
-    (:class:`RunSettings`); a resumed run keeps its own and refuses different ones. ``purpose`` is the
-    purpose of use checked against the Consents in each record (a Bulk export should include Consent).
+    :data:`DEFAULT_DRAWS`), ``as_of``, ``target``, ``purpose`` (default TREAT) and ``recorded`` fix a new
+    run's settings (:class:`RunSettings`); a resumed run keeps its own and refuses different ones.
+    ``purpose`` is the purpose of use checked against the Consents in each record.
+
+    ``incremental_from`` (a run id of the same ledger) makes the run incremental: it keeps that run's settings
+    unless given, and a patient whose input hash equals that run's gets that run's summary row and bundle
+    instead of a simulation. With ``server`` the export is ``_since`` that run's export's ``transactionTime``
+    and the population is that run's staged folder updated with the whole records of the changed patients
+    (read by search: a ``_since`` export holds only the changed resources). Patients of that run that are
+    no longer in the population are ``retired`` and their results listed in ``runs/<run id>/retired.ndjson``.
     The in-process cluster starts worker processes by ``spawn``: a script calling this needs the
     ``if __name__ == "__main__":`` guard.
     """
@@ -629,34 +854,28 @@ def run_population(
     workers = workers or os.cpu_count() or 1
     with Ledger(out / LEDGER_FILE) as ledger:
         if resume is not None:
-            run = ledger.run(resume)
-            if run is None:
-                raise PopulationRunError(f"no run {resume!r} in {out.name}/{LEDGER_FILE}")
-            settings = run.settings
-            asked = {"draws": draws, "as_of": as_of.isoformat() if as_of else None, "target": target}
-            differ = [k for k, v in asked.items() if v is not None and v != getattr(settings, k)]
-            if differ:
-                raise PopulationRunError(f"run {resume} was made with other settings ({', '.join(differ)}); a resumed "
-                                         "run keeps its settings (start a new run instead)")
+            run = _resumed(ledger, out, resume, draws=draws, as_of=as_of, target=target, purpose=purpose,
+                           incremental_from=incremental_from)
         else:
-            if source is None:
-                raise PopulationRunError("a new run needs a SOURCE folder (NDJSON or staged)")
-            if not Path(source).is_dir():
-                raise PopulationRunError(f"SOURCE {Path(source).name} is not a folder")
-            settings = new_settings(draws=draws or DEFAULT_DRAWS, as_of=as_of, target=target, recorded=recorded,
-                                    purpose=purpose)
-            run_id = new_run_id()
-            staged = is_staged(source)
-            stage_dir = Path(source).resolve() if staged else out / STAGE_DIR / run_id
-            run = ledger.create_run(run_id, source=str(Path(source).resolve()),
-                                    stage_dir=str(stage_dir), settings=settings)
+            run = _new_run(ledger, out, source, server, incremental_from, draws=draws, as_of=as_of, target=target,
+                           recorded=recorded, purpose=purpose)
+        settings = run.settings
         key = resolve_signing_key(settings.target)
+        previous = ledger.run(run.incremental_from) if run.incremental_from else None
         stage_dir = Path(run.stage_dir)
+        export_report: dict[str, Any] | None = None
+        export = ledger.export(run.run_id)
         if not is_staged(stage_dir):
-            source_dir = Path(run.source)
-            if not source_dir.is_dir():
-                raise PopulationRunError("the run's NDJSON source folder is gone and its staging is incomplete")
-            stage_ndjson(source_dir, stage_dir, buckets=buckets or _default_buckets(source_dir, workers))
+            if export is not None:
+                export_report = _export_and_stage(ledger, out, run, export, server, previous, buckets, workers)
+            else:
+                source_dir = Path(run.source)
+                if not source_dir.is_dir():
+                    raise PopulationRunError("the run's NDJSON source folder is gone and its staging is incomplete")
+                stage_ndjson(source_dir, stage_dir, buckets=buckets or _default_buckets(source_dir, workers))
+        if export_report is None and export is not None:
+            found = ledger.export(run.run_id)
+            export_report = {**(found.facts if found else {}), "exported_now": False}
         names = {p.stem: p for p in list_partitions(stage_dir)}
         ledger.add_partitions(run.run_id, sorted(names))
         vanished = sorted(set(ledger.partitions(run.run_id)) - set(names))
@@ -664,15 +883,19 @@ def run_population(
             raise PopulationRunError(f"the staged folder no longer holds partition(s) {', '.join(vanished[:5])}")
         run_dir = out / RUNS_DIR / run.run_id
         _remove_leftovers(run_dir)
+        earlier: dict[str, PreviousResults] = {}
+        if previous is not None:
+            earlier = _retire_and_reuse(ledger, out, run, previous, stage_dir)
         known = ledger.partitions(run.run_id)
         todo = [name for name, row in known.items() if not _is_done(out, row)]
         report = PopulationReport(run.run_id, str(out), partitions=len(known),
-                                  already_done=len(known) - len(todo), workers=1 if serial else workers)
+                                  already_done=len(known) - len(todo), workers=1 if serial else workers,
+                                  incremental_from=run.incremental_from, export=export_report)
         tasks = {name: PartitionTask(
             run_id=run.run_id, partition=name, partition_path=str(names[name].resolve()),
             stage_dir=str(stage_dir.resolve()), summary_path=str((run_dir / "summaries" / f"{name}.parquet").resolve()),
-            bundles_path=str((run_dir / "bundles" / f"{name}.ndjson").resolve()), settings=settings, kid=key.kid)
-            for name in todo}
+            bundles_path=str((run_dir / "bundles" / f"{name}.ndjson").resolve()), settings=settings, kid=key.kid,
+            previous=earlier.get(name)) for name in todo}
         simulate_started = time.monotonic()
 
         def finished(name: str, result: PartitionResult | None, error: BaseException | None) -> None:
@@ -687,9 +910,11 @@ def run_population(
             rows = pq.read_table(task.summary_path, columns=["patient_id", "input_hash", "status"]).to_pylist()
             ledger.mark_done(run.run_id, name, result, summary_path=_relative(task.summary_path, out),
                              bundles_path=_relative(task.bundles_path, out),
-                             patients=[(r["patient_id"], r["input_hash"], r["status"]) for r in rows])
+                             patients=[(r["patient_id"], r["input_hash"], r["status"]) for r in rows],
+                             previous=run.incremental_from)
             report.done_now += 1
-            report.simulated_now += result.patients
+            report.simulated_now += result.patients - result.carried
+            report.carried_now += result.carried
             report.bundles_now += result.bundles
             report.worker_cpu_seconds += result.cpu_seconds
             report.peak_worker_rss_bytes = max(report.peak_worker_rss_bytes, result.peak_rss_bytes)
@@ -714,8 +939,233 @@ def run_population(
         if all(row.state == "done" for row in states.values()):
             ledger.finish(run.run_id)
         report.patients = ledger.patient_counts(run.run_id)
+        report.lineage = ledger.lineage_counts(run.run_id)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _resumed(ledger: Ledger, out: Path, run_id: str, *, draws: int | None, as_of: date | None, target: str | None,
+             purpose: str | None, incremental_from: str | None) -> RunRow:
+    """The run to resume, refusing settings that differ from its own."""
+    run = ledger.run(run_id)
+    if run is None:
+        raise PopulationRunError(f"no run {run_id!r} in {out.name}/{LEDGER_FILE}")
+    settings = run.settings
+    asked = {"draws": draws, "as_of": as_of.isoformat() if as_of else None, "target": target, "purpose": purpose}
+    differ = [k for k, v in asked.items() if v is not None and v != getattr(settings, k)]
+    if incremental_from is not None and incremental_from != run.incremental_from:
+        differ.append("incremental_from")
+    if differ:
+        raise PopulationRunError(f"run {run_id} was made with other settings ({', '.join(differ)}); a resumed "
+                                 "run keeps its settings (start a new run instead)")
+    return run
+
+
+def _new_run(ledger: Ledger, out: Path, source: str | os.PathLike[str] | None, server: ServerSource | None,
+             incremental_from: str | None, *, draws: int | None, as_of: date | None, target: str | None,
+             recorded: datetime | None, purpose: str | None) -> RunRow:
+    """A new run in the ledger (and its export, for a server run); an incremental run inherits its settings."""
+    if (source is None) == (server is None):
+        raise PopulationRunError("a new run needs either a SOURCE folder (NDJSON or staged) or a server to export "
+                                 "from")
+    if source is not None and not Path(source).is_dir():
+        raise PopulationRunError(f"SOURCE {Path(source).name} is not a folder")
+    previous = ledger.run(incremental_from) if incremental_from is not None else None
+    if incremental_from is not None and previous is None:
+        raise PopulationRunError(f"no run {incremental_from!r} in {out.name}/{LEDGER_FILE} to be incremental from")
+    since = server.since if server is not None else None
+    if previous is not None:
+        inherited = previous.settings
+        draws, purpose = draws or inherited.draws, purpose or inherited.purpose
+        as_of = as_of or date.fromisoformat(inherited.as_of)
+        target = target or inherited.target
+        if server is not None:
+            since = _incremental_since(ledger, previous, server)
+    settings = new_settings(draws=draws or DEFAULT_DRAWS, as_of=as_of, target=target, recorded=recorded,
+                            purpose=purpose or "TREAT")
+    run_id = new_run_id()
+    if server is not None:
+        source_dir = out / EXPORT_DIR / run_id
+        stage_dir = out / STAGE_DIR / run_id
+    else:
+        assert source is not None
+        source_dir = Path(source).resolve()
+        stage_dir = source_dir if is_staged(source_dir) else out / STAGE_DIR / run_id
+    run = ledger.create_run(run_id, source=str(source_dir.resolve()), stage_dir=str(stage_dir.resolve()),
+                            settings=settings, incremental_from=incremental_from)
+    if server is not None:
+        ledger.start_export(run_id, server=server.client.base_url, level=server.level, group_id=server.group_id,
+                            since=since)
+    return run
+
+
+def _incremental_since(ledger: Ledger, previous: RunRow, server: ServerSource) -> str:
+    """The ``_since`` of an incremental server run: the earlier run's export's transactionTime."""
+    earlier = ledger.export(previous.run_id)
+    if earlier is None or earlier.state != "done" or not earlier.transaction_time:
+        raise PopulationRunError(f"run {previous.run_id} has no completed server export to be incremental from")
+    if server.since is not None:
+        raise PopulationRunError("an incremental run exports since the earlier run's transactionTime; drop --since")
+    if (earlier.server, earlier.level, earlier.group_id) != (server.client.base_url, server.level, server.group_id):
+        raise PopulationRunError(f"run {previous.run_id} exported another population (server, level or group); "
+                                 "an incremental run exports the same one")
+    if not is_staged(previous.stage_dir):
+        raise PopulationRunError(f"the staged folder of run {previous.run_id} is gone; start a full run")
+    return earlier.transaction_time
+
+
+def _export_and_stage(ledger: Ledger, out: Path, run: RunRow, export: ExportRow, server: ServerSource | None,
+                      previous: RunRow | None, buckets: int | None, workers: int) -> dict[str, Any]:
+    """A server run's export (unless the ledger says it completed) and its staging; returns the export's facts."""
+    from fhirtwin.population.bulk import BulkExport
+
+    if server is not None and server.client.base_url != export.server:
+        raise PopulationRunError(f"run {run.run_id} exports from another server")
+    client = server.client if server is not None else _client_for(export.server)
+    folder = out / EXPORT_DIR / run.run_id
+    exported_now = False
+    if export.state != "done":
+        if (folder / "export.json").is_file():  # complete on disk; the process died before the ledger said so
+            facts = json.loads((folder / "export.json").read_text("utf-8"))
+        else:
+            bulk = BulkExport(client, export.level, group_id=export.group_id, since=export.since,
+                              max_wait=server.max_wait if server is not None else 4 * 3600.0)
+            result = bulk.run(folder, status_url=export.status_url,
+                              on_status_url=lambda url: ledger.export_polling(run.run_id, url))
+            facts = result.to_json()
+            exported_now = True
+        facts.pop("out_dir", None)
+        ledger.finish_export(run.run_id, facts)
+    if previous is None:
+        stage_ndjson(folder, run.stage_dir, buckets=buckets or _default_buckets(folder, workers))
+    else:
+        changes = _stage_changes(client, export, folder, previous, Path(run.stage_dir))
+        ledger.add_export_facts(run.run_id, changes)
+    found = ledger.export(run.run_id)
+    assert found is not None
+    return {**found.facts, "exported_now": exported_now}
+
+
+def _client_for(server: str) -> Any:
+    from fhirtwin.fhir.client import FhirClient
+
+    return FhirClient(server)
+
+
+def _stage_changes(client: Any, export: ExportRow, folder: Path, previous: RunRow, stage_dir: Path) -> dict[str, int]:
+    """Stage an incremental export: the earlier run's staged folder with the changed patients' whole records.
+
+    A patient changed when the export holds a resource of it, when a deleted resource was its (looked up in
+    the earlier staged folder), or, at group level, when it joined the Group. A patient is dropped when its
+    Patient was deleted, when it left the Group, or when the server no longer has it.
+    """
+    from fhirtwin.adapters.reads import REFERENCED_TYPES
+    from fhirtwin.population.bulk import deleted_references, read_whole_records, touched_patients
+
+    base = Path(previous.stage_dir)
+    deleted = set(deleted_references(folder))
+    dropped = {r.split("/", 1)[1] for r in deleted if r.startswith("Patient/")}
+    owners = resource_owners(base, (r for r in deleted if not r.startswith("Patient/")))
+    touched, _ = touched_patients(folder)
+    changed = touched | set(owners.values())
+    if export.level == "group" and export.group_id:
+        members = _group_members(client, export.group_id)
+        earlier = set(staged_patients(base))
+        changed |= members - earlier
+        dropped |= earlier - members
+    changed -= dropped
+    records = folder / "records"
+    read = read_whole_records(client, sorted(changed), records)
+    dropped |= set(read.missing)
+    for resource_type in REFERENCED_TYPES:  # changed shared resources of the export itself (system level)
+        for index, path in enumerate(sorted(folder.glob(f"{resource_type}.*.ndjson")), start=1):
+            shutil.copyfile(path, records / f"{resource_type}.{index}.ndjson")
+    shared_deleted = {r for r in deleted if r.split("/", 1)[0] in REFERENCED_TYPES}
+    stage_ndjson(records, stage_dir, base=base, drop_patients=dropped, drop_shared=shared_deleted)
+    return {"changed_patients": len(changed), "records_read": len(read.found), "dropped_patients": len(dropped)}
+
+
+def _group_members(client: Any, group_id: str) -> set[str]:
+    """Patient ids of a Group's active members."""
+    group = client.read("Group", group_id)
+    members: set[str] = set()
+    for member in group.get("member") or []:
+        entity = member.get("entity") if isinstance(member, dict) else None
+        reference = entity.get("reference") if isinstance(entity, dict) else None
+        parts = reference.split("/_history")[0].rstrip("/").split("/") if isinstance(reference, str) else []
+        if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1] and member.get("inactive") is not True:
+            members.add(parts[-1])
+    return members
+
+
+def _retire_and_reuse(ledger: Ledger, out: Path, run: RunRow, previous: RunRow,
+                      stage_dir: Path) -> dict[str, PreviousResults]:
+    """Retire the earlier run's patients this population lacks; per partition, what its task may reuse."""
+    earlier = ledger.earlier_patients(previous.run_id)
+    present = staged_patients(stage_dir)
+    retired = {pid: p for pid, p in sorted(earlier.items()) if pid not in present}
+    earlier_partitions = ledger.partitions(previous.run_id)
+    _write_retired(out, run.run_id, retired, earlier_partitions)
+    ledger.retire(run.run_id, retired)
+    buckets = staged_buckets(stage_dir)
+    grouped: dict[str, dict[str, str]] = {}
+    sources: dict[str, set[str]] = {}
+    for pid, patient in earlier.items():
+        if pid not in present or patient.status == FAILED:
+            continue
+        name = partition_name(bucket_of(pid, buckets))
+        grouped.setdefault(name, {})[pid] = patient.input_hash
+        sources.setdefault(name, set()).add(patient.partition)
+    reuse: dict[str, PreviousResults] = {}
+    for name, hashes in grouped.items():
+        rows = [earlier_partitions[p] for p in sorted(sources[name]) if p in earlier_partitions]
+        usable = [r for r in rows if _is_done(out, r)]
+        reuse[name] = PreviousResults(
+            previous.run_id, hashes,
+            summary_paths=tuple(str((out / str(r.summary_path)).resolve()) for r in usable),
+            bundles_paths=tuple(str((out / str(r.bundles_path)).resolve()) for r in usable))
+    return reuse
+
+
+def _write_retired(out: Path, run_id: str, retired: dict[str, EarlierPatient],
+                   partitions: dict[str, PartitionRow]) -> None:
+    """``runs/<run id>/retired.ndjson``: per retired patient, the results its earlier bundle wrote (by their
+    conditional-create identifiers: the server's ids are not known here) for write-back to mark
+    ``entered-in-error``, with the Provenance run tag that names them together."""
+    wanted: dict[str, dict[str, Any]] = {
+        pid: {"patient_id": pid, "results_run": p.origin, "status": p.status, "results": [], "provenance_tag": None}
+        for pid, p in retired.items()}
+    for name in sorted({p.partition for p in retired.values()}):
+        row = partitions.get(name)
+        path = out / str(row.bundles_path) if row is not None and row.bundles_path else None
+        if path is None or not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                patient_id = _bundle_patient(line) if line.strip() else None
+                if patient_id in wanted:
+                    wanted[patient_id].update(_bundle_results(json.loads(line)))
+    with _atomic_text(out / RUNS_DIR / run_id / RETIRED_FILE) as handle:
+        for item in wanted.values():
+            handle.write(json.dumps(item, separators=(",", ":"), ensure_ascii=False) + "\n")
+
+
+def _bundle_results(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The results a transaction bundle creates (type and ``system|value`` identifier) and its run tag."""
+    results: list[dict[str, str]] = []
+    tag = None
+    for entry in bundle.get("entry") or []:
+        request = entry.get("request") or {}
+        resource = entry.get("resource") or {}
+        condition = str(request.get("ifNoneExist") or "")
+        if request.get("method") != "POST":
+            continue
+        if resource.get("resourceType") == "Provenance" and condition.startswith("_tag="):
+            tag = condition.removeprefix("_tag=")
+        elif condition.startswith("identifier="):
+            results.append({"resourceType": str(resource.get("resourceType")),
+                            "identifier": condition.removeprefix("identifier=")})
+    return {"results": results, "provenance_tag": tag}
 
 
 def _run_on_dask(tasks: dict[str, PartitionTask], ledger: Ledger, run_id: str, scheduler: str | None,

@@ -25,6 +25,11 @@ four of a patient row):
   ``whenHandedOver``, MedicationStatement ``effective[x]``;
 * ``value``, ``unit``: an Observation's ``valueQuantity`` (the UCUM ``code``, else ``unit``); components
   (blood-pressure panels) stay in ``resource_json``.
+
+An incremental run stages on top of an earlier staged folder (``base``): the earlier partitions are copied
+row group by row group without the patients named in ``drop_patients`` (changed or deleted), then the new
+NDJSON (the changed patients' whole records) is staged into the same buckets; shared resources of the new
+NDJSON replace the earlier ones with the same ``Type/id``. The result is again a complete snapshot.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import os
 import shutil
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +96,11 @@ _EFFECTIVE = {
 def bucket_of(patient_id: str, buckets: int) -> int:
     """The partition of a patient: CRC-32 of the id's UTF-8 bytes modulo ``buckets`` (stable across runs)."""
     return zlib.crc32(patient_id.encode("utf-8")) % buckets
+
+
+def partition_name(bucket: int) -> str:
+    """The name (file stem) of a bucket's partition: ``bucket-00017``."""
+    return f"bucket-{bucket:05d}"
 
 
 @dataclass
@@ -163,8 +173,20 @@ class _Stager:
 
     def _bucket(self, bucket: int) -> _Buffer:
         if bucket not in self.buffers:
-            self.buffers[bucket] = _Buffer(self.root / PATIENTS_DIR / f"bucket-{bucket:05d}.parquet")
+            self.buffers[bucket] = _Buffer(self.root / PATIENTS_DIR / f"{partition_name(bucket)}.parquet")
         return self.buffers[bucket]
+
+    def copy(self, buffer: _Buffer, table: pa.Table) -> None:
+        """Rows of an earlier staged folder, written as they are (after the buffer's own rows)."""
+        if table.num_rows == 0:
+            return
+        if buffer.bytes:
+            self._flush(buffer)
+        if buffer.writer is None:
+            buffer.path.parent.mkdir(parents=True, exist_ok=True)
+            buffer.writer = pq.ParquetWriter(buffer.path, SCHEMA, compression="zstd")
+        buffer.writer.write_table(table.select(_COLUMNS).cast(SCHEMA))
+        self.report.row_groups += 1
 
     def _flush(self, buffer: _Buffer) -> None:
         self.buffered -= buffer.flush()
@@ -186,6 +208,9 @@ def stage_ndjson(
     buckets: int | None = None,
     max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
     on_resource: Callable[[], object] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    drop_patients: Collection[str] = (),
+    drop_shared: Collection[str] = (),
 ) -> StageReport:
     """Stage every ``<Type>[.<n>].ndjson[.gz]`` file of ``source_dir`` into ``out_dir`` (see the module doc).
 
@@ -193,13 +218,21 @@ def stage_ndjson(
     at most :data:`MAX_BUCKETS`). The output appears under ``out_dir`` only when complete (it is written
     beside it and renamed), so an interrupted run leaves nothing half-staged. A malformed line raises
     :class:`~fhirtwin.fhir.errors.NdjsonFormatError` naming the file and line.
+
+    With ``base`` (an earlier staged folder; its bucket count is kept) the result is ``base`` updated: its
+    patients minus ``drop_patients`` and minus every patient whose Patient ``source_dir`` holds, plus
+    ``source_dir``'s records; its shared resources minus ``drop_shared`` (``Type/id``) and those
+    ``source_dir`` replaces.
     """
     source = NdjsonSource(source_dir)
     if max_buffer_bytes < 1:
         raise ValueError("max_buffer_bytes must be >= 1")
+    base_buckets = staged_buckets(base) if base is not None else None
+    if base_buckets is not None and buckets not in (None, base_buckets):
+        raise ValueError(f"staging on an earlier folder keeps its {base_buckets} buckets")
     if buckets is None:
-        buckets = max(1, min(MAX_BUCKETS, math.ceil(_count_lines(source.files.get("Patient", []))
-                                                    / PATIENTS_PER_PARTITION)))
+        buckets = base_buckets or max(1, min(MAX_BUCKETS, math.ceil(_count_lines(source.files.get("Patient", []))
+                                                                    / PATIENTS_PER_PARTITION)))
     if buckets < 1:
         raise ValueError("buckets must be >= 1")
     target = Path(out_dir)
@@ -213,16 +246,25 @@ def stage_ndjson(
     stager = _Stager(partial, buckets, max_buffer_bytes)
     resources: dict[str, int] = {}
     sources: list[str] = []
+    if base is not None:
+        replaced = {*drop_patients, *(r["id"] for _, r in _iter_files(source.files.get("Patient", []), "Patient"))}
+        _copy_base_patients(stager, Path(base), replaced, resources)
+        sources.append(f"{Path(base).name} (earlier stage, {len(replaced)} patient(s) replaced or dropped)")
+    new_shared: set[str] = set()
     for resource_type, paths in source.files.items():
         for path in paths:
             sources.append(path.name)
             for text, resource in _iter_lines(path, resource_type):
                 owner = patient_reference_id(resource)
                 patient_id = sys.intern(owner) if owner is not None else None
+                if patient_id is None:
+                    new_shared.add(f"{resource_type}/{resource['id']}")
                 stager.add(patient_id, _row(patient_id, resource_type, text, resource))
                 resources[resource_type] = resources.get(resource_type, 0) + 1
                 if on_resource is not None:
                     on_resource()
+    if base is not None:
+        _copy_base_shared(stager, Path(base), {*drop_shared, *new_shared}, resources)
     stager.close()
     report = stager.report
     report.resources = dict(sorted(resources.items()))
@@ -244,6 +286,48 @@ def stage_ndjson(
     return report
 
 
+def staged_buckets(stage_dir: str | os.PathLike[str]) -> int:
+    """The bucket count of a complete staged folder (its manifest)."""
+    try:
+        manifest = json.loads((Path(stage_dir) / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{Path(stage_dir).name} is not a complete staged folder") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("buckets"),
+                                                                                            int):
+        raise ValueError(f"{Path(stage_dir).name} is not a complete staged folder")
+    return int(manifest["buckets"])
+
+
+def _count_types(table: pa.Table, resources: dict[str, int]) -> None:
+    for item in pc.value_counts(table["resource_type"]).to_pylist():
+        resources[item["values"]] = resources.get(item["values"], 0) + int(item["counts"])
+
+
+def _copy_base_patients(stager: _Stager, base: Path, dropped: set[str], resources: dict[str, int]) -> None:
+    """Every patient row of ``base`` whose patient is not ``dropped``, one row group at a time."""
+    drop = pa.array(sorted(dropped), type=pa.string())
+    for path in list_partitions(base):
+        bucket = int(path.stem.rsplit("-", 1)[1])
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
+            table = pa.Table.from_batches([batch])
+            table = table.filter(pc.invert(pc.is_in(table["patient_id"], value_set=drop)))
+            stager.copy(stager._bucket(bucket), table)
+            _count_types(table, resources)
+
+
+def _copy_base_shared(stager: _Stager, base: Path, dropped: set[str], resources: dict[str, int]) -> None:
+    """The shared resources of ``base`` except the ``Type/id`` s in ``dropped``."""
+    path = base / SHARED_FILE
+    if not path.exists():
+        return
+    table = pq.read_table(path)
+    keys = pc.binary_join_element_wise(table["resource_type"], table["resource_id"], "/")
+    table = table.filter(pc.invert(pc.is_in(keys, value_set=pa.array(sorted(dropped), type=pa.string()))))
+    stager.copy(stager.shared, table)
+    stager.report.shared_resources += table.num_rows
+    _count_types(table, resources)
+
+
 def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
@@ -254,6 +338,11 @@ def _count_lines(paths: Iterable[Path]) -> int:
         with _open(path) as handle:
             count += sum(1 for raw in handle if raw.strip())
     return count
+
+
+def _iter_files(paths: Iterable[Path], resource_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in paths:
+        yield from _iter_lines(path, resource_type)
 
 
 def _iter_lines(path: Path, resource_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -316,6 +405,33 @@ def _effective(resource_type: str, resource: dict[str, Any]) -> str | None:
 def list_partitions(stage_dir: str | os.PathLike[str]) -> list[Path]:
     """The patient partitions of a staged folder, in bucket order (empty buckets have no file)."""
     return sorted((Path(stage_dir) / PATIENTS_DIR).glob("bucket-*.parquet"))
+
+
+def staged_patients(stage_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Patient id -> partition name of every patient (with a Patient resource) of a staged folder."""
+    found: dict[str, str] = {}
+    for path in list_partitions(stage_dir):
+        table = pq.read_table(path, columns=["patient_id", "resource_type"])
+        ids = table.filter(pc.equal(table["resource_type"], "Patient"))["patient_id"].to_pylist()
+        found.update((str(pid), path.stem) for pid in ids)
+    return found
+
+
+def resource_owners(stage_dir: str | os.PathLike[str], references: Iterable[str]) -> dict[str, str]:
+    """``Type/id`` -> patient id for the given references that a staged folder holds as patient rows."""
+    wanted = sorted({r for r in references if "/" in r})
+    if not wanted:
+        return {}
+    value_set = pa.array(wanted, type=pa.string())
+    found: dict[str, str] = {}
+    for path in list_partitions(stage_dir):
+        table = pq.read_table(path, columns=["patient_id", "resource_type", "resource_id"])
+        keys = pc.binary_join_element_wise(table["resource_type"], table["resource_id"], "/")
+        mask = pc.is_in(keys, value_set=value_set)
+        for key, owner in zip(keys.filter(mask).to_pylist(), table["patient_id"].filter(mask).to_pylist(),
+                              strict=True):
+            found[str(key)] = str(owner)
+    return found
 
 
 class SharedResources:
