@@ -35,7 +35,7 @@ from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
 from fhirtwin.sim.pharmacogenomics import MedicationFlag, medication_flags
-from fhirtwin.sim.planner import Plan, plan
+from fhirtwin.sim.planner import Plan, paired_difference, paired_draws, plan
 from fhirtwin.sim.scope import EGFR_KIDNEY_FAILURE, KIDNEY_FAILURE, ScopeDecision, decide_scope
 from fhirtwin.twin import LedgerEntry, LedgerKind, SourceRef, TwinState
 from fhirtwin.vocabulary import CONCEPTS, GENERATED_TAG, SUPERSEDED_TAG, coding, is_fhirtwin_generated, token
@@ -577,7 +577,7 @@ class Engine:
     def __init__(self, source: Any = None, *, signing_key: SigningKey | None = None, draws: int = 1000,
                  horizon_years: float = 10.0, seed: int = 0, outcome: str = "total_cvd", strict: bool = False,
                  organization_id: str = DEFAULT_ORGANIZATION, audit: AuditTrail | None = None,
-                 consent: ConsentPolicy | None = None) -> None:
+                 consent: ConsentPolicy | None = None, validate_writes: bool = True) -> None:
         self.source = source
         self.signing_key = signing_key
         self.draws = draws
@@ -590,6 +590,9 @@ class Engine:
         self.audit = audit
         #: Consent policy (:mod:`fhirtwin.consent`): checked before any read of a patient's record.
         self.consent = consent
+        #: Check every prepared resource against R4 and the profiles; a population run turns this off and its
+        #: tests validate its output instead (the resources are built by the same code either way).
+        self.validate_writes = validate_writes
         self._hapi: bool | None = None
 
     # -- read
@@ -822,11 +825,10 @@ class Engine:
             forecast = base
         else:
             scenario = Scenario(" + ".join(i.label for i in interventions), tuple(interventions))
-            forecast = run.model.simulate(scenario, base.horizon_years, base.draws, base.seed)
-        month = int(round(12 * base.horizon_years))
+            forecast = run.model.simulate(scenario, base.horizon_years, paired_draws(base.draws), base.seed)
         arr = {}
         for outcome in base.cif:
-            diff = base.cif[outcome][:, month] - forecast.cif[outcome][:, month]
+            diff = paired_difference(base, forecast, outcome)
             arr[outcome] = {"median": float(np.quantile(diff, 0.5)), "p05": float(np.quantile(diff, 0.05)),
                             "p95": float(np.quantile(diff, 0.95))}
         return WhatIf(forecast, tuple(interventions), arr)
@@ -855,9 +857,10 @@ class Engine:
             write.bundle["entry"].insert(0, {"fullUrl": full_url("Device", device["id"], base_url),
                                              "resource": device,
                                              "request": {"method": "PUT", "url": f"Device/{device['id']}"}})
-        for entry in write.bundle["entry"]:
-            validate_resource(entry["resource"])
-            check_emittable(entry["resource"])
+        if self.validate_writes:
+            for entry in write.bundle["entry"]:
+                validate_resource(entry["resource"])
+                check_emittable(entry["resource"])
         return write
 
     def stored_results(self, patient_id: str) -> list[dict[str, Any]]:

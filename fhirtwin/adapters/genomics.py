@@ -64,10 +64,16 @@ def _answer(concept: Any, table: str) -> str | None:
     return None
 
 
+@cache
+def _observation_keys() -> frozenset[tuple[str, str]]:
+    """Every genomic Observation code (all groups but the report's), for one lookup per coding."""
+    return frozenset().union(*(_keyset("codes", group) for group in tables()["codes"] if group != "genomic_report"))
+
+
 def is_genomic(resource: dict[str, Any]) -> bool:
     """True if an Observation belongs to this adapter (genomic code or v2-0074 GE category)."""
-    code = resource.get("code")
-    if any(_is(code, group) for group in tables()["codes"] if group != "genomic_report"):
+    keys = _observation_keys()
+    if any((s, c) in keys for s, c, _ in codings(resource.get("code"))):
         return True
     ge = system_uri("http://terminology.hl7.org/CodeSystem/v2-0074")
     return any(any(s == ge and c == "GE" for s, c, _ in codings(cat)) for cat in resource.get("category") or [])

@@ -66,34 +66,57 @@ def draw_parameters(
     horizon_years: float,
     uacr_quantiles: int = 1,
 ) -> ParameterDraws:
-    """Draw every uncertain parameter for ``n`` ensemble members (reproducible from ``seed``)."""
+    """Draw every uncertain parameter for ``n`` ensemble members (reproducible from ``seed``).
+
+    Each parameter has its own child stream (:data:`STREAM_NAMES`) and every stream fills its
+    array draw by draw, so the first ``k`` members of an ensemble of ``n`` are the ensemble of ``k``: a
+    scenario simulated on fewer draws is paired member by member with the baseline (common random numbers).
+    """
     if n < 1:
         raise ValueError("draws must be >= 1")
     years = int(math.ceil(horizon_years))
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
-    rng_cal, rng_walk, rng_eff, rng_resp = streams
-
+    rng = _Streams(seed)
     level_slope: dict[str, np.ndarray] = {}
     innovations: dict[str, np.ndarray] = {}
-    for variable in HISTORY_VARIABLES:  # fixed order: stream use does not depend on which data exist
+    for variable in HISTORY_VARIABLES:
         post = posteriors.get(variable)
-        draws = post.draw(rng_cal, n) if post is not None else rng_cal.standard_normal((n, 2))
-        z = rng_walk.standard_normal((n, years, 2))
-        if post is None:
-            continue
-        level_slope[variable] = draws
-        innovations[variable] = z
-
+        if post is not None:
+            level_slope[variable] = post.draw(rng[f"level_slope:{variable}"], n)
+            innovations[variable] = rng[f"innovations:{variable}"].standard_normal((n, years, 2))
     params = intervention_parameters()
-    ratios = {name: lognormal_draws(name, rng_eff, n) for name in RATIO_NAMES}
-    lowering = {k: ldl_lowering_draws(k, rng_resp, n) for k in ("low", "moderate", "high", *LIPID_DRUGS)}
+    ratios = {name: lognormal_draws(name, rng[f"ratio:{name}"], n) for name in RATIO_NAMES}
+    lowering = {k: ldl_lowering_draws(k, rng[f"ldl_lowering:{k}"], n) for k in LDL_LOWERING_KINDS}
     bp = params["sbp_lowering_one_drug_mm_hg"]
-    drop = np.maximum(0.0, bp["value"] + bp["sd"] * rng_resp.standard_normal(n))
-    quantile = rng_resp.integers(0, uacr_quantiles, n)
-    quit_spec = params["smoking_quit_probability"]
-    lo, hi = quit_spec["interval"]
-    quit = rng_resp.uniform(lo, hi, n)
+    drop = np.maximum(0.0, bp["value"] + bp["sd"] * rng["sbp_drop"].standard_normal(n))
+    quantile = rng["uacr_quantile"].integers(0, uacr_quantiles, n)
+    lo, hi = params["smoking_quit_probability"]["interval"]
+    quit = rng["quit_probability"].uniform(lo, hi, n)
     return ParameterDraws(n, seed, years, level_slope, innovations, ratios, lowering, drop, quantile, quit)
+
+
+LDL_LOWERING_KINDS = ("low", "moderate", "high", *LIPID_DRUGS)
+#: Every stream's name, in the order of the seed's children (append only: a new name keeps the others' draws).
+STREAM_NAMES = (
+    *(f"{kind}:{v}" for v in HISTORY_VARIABLES for kind in ("level_slope", "innovations")),
+    *(f"ratio:{name}" for name in RATIO_NAMES),
+    *(f"ldl_lowering:{k}" for k in LDL_LOWERING_KINDS),
+    "sbp_drop",
+    "uacr_quantile",
+    "quit_probability",
+)
+
+
+class _Streams(dict[str, np.random.Generator]):
+    """Child generators of one seed by parameter name, created on first use (most patients use few)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._children = dict(zip(STREAM_NAMES, np.random.SeedSequence(seed).spawn(len(STREAM_NAMES)), strict=True))
+
+    def __missing__(self, name: str) -> np.random.Generator:
+        generator = np.random.Generator(np.random.PCG64(self._children[name]))
+        self[name] = generator
+        return generator
 
 
 def summarise(values: np.ndarray, axis: int = 0) -> dict[str, np.ndarray]:

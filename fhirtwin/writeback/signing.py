@@ -38,6 +38,7 @@ fhirtwin's own ``superseded`` tag) do not.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -82,27 +83,61 @@ def _string(text: str) -> str:
 
 
 def canonical_json(value: Any) -> bytes:
-    """Canonical UTF-8 JSON of plain data (dicts, lists, str, int, float, bool, None)."""
+    """Canonical UTF-8 JSON of plain data (dicts, lists, str, int, float, bool, None).
 
-    def emit(node: Any) -> str:
-        if node is None:
-            return "null"
-        if node is True:
-            return "true"
-        if node is False:
-            return "false"
-        if isinstance(node, int | float):
-            return _number(node)
-        if isinstance(node, str):
-            return _string(node)
-        if isinstance(node, Mapping):
-            items = sorted(node.items(), key=lambda kv: kv[0])
-            return "{" + ",".join(f"{_string(k)}:{emit(v)}" for k, v in items) + "}"
-        if isinstance(node, list | tuple):
-            return "[" + ",".join(emit(v) for v in node) + "]"
-        raise TypeError(f"cannot canonicalise {type(node).__name__}")
+    The standard library's encoder writes exactly these bytes once integral floats are ints, provided no
+    float prints with an exponent (its ``repr`` rule differs from step 4 there): that is the fast path;
+    the rest goes through :func:`_emit`, which spells out step 4.
+    """
+    try:
+        plain = _json_ready(value)
+    except _ExponentFloat:
+        return _emit(value).encode("utf-8")
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
-    return emit(value).encode("utf-8")
+
+class _ExponentFloat(Exception):
+    """A float whose ``repr`` has an exponent: the standard encoder would not write it canonically."""
+
+
+def _json_ready(node: Any) -> Any:
+    """A copy with integral floats as ints; raises :class:`_ExponentFloat` or ``TypeError``/``ValueError``."""
+    if isinstance(node, str) or node is None or isinstance(node, bool | int):
+        return node
+    if isinstance(node, float):
+        if not math.isfinite(node):
+            raise ValueError("non-finite number cannot be canonicalised")
+        if node == int(node) and abs(node) < 1e21:
+            return int(node)
+        if "e" in repr(node):
+            raise _ExponentFloat
+        return node
+    if isinstance(node, Mapping):
+        if not all(isinstance(k, str) for k in node):
+            raise TypeError("object keys must be strings")
+        return {k: _json_ready(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_json_ready(v) for v in node]
+    raise TypeError(f"cannot canonicalise {type(node).__name__}")
+
+
+def _emit(node: Any) -> str:
+    if node is None:
+        return "null"
+    if node is True:
+        return "true"
+    if node is False:
+        return "false"
+    if isinstance(node, int | float):
+        return _number(node)
+    if isinstance(node, str):
+        return _string(node)
+    if isinstance(node, Mapping):
+        items = sorted(node.items(), key=lambda kv: kv[0])
+        return "{" + ",".join(f"{_string(k)}:{_emit(v)}" for k, v in items) + "}"
+    if isinstance(node, list | tuple):
+        return "[" + ",".join(_emit(v) for v in node) + "]"
+    raise TypeError(f"cannot canonicalise {type(node).__name__}")
 
 
 def _target_key(reference: str) -> str:

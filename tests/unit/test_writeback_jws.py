@@ -40,6 +40,36 @@ def test_canonical_json_sorts_keys_and_normalises_numbers() -> None:
         canonical_json({"x": float("nan")})
 
 
+def test_fast_canonical_json_writes_the_bytes_of_the_spelled_out_rule() -> None:
+    """The standard-library fast path and the rule written out agree on awkward strings and numbers."""
+    import random
+
+    from fhirtwin.writeback.signing import _emit
+
+    rng = random.Random(7)
+    alphabet = ["a", "Z", "é", "\u2028", "\x00", "\x1f", "\x7f", "\"", "\\", "\n", "\t", "\b", "\f", "\r",
+                "\U0001f600", "\ufeff", "/"]
+
+    def value(depth: int) -> object:
+        kind = rng.randrange(8 if depth < 4 else 5)
+        if kind == 0:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
+        if kind == 1:
+            return rng.choice([0.1, 10.0, -3.0, 1e20, 1e21, 1.5e-5, 1e-7, 123456789.125, 2.5e17, -0.0, 7, True,
+                               None, 10**22])
+        if kind == 2:
+            return rng.uniform(-1e6, 1e6) * 10 ** rng.randrange(-8, 8)
+        if kind in (3, 4):
+            return rng.randrange(-10**6, 10**6)
+        if kind in (5, 6):
+            return {"".join(rng.choice(alphabet) for _ in range(3)): value(depth + 1) for _ in range(4)}
+        return [value(depth + 1) for _ in range(3)]
+
+    for _ in range(400):
+        doc = value(0)
+        assert canonical_json(doc) == _emit(doc).encode("utf-8")
+
+
 def test_signing_form_maps_fellow_targets_and_drops_server_fields() -> None:
     before = signing_form(TARGETS[1], REFS)
     after_targets, after_refs = stored(TARGETS)
