@@ -21,7 +21,13 @@ Protocol (FHIR Bulk Data Access IG v2.0.0, https://hl7.org/fhir/uv/bulkdata/STU2
   for ``_since`` exports) are downloaded streaming to disk; ``requiresAccessToken`` decides whether the
   token goes with them (each file request asks the client's auth for the token, so an expired token is
   renewed between files, and a 401 on a file refreshes it once);
-* ``DELETE`` on the status URL cancels a job (done on KeyboardInterrupt and on timeout).
+* ``DELETE`` on the status URL cancels a job (done on KeyboardInterrupt and on timeout);
+* a job whose status URL was recorded by a process that died is polled again (``run(status_url=...)``); when
+  the server no longer has the job or its files, a new one is kicked off.
+
+A ``_since`` export holds only what changed, not a changed patient's whole record: :func:`read_whole_records`
+reads those records by FHIR search (the batched read of :meth:`fhirtwin.fhir.client.FhirClient.fetch_patients_records`,
+Consent included) for an incremental population run.
 
 HAPI 8.8 leaves ``deleted`` out of ``_since`` manifests altogether, so an incremental run would never learn of
 a deletion. When a ``_since`` manifest has no ``deleted`` key, the deletions are read from each exported

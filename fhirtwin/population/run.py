@@ -12,7 +12,8 @@ does), and writes two files per partition:
   one a line, prepared by :meth:`fhirtwin.engine.Engine.prepare` (the deterministic identifiers of every
   write path), for a server's ``$import`` or a later write-back step.
 
-Raw ensemble draws never leave the worker: a task returns a :class:`PartitionResult` of counts. Both files
+Raw ensemble draws never leave the worker: a task returns a :class:`PartitionResult` of counts (and the
+ids of the patients it carried over). Both files
 are written under temporary names and renamed, so a killed task leaves no half file.
 
 The ledger (``ledger.sqlite3``, WAL) holds each run (model version, source, settings, creation time), each
@@ -24,6 +25,26 @@ replace the earlier ones and its patients' rows are replaced, so nothing is lost
 A run's settings (draws, reference date, recorded time, target server) are fixed when it is created and
 read back on resume: every partition of a run signs the same ``recorded`` instant and simulates the same
 question, whichever attempt computed it.
+
+A run's source is a folder (NDJSON or staged) or a FHIR server: the run exports the twin's types by Bulk
+``$export`` (:mod:`fhirtwin.population.bulk`) into ``export/<run id>/`` and stages that. The ledger's
+``exports`` table holds what was asked, the job's status URL as soon as the kick-off answered, and, when
+complete, the ``transactionTime`` and the manifest's facts (resources per type, error outcomes, deleted
+resources). A resume never exports again once the ledger (or the complete folder) says the export is done;
+a resume of a run interrupted while the job ran polls the recorded status URL, and kicks off a new job only
+when the server no longer has that one or its files.
+
+An incremental run (``incremental_from``) keeps the earlier run's settings and compares each patient's
+input hash with the earlier run's ledger: an unchanged patient's summary row and bundle line are copied
+from the earlier run's files (the run's outputs stay complete), a changed or new patient is simulated, and
+a patient the earlier run had but this population lacks is ``retired`` (ledger row with partition ``''``;
+``runs/<run id>/retired.ndjson`` lists its results by their conditional-create identifiers, for write-back
+to mark ``entered-in-error``). From a server, the export is ``_since`` the earlier export's
+``transactionTime``; since such an export holds only the changed resources, each changed patient's whole
+record is read by FHIR search (the batched record read every twin uses, robust on HAPI and on any R4 server,
+unlike ``_typeFilter``/``patient`` follow-up exports) and the earlier staged folder is restaged with those
+records, without deleted patients or patients who left the Group. Each run's row names the run it follows
+and its counts: simulated, carried over, retired.
 
 Signing keys never travel in the task graph: each worker resolves the key itself with the key policy
 (:mod:`fhirtwin.keys`: ``FHIRTWIN_SIGNING_KEY(_FILE)``, else the key store for the target server) and the

@@ -23,6 +23,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 
+from fhirtwin.cli import main
 from fhirtwin.fhir.client import FhirClient, patient_reference_id
 from fhirtwin.fhir.errors import FhirError
 from fhirtwin.population import run as population_run
@@ -118,7 +119,8 @@ def ledger_rows(out: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 def test_server_runs_resume_without_exporting_again_and_incremental_runs_simulate_only_changes(
-        population: dict[str, Any], base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        population: dict[str, Any], base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     client: FhirClient = population["client"]
     group: str = population["group"]
     patients: dict[str, list[dict[str, Any]]] = population["patients"]
@@ -214,3 +216,12 @@ def test_server_runs_resume_without_exporting_again_and_incremental_runs_simulat
                                first.run_id, gone)[0][0]
     assert retired["status"] == first_status
     assert bool(retired["results"]) == (first_status == "planned")
+
+    # 6. the CLI: --server without SOURCE is the source; nothing changed since, so everyone is carried over
+    code = main(["population", "run", "--server", base_url, "--group", group, "--out", str(out), "--serial",
+                 "--incremental-from", third.run_id, "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["lineage"] == {"simulated": 0, "carried_over": PATIENTS - 1, "retired": 0}
+    assert third.export is not None and report["export"]["since"] == third.export["transaction_time"]
+    assert simulated == []

@@ -257,3 +257,40 @@ def test_a_new_reference_date_or_an_unknown_earlier_run(first: tuple[Path, Path,
     assert code == 0
     printed = capsys.readouterr().out
     assert f"incremental from {full.run_id}: 0 simulated, {N_PATIENTS} carried over, 0 retired" in printed
+
+
+def test_staging_on_an_earlier_stage_replaces_and_drops_whole_patients(first: tuple[Path, Path, PopulationReport],
+                                                                        tmp_path: Path) -> None:
+    from fhirtwin.population.stage import iter_patient_records, list_partitions, read_shared, stage_ndjson
+
+    source, _, _ = first
+    base = tmp_path / "base"
+    stage_ndjson(source, base, buckets=3)
+    files = read_folder(source)
+    patients = sorted(r["id"] for name, items in files.items() if name.startswith("Patient") for r in items)
+    replaced, dropped = patients[0], patients[1]
+    medication = next(r for items in files.values() for r in items if r["resourceType"] == "Medication")
+    update = tmp_path / "update"
+    update.mkdir()
+    record = [r for items in files.values() for r in items if owner(r) == replaced]
+    kept = [r for r in record if r["resourceType"] != "Observation"][:1] + [
+        r for r in record if r["resourceType"] == "Observation"][:2]
+    write_folder(update, {"Patient.ndjson": [r for r in kept if r["resourceType"] == "Patient"],
+                          "Observation.ndjson": [r for r in kept if r["resourceType"] == "Observation"],
+                          "Medication.ndjson": [{**medication, "status": "inactive"}]})
+
+    stage_ndjson(update, tmp_path / "merged", base=base, drop_patients={dropped})
+
+    def records(folder: Path) -> dict[str, list[dict[str, Any]]]:
+        shared = read_shared(folder)
+        return {pid: r for part in list_partitions(folder) for pid, r in iter_patient_records(part, shared=shared)}
+
+    before, after = records(base), records(tmp_path / "merged")
+    assert set(after) == set(before) - {dropped}
+    assert all(after[p] == before[p] for p in after if p != replaced and not any(
+        r["resourceType"] == "Medication" and r["id"] == medication["id"] for r in before[p]))
+    assert [r["id"] for r in after[replaced]] == [r["id"] for r in kept]
+    merged_medication = read_shared(tmp_path / "merged").get(f"Medication/{medication['id']}")
+    assert merged_medication is not None and merged_medication["status"] == "inactive"
+    with pytest.raises(ValueError, match="buckets"):
+        stage_ndjson(update, tmp_path / "other", base=base, buckets=5)
