@@ -70,7 +70,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -91,6 +91,9 @@ from fhirtwin.population.stage import (
     staged_buckets,
     staged_patients,
 )
+
+if TYPE_CHECKING:
+    from fhirtwin.fhir.client import FhirClient
 
 LEDGER_FILE = "ledger.sqlite3"
 DEFAULT_DRAWS = 1000
@@ -814,7 +817,7 @@ class ServerSource:
     export incremental (an incremental run takes its ``_since`` from the earlier run's export instead).
     """
 
-    client: Any
+    client: FhirClient
     level: str = "system"
     group_id: str | None = None
     since: str | None = None
@@ -1059,6 +1062,9 @@ def _export_and_stage(ledger: Ledger, out: Path, run: RunRow, export: ExportRow,
             exported_now = True
         facts.pop("out_dir", None)
         ledger.finish_export(run.run_id, facts)
+    elif not (folder / "export.json").is_file():
+        raise PopulationRunError(f"the export folder of run {run.run_id} is gone and its staging is incomplete; "
+                                 "start a new run")
     if previous is None:
         stage_ndjson(folder, run.stage_dir, buckets=buckets or _default_buckets(folder, workers))
     else:
@@ -1069,13 +1075,14 @@ def _export_and_stage(ledger: Ledger, out: Path, run: RunRow, export: ExportRow,
     return {**found.facts, "exported_now": exported_now}
 
 
-def _client_for(server: str) -> Any:
+def _client_for(server: str) -> FhirClient:
     from fhirtwin.fhir.client import FhirClient
 
     return FhirClient(server)
 
 
-def _stage_changes(client: Any, export: ExportRow, folder: Path, previous: RunRow, stage_dir: Path) -> dict[str, int]:
+def _stage_changes(client: FhirClient, export: ExportRow, folder: Path, previous: RunRow,
+                   stage_dir: Path) -> dict[str, int]:
     """Stage an incremental export: the earlier run's staged folder with the changed patients' whole records.
 
     A patient changed when the export holds a resource of it, when a deleted resource was its (looked up in
@@ -1109,7 +1116,7 @@ def _stage_changes(client: Any, export: ExportRow, folder: Path, previous: RunRo
     return {"changed_patients": len(changed), "records_read": len(read.found), "dropped_patients": len(dropped)}
 
 
-def _group_members(client: Any, group_id: str) -> set[str]:
+def _group_members(client: FhirClient, group_id: str) -> set[str]:
     """Patient ids of a Group's active members."""
     group = client.read("Group", group_id)
     members: set[str] = set()
