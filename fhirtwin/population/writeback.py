@@ -78,6 +78,8 @@ if TYPE_CHECKING:
 DEFAULT_BUNDLE_SIZE = 10
 DEFAULT_WRITERS = 2
 DEFAULT_RETRIES = 3
+#: The longest Retry-After waited for; a longer one stops the write (resume later).
+MAX_WAIT = 600.0
 #: Statuses that refuse a transaction's content: split the group to find the patient it belongs to.
 CONTENT_REFUSALS = frozenset({400, 404, 409, 412, 413, 422})
 #: The paths HAPI versions on the resources a patient's write creates (see build_patient_write(hapi=True)).
@@ -348,8 +350,12 @@ class _Sender:
                 if attempt == self.retries:
                     raise PopulationWriteError(f"the FHIR server is unavailable ({exc}); run the write again to "
                                                "resume") from exc
+                wait = _retry_after(exc) or min(60.0, 2.0 ** attempt)
+                if wait > MAX_WAIT:
+                    raise PopulationWriteError(f"the FHIR server asks to wait {wait:.0f} s; run the write again "
+                                               "later to resume") from exc
                 self._count("retries_used")
-                self.sleep(_retry_after(exc) or min(60.0, 2.0 ** attempt))
+                self.sleep(wait)
                 continue
             return sent
         raise AssertionError("unreachable")

@@ -120,9 +120,9 @@ class FakeClient:
         when = self.fail(bundle, self.calls) if self.fail else None
         if when == "refuse":
             raise FhirTransactionError("transaction rejected", method="POST", url=self.base_url, status=400)
-        if when == "throttle":
+        if when in ("throttle", "throttle for an hour"):
             try:
-                raise FhirThrottled("throttled", retry_after=7.0, status=429)
+                raise FhirThrottled("throttled", retry_after=7.0 if when == "throttle" else 3600.0, status=429)
             except FhirThrottled as exc:
                 raise FhirTransactionError("transaction rejected", status=429) from exc
         if when == "unavailable":
@@ -304,6 +304,12 @@ def test_throttling_waits_for_retry_after_then_sends_again(run: tuple[Path, str]
     report = write(out, run_id, FakeClient(server, lambda _, n: "throttle" if n in (2, 3) else None),
                    bundle_size=50, writers=1, sleeps=sleeps)
     assert sleeps == [7.0, 7.0] and report.retries == 2 and report.written == len(planned(out, run_id))
+    with sqlite3.connect(out / LEDGER_FILE) as db:
+        db.execute("DELETE FROM population_writes")
+    with pytest.raises(PopulationWriteError, match="asks to wait 3600 s"):
+        write(out, run_id, FakeClient(server, lambda _, n: "throttle for an hour" if n == 2 else None),
+              bundle_size=50, writers=1, sleeps=sleeps)
+    assert len(sleeps) == 2
 
 
 def test_an_unavailable_server_stops_the_write_and_a_later_one_resumes(run: tuple[Path, str]) -> None:
