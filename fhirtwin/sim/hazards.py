@@ -380,12 +380,15 @@ def moving_inputs(inputs: PatientInputs, outcome: str) -> tuple[str, ...]:
 def logit_curves(inputs: PatientInputs, outcome: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """PREVENT's 10-year log-odds as a function of each moving input, the others at the measured baseline."""
     age = np.array([float(np.clip(inputs.age_years, *PREVENT_AGE_RANGE))])
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for variable in moving_inputs(inputs, outcome):
-        grid = _LOGIT_GRIDS[variable]
-        risk = np.clip(_prevent_at(inputs, outcome, 10, age, **{variable: grid}), 1e-15, 1 - 1e-15)
-        out[variable] = (grid, np.log(risk) - np.log1p(-risk))
-    return out
+    moved = moving_inputs(inputs, outcome)
+    baseline = prevent_kwargs(inputs, prevent_model_for(inputs))
+    # one equation call: each input's grid in its own block of rows, the other inputs at baseline there
+    columns = {v: np.concatenate([_LOGIT_GRIDS[w] if w == v else np.full(_LOGIT_GRIDS[w].size, float(baseline[v]))
+                                  for w in moved]) for v in moved}
+    risk = np.clip(_prevent_at(inputs, outcome, 10, age, **columns), 1e-15, 1 - 1e-15)
+    logit = np.log(risk) - np.log1p(-risk)
+    ends = np.cumsum([_LOGIT_GRIDS[v].size for v in moved])
+    return {v: (_LOGIT_GRIDS[v], block) for v, block in zip(moved, np.split(logit, ends[:-1]), strict=True)}
 
 
 def _log_h_of_logit(logit: np.ndarray) -> np.ndarray:

@@ -230,33 +230,29 @@ def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ..
     kw = prevent_kwargs(inputs, anchors.prevent_model)
     age = float(np.clip(inputs.age_years, 30, 79))
     out: list[Driver] = []
-
-    def risk(outcome: str, **change: Any) -> float:
-        return float(prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True, **{**kw, **change}))
-
     for outcome in ("total_cvd", "heart_failure"):
-        now = risk(outcome)
+        # (label, value shown, reference shown, the change): evaluated in one vectorised equation call
+        asked: list[tuple[str, str, str, dict[str, Any]]] = []
         for key, label, ref, ref_text in _DRIVER_REFERENCES:
             value = getattr(inputs, key)
             worse = value > ref if key != "egfr_ml_min_1_73m2" else value < ref
             if worse and not (key == "bmi_kg_m2" and outcome != "heart_failure"):
-                out.append(Driver(label, outcome, f"{value:.0f}", ref_text, now, risk(outcome, **{key: ref})))
-        if outcome == "total_cvd":
-            non_hdl_ref = inputs.hdl_cholesterol_mg_dl + 3.5 / 0.02586
-            if inputs.total_cholesterol_mg_dl > non_hdl_ref:
-                out.append(
-                    Driver(
-                        "non-HDL cholesterol",
-                        outcome,
-                        f"{inputs.total_cholesterol_mg_dl - inputs.hdl_cholesterol_mg_dl:.0f} mg/dL",
-                        "135 mg/dL (3.5 mmol/L, PREVENT centre)",
-                        now,
-                        risk(outcome, total_cholesterol_mg_dl=non_hdl_ref),
-                    )
-                )
+                asked.append((label, f"{value:.0f}", ref_text, {key: ref}))
+        non_hdl_ref = inputs.hdl_cholesterol_mg_dl + 3.5 / 0.02586
+        if outcome == "total_cvd" and inputs.total_cholesterol_mg_dl > non_hdl_ref:
+            asked.append(("non-HDL cholesterol", f"{inputs.total_cholesterol_mg_dl - inputs.hdl_cholesterol_mg_dl:.0f} "
+                          "mg/dL", "135 mg/dL (3.5 mmol/L, PREVENT centre)", {"total_cholesterol_mg_dl": non_hdl_ref}))
         for flag, label in (("current_smoker", "current smoking"), ("diabetes", "diabetes")):
             if getattr(inputs, flag):
-                out.append(Driver(label, outcome, "yes", "no", now, risk(outcome, **{flag: 0})))
+                asked.append((label, "yes", "no", {flag: 0}))
+        changes: list[dict[str, Any]] = [{}] + [change for *_, change in asked]
+        columns = {name: np.array([change.get(name, kw[name]) for change in changes])
+                   for name in {name for change in changes for name in change}}
+        risks = np.atleast_1d(prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True,
+                                           **{**kw, **columns}))
+        now = float(risks[0])
+        out += [Driver(label, outcome, shown, ref_text, now, float(risk))
+                for (label, shown, ref_text, _), risk in zip(asked, risks[1:], strict=True)]
     ascvd = anchors.published["prevent_10y_ascvd"]
     point = {name: np.array([float(spec["value"])]) for name, spec in intervention_parameters()["ratios"].items()}
     share = coronary_share()
