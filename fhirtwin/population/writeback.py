@@ -23,9 +23,10 @@ same resource (HAPI answers 409 to the second).
   ``population_writes``, keyed by run id and patient id: run key, server, state, the server's
   ``Type/id/_history/n`` of every entry, entries created). A patient is marked ``sending`` before its
   transaction and ``written`` after it, so a killed writer resumes where it stopped and a finished write
-  sends nothing again. A resent transaction creates nothing twice either (conditional creates); a
-  superseding ``PUT`` (``ifMatch``) that conflicts on a patient left ``sending`` is looked up on the server
-  instead (its earlier attempt may have committed).
+  sends nothing again, nor is a patient sent whose bundle (same run key) another run of the ledger wrote to
+  the same server (an incremental run's unchanged patients). A resent transaction creates nothing twice
+  either (conditional creates); a superseding ``PUT`` (``ifMatch``) that conflicts on a patient left
+  ``sending`` is looked up on the server instead (its earlier attempt may have committed).
 * **The run's server only**: the bundles' ``fullUrl`` s and signing key are for the run's ``target``, so
   any other server is refused, as is a run without a target. TLS verification is the client's (on).
 * **HAPI versions references only when told**: population bundles are built without the server at hand
@@ -244,6 +245,18 @@ class WriteLedger:
             rows = self._db.execute("SELECT patient_id, state, run_key FROM population_writes WHERE run_id = ?",
                                     (run_id,)).fetchall()
         return {pid: (state, key) for pid, state, key in rows}
+
+    def written_elsewhere(self, run_id: str, server: str) -> dict[tuple[str, str], str | None]:
+        """(patient id, run key) -> locations of what other runs of this ledger wrote to ``server`` (an
+        incremental run carries unchanged patients' bundles over: they are on the server already)."""
+        with self._lock:
+            rows = self._db.execute("SELECT patient_id, run_key, locations FROM population_writes WHERE server = ? "
+                                    "AND state = 'written' AND run_id != ?", (server, run_id)).fetchall()
+        return {(pid, key): locations for pid, key, locations in rows}
+
+    def carried_over(self, run_id: str, server: str, writes: Sequence[tuple[PatientWrite, str | None]]) -> None:
+        self._upsert(run_id, server, [(w, WRITTEN, json.loads(loc) if loc else None, 0, None) for w, loc in writes],
+                     attempt=0)
 
     def sending(self, run_id: str, server: str, writes: Sequence[PatientWrite]) -> None:
         self._upsert(run_id, server, [(w, SENDING, None, 0, None) for w in writes], attempt=1)
@@ -483,6 +496,7 @@ def write_population(
     ledger = WriteLedger(out / LEDGER_FILE)
     try:
         known = ledger.states(run_id)
+        elsewhere = ledger.written_elsewhere(run_id, report.destination)
         sender = _Sender(engine, hapi=hapi, retries=retries, sleep=sleep,
                          uncertain={pid for pid, (state, _) in known.items() if state == SENDING})
 
@@ -490,6 +504,10 @@ def write_population(
             for write in iter_patient_writes(files):
                 report.patients += 1
                 if known.get(write.patient_id) == (WRITTEN, write.run_key):
+                    report.already_written += 1
+                elif (write.patient_id, write.run_key) in elsewhere:
+                    ledger.carried_over(run_id, report.destination,
+                                        [(write, elsewhere[write.patient_id, write.run_key])])
                     report.already_written += 1
                 else:
                     yield write

@@ -239,6 +239,12 @@ def test_a_second_write_sends_nothing(run: tuple[Path, str]) -> None:
     again = write(out, run_id, FakeClient(server), bundle_size=4)
     assert first.written == again.already_written == len(planned(out, run_id))
     assert (again.written, again.transactions) == (0, 0) and len(server.transactions) == sent
+    # a later run of the ledger whose patients' bundles are the same (an incremental run's unchanged patients)
+    with sqlite3.connect(out / LEDGER_FILE) as db:
+        db.execute("UPDATE population_writes SET run_id = 'an-earlier-run'")
+    later = write(out, run_id, FakeClient(server), bundle_size=4)
+    assert (later.written, later.already_written, later.transactions) == (0, first.written, 0)
+    assert set(ledger_rows(out, run_id)) == planned(out, run_id)
 
 
 def test_on_hapi_new_results_carry_the_auto_version_extension_elsewhere_provenances_are_versioned(
