@@ -151,7 +151,7 @@ def _step(argv: list[str]) -> dict[str, Any]:
     if step == "generate":
         from fhirtwin.population.generate import write_cohort_ndjson
 
-        write_cohort_ndjson(argv[2], int(argv[1]), seed=SEED)
+        write_cohort_ndjson(argv[2], int(argv[1]), seed=SEED, workers=2)
     elif step == "stage":
         from fhirtwin.population.stage import stage_ndjson
 
