@@ -63,12 +63,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fhirtwin.population.run import LEDGER_FILE, RUNS_DIR, Ledger, RunRow
-from fhirtwin.vocabulary import AUTO_VERSION_EXT, RUN_TAG_SYSTEM
+from fhirtwin.vocabulary import RUN_TAG_SYSTEM
 from fhirtwin.writeback.transaction import (
     RESULT_TYPES,
     PatientWrite,
     confirmation_reads,
     confirmed_response,
+    for_hapi,
     merge_bundles,
     versioned_provenance_update,
 )
@@ -83,10 +84,6 @@ DEFAULT_RETRIES = 3
 MAX_WAIT = 600.0
 #: Statuses that refuse a transaction's content: split the group to find the patient it belongs to.
 CONTENT_REFUSALS = frozenset({400, 404, 409, 412, 413, 422})
-#: The paths HAPI versions on the resources a patient's write creates (see build_patient_write(hapi=True)).
-HAPI_VERSION_PATHS = {"RiskAssessment": ("basis",), "Provenance": ("target", "entity.what")}
-#: A currency Provenance (activity UPDATE) versions its entities only (build_currency_provenance).
-HAPI_CURRENCY_PATHS = ("entity.what",)
 SENDING, WRITTEN, FAILED = "sending", "written", "failed"
 
 _SCHEMA = """
@@ -202,26 +199,6 @@ def groups(writes: Iterator[PatientWrite], size: int) -> Iterator[list[PatientWr
             group = []
     if group:
         yield group
-
-
-def for_hapi(bundle: dict[str, Any]) -> dict[str, Any]:
-    """``bundle`` with HAPI's auto-version extension on the resources it creates (a copy; ``meta`` is unsigned)."""
-    entries = []
-    for entry in bundle["entry"]:
-        resource = entry["resource"]
-        paths = HAPI_VERSION_PATHS.get(resource["resourceType"]) if entry["request"]["method"] == "POST" else None
-        if paths:
-            if resource["resourceType"] == "Provenance" and _activity(resource) != "CREATE":
-                paths = HAPI_CURRENCY_PATHS
-            meta = dict(resource.get("meta") or {})
-            meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path} for path in paths]
-            entry = {**entry, "resource": {**resource, "meta": meta}}
-        entries.append(entry)
-    return {**bundle, "entry": entries}
-
-
-def _activity(provenance: dict[str, Any]) -> str | None:
-    return next((c.get("code") for c in (provenance.get("activity") or {}).get("coding") or []), None)
 
 
 # ------------------------------------------------------------------------------------------------ ledger

@@ -65,13 +65,14 @@ def build_provenance(
     revisions: Sequence[str] = (),
     hapi: bool = True,
     activity: tuple[str, str] = ("CREATE", "create"),
-    version_paths: Sequence[str] = ("target", "entity.what"),
+    version_paths: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form, the
     ``revisions`` it supersedes and its ``recorded`` time (see ``signing.py``).
 
-    ``hapi``: write HAPI's auto-version meta extension at ``version_paths`` (only HAPI knows it; see
-    ``transaction.py``). ``activity`` is a v3-DataOperation code and display.
+    ``hapi``: write HAPI's auto-version meta extension at ``version_paths`` (only HAPI knows it; the paths
+    are in :data:`fhirtwin.writeback.transaction.HAPI_VERSION_PATHS`). ``activity`` is a v3-DataOperation
+    code and display.
     """
     target_refs = [ref for ref, _ in targets]
     run_meta = meta("fhirtwin-provenance", {"system": RUN_TAG_SYSTEM, "code": run_key})

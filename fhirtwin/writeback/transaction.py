@@ -209,7 +209,7 @@ def build_patient_write(
         ra = build_risk_assessment(plan, state, outcome, occurrence=now, device_reference=device_ref,
                                    supersedes=old_ra_by_code.get(OUTCOMES[outcome][2], ()))
         if hapi:
-            ra["meta"]["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": "basis"}]
+            ra["meta"]["extension"] = _auto_version(HAPI_VERSION_PATHS["RiskAssessment"])
         targets.append((ra_refs[outcome], ra))
     goals = build_goals(plan, state, ra_refs, now)
     targets += [(goal_refs[name], goal) for name, goal in goals.items()]
@@ -221,7 +221,8 @@ def build_patient_write(
     rkey = run_key(keys.values())
     provenance = build_provenance(targets, forecast.sources, device_reference=device_ref,
                                   organization_reference=org_ref, key=key, recorded=moment, run_key=rkey,
-                                  revisions=[_versioned(r) for r in to_supersede], hapi=hapi)
+                                  revisions=[_versioned(r) for r in to_supersede], hapi=hapi,
+                                  version_paths=HAPI_VERSION_PATHS["Provenance"])
     stored_keys = {key_of(r) for r in stored}
     new_keys = [k for k in keys.values() if k not in stored_keys]
     expect_created = [if_none_exist(k) for k in new_keys]
@@ -285,7 +286,34 @@ def build_currency_provenance(current: Sequence[dict[str, Any]], superseded: Seq
     return build_provenance(list(zip(refs, current, strict=True)), sources, device_reference=device_reference,
                             organization_reference=organization_reference, key=key, recorded=recorded,
                             run_key=ckey, revisions=revisions, hapi=hapi, activity=("UPDATE", "revise"),
-                            version_paths=("entity.what",))
+                            version_paths=HAPI_CURRENCY_PATHS)
+
+
+#: The paths HAPI versions (its auto-version-references-at-path meta extension) on what a write creates.
+HAPI_VERSION_PATHS: dict[str, tuple[str, ...]] = {"RiskAssessment": ("basis",), "Provenance": ("target", "entity.what")}
+#: A currency Provenance (activity UPDATE) versions its entities only: its targets are PUT, current versions.
+HAPI_CURRENCY_PATHS = ("entity.what",)
+
+
+def _auto_version(paths: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"url": AUTO_VERSION_EXT, "valueString": path} for path in paths]
+
+
+def for_hapi(bundle: dict[str, Any]) -> dict[str, Any]:
+    """A bundle built with ``hapi=False`` as ``hapi=True`` would have built it (a copy; ``meta`` is not signed,
+    so the Provenance signature still holds): the auto-version extension on every resource it creates."""
+    entries = []
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        paths = HAPI_VERSION_PATHS.get(resource["resourceType"]) if entry["request"]["method"] == "POST" else None
+        if paths:
+            activity = next((c.get("code") for c in (resource.get("activity") or {}).get("coding") or []), None)
+            if resource["resourceType"] == "Provenance" and activity != "CREATE":
+                paths = HAPI_CURRENCY_PATHS
+            entry = {**entry, "resource": {**resource, "meta": {**(resource.get("meta") or {}),
+                                                                "extension": _auto_version(paths)}}}
+        entries.append(entry)
+    return {**bundle, "entry": entries}
 
 
 def merge_bundles(writes: Sequence[PatientWrite]) -> dict[str, Any]:

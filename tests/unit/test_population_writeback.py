@@ -26,7 +26,6 @@ from fhirtwin.population.run import LEDGER_FILE, run_population
 from fhirtwin.population.writeback import (
     PopulationWriteError,
     WriteReport,
-    for_hapi,
     locate_run,
     write_import_ndjson,
     write_population,
@@ -34,6 +33,7 @@ from fhirtwin.population.writeback import (
 from fhirtwin.vocabulary import AUTO_VERSION_EXT
 from fhirtwin.writeback.jws import ENV_KEY_FILE, SigningKey, generate_key
 from fhirtwin.writeback.signing import verify_targets
+from fhirtwin.writeback.transaction import for_hapi
 
 BASE = "https://fhir.example.test/fhir"
 N_PATIENTS = 16

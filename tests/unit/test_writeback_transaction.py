@@ -168,6 +168,28 @@ def test_hapi_auto_version_extension_only_for_hapi() -> None:
             assert all("/_history/" in r for r in refs)
 
 
+def test_for_hapi_turns_a_bundle_for_any_server_into_the_hapi_bundle() -> None:
+    """A population run builds for any server; adapting it for HAPI gives what hapi=True builds, byte for byte
+    (the signature aside: ECDSA is randomised), and the adapted bundle's signature still verifies."""
+    from fhirtwin.writeback.transaction import for_hapi
+
+    def unsigned(bundle: dict) -> dict:
+        out = copy.deepcopy(bundle)
+        for entry in out["entry"]:
+            for signature in entry["resource"].get("signature", []):
+                signature.pop("data")
+        return out
+
+    first = _write(existing=_store(_write()), hapi=False)  # a superseding write: POSTs, PUTs and revisions
+    adapted = for_hapi(first.bundle)
+    assert unsigned(adapted) == unsigned(_write(existing=_store(_write()), hapi=True).bundle)
+    assert adapted != first.bundle and AUTO_VERSION_EXT not in json.dumps(first.bundle)
+    provenance = adapted["entry"][-1]["resource"]
+    by_url = {e["fullUrl"]: e["resource"] for e in adapted["entry"]}
+    refs = [t["reference"] for t in provenance["target"]]
+    verify_targets(provenance["signature"][0]["data"], [by_url[r] for r in refs], refs, KEY.private_key.public_key())
+
+
 def _response(write, provenance_status: str = "201 Created", absolute: bool = False) -> dict:
     """A transaction-response Bundle as a server answers ``write`` (entries in request order)."""
     entries = []
