@@ -14,8 +14,24 @@ import requests
 from ports import free_port
 
 from fhirtwin.sandbox.server import Sandbox
+from fhirtwin.writeback.jws import ENV_KEY_FILE, SigningKey, generate_key
 
 FHIR_JSON = "application/fhir+json"
+
+
+@pytest.fixture(scope="module")
+def deployment_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    """A deployment signing key in ``FHIRTWIN_SIGNING_KEY_FILE`` for one test module (population runs sign
+    their bundles; the variable is set before any Dask worker process starts, so workers inherit it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    signing = generate_key("ES256")
+    path = tmp_path_factory.mktemp("key") / "signing.pem"
+    path.write_bytes(signing.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_KEY_FILE, str(path))
+        yield signing
 
 
 @pytest.fixture(scope="session", autouse=True)

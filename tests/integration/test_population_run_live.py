@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
 
 from fhirtwin.cli import main
 from fhirtwin.fhir.client import FhirClient, patient_reference_id
@@ -30,25 +29,13 @@ from fhirtwin.population import run as population_run
 from fhirtwin.population.bulk import BulkExport
 from fhirtwin.population.run import LEDGER_FILE, Ledger, ServerSource, new_settings, run_population
 from fhirtwin.sandbox.cohort import generate_patient
-from fhirtwin.writeback.jws import ENV_KEY_FILE, generate_key
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("deployment_key")]
 
 PATIENTS = 5
 DRAWS = 100
 AS_OF = date(2026, 6, 30)
 LDL = "18262-6"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    signing = generate_key("ES256")
-    path = tmp_path_factory.mktemp("key") / "signing.pem"
-    path.write_bytes(signing.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENV_KEY_FILE, str(path))
-        yield
 
 
 @pytest.fixture(scope="module")

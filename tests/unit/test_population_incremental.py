@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from fhirtwin.cli import main
 from fhirtwin.population import run as population_run
 from fhirtwin.population.generate import write_cohort_ndjson
 from fhirtwin.population.run import LEDGER_FILE, PartitionResult, PopulationReport, PopulationRunError, run_population
-from fhirtwin.writeback.jws import ENV_KEY_FILE, generate_key
 
 N_PATIENTS = 30
 DRAWS = 100
@@ -29,15 +26,7 @@ AS_OF = date(2026, 6, 30)
 LDL = "18262-6"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    signing = generate_key("ES256")
-    path = tmp_path_factory.mktemp("key") / "signing.pem"
-    path.write_bytes(signing.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENV_KEY_FILE, str(path))
-        yield
+pytestmark = pytest.mark.usefixtures("deployment_key")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -5,30 +5,22 @@ resource of every bundle is valid R4 and emittable, and every Provenance signatu
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from fhirtwin.fhir.models import check_emittable, validate_resource
 from fhirtwin.population.generate import write_cohort_ndjson
 from fhirtwin.population.run import run_population
-from fhirtwin.writeback.jws import ENV_KEY_FILE, JwsError, SigningKey, generate_key
+from fhirtwin.writeback.jws import JwsError, SigningKey
 from fhirtwin.writeback.signing import verify_targets
 
 
 @pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
-    signing = generate_key("ES256")
-    path = tmp_path_factory.mktemp("key") / "signing.pem"
-    path.write_bytes(signing.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENV_KEY_FILE, str(path))
-        yield signing
+def key(deployment_key: SigningKey) -> SigningKey:
+    return deployment_key
 
 
 @pytest.fixture(scope="module")

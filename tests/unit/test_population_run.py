@@ -21,7 +21,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from fhirtwin.cli import main
 from fhirtwin.engine import Engine
@@ -34,7 +33,7 @@ from fhirtwin.population.run import (
     run_population,
 )
 from fhirtwin.population.stage import stage_ndjson
-from fhirtwin.writeback.jws import ENV_KEY_FILE, SigningKey, generate_key
+from fhirtwin.writeback.jws import SigningKey
 from fhirtwin.writeback.signing import signature_header
 
 N_PATIENTS = 30
@@ -45,15 +44,8 @@ RECORDED = datetime(2026, 7, 1, 8, 30, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
-    """A deployment key in ``FHIRTWIN_SIGNING_KEY_FILE`` (set before any worker process starts)."""
-    signing = generate_key("ES256")
-    path = tmp_path_factory.mktemp("key") / "signing.pem"
-    path.write_bytes(signing.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENV_KEY_FILE, str(path))
-        yield signing
+def key(deployment_key: SigningKey) -> SigningKey:
+    return deployment_key
 
 
 DENIED = "ftp-0002"

@@ -10,14 +10,13 @@ import sqlite3
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from fhirtwin.cli import main
 from fhirtwin.fhir.errors import FhirThrottled, FhirTimeout, FhirTransactionError
@@ -31,7 +30,7 @@ from fhirtwin.population.writeback import (
     write_population,
 )
 from fhirtwin.vocabulary import AUTO_VERSION_EXT
-from fhirtwin.writeback.jws import ENV_KEY_FILE, SigningKey, generate_key
+from fhirtwin.writeback.jws import SigningKey
 from fhirtwin.writeback.signing import verify_targets
 from fhirtwin.writeback.transaction import for_hapi
 
@@ -148,14 +147,8 @@ class FakeClient:
 
 
 @pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
-    signing = generate_key("ES256")
-    path = tmp_path_factory.mktemp("key") / "signing.pem"
-    path.write_bytes(signing.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(ENV_KEY_FILE, str(path))
-        yield signing
+def key(deployment_key: SigningKey) -> SigningKey:
+    return deployment_key
 
 
 @pytest.fixture(scope="module")
