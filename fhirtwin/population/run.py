@@ -316,7 +316,7 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     result = PartitionResult(task.partition)
     rows: list[dict[str, Any]] = []
     shared = read_shared(task.stage_dir)
-    earlier_rows, earlier_bundles = _earlier_outputs(task.previous) if task.previous else ({}, {})
+    earlier_rows, earlier_bundles = _earlier_outputs(task.previous, task.kid) if task.previous else ({}, {})
     with _atomic_text(Path(task.bundles_path)) as bundles:
         for patient_id, resources in iter_patient_records(task.partition_path, shared=shared):
             row: dict[str, Any] = {"patient_id": patient_id, "input_hash": input_hash(resources, settings)}
@@ -357,8 +357,10 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     return result
 
 
-def _earlier_outputs(previous: PreviousResults) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The earlier run's summary rows (with the hash its ledger holds) and bundle lines of the candidates."""
+def _earlier_outputs(previous: PreviousResults, kid: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The earlier run's summary rows (with the hash its ledger holds) and bundle lines of the candidates; a
+    line signed with another key than ``kid`` (the key was rotated since) is left out: that patient is
+    simulated and signed again."""
     rows: dict[str, dict[str, Any]] = {}
     wanted = pa.array(sorted(previous.hashes), type=pa.string())
     for path in previous.summary_paths:
@@ -372,17 +374,37 @@ def _earlier_outputs(previous: PreviousResults) -> tuple[dict[str, dict[str, Any
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 text = line.rstrip("\n")
-                patient_id = _bundle_patient(text) if text else None
-                if patient_id in rows:
+                bundle = json.loads(text) if text else None
+                patient_id = _bundle_patient(bundle) if bundle else None
+                if patient_id in rows and bundle is not None and _signing_kids(bundle) == {kid}:
                     lines[patient_id] = text
     return rows, lines
 
 
-def _bundle_patient(line: str) -> str | None:
-    """The patient a bundle line is for (the subject of its results)."""
+def _signing_kids(bundle: dict[str, Any]) -> set[str]:
+    """The ``kid`` of every Provenance signature of a bundle (from the JWS headers, not verified)."""
+    import base64
+
+    from fhirtwin.writeback.jws import header_of
+
+    kids: set[str] = set()
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Provenance":
+            continue
+        for signature in resource.get("signature") or []:
+            try:
+                kids.add(str(header_of(base64.b64decode(signature["data"]).decode("ascii")).get("kid")))
+            except (KeyError, TypeError, ValueError):  # JwsError is a ValueError
+                kids.add("")
+    return kids
+
+
+def _bundle_patient(bundle: dict[str, Any]) -> str | None:
+    """The patient a bundle is for (the subject of its results)."""
     from fhirtwin.fhir.client import patient_reference_id
 
-    for entry in json.loads(line).get("entry") or []:
+    for entry in bundle.get("entry") or []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         found = patient_reference_id(resource) if isinstance(resource, dict) else None
         if found is not None:
@@ -1138,6 +1160,8 @@ def _retire_and_reuse(ledger: Ledger, out: Path, run: RunRow, previous: RunRow,
     earlier_partitions = ledger.partitions(previous.run_id)
     _write_retired(out, run.run_id, retired, earlier_partitions)
     ledger.retire(run.run_id, retired)
+    if previous.settings.target != run.settings.target:
+        return {}  # the earlier bundles name and are signed for another server: every patient is simulated
     buckets = staged_buckets(stage_dir)
     grouped: dict[str, dict[str, str]] = {}
     sources: dict[str, set[str]] = {}
@@ -1173,7 +1197,7 @@ def _write_retired(out: Path, run_id: str, retired: dict[str, EarlierPatient],
             continue
         with open(path, encoding="utf-8") as handle:
             for line in handle:
-                patient_id = _bundle_patient(line) if line.strip() else None
+                patient_id = _bundle_patient(json.loads(line)) if line.strip() else None
                 if patient_id in wanted:
                     wanted[patient_id].update(_bundle_results(json.loads(line)))
     with _atomic_text(out / RUNS_DIR / run_id / RETIRED_FILE) as handle:
@@ -1203,11 +1227,24 @@ def _bundle_results(bundle: dict[str, Any]) -> dict[str, Any]:
 #: every thread every 10 ms (10-15 % of a worker's CPU), and nobody looks at the embedded cluster's dashboard.
 #: No ``MALLOC_TRIM_THRESHOLD_`` (Dask sets 65536 by default to hand memory back to the OS): setting it turns
 #: off glibc's adaptive mmap threshold, so every ensemble array (about 1 MB) was mapped, faulted in and unmapped
-#: again, and a worker spent 74 instead of 44 ms of CPU per patient. One BLAS thread per worker, as Dask's default.
+#: again, and a worker spent 74 instead of 44 ms of CPU per patient (None unsets a variable in Dask's config).
 EMBEDDED_CLUSTER_CONFIG: dict[str, Any] = {
     "distributed.worker.profile.enabled": False,
-    "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1},
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
 }
+
+
+def embedded_cluster(workers: int) -> Any:
+    """The in-process ``LocalCluster`` of a run: ``workers`` processes with one thread each, configured by
+    :data:`EMBEDDED_CLUSTER_CONFIG` (its worker processes are spawned with that configuration)."""
+    import logging
+
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(EMBEDDED_CLUSTER_CONFIG):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                            silence_logs=logging.ERROR)
 
 
 def _run_on_dask(tasks: dict[str, PartitionTask], ledger: Ledger, run_id: str, scheduler: str | None,
@@ -1215,17 +1252,10 @@ def _run_on_dask(tasks: dict[str, PartitionTask], ledger: Ledger, run_id: str, s
                  ) -> tuple[int, float]:
     """Submit one task per partition and record each as it completes; returns the cluster's worker threads
     and the seconds it took to start (or connect to) the cluster."""
-    import logging
-
-    import dask
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     started = time.monotonic()
-    cluster = None
-    if scheduler is None:
-        with dask.config.set(EMBEDDED_CLUSTER_CONFIG):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.ERROR)
+    cluster = embedded_cluster(workers) if scheduler is None else None
     try:
         with Client(cluster if cluster is not None else scheduler, set_as_default=False) as client:
             threads = sum(client.nthreads().values())
