@@ -306,10 +306,8 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     if key.kid != task.kid:
         raise PopulationRunError("this worker's signing key is not the run's (check FHIRTWIN_SIGNING_KEY_FILE "
                                  "on the workers)")
-    # no per-resource validation at run time: the tests validate population bundles against the profiles
     engine = Engine(_Target(settings.target), signing_key=key, draws=settings.draws,
-                    horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome,
-                    validate_writes=False)
+                    horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome)
     as_of = date.fromisoformat(settings.as_of)
     recorded = datetime.fromisoformat(settings.recorded)
     consent = ConsentPolicy(settings.purpose)
