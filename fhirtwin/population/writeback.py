@@ -171,17 +171,29 @@ def iter_patient_writes(files: Sequence[Path]) -> Iterator[PatientWrite]:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield _patient_write(json.loads(line), f"{path.name}:{number}")
+                    where = f"{path.name}:{number}"
+                    try:
+                        bundle = json.loads(line)
+                    except ValueError:
+                        raise PopulationWriteError(f"{where} is not JSON (the run's bundle file is damaged: "
+                                                   "resume the run after deleting it)") from None
+                    yield _patient_write(bundle, where)
 
 
-def _patient_write(bundle: dict[str, Any], where: str) -> PatientWrite:
+def _patient_write(bundle: Any, where: str) -> PatientWrite:
     patient_id = run_key = None
-    for entry in bundle.get("entry") or []:
-        resource = entry.get("resource") or {}
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("resource"), dict) and isinstance(e.get("request"), dict)
+            and isinstance(e.get("fullUrl"), str) for e in entries):
+        raise PopulationWriteError(f"{where} is not a fhirtwin patient transaction (entries with fullUrl, resource "
+                                   "and request)")
+    for entry in entries:
+        resource = entry["resource"]
         subject = str((resource.get("subject") or {}).get("reference", ""))
         if patient_id is None and subject.startswith("Patient/"):
             patient_id = subject.split("/", 1)[1]
-        if resource.get("resourceType") == "Provenance" and entry.get("request", {}).get("method") == "POST":
+        if resource.get("resourceType") == "Provenance" and entry["request"].get("method") == "POST":
             run_key = next((t.get("code") for t in resource.get("meta", {}).get("tag", [])
                             if t.get("system") == RUN_TAG_SYSTEM), run_key)
     if bundle.get("type") != "transaction" or patient_id is None or run_key is None:
@@ -286,6 +298,7 @@ class _Sender:
         self.uncertain = uncertain
         self.shared: dict[str, dict[str, Any]] = {}  # fullUrl -> resource sent in the shared transaction
         self.shared_answers: dict[str, dict[str, Any]] = {}  # fullUrl -> its response entry
+        self.shared_created = 0  # shared entries the server created (counted once, not with every patient)
         self._lock = threading.Lock()
         self.transactions = self.retries_used = self.splits = 0
 
@@ -305,6 +318,8 @@ class _Sender:
                                        "shares; nothing was written")
         self.shared = {e["fullUrl"]: e["resource"] for e in entries}
         self.shared_answers = dict(zip(self.shared, sent.response.get("entry") or [], strict=False))
+        self.shared_created = sum(1 for answer in self.shared_answers.values()
+                                  if str((answer.get("response") or {}).get("status", "")).startswith("201"))
 
     def send(self, group: list[PatientWrite]) -> list[_Outcome]:
         bundle = merge_bundles(group)
@@ -390,16 +405,40 @@ class _Sender:
                 "entry": [answers.get(e["fullUrl"], {}) for e in write.bundle["entry"]]}
         results = batch_results(part, write.bundle["entry"])
         outcome = _Outcome(write, WRITTEN, [r.location or "" for r in results],
-                           sum(1 for r in results if r.status == 201))
+                           sum(1 for e, r in zip(write.bundle["entry"], results, strict=True)
+                               if r.status == 201 and e["fullUrl"] not in self.shared))
         if not self.hapi:
-            update = versioned_provenance_update(write, part)
             try:
+                update = versioned_provenance_update(write, part) or self._own_unversioned_provenance(write, part)
                 if update is not None:
                     self.engine.source.update(update)
             except FhirError as exc:
                 error: EngineError = upstream_error(exc, "versioning the Provenance targets")
                 outcome.state, outcome.error = FAILED, str(error)
         return outcome
+
+
+    def _own_unversioned_provenance(self, write: PatientWrite, part: dict[str, Any]) -> dict[str, Any] | None:
+        """The versioning update of a Provenance the response does not report created (a lost response confirmed,
+        a resent transaction of a killed writer) when the stored one is this bundle's (same signature) and its
+        targets are not versioned yet: its first attempt committed, the update after it never came."""
+        position, sent = next(((i, e["resource"]) for i, e in enumerate(write.bundle["entry"])
+                               if e["resource"].get("resourceType") == "Provenance"
+                               and e["request"].get("method") == "POST"), (None, None))
+        answers = list(part.get("entry") or [])
+        if position is None or sent is None or position >= len(answers):
+            return None
+        location = str((answers[position].get("response") or {}).get("location") or "")
+        parts = location.split("/_history")[0].rstrip("/").split("/")
+        if len(parts) < 2 or parts[-2] != "Provenance":
+            return None
+        stored = self.engine.source.read("Provenance", parts[-1])
+        if stored.get("signature") != sent.get("signature") or all(
+                "/_history/" in str(t.get("reference", "")) for t in stored.get("target") or []):
+            return None
+        answers[position] = {**answers[position], "response": {**answers[position]["response"],
+                                                                "status": "201 Created"}}
+        return versioned_provenance_update(write, {**part, "entry": answers})
 
 
 class _Refused(Exception):
@@ -468,7 +507,7 @@ def write_population(
     if str(getattr(client, "base_url", "")).rstrip("/") != server.rstrip("/"):
         raise PopulationWriteError("the client given is for another FHIR server")
     engine = Engine(client)
-    hapi = engine.server_is_hapi()
+    hapi = _server_is_hapi(client)
     report = WriteReport(run_id, server.rstrip("/"), partitions_not_done=not_done)
     ledger = WriteLedger(out / LEDGER_FILE)
     try:
@@ -511,12 +550,28 @@ def write_population(
         first = next(work, None)
         if first is not None:
             sender.send_shared(first[0])
+            report.created += sender.shared_created
             _pool(itertools.chain([first], work), handle, writers)
     finally:
         ledger.close()
     report.transactions, report.retries, report.splits = sender.transactions, sender.retries_used, sender.splits
     report.seconds = time.monotonic() - started
     return report
+
+
+def _server_is_hapi(client: Any) -> bool:
+    """Whether the server is HAPI FHIR, from its CapabilityStatement. Unlike the engine's check, an unreadable
+    statement stops the write: taken for another server, HAPI would strip the input versions the signatures
+    cover."""
+    from fhirtwin.fhir.errors import FhirError
+
+    try:
+        statement = client.capabilities()
+    except FhirError as exc:
+        raise PopulationWriteError("the FHIR server's CapabilityStatement cannot be read (it decides how the "
+                                   f"references are versioned; HTTP {exc.status}); run the write again") from exc
+    software = statement.get("software") if isinstance(statement, dict) else None
+    return "hapi" in str((software if isinstance(software, dict) else {}).get("name", "")).lower()
 
 
 def _pool(work: Iterator[list[PatientWrite]], handle: Callable[[list[PatientWrite]], None], writers: int) -> None:

@@ -1,5 +1,8 @@
 """Review findings on population runs and write-back, each shown by a test that failed before its fix:
-incremental runs that carried bundles made for another server or signed by another key."""
+incremental runs that carried bundles made for another server or signed by another key, a write that fell
+back to the non-HAPI mode when the server's CapabilityStatement could not be read, a lost response on a
+server other than HAPI that left its Provenances unversioned, a count of created resources that counted the
+shared entries with every patient, and corrupt bundle lines that raised untyped errors."""
 
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_population_writeback import BASE
+from test_population_writeback import BASE, FakeClient, FakeServer, planned
 
+from fhirtwin.cli import main
+from fhirtwin.fhir.errors import FhirServerError
 from fhirtwin.population.generate import write_cohort_ndjson
 from fhirtwin.population.run import run_population
+from fhirtwin.population.writeback import PopulationWriteError, write_import_ndjson, write_population
 from fhirtwin.writeback.jws import ENV_KEY_FILE, SigningKey, generate_key
 
 OTHER = "https://other-fhir.example.test/fhir"
@@ -92,3 +98,83 @@ def test_an_incremental_run_with_a_new_signing_key_carries_no_bundle_signed_by_t
     assert report.failed == 0
     kids = {k for b in bundles(out, report.run_id) for k in signing_kids(b)}
     assert kids == {rotated.kid}, "bundles signed by the retired key were carried into the new run"
+
+
+# ------------------------------------------------------------------------------------------------ write-back
+
+
+class NoCapabilities(FakeClient):
+    """A HAPI server whose CapabilityStatement cannot be read just now (a 503 after the client's retries)."""
+
+    def capabilities(self) -> dict[str, Any]:
+        raise FhirServerError("server error", method="GET", url=f"{self.base_url}/metadata", status=503)
+
+
+def test_an_unreadable_capability_statement_stops_the_write_instead_of_changing_its_mode(
+        run: tuple[Path, Path, str]) -> None:
+    _, out, run_id = run
+    server = FakeServer()
+    # before: the write went on as if the server were not HAPI: results without HAPI's auto-version extension
+    # (HAPI then strips the input versions the signatures cover) and a Provenance PUT per patient
+    with pytest.raises(PopulationWriteError, match="CapabilityStatement"):
+        write_population(out, run_id, server=BASE, client=NoCapabilities(server), sleep=lambda _: None)
+    assert server.transactions == [] and server.updates == []
+
+
+class VersioningServer(FakeServer):
+    """The in-memory server with version ids on what it stores, as a read of a real server returns them."""
+
+    def commit(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        response = super().commit(bundle)
+        for resource in self.resources.values():
+            resource.setdefault("meta", {}).setdefault("versionId", "1")
+        return response
+
+
+class ReadingClient(FakeClient):
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        return dict(self.server.resources[f"{resource_type}/{resource_id}"])
+
+
+def test_a_lost_response_on_another_server_still_versions_the_provenance_targets(
+        run: tuple[Path, Path, str]) -> None:
+    _, out, run_id = run
+    server = VersioningServer(software="Another FHIR Server")
+    report = write_population(out, run_id, server=BASE, client=ReadingClient(server, lambda _, n: "lose" if n == 2
+                                                                             else None),
+                              bundle_size=3, writers=1, sleep=lambda _: None)
+    assert report.confirmed == 3 and report.written == len(planned(out, run_id))
+    # every Provenance, the confirmed group's included, is PUT again with versioned targets
+    assert len(server.updates) == report.written
+    assert all("/_history/" in t["reference"] for p in server.updates for t in p["target"])
+    stored = [r for ref, r in server.resources.items() if ref.startswith("Provenance/")]
+    assert len(stored) == report.written
+    assert all("/_history/" in t["reference"] for p in stored for t in p["target"])
+    # a second write sends nothing and versions nothing again
+    again = write_population(out, run_id, server=BASE, client=ReadingClient(server), sleep=lambda _: None)
+    assert (again.transactions, len(server.updates)) == (0, report.written)
+
+
+def test_created_counts_the_shared_entries_once(run: tuple[Path, Path, str]) -> None:
+    _, out, run_id = run
+    server = FakeServer()
+    report = write_population(out, run_id, server=BASE, client=FakeClient(server), bundle_size=3,
+                              sleep=lambda _: None)
+    created_puts = 3  # the Organization, the model's Device and the key's Device, new on this server
+    assert report.created == sum(server.creates.values()) + created_puts
+
+
+@pytest.mark.parametrize("line", ['{"resourceType": "Bundle", "type": "trans', "[1, 2]",
+                                  '{"resourceType": "Bundle", "type": "transaction", "entry": [7]}'])
+def test_a_corrupt_bundle_line_is_a_typed_error_naming_the_file_and_line(
+        run: tuple[Path, Path, str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, run_id = run
+    path = sorted((out / "runs" / run_id / "bundles").glob("*.ndjson"))[0]
+    path.write_text(path.read_text("utf-8") + line + "\n", encoding="utf-8")
+    number = len(path.read_text("utf-8").splitlines())
+    with pytest.raises(PopulationWriteError, match=f"{path.name}:{number}"):
+        write_population(out, run_id, server=BASE, client=FakeClient(FakeServer()), sleep=lambda _: None)
+    with pytest.raises(PopulationWriteError, match=f"{path.name}:{number}"):
+        write_import_ndjson(out, run_id, tmp_path / "import")
+    assert main(["population", "write", str(out / "runs" / run_id), "--ndjson", str(tmp_path / "again")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
