@@ -25,8 +25,8 @@ same resource (HAPI answers 409 to the second).
   transaction and ``written`` after it, so a killed writer resumes where it stopped and a finished write
   sends nothing again, nor is a patient sent whose bundle (same run key) another run of the ledger wrote to
   the same server (an incremental run's unchanged patients). A resent transaction creates nothing twice
-  either (conditional creates); a superseding ``PUT`` (``ifMatch``) that conflicts on a patient left
-  ``sending`` is looked up on the server instead (its earlier attempt may have committed).
+  either (conditional creates); a superseding ``PUT`` (``ifMatch``) that conflicts is looked up on the server
+  instead (an earlier attempt, lost or killed, may have committed it).
 * **The run's server only**: the bundles' ``fullUrl`` s and signing key are for the run's ``target``, so
   any other server is refused, as is a run without a target. TLS verification is the client's (on).
 * **HAPI versions references only when told**: population bundles are built without the server at hand
@@ -289,13 +289,11 @@ class _Sender:
     transaction of their own before any group (:meth:`send_shared`), and are left out of the groups:
     concurrent transactions updating the same resource conflict (409 on HAPI)."""
 
-    def __init__(self, engine: Any, *, hapi: bool, retries: int, sleep: Callable[[float], None],
-                 uncertain: set[str]) -> None:
+    def __init__(self, engine: Any, *, hapi: bool, retries: int, sleep: Callable[[float], None]) -> None:
         self.engine = engine
         self.hapi = hapi
         self.retries = retries
         self.sleep = sleep
-        self.uncertain = uncertain
         self.shared: dict[str, dict[str, Any]] = {}  # fullUrl -> resource sent in the shared transaction
         self.shared_answers: dict[str, dict[str, Any]] = {}  # fullUrl -> its response entry
         self.shared_created = 0  # shared entries the server created (counted once, not with every patient)
@@ -371,14 +369,16 @@ class _Sender:
             half = len(group) // 2
             return self.send(group[:half]) + self.send(group[half:])
         write = group[0]
-        if status in (409, 412) and write.patient_id in self.uncertain:
+        # a conflict may be this write's own earlier attempt (lost, or killed before the ledger heard of it):
+        # its content on the server is a success; another writer's content is not, and the patient fails
+        if status in (409, 412):
             found = self._confirm(write)
             if found is not None:
                 return [found]
         return [_Outcome(write, FAILED, error=str(exc))]
 
     def _confirm(self, write: PatientWrite) -> _Outcome | None:
-        """A patient left ``sending`` by a killed writer whose superseding PUT now conflicts: committed then?"""
+        """A patient whose transaction conflicts (a superseding PUT's ``ifMatch``): committed by an earlier attempt?"""
         from fhirtwin.fhir.errors import FhirError
 
         client = self.engine.source
@@ -513,8 +513,7 @@ def write_population(
     try:
         known = ledger.states(run_id)
         elsewhere = ledger.written_elsewhere(run_id, report.destination)
-        sender = _Sender(engine, hapi=hapi, retries=retries, sleep=sleep,
-                         uncertain={pid for pid, (state, _) in known.items() if state == SENDING})
+        sender = _Sender(engine, hapi=hapi, retries=retries, sleep=sleep)
 
         def todo() -> Iterator[PatientWrite]:
             for write in iter_patient_writes(files):

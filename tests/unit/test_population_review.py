@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_population_writeback import BASE, FakeClient, FakeServer, planned
+from test_population_writeback import BASE, FakeClient, FakeServer, planned, subjects
 
 from fhirtwin.cli import main
 from fhirtwin.fhir.errors import FhirServerError
@@ -178,3 +178,47 @@ def test_a_corrupt_bundle_line_is_a_typed_error_naming_the_file_and_line(
         write_import_ndjson(out, run_id, tmp_path / "import")
     assert main(["population", "write", str(out / "runs" / run_id), "--ndjson", str(tmp_path / "again")]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+class ConflictAfterLoss(ReadingClient):
+    """The second transaction commits but its answer is lost and the confirmation read fails too (the server
+    is struggling); the resend of that content then conflicts (409), as the ``ifMatch`` of a superseding PUT
+    does once its first attempt committed."""
+
+    def __init__(self, server: FakeServer) -> None:
+        super().__init__(server)
+        self.lost: set[str] = set()
+        self.batch_fails = False
+
+    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        from fhirtwin.fhir.errors import FhirTimeout, FhirTransactionError
+
+        self.calls += 1
+        if self.lost & subjects(bundle):
+            raise FhirTransactionError("transaction rejected", method="POST", url=self.base_url, status=409)
+        response = self.server.commit(bundle)
+        if self.calls == 2:
+            self.lost = subjects(bundle)
+            self.batch_fails = True
+            raise FhirTimeout("ReadTimeout after 5 attempt(s)", method="POST", url=self.base_url)
+        return response
+
+    def batch(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.batch_fails:
+            self.batch_fails = False
+            raise FhirServerError("server error", method="POST", url=self.base_url, status=503)
+        return super().batch(entries)
+
+
+def test_a_conflict_on_resending_a_group_whose_first_attempt_committed_is_confirmed_not_failed(
+        run: tuple[Path, Path, str]) -> None:
+    _, out, run_id = run
+    server = FakeServer()
+    client = ConflictAfterLoss(server)
+    report = write_population(out, run_id, server=BASE, client=client, bundle_size=3, writers=1,
+                              sleep=lambda _: None)
+    assert client.lost, "the scenario did not happen"
+    # before: every patient of that group was failed, and failed again on every later write (409 each time)
+    assert report.failures == {} and report.written == len(planned(out, run_id))
+    assert report.confirmed >= len(client.lost)
+    assert all(count == 1 for count in server.creates.values())
