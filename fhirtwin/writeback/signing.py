@@ -59,7 +59,7 @@ def _number(value: float | int) -> str:
         raise ValueError("non-finite number cannot be canonicalised")
     if value == int(value) and abs(value) < 1e21:
         return str(int(value))
-    text = repr(value)
+    text = float.__repr__(value)  # not repr(): a float subclass (numpy's float64) may print its type name
     if "e" in text and 1e-6 <= abs(value) < 1e21:
         text = format(Decimal(text), "f")
     return text
@@ -109,7 +109,7 @@ def _json_ready(node: Any) -> Any:
             raise ValueError("non-finite number cannot be canonicalised")
         if node == int(node) and abs(node) < 1e21:
             return int(node)
-        if "e" in repr(node):
+        if "e" in float.__repr__(node):
             raise _ExponentFloat
         return node
     if isinstance(node, Mapping):
