@@ -44,6 +44,7 @@ from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_re
 from fhirtwin.writeback.jws import JwsError, SigningKey
 from fhirtwin.writeback.signing import revision_keys, signature_header, verify_targets
 from fhirtwin.writeback.transaction import (
+    RESULT_TYPES,
     PatientWrite,
     build_patient_write,
     build_retirement,
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 
 MIN_HORIZON_YEARS = 5.0  # the RiskAssessment reports the 5- and 10-year points; below 5 it would be empty
 MAX_HORIZON_YEARS = 30.0  # the $simulate OperationDefinition documents 5 to 30 years
-RESULT_TYPES = ("RiskAssessment", "Goal", "CarePlan")
 #: fhirtwin CodeSystem intervention codes -> (intervention kind, statin intensity).
 INTERVENTION_CODES: dict[str, tuple[str, str | None]] = {
     "statin-high-intensity": ("statin", "high"),

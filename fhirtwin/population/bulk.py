@@ -78,6 +78,8 @@ from fhirtwin.fhir.errors import (
     same_origin,
 )
 from fhirtwin.fhir.ndjson import NdjsonSource
+from fhirtwin.vocabulary import is_fhirtwin_generated
+from fhirtwin.writeback.transaction import RESULT_TYPES
 
 __all__ = [
     "BulkDownloadError",
@@ -98,9 +100,11 @@ __all__ = [
 log = logging.getLogger("fhirtwin.population")
 
 NDJSON = "application/fhir+ndjson"
-#: Resource types the twin reads from a Patient's compartment. Consent joins the record types because a
-#: population run checks each patient's Consents in the exported record (fhirtwin.population.run).
-COMPARTMENT_TYPES: tuple[str, ...] = ("Patient", *RECORD_TYPES, "Consent")
+#: Resource types a population run reads from a Patient's compartment: the twin's record types; Consent,
+#: because the run checks each patient's Consents; and the result types, because fhirtwin's own earlier results
+#: are what a new result supersedes, as in ``fhirtwin run`` (they are never twin inputs, and a change of them
+#: never makes a patient "changed").
+COMPARTMENT_TYPES: tuple[str, ...] = ("Patient", *RECORD_TYPES, "Consent", *RESULT_TYPES)
 #: OperationOutcome issue codes that mean "try again later" (IG: a status poll failing for a reason other
 #: than the job's failure SHOULD use a transient code).
 TRANSIENT_CODES = frozenset({"transient", "lock-error", "no-store", "exception", "timeout", "incomplete",
@@ -635,6 +639,8 @@ def touched_patients(folder: str | os.PathLike[str]) -> tuple[set[str], set[str]
                         resource = json.loads(raw)
                     except ValueError:
                         raise BulkManifestError(f"output file {path.name} holds a line that is not JSON") from None
+                    if is_fhirtwin_generated(resource):
+                        continue  # our own results (a write-back's) change no twin
                     owner = patient_reference_id(resource) if isinstance(resource, dict) else None
                     if owner is not None:
                         patients.add(owner)

@@ -278,9 +278,13 @@ class _Target:
 
 def input_hash(record: list[dict[str, Any]], settings: RunSettings) -> str:
     """SHA-256 over the settings that fix the numbers and every resource of the record (canonical JSON,
-    in record order): a patient whose hash is unchanged needs no new simulation."""
+    in record order) but fhirtwin's own results: a patient whose hash is unchanged needs no new simulation."""
+    from fhirtwin.vocabulary import is_fhirtwin_generated
+
     digest = hashlib.sha256(json.dumps(settings.digest_basis(), sort_keys=True).encode())
     for item in record:
+        if is_fhirtwin_generated(item):
+            continue
         digest.update(b"\n")
         digest.update(json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
     return digest.hexdigest()
@@ -415,12 +419,14 @@ def _simulate_one(engine: Any, consent: Any, patient_id: str, resources: list[di
     """Fill ``row`` for one patient and return the patient's transaction bundle (None: nothing to write)."""
     from fhirtwin.adapters.reads import READ_TYPES
     from fhirtwin.engine import PatientRecord
+    from fhirtwin.vocabulary import is_fhirtwin_generated
 
     if consent.denying((r for r in resources if r.get("resourceType") == "Consent"), recorded):
         row.update(status=CONSENT_DENIED, message=f"denied by the patient's privacy consent for {settings.purpose}")
         return None
-    # only the types a record read returns are twin inputs (an export may hold others)
-    readable = [r for r in resources if r.get("resourceType") in READ_TYPES]
+    # the types a record read returns are twin inputs (an export may hold others); fhirtwin's own earlier
+    # results are what this run's results supersede, as on every other path
+    readable = [r for r in resources if r.get("resourceType") in READ_TYPES or is_fhirtwin_generated(r)]
     run = engine.run(patient_id, record=PatientRecord.split(patient_id, readable, stored_read=True), as_of=as_of)
     row.update(_summary(run, settings.outcome))
     if run.plan is None:

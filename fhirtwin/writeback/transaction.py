@@ -194,7 +194,9 @@ def build_patient_write(
     wanted = set(keys.values())
 
     stored = [r for r in existing if r.get("resourceType") in RESULT_TYPES and key_of(r)]
-    to_supersede = [r for r in stored if key_of(r) not in wanted and not is_superseded(r)]
+    # in a fixed order (a search and an export list them differently): the Provenance lists them so
+    to_supersede = sorted((r for r in stored if key_of(r) not in wanted and not is_superseded(r)),
+                          key=lambda r: (r["resourceType"], r["id"]))
     reinstate = sorted({f"{r['resourceType']}/{r['id']}" for r in stored if key_of(r) in wanted and is_superseded(r)})
     old_ra_by_code: dict[str | None, list[str]] = {}
     for r in to_supersede:

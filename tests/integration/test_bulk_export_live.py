@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fhirtwin.adapters.reads import RECORD_TYPES
-from fhirtwin.engine import WATCHED_TYPES, Engine
+from fhirtwin.engine import RESULT_TYPES, WATCHED_TYPES, Engine
 from fhirtwin.fhir.client import FhirClient, patient_reference_id
 from fhirtwin.population.bulk import COMPARTMENT_TYPES, BulkExport, BulkExportResult, deleted_references
 from fhirtwin.population.stage import bucket_of, iter_patient_records, list_partitions, stage_ndjson
@@ -80,7 +80,7 @@ def test_cohort_export_holds_the_cohort_as_the_server_counts_it(loaded_cohort, c
     result, folder = cohort_export
     cohort = {b["entry"][0]["resource"]["id"] for b in loaded_cohort.bundles}
     assert len(cohort) == 240
-    assert set(result.types) == {*WATCHED_TYPES, "Consent"}
+    assert set(result.types) == {*WATCHED_TYPES, "Consent", *RESULT_TYPES}
     assert result.error_outcomes == 0 and result.unresolved_references == 0 and result.transaction_time
     client = FhirClient(base_url)
     ids = ",".join(sorted(cohort))

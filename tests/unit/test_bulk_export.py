@@ -11,7 +11,7 @@ import pytest
 import requests
 import responses
 
-from fhirtwin.engine import WATCHED_TYPES
+from fhirtwin.engine import RESULT_TYPES, WATCHED_TYPES
 from fhirtwin.fhir.client import FhirClient
 from fhirtwin.fhir.ndjson import NdjsonSource
 from fhirtwin.population.bulk import (
@@ -95,7 +95,8 @@ def test_polls_honouring_retry_after_and_progress_then_writes_a_stageable_folder
     call = responses.calls[0].request
     assert call.headers["Prefer"] == "respond-async" and call.headers["Cache-Control"] == "no-cache"
     query = parse_qs(urlsplit(call.url).query)
-    assert set(query["_type"][0].split(",")) == {*WATCHED_TYPES, "Consent"}  # what the twin reads, Medication too
+    # what the twin reads (Medication too), Consents, and fhirtwin's earlier results (what a new result supersedes)
+    assert set(query["_type"][0].split(",")) == {*WATCHED_TYPES, "Consent", *RESULT_TYPES}
     assert query["_since"] == ["2026-01-01T00:00:00Z"]
     assert query["_outputFormat"] == ["application/fhir+ndjson"]
     assert not any("_history" in c.request.url for c in responses.calls)  # the manifest listed its deletions
