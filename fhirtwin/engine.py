@@ -950,25 +950,31 @@ class Engine:
         would be worse than none. Under the patient lock, from a fresh search of what is stored.
         """
         with patient_lock(run.patient_id):
-            stored = self.stored_results(run.patient_id)
-            if not any(key_of(r) and not is_superseded(r) for r in stored):
-                return 0
-            key = self._key()
-            base = getattr(self.source, "base_url", None)
-            retirement = build_retirement(stored, base if isinstance(base, str) else None,
-                                          patient_id=run.patient_id, key=key,
-                                          model=(MechanisticTwin.name, MechanisticTwin.version),
-                                          organization_id=self.organization_id, hapi=self.server_is_hapi())
+            retirement = self.prepare_retirement(dataclasses.replace(run, stored=None))
             if retirement is None:
                 return 0
-            device = self._key_device(key)
-            retirement.bundle["entry"].insert(0, {"fullUrl": full_url("Device", device["id"], base
-                                                                      if isinstance(base, str) else None),
-                                                  "resource": device,
-                                                  "request": {"method": "PUT", "url": f"Device/{device['id']}"}})
             self.transact(retirement.bundle, [retirement], "retiring results of an out-of-scope patient")
             _wrote(run.patient_id)
             return len(retirement.superseded)
+
+    def prepare_retirement(self, run: TwinRun, *, now: datetime | None = None) -> PatientWrite | None:
+        """The signed transaction that supersedes the run's patient's current results (None: none is current);
+        stored results are searched when the run did not bring them."""
+        stored = run.stored if run.stored is not None else self.stored_results(run.patient_id)
+        if not any(key_of(r) and not is_superseded(r) for r in stored):
+            return None
+        key = self._key()
+        base = getattr(self.source, "base_url", None)
+        base_url = base if isinstance(base, str) else None
+        retirement = build_retirement(stored, base_url, patient_id=run.patient_id, key=key,
+                                      model=(MechanisticTwin.name, MechanisticTwin.version),
+                                      organization_id=self.organization_id, now=now, hapi=self.server_is_hapi())
+        if retirement is not None:
+            device = self._key_device(key)
+            retirement.bundle["entry"].insert(0, {"fullUrl": full_url("Device", device["id"], base_url),
+                                                  "resource": device,
+                                                  "request": {"method": "PUT", "url": f"Device/{device['id']}"}})
+        return retirement
 
     def reinstate(self, references: Iterable[str]) -> list[str]:
         """Make earlier results current again (inputs went back to an earlier state): drop their tag.

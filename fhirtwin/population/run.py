@@ -430,7 +430,13 @@ def _simulate_one(engine: Any, consent: Any, patient_id: str, resources: list[di
     run = engine.run(patient_id, record=PatientRecord.split(patient_id, readable, stored_read=True), as_of=as_of)
     row.update(_summary(run, settings.outcome))
     if run.plan is None:
-        return None
+        # as on every door: a patient now out of scope has its current results retired, nothing new
+        retirement = engine.prepare_retirement(run, now=recorded) if row["status"] == OUT_OF_SCOPE else None
+        if retirement is None:
+            return None
+        row["run_key"] = retirement.run_key
+        retired: dict[str, Any] = retirement.bundle
+        return retired
     write = engine.prepare(run, now=recorded)
     row["run_key"] = write.run_key
     row["result_keys"] = sorted(f"{name}={value}" for name, value in write.keys.items())

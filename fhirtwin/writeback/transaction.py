@@ -142,7 +142,9 @@ def build_retirement(existing: Iterable[dict[str, Any]], base_url: str | None = 
     plus a currency Provenance signing the retirement (``superseded`` lists the retired results), made by
     the Device of ``model`` (name, version; ``PUT`` in the same transaction, as for a run).
     """
-    current = [r for r in existing if r.get("resourceType") in RESULT_TYPES and key_of(r) and not is_superseded(r)]
+    current = sorted((r for r in existing
+                      if r.get("resourceType") in RESULT_TYPES and key_of(r) and not is_superseded(r)),
+                     key=lambda r: (r["resourceType"], r["id"]))  # a fixed order, whichever read found them
     if not current:
         return None
     device = device_resource(model[0], model[1], organization_id)

@@ -146,3 +146,40 @@ def test_a_source_with_earlier_results_is_superseded_as_the_engine_supersedes(
     record = engine.read(patient, with_stored=False)
     run = engine.run(patient, record=type(record)(patient, record.resources, stored), as_of=later)
     assert _unsigned(second) == _unsigned(engine.prepare(run, now=recorded).bundle)
+
+
+def test_a_patient_now_out_of_scope_has_its_earlier_results_retired_as_the_engine_retires_them(
+        bundles: list[dict[str, Any]], source: Path, key: SigningKey, tmp_path: Path) -> None:
+    """A planned patient's record now says 90 years old (outside PREVENT's 30-79): the run writes nothing new for
+    the patient but retires the earlier results, with the engine's own retirement, byte for byte but the
+    signature; a patient with nothing current gets no line."""
+    first = bundles[1]
+    patient = _patient(first)
+    stored = _stored(first)
+    folder = tmp_path / "export"
+    shutil.copytree(source, folder)
+    patients = [json.loads(line) for line in (folder / "Patient.ndjson").read_text("utf-8").splitlines()]
+    for resource in patients:
+        if resource["id"] == patient:
+            resource["birthDate"] = "1936-03-01"
+            resource.setdefault("meta", {})["versionId"] = "2"
+    (folder / "Patient.ndjson").write_text("".join(json.dumps(p) + "\n" for p in patients), "utf-8")
+    for resource in stored:
+        with open(folder / f"{resource['resourceType']}.ndjson", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(resource) + "\n")
+    recorded = datetime(2026, 10, 1, 9, 0, tzinfo=UTC)
+    second = {_patient(b): b for b in _run(folder, tmp_path / "run", AS_OF, recorded)}
+    retirement = second[patient]
+    assert {e["request"]["url"] for e in retirement["entry"] if e["request"]["method"] == "PUT"
+            and e["resource"]["resourceType"] in ("RiskAssessment", "Goal", "CarePlan")} == {
+        f"{r['resourceType']}/{r['id']}" for r in stored}
+    assert not [e for e in retirement["entry"] if e["request"]["method"] == "POST"
+                and e["resource"]["resourceType"] != "Provenance"]
+
+    engine = Engine(NdjsonSource(folder), signing_key=key, draws=100)
+    record = engine.read(patient, with_stored=False)
+    run = engine.run(patient, record=type(record)(patient, record.resources, stored), as_of=AS_OF)
+    assert run.plan is None and run.scope is not None and not run.scope.in_scope
+    expected = engine.prepare_retirement(run, now=recorded)
+    assert expected is not None and _unsigned(retirement) == _unsigned(expected.bundle)
+    assert set(second) == {_patient(b) for b in bundles}  # nobody else retired, nobody new
