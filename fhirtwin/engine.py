@@ -535,15 +535,15 @@ def _audited_retire(retire: Callable[Concatenate[Engine, _P], int]) -> Callable[
     """Audit :meth:`Engine.retire` when it superseded something (or failed trying)."""
     @functools.wraps(retire)
     def audited(self: Engine, *args: _P.args, **kwargs: _P.kwargs) -> int:
-        run = args[0] if args else kwargs["run"]
-        assert isinstance(run, TwinRun)
+        patient_id = args[0] if args else kwargs["patient_id"]
+        assert isinstance(patient_id, str)
         try:
             count = retire(self, *args, **kwargs)
         except EngineError as exc:
-            self._audit_write(run.patient_id, [], error=exc)
+            self._audit_write(patient_id, [], error=exc)
             raise
         if count:
-            self._audit_write(run.patient_id, [])
+            self._audit_write(patient_id, [])
         return count
     return audited
 
@@ -943,30 +943,32 @@ class Engine:
             self._client().update(update)
 
     @_audited_retire
-    def retire(self, run: TwinRun) -> int:
-        """Supersede a patient's current results when the patient is now out of scope; returns how many.
+    def retire(self, patient_id: str) -> int:
+        """Supersede a patient's current results (the patient is now out of scope, or has left the population
+        they were made for); returns how many.
 
         Nothing new is written: a stale primary-prevention number after, say, a myocardial infarction
         would be worse than none. Under the patient lock, from a fresh search of what is stored.
         """
-        with patient_lock(run.patient_id):
-            retirement = self.prepare_retirement(dataclasses.replace(run, stored=None))
+        with patient_lock(patient_id):
+            retirement = self.prepare_retirement(patient_id)
             if retirement is None:
                 return 0
-            self.transact(retirement.bundle, [retirement], "retiring results of an out-of-scope patient")
-            _wrote(run.patient_id)
+            self.transact(retirement.bundle, [retirement], "retiring a patient's results")
+            _wrote(patient_id)
             return len(retirement.superseded)
 
-    def prepare_retirement(self, run: TwinRun, *, now: datetime | None = None) -> PatientWrite | None:
-        """The signed transaction that supersedes the run's patient's current results (None: none is current);
-        stored results are searched when the run did not bring them."""
-        stored = run.stored if run.stored is not None else self.stored_results(run.patient_id)
+    def prepare_retirement(self, patient_id: str, stored: list[dict[str, Any]] | None = None, *,
+                           now: datetime | None = None) -> PatientWrite | None:
+        """The signed transaction that supersedes the patient's current results (None: none is current);
+        ``stored`` results are searched when not given."""
+        stored = stored if stored is not None else self.stored_results(patient_id)
         if not any(key_of(r) and not is_superseded(r) for r in stored):
             return None
         key = self._key()
         base = getattr(self.source, "base_url", None)
         base_url = base if isinstance(base, str) else None
-        retirement = build_retirement(stored, base_url, patient_id=run.patient_id, key=key,
+        retirement = build_retirement(stored, base_url, patient_id=patient_id, key=key,
                                       model=(MechanisticTwin.name, MechanisticTwin.version),
                                       organization_id=self.organization_id, now=now, hapi=self.server_is_hapi())
         if retirement is not None:
@@ -1008,7 +1010,7 @@ class Engine:
         generation = write_generation(patient_id)
         run = self.run(patient_id, record=record, as_of=as_of, scenario=scenario, horizon_years=horizon_years)
         if write and run.scope is not None and not run.scope.in_scope:
-            self.retire(run)
+            self.retire(run.patient_id)
         run.require_plan()
         lock = patient_lock(patient_id)
         lock.acquire()
@@ -1077,7 +1079,7 @@ class Engine:
             result = WriteResult(run.patient_id, "skipped")
             if run.plan is None and run.scope is not None and not run.scope.in_scope and not dry_run:
                 try:
-                    result.updated = self.retire(run)
+                    result.updated = self.retire(run.patient_id)
                 except EngineError as exc:
                     result.status, result.message = "failed", str(exc)
                     yield result

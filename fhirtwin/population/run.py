@@ -431,7 +431,8 @@ def _simulate_one(engine: Any, consent: Any, patient_id: str, resources: list[di
     row.update(_summary(run, settings.outcome))
     if run.plan is None:
         # as on every door: a patient now out of scope has its current results retired, nothing new
-        retirement = engine.prepare_retirement(run, now=recorded) if row["status"] == OUT_OF_SCOPE else None
+        retirement = (engine.prepare_retirement(patient_id, run.stored or [], now=recorded)
+                      if row["status"] == OUT_OF_SCOPE else None)
         if retirement is None:
             return None
         row["run_key"] = retirement.run_key

@@ -35,6 +35,11 @@ same resource (HAPI answers 409 to the second).
   :func:`~fhirtwin.writeback.transaction.build_patient_write` writes it (``meta`` is not signed), otherwise
   HAPI strips the input versions the signature covers; other servers get the Provenance ``PUT`` again with
   versioned targets, as :meth:`~fhirtwin.engine.Engine.commit` does.
+* **Departed patients**: an incremental run lists the patients no longer in its population
+  (``runs/<run id>/retired.ndjson``); after the bundles, each one's current results are retired as every door
+  retires them (:meth:`~fhirtwin.engine.Engine.retire`: a fresh search, the results tagged superseded with
+  ``ifMatch``, a signed currency Provenance; the signing key by the run's key policy). Safe to repeat; the
+  ledger marks each ``retired``.
 
 ``--ndjson DIR`` (:func:`write_import_ndjson`) writes the same resources as one NDJSON file per type for a
 server's bulk ``$import`` instead. An import has no conditional semantics (no ``ifNoneExist``, no
@@ -84,7 +89,7 @@ DEFAULT_RETRIES = 3
 MAX_WAIT = 600.0
 #: Statuses that refuse a transaction's content: split the group to find the patient it belongs to.
 CONTENT_REFUSALS = frozenset({400, 404, 409, 412, 413, 422})
-SENDING, WRITTEN, FAILED = "sending", "written", "failed"
+SENDING, WRITTEN, FAILED, RETIRED = "sending", "written", "failed", "retired"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS population_writes (
@@ -92,7 +97,7 @@ CREATE TABLE IF NOT EXISTS population_writes (
     patient_id TEXT NOT NULL,
     server TEXT NOT NULL,
     run_key TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('sending', 'written', 'failed')),
+    state TEXT NOT NULL CHECK (state IN ('sending', 'written', 'failed', 'retired')),
     locations TEXT,
     created INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -123,6 +128,8 @@ class WriteReport:
     transactions: int = 0
     retries: int = 0
     splits: int = 0
+    #: results superseded on the server for patients who left the population (runs/RUN_ID/retired.ndjson)
+    retired: int = 0
     #: partitions of the run not done (their patients have no bundles yet: resume the run, then write again)
     partitions_not_done: int = 0
     seconds: float = 0.0
@@ -242,6 +249,16 @@ class WriteLedger:
             rows = self._db.execute("SELECT patient_id, run_key, locations FROM population_writes WHERE server = ? "
                                     "AND state = 'written' AND run_id != ?", (server, run_id)).fetchall()
         return {(pid, key): locations for pid, key, locations in rows}
+
+    def retired(self, run_id: str, server: str, patient_id: str, results: int) -> None:
+        """A departed patient's current results were retired (``results`` of them; 0: none was current)."""
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO population_writes (run_id, patient_id, server, run_key, state, created, updated) "
+                "VALUES (?, ?, ?, '', 'retired', ?, ?) ON CONFLICT (run_id, patient_id) DO UPDATE SET "
+                "server = excluded.server, state = 'retired', created = excluded.created, error = NULL, "
+                "updated = excluded.updated",
+                (run_id, patient_id, server, results, datetime.now(UTC).isoformat(timespec="seconds")))
 
     def carried_over(self, run_id: str, server: str, writes: Sequence[tuple[PatientWrite, str | None]]) -> None:
         self._upsert(run_id, server, [(w, WRITTEN, json.loads(loc) if loc else None, 0, None) for w, loc in writes],
@@ -551,11 +568,63 @@ def write_population(
             sender.send_shared(first[0])
             report.created += sender.shared_created
             _pool(itertools.chain([first], work), handle, writers)
+        departed = [pid for pid in _retired_patients(out, run_id) if known.get(pid, ("", ""))[0] != RETIRED]
+        if departed:
+            _retire(Engine(client, signing_key=_signing_key_for(target)), departed, ledger, report)
     finally:
         ledger.close()
     report.transactions, report.retries, report.splits = sender.transactions, sender.retries_used, sender.splits
     report.seconds = time.monotonic() - started
     return report
+
+
+def _retired_patients(out: Path, run_id: str) -> list[str]:
+    """The patients an incremental run found gone from its population (``runs/RUN_ID/retired.ndjson``)."""
+    from fhirtwin.population.run import RETIRED_FILE
+
+    path = out / RUNS_DIR / run_id / RETIRED_FILE
+    if not path.is_file():
+        return []
+    found = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                patient_id = json.loads(line)["patient_id"] if line.strip() else None
+            except (ValueError, TypeError, KeyError):
+                raise PopulationWriteError(f"{RETIRED_FILE}:{number} is damaged (run the incremental run again)"
+                                           ) from None
+            if isinstance(patient_id, str):
+                found.append(patient_id)
+    return found
+
+
+def _signing_key_for(target: str) -> Any:
+    """The key that signs a retirement, by the run's own key policy (``resolve_signing_key``)."""
+    from fhirtwin.keys import KeyPolicyError
+    from fhirtwin.population.run import resolve_signing_key
+
+    try:
+        return resolve_signing_key(target)
+    except KeyPolicyError as exc:
+        raise PopulationWriteError(f"retiring departed patients' results needs the signing key: {exc}") from exc
+
+
+def _retire(engine: Any, patients: list[str], ledger: WriteLedger, report: WriteReport) -> None:
+    """Supersede every current result of each departed patient (:meth:`fhirtwin.engine.Engine.retire`: a fresh
+    search, a signed currency Provenance; safe to repeat). A patient that fails is reported; the others go on."""
+    from fhirtwin.engine import EngineError, UpstreamUnauthorized
+
+    for patient_id in patients:
+        try:
+            count = engine.retire(patient_id)
+        except UpstreamUnauthorized as exc:
+            raise PopulationWriteError(f"the server refused the retirement ({exc.message})") from exc
+        except EngineError as exc:
+            report.failed += 1
+            report.failures[patient_id] = exc.message
+            continue
+        ledger.retired(report.run_id, report.destination, patient_id, count)
+        report.retired += count
 
 
 def _server_is_hapi(client: Any) -> bool:

@@ -227,3 +227,36 @@ def _provenance_content(provenance: dict[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in provenance.items() if k not in ("id", "meta", "text", "target", "signature")}
     signature = {k: v for k, v in provenance["signature"][0].items() if k != "data"}
     return {**body, "signature": signature, "targets": len(provenance["target"])}
+
+
+def test_a_patient_gone_from_the_population_has_its_results_retired_once(
+        population: Population, written: Any, base_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An incremental run over the same records less one planned patient lists that patient as retired; the
+    write then supersedes every current result of the patient on the server (a signed currency Provenance), and
+    a second write retires nothing more."""
+    departed = sorted(population.planned)[-1]
+    source = population.out.parent / "ndjson"
+    smaller = population.out.parent / "ndjson-without-one"
+    smaller.mkdir()
+    for path in source.glob("*.ndjson"):
+        kept = [line for line in path.read_text("utf-8").splitlines()
+                if json.loads(line).get("id") != departed
+                and (json.loads(line).get("subject") or json.loads(line).get("patient") or {}).get("reference")
+                != f"Patient/{departed}"]
+        path_out = smaller / path.name
+        path_out.write_text("".join(line + "\n" for line in kept), "utf-8")
+    monkeypatch.setenv(ENV_KEY_FILE, str(population.out.parent / "signing.pem"))
+    later = run_population(smaller, population.out, serial=True, incremental_from=population.run_id,
+                           recorded=datetime(2026, 7, 2, 9, 30, tzinfo=UTC))
+    assert later.patients.get("retired") == 1
+
+    report = write_population(population.out, later.run_id, server=base_url, bundle_size=3, writers=2)
+    client = FhirClient(base_url)
+    results = [e["resource"] for rtype in RESULT_TYPES for e in client.search(rtype, {
+        "subject": f"Patient/{departed}", "_tag": token(GENERATED_TAG), "_count": 100}).get("entry", [])]
+    assert {r["resourceType"] for r in results} == set(RESULT_TYPES)
+    assert report.retired == len(results)  # every result the one earlier write made was current
+    assert all(any(t.get("code") == "superseded" for t in r["meta"].get("tag", [])) for r in results)
+    assert report.failed == 0 and report.written == 0  # the others are on the server already
+    again = write_population(population.out, later.run_id, server=base_url, bundle_size=3, writers=2)
+    assert again.retired == 0 and again.transactions == 0

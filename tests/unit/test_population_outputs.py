@@ -180,6 +180,6 @@ def test_a_patient_now_out_of_scope_has_its_earlier_results_retired_as_the_engin
     record = engine.read(patient, with_stored=False)
     run = engine.run(patient, record=type(record)(patient, record.resources, stored), as_of=AS_OF)
     assert run.plan is None and run.scope is not None and not run.scope.in_scope
-    expected = engine.prepare_retirement(run, now=recorded)
+    expected = engine.prepare_retirement(patient, stored, now=recorded)
     assert expected is not None and _unsigned(retirement) == _unsigned(expected.bundle)
     assert set(second) == {_patient(b) for b in bundles}  # nobody else retired, nobody new
