@@ -98,10 +98,62 @@ def _sandbox(args: argparse.Namespace) -> Any:
     return Sandbox.from_env(port=args.port, data_dir=args.data_dir)
 
 
-def _client(args: argparse.Namespace) -> Any:
+#: Environment variables of the client credentials (a deployment sets them once instead of per command).
+ENV_CLIENT_ID, ENV_CLIENT_KEY = "FHIRTWIN_CLIENT_ID", "FHIRTWIN_CLIENT_KEY_FILE"
+
+
+def needed_scopes(*, writes: bool) -> str:
+    """The SMART v2 system scopes a command needs, and no more: search-and-read of what the twin reads, the
+    Consents, fhirtwin's results and Provenances (and the Groups an export names); with ``writes``, create and
+    update of what a write sends."""
+    from fhirtwin.adapters.reads import READ_TYPES
+    from fhirtwin.writeback.transaction import RESULT_TYPES
+
+    reads = sorted({*READ_TYPES, *RESULT_TYPES, "Consent", "Provenance", "Group"})
+    scopes = [f"system/{t}.rs" for t in reads]
+    if writes:
+        scopes += [f"system/{t}.cu" for t in sorted({*RESULT_TYPES, "Provenance", "Device", "Organization"})]
+    return " ".join(scopes)
+
+
+def _client(args: argparse.Namespace, *, writes: bool = False) -> Any:
+    """The FHIR client of a command; with client credentials (``--client-id`` or ``$FHIRTWIN_CLIENT_ID``) it
+    authorizes by SMART Backend Services, asking only for :func:`needed_scopes` unless ``--scope`` says."""
     from fhirtwin.fhir.client import FhirClient
 
-    return FhirClient(args.server, verify=not args.insecure)
+    verify = not getattr(args, "insecure", False)
+    client_id = getattr(args, "client_id", None) or os.environ.get(ENV_CLIENT_ID)
+    if not client_id:
+        return FhirClient(args.server, verify=verify)
+    from fhirtwin.fhir.auth import SmartBackendServices, load_private_key
+    from fhirtwin.fhir.errors import FhirError
+    from fhirtwin.writeback.jws import thumbprint
+
+    key_file = getattr(args, "client_key", None) or os.environ.get(ENV_CLIENT_KEY)
+    if not key_file:
+        raise CliError(f"--client-id needs the client's private key: --client-key PEM (or ${ENV_CLIENT_KEY})")
+    try:
+        with open(key_file, "rb") as handle:
+            key = load_private_key(handle.read())
+    except OSError as exc:
+        raise CliError(f"cannot read the client key ({type(exc).__name__})") from None
+    except (ValueError, TypeError):
+        raise CliError("the client key is not a PEM RSA or EC private key") from None
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    alg = "ES384" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS384"
+    kid = getattr(args, "client_kid", None) or thumbprint(key.public_key())
+    scope = getattr(args, "scope", None) or needed_scopes(writes=writes)
+    token_url = getattr(args, "token_url", None)
+    try:
+        auth = (SmartBackendServices(token_url, client_id, key, kid, scope, alg=alg, verify=verify) if token_url
+                else SmartBackendServices.from_discovery(args.server, client_id, key, kid, scope, alg=alg,
+                                                         verify=verify))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except FhirError as exc:
+        raise CliError(f"the server's SMART configuration could not be read ({exc}); give --token-url") from None
+    return FhirClient(args.server, verify=verify, auth=auth)
 
 
 def _engine(args: argparse.Namespace, *, signed: bool = False, draws: int | None = None) -> Any:
@@ -109,7 +161,7 @@ def _engine(args: argparse.Namespace, *, signed: bool = False, draws: int | None
     from fhirtwin.keys import signing_key_for
 
     key = signing_key_for(args.server) if signed else None
-    return Engine(_client(args), signing_key=key, draws=draws or 1000)
+    return Engine(_client(args, writes=signed), signing_key=key, draws=draws or 1000)  # a signing engine writes
 
 
 def _counts_text(counts: Counter[str] | dict[str, int]) -> str:
@@ -625,7 +677,6 @@ def cmd_population_run(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
-    from fhirtwin.fhir.client import FhirClient
     from fhirtwin.population.run import LEDGER_FILE, ServerSource, run_population
 
     exporting = args.group is not None or args.patients_level or args.since is not None
@@ -637,7 +688,7 @@ def cmd_population_run(args: argparse.Namespace) -> int:
     server = None
     if args.source is None and args.server is not None:
         level = "group" if args.group else "patient" if args.patients_level else "system"
-        server = ServerSource(FhirClient(args.server), level, group_id=args.group, since=args.since,
+        server = ServerSource(_client(args), level, group_id=args.group, since=args.since,
                               max_wait=args.max_wait)
     with tqdm(unit="partition", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
         report = run_population(args.source, args.out, scheduler=args.scheduler, workers=args.workers,
@@ -692,7 +743,7 @@ def cmd_population_write(args: argparse.Namespace) -> int:
         report = write_import_ndjson(out, run_id, args.ndjson)
     else:
         with tqdm(unit="patient", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
-            report = write_population(out, run_id, server=args.server, client=_client(args),
+            report = write_population(out, run_id, server=args.server, client=_client(args, writes=True),
                                       bundle_size=args.bundle_size, writers=args.writers, on_group=bar.update)
     if args.json:
         print(json.dumps(report.to_json()))
@@ -729,10 +780,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sandbox_url = _sandbox_url()
 
+    def auth_options(p: argparse.ArgumentParser) -> None:
+        group = p.add_argument_group("authorization", "SMART Backend Services, for a server that requires it "
+                                     "(client credentials, a JWT signed with the client's key)")
+        group.add_argument("--client-id", default=None, help=f"the registered client id (or ${ENV_CLIENT_ID})")
+        group.add_argument("--client-key", default=None, metavar="PEM",
+                           help=f"the client's private key, RSA (RS384) or EC P-384 (ES384) (or ${ENV_CLIENT_KEY})")
+        group.add_argument("--client-kid", default=None, help="that key's kid in the client's registered JWKS "
+                           "(default: its RFC 7638 thumbprint)")
+        group.add_argument("--token-url", default=None, help="the token endpoint (default: from the server's "
+                           ".well-known/smart-configuration)")
+        group.add_argument("--scope", default=None, help="scopes to ask for (default: exactly what the command "
+                           "needs: system/<Type>.rs of what it reads, .cu of what it writes)")
+
     def server_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", type=fhir_base, required=True,
                        help=f"FHIR R4 base URL, e.g. {sandbox_url} (the sandbox)")
         p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+        auth_options(p)
 
     def sandbox_options(p: argparse.ArgumentParser, *, timeout_for: str) -> None:
         p.add_argument("--port", type=port_number, default=None,
@@ -965,6 +1030,8 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("--purpose-of-use", default=None, choices=PURPOSES_OF_USE, help="v3-ActReason purpose "
                       "checked against the active Consents in each record (default TREAT, or the earlier run's with "
                       "--incremental-from; HRESCH for research; export Consent with the records)")
+    prun.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    auth_options(prun)
     prun.add_argument("--json", action="store_true", help="print one JSON object")
     prun.set_defaults(func=cmd_population_run)
     preport = steps.add_parser("report", help="population report of a run: risk distributions by outcome and "
@@ -985,6 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--ndjson", default=None, metavar="DIR", help="instead: an empty folder for <Type>.ndjson "
                        "files a server's $import takes (resources with deterministic ids, no conditional writes)")
     pwrite.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (never in production)")
+    auth_options(pwrite)
     pwrite.add_argument("--bundle-size", type=positive_int, default=10, help="patients per transaction (default 10)")
     pwrite.add_argument("--writers", type=positive_int, default=2, help="transactions in flight (default 2)")
     pwrite.add_argument("--json", action="store_true", help="print one JSON object")
