@@ -631,22 +631,27 @@ def touched_patients(folder: str | os.PathLike[str]) -> tuple[set[str], set[str]
     shared: set[str] = set()
     for resource_type, paths in NdjsonSource(folder).files.items():
         for path in paths:
-            with open(path, "rb") as handle:
-                for raw in handle:
-                    if not raw.strip():
-                        continue
-                    try:
-                        resource = json.loads(raw)
-                    except ValueError:
-                        raise BulkManifestError(f"output file {path.name} holds a line that is not JSON") from None
-                    if is_fhirtwin_generated(resource):
-                        continue  # our own results (a write-back's) change no twin
-                    owner = patient_reference_id(resource) if isinstance(resource, dict) else None
-                    if owner is not None:
-                        patients.add(owner)
-                    elif isinstance(resource, dict) and isinstance(resource.get("id"), str):
-                        shared.add(f"{resource_type}/{resource['id']}")
+            for resource in _output_lines(path):
+                if is_fhirtwin_generated(resource):
+                    continue  # our own results (a write-back's) change no twin
+                owner = patient_reference_id(resource) if isinstance(resource, dict) else None
+                if owner is not None:
+                    patients.add(owner)
+                elif isinstance(resource, dict) and isinstance(resource.get("id"), str):
+                    shared.add(f"{resource_type}/{resource['id']}")
     return patients, shared
+
+
+def _output_lines(path: Path) -> Iterator[Any]:
+    """The JSON value of each line of an export's output file (a line that is not JSON: BulkManifestError)."""
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw)
+            except ValueError:
+                raise BulkManifestError(f"output file {path.name} holds a line that is not JSON") from None
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -682,20 +687,13 @@ def _referenced_ids(folder: Path, resource_type: str) -> set[str]:
     ids: set[str] = set()
     for source_type, names in elements.items():
         for path in sorted(folder.glob(f"{source_type}.*.ndjson")):
-            with open(path, "rb") as handle:
-                for raw in handle:
-                    if not raw.strip():
-                        continue
-                    try:
-                        resource = json.loads(raw)
-                    except ValueError:
-                        raise BulkManifestError(f"output file {path.name} holds a line that is not JSON") from None
-                    for name in names:
-                        target = resource.get(name) if isinstance(resource, dict) else None
-                        reference = target.get("reference") if isinstance(target, dict) else None
-                        key = _reference_key(reference) if isinstance(reference, str) else None
-                        if key is not None and key.startswith(resource_type + "/"):
-                            ids.add(key.split("/", 1)[1])
+            for resource in _output_lines(path):
+                for name in names:
+                    target = resource.get(name) if isinstance(resource, dict) else None
+                    reference = target.get("reference") if isinstance(target, dict) else None
+                    key = _reference_key(reference) if isinstance(reference, str) else None
+                    if key is not None and key.startswith(resource_type + "/"):
+                        ids.add(key.split("/", 1)[1])
     return ids
 
 
