@@ -123,7 +123,7 @@ def test_server_runs_resume_without_exporting_again_and_incremental_runs_simulat
 
     # 1. the first run: exported, staged, simulated
     first = run_population(None, out, server=ServerSource(client, "group", group_id=group, max_wait=600),
-                           serial=True, draws=DRAWS, as_of=AS_OF)
+                           serial=True, draws=DRAWS, as_of=AS_OF, target=base_url)  # the CLI's --server is both
     assert sorted(simulated) == sorted(patients)
     assert first.lineage == {"simulated": PATIENTS, "carried_over": 0, "retired": 0} and first.failed == 0
     assert first.export is not None and first.export["exported_now"] is True
