@@ -531,7 +531,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     argv = ["--server", args.server, "--patients", str(args.patients), "--concurrency", str(args.concurrency),
-            "--cds-calls", str(args.cds_calls), *(["--json"] if args.json else []), *(["--keep"] if args.keep else [])]
+            "--cds-calls", str(args.cds_calls), "--population", str(args.population),
+            *(["--population-scale", args.population_scale] if args.population_scale else []),
+            *(["--json"] if args.json else []), *(["--keep"] if args.keep else [])]
     return int(module.main(argv))
 
 
@@ -930,6 +932,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--patients", type=positive_int, default=40, help="patients in the throughput runs (default 40)")
     bench.add_argument("--concurrency", type=positive_int, default=2, help="workers on both sides (default 2)")
     bench.add_argument("--cds-calls", type=positive_int, default=50, help="timed CDS Hooks calls (default 50)")
+    bench.add_argument("--population", type=int, default=1000, help="generated patients in the offline population "
+                       "measurement (default 1000; 0 skips it)")
+    bench.add_argument("--population-scale", default="", metavar="SMALL,LARGE", help="two panel sizes for the "
+                       "population memory ratio, e.g. 10000,100000 (about an hour on two cores; default: not measured)")
     bench.add_argument("--keep", action="store_true", help="keep the patient copies the benchmark makes")
     bench.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     bench.set_defaults(func=cmd_bench)
