@@ -361,7 +361,7 @@ class _Sender:
                 sent = self.engine.transact(bundle, group, "population write")
             except EngineError as exc:
                 status = getattr(exc, "upstream_status", None)
-                if status in (401, 403):
+                if _refused_access(exc):
                     raise PopulationWriteError(f"the FHIR server refused access: {exc}") from exc
                 if status in CONTENT_REFUSALS:
                     if not group:
@@ -431,6 +431,8 @@ class _Sender:
                     self.engine.source.update(update)
             except FhirError as exc:
                 error: EngineError = upstream_error(exc, "versioning the Provenance targets")
+                if _refused_access(error):  # as for the transaction: stop the write
+                    raise PopulationWriteError(f"the FHIR server refused access: {error}") from exc
                 outcome.state, outcome.error = FAILED, str(error)
         return outcome
 
@@ -576,6 +578,13 @@ def write_population(
     report.transactions, report.retries, report.splits = sender.transactions, sender.retries_used, sender.splits
     report.seconds = time.monotonic() - started
     return report
+
+
+def _refused_access(error: Exception) -> bool:
+    """401/403 from the server (credentials or scopes): the write stops, nothing is retried or marked failed."""
+    from fhirtwin.engine import UpstreamUnauthorized
+
+    return isinstance(error, UpstreamUnauthorized) or getattr(error, "upstream_status", None) in (401, 403)
 
 
 def _retired_patients(out: Path, run_id: str) -> list[str]:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fhirtwin.cli import main
-from fhirtwin.fhir.errors import FhirThrottled, FhirTimeout, FhirTransactionError
+from fhirtwin.fhir.errors import FhirThrottled, FhirTimeout, FhirTransactionError, FhirUnauthorized
 from fhirtwin.population.generate import write_cohort_ndjson
 from fhirtwin.population.run import LEDGER_FILE, run_population
 from fhirtwin.population.writeback import (
@@ -126,6 +126,8 @@ class FakeClient:
                 raise FhirTransactionError("transaction rejected", status=429) from exc
         if when == "unavailable":
             raise FhirTransactionError("transaction rejected", status=503)
+        if when == "unauthorized":
+            raise FhirUnauthorized("forbidden", method="POST", url=self.base_url, status=403)
         response = self.server.commit(bundle)
         if when == "lose":
             raise FhirTimeout("ReadTimeout after 5 attempt(s)", method="POST", url=self.base_url)
@@ -324,6 +326,21 @@ def test_an_unavailable_server_stops_the_write_and_a_later_one_resumes(run: tupl
     report = write(out, run_id, FakeClient(server), bundle_size=3)
     assert report.already_written == 3 and report.written == len(planned(out, run_id)) - 3
     assert all(count == 1 for count in server.creates.values())
+
+
+def test_refused_access_stops_the_write_at_once_and_marks_nobody_failed(run: tuple[Path, str]) -> None:
+    """A 403 (the token's scopes do not cover the write) is not an outage: no retry, no backoff, no patient
+    marked failed; the next call (with credentials that do) resumes."""
+    out, run_id = run
+    server = FakeServer()
+    sleeps: list[float] = []
+    client = FakeClient(server, lambda _, n: "unauthorized" if n == 2 else None)
+    with pytest.raises(PopulationWriteError, match="refused access"):
+        write(out, run_id, client, bundle_size=3, writers=1, retries=2, sleeps=sleeps)
+    assert client.calls == 2 and sleeps == []
+    assert not [pid for pid, (state, _) in ledger_rows(out, run_id).items() if state == "failed"]
+    report = write(out, run_id, FakeClient(server), bundle_size=3)
+    assert report.failed == 0 and report.written == len(planned(out, run_id))
 
 
 def test_a_lost_response_is_confirmed_on_the_server(run: tuple[Path, str]) -> None:
