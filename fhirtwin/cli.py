@@ -681,7 +681,7 @@ def cmd_population_run(args: argparse.Namespace) -> int:
 
     from fhirtwin.population.run import LEDGER_FILE, ServerSource, run_population
 
-    exporting = args.group is not None or args.patients_level or args.since is not None
+    exporting = args.group is not None or args.patients_level or args.since is not None or args.by_search
     if args.source is not None and exporting:
         raise CliError("--group, --patients-level and --since choose what to export; they go without SOURCE")
     if args.source is None and args.resume is None and args.server is None:
@@ -690,7 +690,7 @@ def cmd_population_run(args: argparse.Namespace) -> int:
     server = None
     if args.source is None and args.server is not None:
         level = "group" if args.group else "patient" if args.patients_level else "system"
-        server = ServerSource(_client(args), level, group_id=args.group, since=args.since,
+        server = ServerSource(_client(args), level, group_id=args.group, since=args.since, by_search=args.by_search,
                               max_wait=args.max_wait)
     with tqdm(unit="partition", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
         report = run_population(args.source, args.out, scheduler=args.scheduler, workers=args.workers,
@@ -1027,6 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "resources changed after this FHIR instant (an --incremental-from run finds it itself)")
     prun.add_argument("--max-wait", type=float, default=4 * 3600.0, help="seconds to wait for the server's export "
                       "before cancelling it (default 14400)")
+    prun.add_argument("--by-search", action="store_true", help="with --server and no SOURCE: read the population "
+                      "by FHIR search instead of Bulk $export (a server without Bulk Data; into OUT/search/)")
     prun.add_argument("--incremental-from", default=None, metavar="RUN_ID", help="an earlier run in OUT: keep its "
                       "settings, simulate only patients whose input changed or who are new, carry the others' "
                       "rows and bundles over, retire patients no longer there (listed in runs/RUN_ID/retired.ndjson); "

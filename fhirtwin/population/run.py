@@ -848,6 +848,10 @@ class ServerSource:
 
     ``level`` is ``system``, ``patient`` or ``group`` (with ``group_id``); ``since`` makes a first run's
     export incremental (an incremental run takes its ``_since`` from the earlier run's export instead).
+    ``by_search`` is the fallback for a server without Bulk Data: the population's ids (the Group's members,
+    or every Patient) and then each patient's whole record are read by FHIR search into an NDJSON folder
+    (``OUT/search/<time>``), and the run is a folder run on it (an incremental run then compares every
+    patient's input hash; ``since`` does not apply).
     """
 
     client: FhirClient
@@ -855,6 +859,31 @@ class ServerSource:
     group_id: str | None = None
     since: str | None = None
     max_wait: float = 4 * 3600.0
+    by_search: bool = False
+
+
+SEARCH_DIR = "search"
+
+
+def read_by_search(server: ServerSource, out: Path) -> Path:
+    """The population's whole records read by FHIR search into a new NDJSON folder under ``out/search``."""
+    from fhirtwin.population.bulk import read_whole_records
+
+    if server.since is not None:
+        raise PopulationRunError("--since needs a Bulk export; a population read by search is read whole")
+    client = server.client
+    if server.level == "group":
+        if not server.group_id:
+            raise PopulationRunError("a group population needs the Group's id")
+        ids = sorted(_group_members(client, server.group_id))
+    else:
+        ids = sorted({str(r["id"]) for r in client.search_all("Patient", {"_elements": "id", "_count": 500})
+                      if isinstance(r.get("id"), str)})
+    folder = out / SEARCH_DIR / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    read = read_whole_records(client, ids, folder)
+    if not read.found:
+        raise PopulationRunError("the server returned no patient of the population")
+    return folder
 
 
 def is_staged(folder: str | os.PathLike[str]) -> bool:
@@ -911,6 +940,8 @@ def run_population(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
+    if resume is None and server is not None and server.by_search:
+        source, server = read_by_search(server, out), None  # then a folder run like any other
     with Ledger(out / LEDGER_FILE) as ledger:
         if resume is not None:
             run = _resumed(ledger, out, resume, draws=draws, as_of=as_of, target=target, purpose=purpose,

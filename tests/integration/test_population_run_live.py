@@ -212,3 +212,48 @@ def test_server_runs_resume_without_exporting_again_and_incremental_runs_simulat
     assert report["lineage"] == {"simulated": 0, "carried_over": PATIENTS - 1, "retired": 0}
     assert third.export is not None and report["export"]["since"] == third.export["transaction_time"]
     assert simulated == []
+
+
+def _outputs(out: Path, run_id: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Summary rows and bundles (signature values dropped: ECDSA differs per signing) by patient."""
+    import pyarrow.parquet as pq
+
+    rows = {r["patient_id"]: r for path in (out / "runs" / run_id / "summaries").glob("*.parquet")
+            for r in pq.read_table(path).to_pylist()}
+    bundles: dict[str, dict[str, Any]] = {}
+    for path in (out / "runs" / run_id / "bundles").glob("*.ndjson"):
+        for line in path.read_text("utf-8").splitlines():
+            bundle = json.loads(line)
+            for entry in bundle["entry"]:
+                for signature in entry["resource"].get("signature", []):
+                    signature.pop("data")
+            subject = next(e["resource"]["subject"]["reference"] for e in bundle["entry"]
+                           if "subject" in e["resource"])
+            bundles[subject.split("/")[1]] = bundle
+    return rows, bundles
+
+
+def test_a_server_without_bulk_data_is_read_by_search_and_gives_the_export_runs_results(
+        population: dict[str, Any], base_url: str, tmp_path: Path) -> None:
+    """The search fallback sends no $export, reads the Group's members' whole records, and the run's numbers,
+    statuses and bundles are those of the run from the Bulk export of the same Group."""
+    from datetime import UTC, datetime
+
+    group, recorded = population["group"], datetime(2026, 7, 1, 8, 0, tzinfo=UTC)
+    exported = run_population(None, tmp_path / "by-export", serial=True, draws=DRAWS, as_of=AS_OF, target=base_url,
+                              recorded=recorded, server=ServerSource(population["client"], "group", group_id=group,
+                                                                     max_wait=600))
+    searching = FhirClient(base_url)
+    requests_seen = ExportRequests(searching)
+    searched = run_population(None, tmp_path / "by-search", serial=True, draws=DRAWS, as_of=AS_OF, target=base_url,
+                              recorded=recorded, server=ServerSource(searching, "group", group_id=group,
+                                                                     by_search=True))
+    assert requests_seen.kickoffs == 0 and searched.export is None
+    assert [p.name for p in (tmp_path / "by-search" / "search").iterdir()]  # the records read, kept for resume
+    rows_e, bundles_e = _outputs(tmp_path / "by-export", exported.run_id)
+    rows_s, bundles_s = _outputs(tmp_path / "by-search", searched.run_id)
+    assert sorted(rows_s) == sorted(rows_e) and len(rows_s) >= 3
+    numbers = [k for k in rows_e[next(iter(rows_e))] if k not in ("input_hash",)]
+    for pid, row in rows_e.items():
+        assert {k: rows_s[pid][k] for k in numbers} == {k: row[k] for k in numbers}, pid
+    assert bundles_s == bundles_e and bundles_e
