@@ -1,0 +1,54 @@
+"""The component governance rule on predictions whose calibration is known by construction.
+
+Events are drawn from known risks; a "component" that inflates one subgroup's predictions must be found to
+worsen that subgroup and be off by default, and one that leaves predictions calibrated must stay on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fhirtwin.validation.calibration import score
+from fhirtwin.validation.events import HORIZONS, OUTCOMES
+from fhirtwin.validation.governance import verdict
+
+
+def _cohort(n: int = 6000, seed: int = 7) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                   dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    attributes = {
+        "sex": np.where(rng.random(n) < 0.5, "female", "male"),
+        "race": np.where(rng.random(n) < 0.2, "black", "white"),
+        "age": rng.uniform(40, 79, n),
+        "egfr_recorded": rng.uniform(20, 110, n),
+        "diabetes": (rng.random(n) < 0.2).astype(float),
+    }
+    truth, observed = {}, {}
+    for outcome in OUTCOMES:
+        five = np.clip(rng.beta(2, 18, n), 0.002, 0.6)
+        risk = np.column_stack([five, np.clip(1.9 * five, 0, 0.9)])
+        u = rng.random(n)
+        truth[outcome] = risk
+        observed[outcome] = np.column_stack([(u < risk[:, j]).astype(float) for j in range(len(HORIZONS))])
+    return truth, observed, attributes
+
+
+def test_inflating_one_subgroup_is_found_and_turns_the_component_off() -> None:
+    truth, observed, attributes = _cohort()
+    without = score(truth, observed, truth, attributes)
+    female = attributes["sex"] == "female"
+    inflated = {o: np.where(female[:, None], np.clip(1.7 * p, 0, 1), p) for o, p in truth.items()}
+    result = verdict("inflate-women", without, score(inflated, observed, truth, attributes), int(female.sum()))
+    assert not result.default_on
+    assert {(w.dimension, w.level) for w in result.worsened} >= {("sex", "female")}
+    assert all(w.level != "male" for w in result.worsened)
+    assert result.flags_with > result.flags_without
+
+
+def test_a_calibrated_change_stays_on() -> None:
+    truth, observed, attributes = _cohort()
+    without = score(truth, observed, truth, attributes)
+    nudged = {o: np.clip(p * 1.03, 0, 1) for o, p in truth.items()}
+    result = verdict("nudge", without, score(nudged, observed, truth, attributes), len(attributes["age"]))
+    assert result.default_on, [w.text() for w in result.worsened]
+    assert result.to_json()["default_on"] is True
