@@ -26,3 +26,8 @@ def dynamics_parameters() -> dict[str, Any]:
 def intervention_parameters() -> dict[str, Any]:
     """Effect sizes with CIs and citations (``interventions.json``)."""
     return load("interventions.json")
+
+
+def modifier_parameters() -> dict[str, Any]:
+    """Marker effects beyond the anchor, with CIs, adjustment and citations (``modifiers.json``)."""
+    return load("modifiers.json")

@@ -10,7 +10,7 @@ All arrays are (draws, ...) and nothing loops over draws.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from fhirtwin.sim._params import intervention_parameters
 from fhirtwin.sim.calibration import LinearPosterior
 from fhirtwin.sim.inputs import HISTORY_VARIABLES, PatientInputs
 from fhirtwin.sim.interventions import ldl_lowering_draws, lognormal_draws
+from fhirtwin.sim.modifiers import active_modifiers, draw_effect, parameter_names
 
 RATIO_NAMES = (
     "ldl_major_vascular_rr_per_mmol_l",
@@ -43,7 +44,8 @@ class ParameterDraws:
     pairs (draws, years, 2) driving each biomarker's integrated-OU deviation; ``ratios``: effect sizes;
     ``ldl_lowering``: fractional LDL-C lowering per statin intensity and non-statin drug;
     ``uacr_quantile``: which quantile of the imputed UACR distribution a draw uses (when unmeasured);
-    ``quit_probability``: sustained abstinence after a quit attempt.
+    ``quit_probability``: sustained abstinence after a quit attempt; ``modifiers``: the hazard ratios of
+    the patient's acting markers (``modifier:component``), empty without any.
     """
 
     n: int
@@ -56,6 +58,7 @@ class ParameterDraws:
     sbp_drop_mm_hg: np.ndarray
     uacr_quantile: np.ndarray
     quit_probability: np.ndarray
+    modifiers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def draw_parameters(
@@ -91,7 +94,9 @@ def draw_parameters(
     quantile = rng["uacr_quantile"].integers(0, uacr_quantiles, n)
     lo, hi = params["smoking_quit_probability"]["interval"]
     quit = rng["quit_probability"].uniform(lo, hi, n)
-    return ParameterDraws(n, seed, years, level_slope, innovations, ratios, lowering, drop, quantile, quit)
+    used = dict.fromkeys(e.parameter for m in active_modifiers(inputs) for e in m.effects)
+    modifiers = {name: draw_effect(name, rng[f"modifier:{name}"], n) for name in used}
+    return ParameterDraws(n, seed, years, level_slope, innovations, ratios, lowering, drop, quantile, quit, modifiers)
 
 
 LDL_LOWERING_KINDS = ("low", "moderate", "high", *LIPID_DRUGS)
@@ -103,6 +108,7 @@ STREAM_NAMES = (
     "sbp_drop",
     "uacr_quantile",
     "quit_probability",
+    *(f"modifier:{name}" for name in parameter_names()),
 )
 
 

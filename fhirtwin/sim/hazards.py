@@ -37,6 +37,7 @@ from fhirtwin.sim.ensemble import ParameterDraws
 from fhirtwin.sim.equations import EquationInputError, kfre_risk, method_of, prevent_risk
 from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.interventions import Scenario
+from fhirtwin.sim.modifiers import ActiveModifier, active_modifiers, component_multipliers, method_entry
 
 OUTCOMES = ("ascvd", "total_cvd", "heart_failure", "kidney_failure", "death")
 CVD_OUTCOMES = ("ascvd", "total_cvd", "heart_failure")
@@ -52,7 +53,13 @@ UACR_QUANTILES = 16
 
 
 def prevent_model_for(inputs: PatientInputs) -> str:
-    """PREVENT model chosen from the optional inputs available (as preventr does)."""
+    """PREVENT model chosen from the optional inputs available (as preventr does).
+
+    With an SDI decile: the SDI model, or the full model when UACR or HbA1c is also measured (the full
+    model's missing-value terms then stand for the one not measured, as the paper specifies).
+    """
+    if inputs.sdi_decile is not None:
+        return "full" if inputs.uacr_mg_g is not None or inputs.hba1c_percent is not None else "sdi"
     if inputs.uacr_mg_g is not None and inputs.hba1c_percent is not None:
         return "full"
     if inputs.uacr_mg_g is not None:
@@ -81,6 +88,8 @@ def prevent_kwargs(inputs: PatientInputs, model: str) -> dict[str, Any]:
         kw["uacr_mg_g"] = inputs.uacr_mg_g
     if model in ("hba1c", "full"):
         kw["hba1c_percent"] = inputs.hba1c_percent
+    if model in ("sdi", "full") and inputs.sdi_decile is not None:
+        kw["sdi_decile"] = inputs.sdi_decile
     return kw
 
 
@@ -152,7 +161,8 @@ class Anchors:
     ``death_all``/``death_non_cvd`` (months,); ``published`` the published risks the hazards reproduce;
     ``never_smoker_ratio`` (months,) the anchored hazard of the same patient as a non-smoker over theirs
     (1 for non-smokers), the floor of any cessation benefit; ``extrapolated`` what goes beyond an
-    equation's validated range or horizon.
+    equation's validated range or horizon; ``modifiers`` the markers beyond PREVENT that act for this
+    patient (``fhirtwin.sim.modifiers``), empty without any.
     """
 
     prevent_model: str
@@ -166,6 +176,7 @@ class Anchors:
     logit: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     caveats: tuple[str, ...] = field(default=())
     extrapolated: tuple[str, ...] = field(default=())
+    modifiers: tuple[ActiveModifier, ...] = field(default=())
 
 
 def _prevent_at(inputs: PatientInputs, outcome: str, horizon: int, ages: np.ndarray, **change: Any) -> np.ndarray:
@@ -343,8 +354,11 @@ def compute_anchors(inputs: PatientInputs) -> Anchors:
                       "deviations from that path and trial effects multiply them"),
     }
     logit = {outcome: logit_curves(inputs, outcome) for outcome in CVD_OUTCOMES}
+    modifiers = active_modifiers(inputs)
+    if modifiers:
+        method["modifiers"] = method_entry(modifiers)
     return Anchors(model, cvd, kidney, death_all, death_non_cvd, published, never, method, logit,
-                   tuple(caveats), tuple(dict.fromkeys(extrapolated)))
+                   tuple(caveats), tuple(dict.fromkeys(extrapolated)), modifiers)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,9 +508,14 @@ def hazard_paths(
 
     c = coronary_share()
     coronary = coronary_multiplier(inputs, ratios)[:, None]
-    m_ascvd = np.exp(log_ldl) * (c * coronary * per_10("sbp_coronary_rr_per_10_mm_hg")
-                                 + (1 - c) * per_10("sbp_stroke_rr_per_10_mm_hg"))
+    stroke = per_10("sbp_stroke_rr_per_10_mm_hg")
     m_hf = per_10("sbp_heart_failure_rr_per_10_mm_hg")
+    if anchors.modifiers:  # markers beyond PREVENT, each on its component (none: this block is skipped)
+        marker = component_multipliers(anchors.modifiers, draws.modifiers, draws.n)
+        coronary = coronary * marker.get("coronary", np.ones(draws.n))[:, None]
+        stroke = stroke * marker.get("stroke", np.ones(draws.n))[:, None]
+        m_hf = m_hf * marker.get("heart_failure", np.ones(draws.n))[:, None]
+    m_ascvd = np.exp(log_ldl) * (c * coronary * per_10("sbp_coronary_rr_per_10_mm_hg") + (1 - c) * stroke)
     if scenario.has("sglt2i") is not None:
         m_hf = m_hf * ratios["sglt2i_heart_failure_rr"][:, None]
     h_ascvd, h_hf = anchors.cvd["ascvd"][:m], anchors.cvd["heart_failure"][:m]

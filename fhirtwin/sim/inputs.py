@@ -48,7 +48,9 @@ class PatientInputs:
 
     Histories are arrays of shape (n, 2): column 0 = time in years (<= 0), column 1 = value. Treatment
     start times (years, <= 0) let calibration ignore measurements taken before the current regimen.
-    Genomic fields are None when untested (no effect is applied, and the model card says so).
+    Genomic fields are None when untested (no effect is applied, and the model card says so). The marker,
+    behavioural and environmental fields after ``defaults_used`` (Lp(a), hsCRP, CAC, NT-proBNP, LVEF,
+    activity, PM2.5, SDI decile) are None when not recorded; ``fhirtwin.sim.modifiers`` says which act.
     """
 
     patient_id: str
@@ -94,6 +96,16 @@ class PatientInputs:
     history_bmi_kg_m2: np.ndarray = field(default_factory=_empty)
     sources: tuple[str, ...] = ()
     defaults_used: tuple[str, ...] = ()
+    lpa_nmol_l: float | None = None
+    lpa_mg_dl: float | None = None
+    hscrp_mg_l: float | None = None
+    cac_agatston: float | None = None
+    nt_probnp_pg_ml: float | None = None
+    lvef_percent: float | None = None
+    exercise_min_per_week: float | None = None
+    steps_per_day: float | None = None
+    pm25_ug_m3: float | None = None
+    sdi_decile: int | None = None
 
     def __post_init__(self) -> None:
         if self.sex not in ("female", "male"):
@@ -458,6 +470,7 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
     prior_mi = reader.flag("prior_mi", _PROBLEM_CONVENTION)
     prior_stroke = reader.flag("prior_stroke", _PROBLEM_CONVENTION)
     stroke_or_tia = bool(prior_stroke) or any(_recorded(state, v, as_of) for v in STROKE_OR_TIA_VARIABLES[1:])
+    markers = _markers(reader)
 
     return PatientInputs(
         patient_id=pid,
@@ -503,7 +516,24 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         history_bmi_kg_m2=reader.series("bmi_kg_m2"),
         sources=tuple(sorted(reader.sources)),
         defaults_used=tuple(reader.defaults),
+        **markers,
     )
+
+
+#: Optional marker, behavioural and environmental variables read as the latest value (no default, no guess).
+MARKER_VARIABLES = ("lpa_nmol_l", "lpa_mg_dl", "hscrp_mg_l", "cac_agatston", "nt_probnp_pg_ml", "lvef_percent",
+                    "exercise_min_per_week", "steps_per_day", "pm25_ug_m3", "sdi_decile")
+
+
+def _markers(reader: _Reader) -> dict[str, Any]:
+    """The latest recorded value of each marker variable (None when absent); the SDI decile as an integer."""
+    out: dict[str, Any] = {name: reader.number(name, required=False) for name in MARKER_VARIABLES}
+    if out["sdi_decile"] is not None:
+        decile = int(round(out["sdi_decile"]))
+        if not 1 <= decile <= 10:
+            reader.defaults.append(f"SDI decile {out['sdi_decile']:g} is not a decile 1-10: not used")
+        out["sdi_decile"] = decile if 1 <= decile <= 10 else None
+    return out
 
 
 def medication_safety_inputs(state: TwinState, as_of: date | datetime | None = None) -> MedicationSafetyInputs:

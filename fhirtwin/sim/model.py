@@ -34,6 +34,7 @@ from fhirtwin.sim.hazards import (
 )
 from fhirtwin.sim.inputs import PatientInputs, inputs_from_state
 from fhirtwin.sim.interventions import BASELINE, Scenario
+from fhirtwin.sim.modifiers import ascvd_risk_with, modifier_caveats
 
 if TYPE_CHECKING:
     from fhirtwin.twin import TwinState
@@ -48,7 +49,12 @@ class NotFittedError(RuntimeError):
 
 @dataclass(frozen=True)
 class Driver:
-    """A main contributor to the baseline risk: the 10-year risk now and with the factor at a reference."""
+    """A main contributor to the baseline risk: the 10-year risk now and with the factor at a reference.
+
+    ``scale`` is the biological scale of the factor (molecular ... environmental, as in the twin's
+    variable registry), so a front door can show what each scale contributed. A marker beyond PREVENT
+    may lower the risk (coronary calcium 0): its contribution is then negative.
+    """
 
     factor: str
     outcome: str
@@ -56,6 +62,7 @@ class Driver:
     reference: str
     risk: float
     risk_at_reference: float
+    scale: str = "clinical"
 
     @property
     def contribution(self) -> float:
@@ -220,6 +227,9 @@ _DRIVER_REFERENCES = (
     ("egfr_ml_min_1_73m2", "eGFR", 90.0, "90 mL/min/1.73m2"),
     ("bmi_kg_m2", "BMI", 25.0, "25 kg/m2"),
 )
+#: Scale of each PREVENT driver, as its variable's scale in the twin's registry (twin/variables.json).
+_DRIVER_SCALES = {"SBP": "organ", "eGFR": "organ", "BMI": "clinical", "non-HDL cholesterol": "tissue",
+                  "current smoking": "behavioral", "diabetes": "clinical"}
 
 
 def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ...]:
@@ -251,7 +261,7 @@ def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ..
         risks = np.atleast_1d(prevent_risk(outcome=outcome, horizon_years=10, age_years=age, clip=True,
                                            **{**kw, **columns}))
         now = float(risks[0])
-        out += [Driver(label, outcome, shown, ref_text, now, float(risk))
+        out += [Driver(label, outcome, shown, ref_text, now, float(risk), _DRIVER_SCALES[label])
                 for (label, shown, ref_text, _), risk in zip(asked, risks[1:], strict=True)]
     ascvd = anchors.published["prevent_10y_ascvd"]
     point = {name: np.array([float(spec["value"])]) for name, spec in intervention_parameters()["ratios"].items()}
@@ -262,13 +272,35 @@ def compute_drivers(inputs: PatientInputs, anchors: Anchors) -> tuple[Driver, ..
 
     if inputs.fh_variant:
         hr = float(point["fh_variant_cad_or_at_same_ldl"][0])
-        out.append(Driver("FH variant", "ascvd", "carrier", "non-carrier", with_coronary(hr), ascvd))
+        out.append(Driver("FH variant", "ascvd", "carrier", "non-carrier", with_coronary(hr), ascvd, "molecular"))
     if inputs.cad_prs_z is not None and inputs.cad_prs_z > 0:
         hr = float(point["cad_prs_hr_per_sd"][0]) ** inputs.cad_prs_z
         out.append(Driver("CAD polygenic score", "ascvd", f"z = {inputs.cad_prs_z:+.2f}", "z = 0",
-                          with_coronary(hr), ascvd))
+                          with_coronary(hr), ascvd, "molecular"))
     out = [d for d in out if d.contribution > 0.001]
-    return tuple(sorted(out, key=lambda d: -d.contribution))
+    markers = [d for d in _marker_drivers(inputs, anchors, kw, age) if abs(d.contribution) > 0.001]
+    return tuple(sorted(out + markers, key=lambda d: -d.contribution))
+
+
+def _marker_drivers(inputs: PatientInputs, anchors: Anchors, kw: dict[str, Any], age: float) -> list[Driver]:
+    """One driver per acting marker beyond PREVENT (risk with it vs at its reference), and area deprivation."""
+    ascvd = anchors.published["prevent_10y_ascvd"]
+    share = coronary_share()
+    out = []
+    for m in anchors.modifiers:
+        risk = ascvd_risk_with(ascvd, float(np.exp(m.point_log("coronary"))), float(np.exp(m.point_log("stroke"))),
+                               share)
+        out.append(Driver(m.label, "ascvd", m.shown, m.reference, risk, ascvd, m.scale))
+        if "heart_failure" in m.components:
+            hf = anchors.published["prevent_10y_heart_failure"]
+            out.append(Driver(m.label, "heart_failure", m.shown, m.reference,
+                              float(1 - (1 - hf) ** np.exp(m.point_log("heart_failure"))), hf, m.scale))
+    if "sdi_decile" in kw:  # PREVENT's own SDI term: the same model at the least-deprived deciles (1-3)
+        now, ref = np.atleast_1d(prevent_risk(outcome="total_cvd", horizon_years=10, age_years=age, clip=True,
+                                              **{**kw, "sdi_decile": np.array([kw["sdi_decile"], 1])}))
+        out.append(Driver("area deprivation (SDI)", "total_cvd", f"decile {kw['sdi_decile']}", "deciles 1-3",
+                          float(now), float(ref), "environmental"))
+    return out
 
 
 @register_model
@@ -320,6 +352,7 @@ class MechanisticTwin(TwinModel):
         if inputs.cad_prs_z is not None:
             caveats.append("CAD polygenic score: risk-factor-adjusted hazard ratio from a European-ancestry cohort; "
                            "its effect is smaller in other ancestries")
+        caveats.extend(modifier_caveats(inputs, anchors.modifiers))
         method = {
             **anchors.method,
             "engine": f"{self.name} {self.version}",

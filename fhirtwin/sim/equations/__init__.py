@@ -1,4 +1,4 @@
-"""Validated published risk equations: PCE 2013, AHA PREVENT, CKD-EPI 2021 and Tangri KFRE.
+"""Validated published risk equations: PCE 2013, AHA PREVENT, CKD-EPI 2021, Tangri KFRE and MESA CHD 2015.
 
 Pure numpy and vectorised (inputs broadcast together), so ensembles can evaluate thousands of
 parameter draws at once. Coefficients live in the JSON files beside the code, each with its citation.
@@ -8,6 +8,7 @@ from ._methods import CKD_EPI_2021_METHOD, KFRE_METHOD, PCE_METHOD, PREVENT_METH
 from ._validation import EquationInputError, OutOfRangeError, UnknownCategoryError
 from .ckd_epi import egfr_ckd_epi_2021
 from .kfre import kfre_risk
+from .mesa import coronary_calcium_ratio, mesa_chd_10y
 from .pce import pce_ascvd_10y
 from .prevent import prevent_risk
 
@@ -19,8 +20,10 @@ __all__ = [
     "EquationInputError",
     "OutOfRangeError",
     "UnknownCategoryError",
+    "coronary_calcium_ratio",
     "egfr_ckd_epi_2021",
     "kfre_risk",
+    "mesa_chd_10y",
     "method_of",
     "pce_ascvd_10y",
     "prevent_risk",

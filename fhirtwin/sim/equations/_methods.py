@@ -12,6 +12,7 @@ _REGISTRY: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "prevent_risk": ("prevent_2024.json", "base", ("base", "uacr", "hba1c", "sdi", "full")),
     "egfr_ckd_epi_2021": ("ckd_epi_2021.json", "creatinine_2021", ("creatinine_2021",)),
     "kfre_risk": ("kfre.json", "4-variable", ("4-variable", "8-variable")),
+    "mesa_chd_10y": ("mesa_chd_2015.json", "with_cac", ("with_cac", "without_cac")),
 }
 VERSION = "1"
 

@@ -1,0 +1,217 @@
+"""Markers beyond PREVENT: each acts as a cited, risk-factor-adjusted hazard ratio on one hazard component.
+
+Why a separate layer: PREVENT (the anchor) already contains age, sex, lipids, blood pressure, diabetes,
+smoking, BMI, eGFR and (when measured) UACR and HbA1c, so a marker may add only what those do not
+explain. Every effect in ``modifiers.json`` is therefore an estimate adjusted for the conventional risk
+factors (or, for coronary calcium, the ratio of two MESA models fitted jointly), applied as a constant
+multiplier on the coronary, stroke or heart-failure component of the anchored cause-specific hazard,
+relative to a stated reference level. A patient without any of these markers gets no multiplier at all
+(the code path is skipped), so the forecast is the one made before markers existed. Area deprivation is
+not a multiplier: with an SDI decile the anchor itself becomes PREVENT's SDI model (``hazards``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fhirtwin.sim._params import modifier_parameters
+from fhirtwin.sim.equations import coronary_calcium_ratio
+from fhirtwin.sim.inputs import PatientInputs
+
+COMPONENTS = ("coronary", "stroke", "heart_failure")
+#: MESA's four race groups; the twin's race codes map to them, anything else uses the white reference.
+_MESA_RACE = {"white": "white", "black": "black", "african_american": "black", "hispanic": "hispanic"}
+_MESA_AGE = (45.0, 85.0)
+_Z95 = 1.959963984540054
+
+
+def modifier_table() -> dict[str, Any]:
+    """The effect table (``modifiers.json``): modifiers, the SDI anchor, and the markers that do not act."""
+    return modifier_parameters()
+
+
+def parameter_names() -> tuple[str, ...]:
+    """Every drawn effect as ``modifier:component``, in table order (the ensemble gives each its own stream)."""
+    return tuple(f"{name}:{effect['component']}" for name, spec in modifier_table()["modifiers"].items()
+                 for effect in spec.get("effects", ()))
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One drawn hazard ratio: ``ratio ** exposure`` multiplies ``component`` (exposure 0 at the reference)."""
+
+    parameter: str
+    component: str
+    value: float
+    ci95: tuple[float, float]
+    exposure: float
+
+    @property
+    def log_point(self) -> float:
+        """log multiplier at the point estimate."""
+        return self.exposure * math.log(self.value)
+
+
+@dataclass(frozen=True)
+class ActiveModifier:
+    """A modifier that acts for this patient: what is shown, its drawn effects and fixed log ratios."""
+
+    name: str
+    label: str
+    scale: str
+    shown: str
+    reference: str
+    effects: tuple[Effect, ...] = ()
+    fixed_log: tuple[tuple[str, float], ...] = ()
+    caveats: tuple[str, ...] = field(default=())
+
+    def point_log(self, component: str) -> float:
+        """log multiplier of one component at the point estimates (0 when it does not act on it)."""
+        drawn = sum(e.log_point for e in self.effects if e.component == component)
+        return drawn + sum(v for c, v in self.fixed_log if c == component)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components this modifier moves."""
+        return tuple(dict.fromkeys([e.component for e in self.effects] + [c for c, _ in self.fixed_log]))
+
+
+def draw_effect(parameter: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n draws of one effect: log-normal fitted to its published 95% CI (median = point estimate)."""
+    name, component = parameter.split(":")
+    spec = next(e for e in modifier_table()["modifiers"][name]["effects"] if e["component"] == component)
+    lo, hi = spec["ci95"]
+    sigma = (math.log(hi) - math.log(lo)) / (2 * _Z95)
+    draws: np.ndarray = np.exp(math.log(spec["value"]) + sigma * rng.standard_normal(n))
+    return draws
+
+
+def _log_linear(name: str, x: float, shown: str, caveats: tuple[str, ...] = ()) -> ActiveModifier:
+    spec = modifier_table()["modifiers"][name]
+    lo, hi = spec["clamp"]
+    held = min(max(x, lo), hi)
+    f = math.log if spec["transform"] == "log" else float
+    ref = float(spec["reference"])
+    effects = tuple(Effect(f"{name}:{e['component']}", e["component"], float(e["value"]),
+                           (float(e["ci95"][0]), float(e["ci95"][1])), (f(held) - f(ref)) / float(e["per"]))
+                    for e in spec["effects"])
+    notes = list(caveats)
+    if held != x:
+        notes.append(f"{spec['label']} {x:g} {spec['unit']} held at {held:g} for its effect ({spec['clamp_source']})")
+    return ActiveModifier(name, spec["label"], spec["scale"], shown, f"{ref:g} {spec['unit']}", effects, (),
+                          tuple(notes))
+
+
+def _lipoprotein_a(inputs: PatientInputs) -> ActiveModifier | None:
+    spec = modifier_table()["modifiers"]["lipoprotein_a"]
+    if inputs.lpa_nmol_l is not None:
+        return _log_linear("lipoprotein_a", inputs.lpa_nmol_l, f"{inputs.lpa_nmol_l:g} nmol/L")
+    if inputs.lpa_mg_dl is None:
+        return None
+    factor = float(spec["mass_unit"]["nmol_l_per_mg_dl"])
+    return _log_linear("lipoprotein_a", inputs.lpa_mg_dl * factor, f"{inputs.lpa_mg_dl:g} mg/dL",
+                       (spec["mass_unit"]["flag"],))
+
+
+def _hscrp(inputs: PatientInputs) -> tuple[ActiveModifier | None, tuple[str, ...]]:
+    if inputs.hscrp_mg_l is None:
+        return None, ()
+    spec = modifier_table()["modifiers"]["hscrp"]
+    if inputs.hscrp_mg_l > spec["not_used_above"]:
+        return None, (f"hsCRP {inputs.hscrp_mg_l:g} mg/L is above {spec['not_used_above']:g} mg/L (acute-phase "
+                      "range): not used for cardiovascular risk; repeat when well",)
+    return _log_linear("hscrp", inputs.hscrp_mg_l, f"{inputs.hscrp_mg_l:g} mg/L"), ()
+
+
+def mesa_race(race: str | None) -> tuple[str, str | None]:
+    """MESA race group for the twin's race code, and a caveat when it had to fall back to the reference."""
+    group = _MESA_RACE.get(race or "")
+    if group is not None:
+        return group, None
+    return "white", (f"coronary calcium: race {race or 'not recorded'} is not one of MESA's four groups; the "
+                     "white reference group's coefficients are used")
+
+
+def cac_log_ratio(inputs: PatientInputs) -> tuple[float, tuple[str, ...]]:
+    """ln(MESA-with-CAC / MESA-without-CAC 10-year cumulative hazard) at this patient's risk factors."""
+    assert inputs.cac_agatston is not None
+    race, race_note = mesa_race(inputs.race)
+    notes = [n for n in (race_note,) if n is not None]
+    notes.append("coronary calcium: family history of MI is not read and is taken as absent in both MESA models")
+    if not _MESA_AGE[0] <= inputs.age_years <= _MESA_AGE[1]:
+        notes.append(f"coronary calcium: age {inputs.age_years:.0f} outside MESA's 45-85; evaluated at the range limit")
+    ratio = coronary_calcium_ratio(
+        sex=inputs.sex, age_years=inputs.age_years, race=race, total_cholesterol_mg_dl=inputs.total_cholesterol_mg_dl,
+        hdl_cholesterol_mg_dl=inputs.hdl_cholesterol_mg_dl, systolic_bp_mm_hg=inputs.systolic_bp_mm_hg,
+        on_lipid_lowering=int(inputs.on_statin), on_bp_treatment=int(inputs.on_bp_treatment),
+        diabetes=int(inputs.diabetes), current_smoker=int(inputs.current_smoker), family_history_mi=0,
+        cac_agatston=inputs.cac_agatston, clip=True)
+    return math.log(float(ratio)), tuple(notes)
+
+
+def _coronary_calcium(inputs: PatientInputs) -> ActiveModifier | None:
+    if inputs.cac_agatston is None:
+        return None
+    spec = modifier_table()["modifiers"]["coronary_calcium"]
+    log_ratio, notes = cac_log_ratio(inputs)
+    return ActiveModifier("coronary_calcium", spec["label"], spec["scale"], f"{inputs.cac_agatston:g} (Agatston)",
+                          "not measured (MESA without CAC)", (), ((spec["component"], log_ratio),), notes)
+
+
+def active_modifiers(inputs: PatientInputs) -> tuple[ActiveModifier, ...]:
+    """The modifiers that act for this patient, in table order (empty without any marker)."""
+    found: list[ActiveModifier | None] = [_lipoprotein_a(inputs), _hscrp(inputs)[0], _coronary_calcium(inputs)]
+    if inputs.exercise_min_per_week is not None:
+        found.append(_log_linear("physical_activity", inputs.exercise_min_per_week,
+                                 f"{inputs.exercise_min_per_week:g} min/week"))
+    if inputs.pm25_ug_m3 is not None:
+        found.append(_log_linear("pm25", inputs.pm25_ug_m3, f"{inputs.pm25_ug_m3:g} ug/m3"))
+    return tuple(m for m in found if m is not None)
+
+
+def modifier_caveats(inputs: PatientInputs, active: tuple[ActiveModifier, ...]) -> tuple[str, ...]:
+    """What a reader must know about the markers used or read but not used (empty without any marker)."""
+    table = modifier_table()
+    notes: list[str] = [c for m in active for c in m.caveats]
+    notes += list(_hscrp(inputs)[1])
+    notes += [f"{m.label}: confidence {table['modifiers'][m.name]['confidence']} "
+              f"({table['modifiers'][m.name]['confidence_reason']})"
+              for m in active if table["modifiers"][m.name]["confidence"] == "C"]
+    for variable, spec in table["not_acting"].items():
+        if getattr(inputs, variable) is not None:
+            notes.append(f"{spec['label']}: {spec['reason']}")
+    return tuple(dict.fromkeys(notes))
+
+
+def component_multipliers(active: tuple[ActiveModifier, ...], draws: dict[str, np.ndarray], n: int
+                          ) -> dict[str, np.ndarray]:
+    """Hazard multiplier per draw (n,) of every component some active modifier moves."""
+    log_m: dict[str, np.ndarray] = {}
+    for m in active:
+        for e in m.effects:
+            log_m[e.component] = log_m.get(e.component, np.zeros(n)) + e.exposure * np.log(draws[e.parameter][:n])
+        for component, value in m.fixed_log:
+            log_m[component] = log_m.get(component, np.zeros(n)) + value
+    return {c: np.exp(v) for c, v in log_m.items()}
+
+
+def ascvd_risk_with(risk: float, coronary: float, stroke: float, share: float) -> float:
+    """10-year ASCVD risk when the coronary and stroke parts of its cumulative hazard are multiplied.
+
+    ``share`` is the coronary share of first ASCVD events; the cumulative hazard -ln(1 - risk) is the
+    scale on which hazard ratios multiply (as in the engine's coronary genomic drivers).
+    """
+    return float(1.0 - (1.0 - risk) ** (share * coronary + (1.0 - share) * stroke))
+
+
+def method_entry(active: tuple[ActiveModifier, ...]) -> dict[str, Any]:
+    """Which modifiers acted, with their citation and confidence (for the forecast's ``method``)."""
+    table = modifier_table()["modifiers"]
+    return {"data_file": "modifiers.json",
+            "acting": {m.name: {"scale": m.scale, "value": m.shown, "reference": m.reference,
+                                "components": list(m.components), "citation": table[m.name]["citation"],
+                                "confidence": table[m.name]["confidence"]} for m in active}}
