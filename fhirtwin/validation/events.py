@@ -52,7 +52,23 @@ The generator, step by step (every number below is an assumption of this generat
    death: heart disease (659,041) and stroke (150,005) were 28.3 % of the 2,854,838 US deaths in 2019
    (Xu JQ et al., Deaths: final data for 2019, NVSR 2021;70(8)). The engine uses a tabulated SSA life table,
    CKD-PC hazard ratios and a 69.6 % share instead.
-7. Sampling. Hazards are constant within each month, so event times are drawn exactly by inverse transform
+7. Markers (only with ``generate(..., markers=True)``; drawn from their own random stream, so the cohort
+   without markers is unchanged). Lp(a) nmol/L log-normal with the UK Biobank median 19.6 and IQR 7.6-74.8
+   (log-SD 1.70; Patel AP et al., ATVB 2021); hsCRP mg/L log-normal, median 2.0 (an assumption) and log-SD
+   ln 3 (one SD of log CRP is a three-fold difference, ERFC, Lancet 2010); coronary calcium zero with
+   probability 1 - p, p = logistic(-1.0 + 0.09 (age - 60) + 0.9 male + 0.4 diabetes + 0.4 smoker), else
+   log-normal with mean log 3.5 + 0.04 (age - 60) and log-SD 1.4 (assumptions shaped like MESA's age and sex
+   gradients); PM2.5 uniform 4-16 ug/m3; activity 0 min/week for 30 %, else log-normal median 150, log-SD
+   0.8 (assumptions). The TRUE effects, written here and not read from the engine's tables: Lp(a) HR 1.11
+   per 50 nmol/L on ASCVD (Patel 2021); hsCRP log-HR 0.2865 per log unit (1.37 per three-fold, ERFC) on a
+   coronary share of 0.6 of the ASCVD hazard and 0.2175 (1.27 per three-fold) on the rest; coronary calcium
+   log-HR 0.2743 per ln(CAC + 1) on the coronary share (the MESA with-CAC coefficient, McClelland 2015);
+   activity RR 0.83 from 0 to 150 min/week, none above (Wahid A et al., JAHA 2016); PM2.5 NULL (no effect:
+   the case where a marker the engine uses adds nothing). Each multiplier is divided by its mean (exact for
+   the log-normal and calcium terms given the patient's risk factors, the cohort mean otherwise), so
+   PREVENT stays the average truth; the ASCVD hazard is multiplied and the extra (or missing) ASCVD hazard
+   is added to total CVD. The engine sees the true marker values.
+8. Sampling. Hazards are constant within each month, so event times are drawn exactly by inverse transform
    of the cumulative hazards. One uniform is shared by the three CVD outcomes (comonotone: a patient with
    an early ASCVD event tends to have an early total-CVD event), non-CVD death competes with them, and
    death from any cause (non-CVD or a separate CVD-death draw) competes with kidney failure. Each outcome
@@ -62,6 +78,7 @@ The generator, step by step (every number below is an assumption of this generat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,8 +300,54 @@ def _inputs(pop: dict[str, np.ndarray], hist: dict[str, np.ndarray], i: int, rng
     )
 
 
-def generate(n: int, seed: int = 0) -> EventCohort:
-    """``n`` virtual patients with histories, true risks and sampled events (module docstring)."""
+#: Step 7: the markers' true effects (this generator's own statement of them, with the sources in the docstring).
+LPA_LOG_HR_PER_NMOL_L = math.log(1.11) / 50.0
+CRP_LOG_HR_PER_LOG_UNIT = {"coronary": math.log(1.37) / math.log(3.0), "stroke": math.log(1.27) / math.log(3.0)}
+CAC_LOG_HR_PER_LOG_UNIT = 0.2743
+ACTIVITY_RR_0_TO_150 = 0.83
+PM25_LOG_HR_PER_UG_M3 = 0.0
+CORONARY_SHARE = 0.6
+
+
+def _markers(pop: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """True marker values (engine field names) and their joint multiplier of the ASCVD hazard (step 7)."""
+    n = pop["age"].size
+    lpa = np.minimum(19.6 * np.exp(rng.normal(0.0, 1.70, n)), 1000.0)
+    crp_mu, crp_sd = math.log(2.0), math.log(3.0)
+    crp = np.exp(rng.normal(crp_mu, crp_sd, n))
+    logit = -1.0 + 0.09 * (pop["age"] - 60.0) + 0.9 * ~pop["female"] + 0.4 * pop["diabetes"] + 0.4 * pop["smoker"]
+    p_cac = 1.0 / (1.0 + np.exp(-logit))
+    cac_mu, cac_sd = 3.5 + 0.04 * (pop["age"] - 60.0), 1.4
+    has_cac = rng.random(n) < p_cac
+    cac = np.where(has_cac, np.exp(rng.normal(cac_mu, cac_sd)), 0.0)
+    pm25 = rng.uniform(4.0, 16.0, n)
+    exercise = np.where(rng.random(n) < 0.3, 0.0, np.minimum(150.0 * np.exp(rng.normal(0.0, 0.8, n)), 1500.0))
+
+    def lognormal_mean(beta: float, mu: Any, sd: float) -> Any:
+        return np.exp(beta * mu + 0.5 * (beta * sd) ** 2)  # E[x ** beta] of a log-normal x
+
+    lpa_m = np.exp(LPA_LOG_HR_PER_NMOL_L * lpa)
+    lpa_m /= lpa_m.mean()
+    crp_part = {part: crp**beta / lognormal_mean(beta, crp_mu, crp_sd)
+                for part, beta in CRP_LOG_HR_PER_LOG_UNIT.items()}
+    b = CAC_LOG_HR_PER_LOG_UNIT
+    cac_m = np.exp(b * np.log1p(cac)) / ((1.0 - p_cac) + p_cac * lognormal_mean(b, cac_mu, cac_sd))
+    act_m = ACTIVITY_RR_0_TO_150 ** (np.minimum(exercise, 150.0) / 150.0)
+    act_m /= act_m.mean()
+    pm_m = np.exp(PM25_LOG_HR_PER_UG_M3 * pm25)
+    coronary = CORONARY_SHARE * crp_part["coronary"] * cac_m
+    multiplier = lpa_m * act_m * pm_m * (coronary + (1.0 - CORONARY_SHARE) * crp_part["stroke"])
+    values = {"lpa_nmol_l": lpa, "hscrp_mg_l": crp, "cac_agatston": cac, "pm25_ug_m3": pm25,
+              "exercise_min_per_week": exercise}
+    return values, multiplier
+
+
+def generate(n: int, seed: int = 0, markers: bool = False) -> EventCohort:
+    """``n`` virtual patients with histories, true risks and sampled events (module docstring).
+
+    ``markers``: also give every patient Lp(a), hsCRP, coronary calcium, PM2.5 and activity with their
+    true effects (step 7); without it the cohort is exactly the one made before markers existed.
+    """
     if n < 1:
         raise ValueError("n must be at least 1")
     rng = np.random.default_rng(seed)
@@ -307,6 +370,13 @@ def generate(n: int, seed: int = 0) -> EventCohort:
         x_path = _prevent_logodds(pop, outcome, pop["egfr"][:, None] + d[:, None] * years[None, :])
         log_mult = np.array([np.interp(mid, years, row) for row in (x_path - x0[:, None])])
         hazards[outcome] = c[:, None] * shape * np.exp(log_mult)
+    marker_values: dict[str, np.ndarray] = {}
+    if markers:  # step 7: the markers' true effects on the ASCVD hazard (and so on total CVD)
+        marker_values, ascvd_multiplier = _markers(pop, np.random.default_rng([seed, 2]))
+        extra = hazards["ascvd"] * (ascvd_multiplier[:, None] - 1.0)
+        hazards["ascvd"] = hazards["ascvd"] + extra
+        hazards["total_cvd"] = np.maximum(hazards["total_cvd"] + extra, 0.0)
+    for outcome in CVD:
         cif = _cif(hazards[outcome], death_nc, dt)
         truth[outcome] = cif[:, [12 * h - 1 for h in HORIZONS]]
 
@@ -350,7 +420,14 @@ def generate(n: int, seed: int = 0) -> EventCohort:
     hist_rng = np.random.default_rng([seed, 1])
     for i in range(n):
         hist = _histories(pop, hist_rng, i)
-        inputs.append(_inputs(pop, hist, i, hist_rng))
+        patient = _inputs(pop, hist, i, hist_rng)
+        if marker_values:
+            patient = dataclasses.replace(
+                patient, lpa_nmol_l=float(marker_values["lpa_nmol_l"][i]),
+                hscrp_mg_l=float(marker_values["hscrp_mg_l"][i]), cac_agatston=float(marker_values["cac_agatston"][i]),
+                pm25_ug_m3=float(marker_values["pm25_ug_m3"][i]),
+                exercise_min_per_week=float(marker_values["exercise_min_per_week"][i]))
+        inputs.append(patient)
     recorded_egfr = np.array([p_.egfr_ml_min_1_73m2 for p_ in inputs])
     attributes = {
         "sex": np.where(pop["female"], "female", "male"),
@@ -359,6 +436,7 @@ def generate(n: int, seed: int = 0) -> EventCohort:
         "egfr_recorded": recorded_egfr,
         "diabetes": pop["diabetes"],
         "egfr_slope": pop["slope_mean"] + d,
+        **marker_values,
     }
     return EventCohort(inputs=inputs, attributes=attributes, truth=truth, observed=observed, seed=seed)
 
