@@ -114,7 +114,8 @@ def _patient_resources(rng: np.random.Generator, index: int, years: int) -> tupl
         minutes = exercise * np.exp(rng.normal(0, 0.1)) / days if days else 0.0
         obs.append(_observation(f"{n}-evs", pid, when, LOINC, "89574-8", "Exercise Vital Sign", social, component=[
             {"code": {"coding": [{"system": LOINC, "code": "89555-7"}]}, "valueQuantity": _quantity(days, "d/wk")},
-            {"code": {"coding": [{"system": LOINC, "code": "68516-4"}]}, "valueQuantity": _quantity(minutes, "min/d")}]))
+            {"code": {"coding": [{"system": LOINC, "code": "68516-4"}]},
+             "valueQuantity": _quantity(minutes, "min/d")}]))
     return Truth(pid, pm25, exercise, egfr_slope, sbp_slope), [patient], obs
 
 
