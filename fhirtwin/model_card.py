@@ -344,7 +344,18 @@ def model_card(model: str | None = None, *, validation_dir: Path | None = None,
             "narrative": "fhirtwin/model-card.md",
         },
         "attributes": attributes,
+        "causal_graph": _causal_graph(),
     }
+
+
+def _causal_graph() -> dict[str, Any]:
+    """Identity and size of the declared causal graph the engine is checked against (fhirtwin/causal)."""
+    from fhirtwin.causal.graph import graph_reference, load_graph
+
+    graph = load_graph()
+    return {"uri": graph_reference(), "version": graph.version, "sha256": graph.sha256,
+            "file": "fhirtwin/causal/graph.json", "nodes": len(graph.nodes), "edges": len(graph.edges),
+            "encoded_edges": sum(e.status == "encoded" for e in graph.edges)}
 
 
 def _html_value(value: Any) -> str:

@@ -309,6 +309,7 @@ def load_graph() -> CausalGraph:
 
 
 def graph_reference() -> str:
-    """The graph's identity for Provenance.policy: URI, version and SHA-256 of the shipped file."""
+    """The graph's identity as one URI (Provenance.policy is a list of uri): its version and the SHA-256 of the
+    shipped file, so a reader can tell which declared graph a result was made under."""
     graph = load_graph()
-    return f"{GRAPH_URI}|{graph.version}#sha256={graph.sha256}"
+    return f"{GRAPH_URI}?version={graph.version}&sha256={graph.sha256}"

@@ -153,3 +153,19 @@ def test_a_perturbed_input_moves_exactly_the_hazards_the_graph_reaches(node: str
     for outcome in (*CVD_OUTCOMES, "kidney_failure", "death"):
         moved = not np.array_equal(before[outcome], after[outcome])
         assert moved == (outcome in reached), (node, outcome, moved)
+
+
+def test_the_model_card_shows_the_shipped_graph() -> None:
+    from pathlib import Path
+
+    from fhirtwin.causal.report import graph_markdown
+    from fhirtwin.model_card import model_card
+
+    card_md = (Path(__file__).resolve().parents[2] / "fhirtwin" / "model-card.md").read_text(encoding="utf-8")
+    assert graph_markdown() in card_md  # regenerate with: python -m fhirtwin.causal.report fhirtwin/model-card.md
+    g = load_graph()
+    for e in g.edges:
+        assert f"| `{e.source_node}` | `{e.target_node}` | {e.status} |" in card_md
+    assert model_card()["causal_graph"] == {
+        "uri": graph_reference(), "version": g.version, "sha256": g.sha256, "file": "fhirtwin/causal/graph.json",
+        "nodes": len(g.nodes), "edges": len(g.edges), "encoded_edges": sum(e.status == "encoded" for e in g.edges)}
