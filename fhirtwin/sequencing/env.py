@@ -55,7 +55,8 @@ class SequencingEnv(gym.Env[np.ndarray, int]):
         mask[: allowed.size] = allowed
         return mask
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Start a patient (``options={"patient": i}`` picks one) at current care in year 0."""
         super().reset(seed=seed)
         chosen = (options or {}).get("patient")

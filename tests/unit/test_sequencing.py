@@ -169,17 +169,18 @@ def synthetic_patient(rng, k):
         history_egfr_ml_min_1_73m2=series(t, egfr), history_hba1c_percent=series(t, 7.4 if diabetes else 5.5))
 
 
-#: Measured on this seeded set (120 training, 20 held-out, 30 draws): pooled ratio 0.0, mean 0.0. Asserted
-#: with the margin stated in docs/sequencing.md.
+#: Measured on this small seeded set (80 training, 20 held-out non-smokers, 30 draws, 150 boosting rounds):
+#: pooled ratio 0.976 and mean per-patient ratio 0.916 (generator seed 11; seed 12 gave 0.980 and 0.944).
+#: The full benchmark (benchmarks/sequencing.py, 280 training patients) reaches a pooled 0.986.
 POOLED_RATIO = 0.97
 MEAN_RATIO = 0.90
 
 
 def test_learned_policy_reaches_the_optimum_on_held_out_patients():
     rng = np.random.default_rng(11)
-    every = [build_process(synthetic_patient(rng, k), draws=30) for k in range(140)]
-    train, held = every[:120], every[120:]
-    learned = fit_policy(train, seed=0, max_iter=300)
+    every = [build_process(synthetic_patient(rng, k), draws=30) for k in range(100)]
+    train, held = every[:80], every[80:]
+    learned = fit_policy(train, seed=0, max_iter=150)
     optimum, got, all_now, guideline = [], [], [], []
     for process in held:
         mdp = process.mdp()
