@@ -23,7 +23,7 @@ from fhirtwin.sequencing.process import TherapyProcess
 STATE_FEATURES = ("year", "statin_level", "bp_drugs", "sglt2i", "quit", "years_since_quit")
 
 
-class SequencingEnv(gym.Env[np.ndarray, int]):
+class SequencingEnv(gym.Env[np.ndarray, np.int64]):
     """Yearly treatment decisions for patients drawn from ``processes`` (their draw-averaged processes)."""
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -36,7 +36,9 @@ class SequencingEnv(gym.Env[np.ndarray, int]):
         self.features = [patient_features(p.inputs, p.published, p.options) for p in processes]
         size = len(PATIENT_FEATURES) + len(STATE_FEATURES)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(size,), dtype=np.float64)
-        self.action_space = gym.spaces.Discrete(max(p.n_actions for p in processes))
+        self.n_actions = max(p.n_actions for p in processes)
+        self.action_space = gym.spaces.Discrete(self.n_actions)
+        self._size = size
         self._patient = 0
         self._year = 0
         self._state = 0
@@ -50,7 +52,7 @@ class SequencingEnv(gym.Env[np.ndarray, int]):
 
     def action_mask(self) -> np.ndarray:
         """Allowed actions of the current state (padded with False)."""
-        mask = np.zeros(int(self.action_space.n), dtype=bool)
+        mask = np.zeros(self.n_actions, dtype=np.bool_)
         allowed = self.mdps[self._patient].allowed()[self._year, self._state]
         mask[: allowed.size] = allowed
         return mask
@@ -64,10 +66,11 @@ class SequencingEnv(gym.Env[np.ndarray, int]):
         self._year, self._state = 0, self.processes[self._patient].start
         return self._observation(), {"action_mask": self.action_mask()}
 
-    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+    def step(self, action: np.int64 | int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """One year: reward, then the next state, or the end (first major event, death or horizon)."""
         process, mdp = self.processes[self._patient], self.mdps[self._patient]
-        if not self.action_mask()[action]:
+        action = int(action)
+        if not 0 <= action < self.n_actions or not self.action_mask()[action]:
             action = int(process.hold[self._state])
         reward = float(mdp.reward[self._year, self._state, action])
         probability = mdp.probability[self._year, self._state, action]
@@ -79,6 +82,6 @@ class SequencingEnv(gym.Env[np.ndarray, int]):
             self._state = int(mdp.successor[self._year, self._state, action, slot])
         self._year += 1
         terminated = exited or self._year >= process.years
-        observation = self._observation() if not terminated else np.zeros(self.observation_space.shape)
-        info = {"action_mask": self.action_mask() if not terminated else np.zeros(int(self.action_space.n), bool)}
+        observation = self._observation() if not terminated else np.zeros(self._size)
+        info = {"action_mask": self.action_mask() if not terminated else np.zeros(self.n_actions, dtype=np.bool_)}
         return observation, SCALE * reward, terminated, False, info
