@@ -169,3 +169,14 @@ def test_the_model_card_shows_the_shipped_graph() -> None:
     assert model_card()["causal_graph"] == {
         "uri": graph_reference(), "version": g.version, "sha256": g.sha256, "file": "fhirtwin/causal/graph.json",
         "nodes": len(g.nodes), "edges": len(g.edges), "encoded_edges": sum(e.status == "encoded" for e in g.edges)}
+
+
+def test_every_treatment_node_names_an_engine_intervention() -> None:
+    from fhirtwin.sim.interventions import KINDS
+
+    g = load_graph()
+    treatments = {n.id: n.intervention for n in g.nodes.values() if n.intervention}
+    assert set(treatments.values()) <= set(KINDS)
+    assert {"statin", "bp_lowering", "sglt2i", "smoking_cessation"} <= set(treatments.values())
+    for node, kind in treatments.items():  # each acts on something the engine simulates
+        assert g.restricted(["encoded"]).children(node), (node, kind)
