@@ -22,6 +22,7 @@ from fhirtwin.sim.ensemble import RATIO_NAMES, draw_parameters
 from fhirtwin.sim.hazards import CVD_OUTCOMES, compute_anchors, hazard_paths, prevent_kwargs
 from fhirtwin.sim.interventions import BASELINE
 from fhirtwin.sim.model import MechanisticTwin
+from fhirtwin.sim.modifiers import modifier_table
 
 RAW = json.loads(graph_bytes())
 
@@ -35,7 +36,7 @@ def test_shipped_graph_is_a_valid_dag_with_the_stable_top_level_format() -> None
     assert {n.scale.value for n in g.nodes.values()} == {
         "molecular", "cellular", "tissue", "organ", "clinical", "behavioral", "environmental"}
     for required in ("ascvd", "heart_failure", "kidney_failure", "death", "on_statin", "on_bp_treatment",
-                     "on_sglt2i", "current_smoker", "exercise_min_per_week", "pm25_ug_m3", "deprivation"):
+                     "on_sglt2i", "current_smoker", "exercise_min_per_week", "pm25_ug_m3", "sdi_decile"):
         assert required in g.nodes
     assert len(g.sha256) == 64 and g.version in graph_reference() and g.sha256 in graph_reference()
 
@@ -102,6 +103,15 @@ def test_every_effect_size_the_engine_draws_is_an_edge_parameter() -> None:
     couplings = {"egfr_slope_per_hba1c_percent", "apol1_high_risk_egfr_slope_shift", "ckd_mortality_hazard_ratio",
                  "background_mortality"}
     assert couplings <= set(dynamics_parameters()) and couplings <= named
+    markers = modifier_table()
+    for name, spec in markers["modifiers"].items():  # every marker beyond PREVENT, from its own variable
+        assert name in named, name
+        assert any(e.source_node == spec["variable"] and name in e.parameters and e.status == "encoded"
+                   for e in g.edges), name
+    for name, spec in markers["anchors"].items():
+        assert any(e.source_node == spec["variable"] and name in e.parameters for e in g.edges), name
+    for variable in markers["not_acting"]:  # read and shown, acting on nothing: a node without effects
+        assert variable in g.nodes and not g.children(variable), variable
 
 
 def test_every_anchor_input_has_an_edge_into_the_outcomes() -> None:
@@ -141,6 +151,13 @@ PERTURB = {  # engine input -> perturbed value (node ids are the PatientInputs f
     "apol1_risk_alleles": dict(apol1_risk_alleles=2),
     "current_smoker": dict(current_smoker=False),
     "uacr_mg_g": dict(uacr_mg_g=300.0),
+    "exercise_min_per_week": dict(exercise_min_per_week=0.0),
+    "pm25_ug_m3": dict(pm25_ug_m3=20.0),
+    "lpa_nmol_l": dict(lpa_nmol_l=150.0),
+    "hscrp_mg_l": dict(hscrp_mg_l=6.0),
+    "cac_agatston": dict(cac_agatston=300.0),
+    "sdi_decile": dict(sdi_decile=9),
+    "nt_probnp_pg_ml": dict(nt_probnp_pg_ml=900.0),
 }
 
 
