@@ -105,3 +105,13 @@ def test_the_gformula_runs_on_twin_data() -> None:
                 treated_before="treated_before")
     result = gformula(data, spec, {"never": never(), "always": always()}, monte_carlo=500, bootstrap=0)
     assert set(result.risk) == {"never", "always"} and all(0 <= r <= 1 for r in result.risk.values())
+
+
+def test_the_risk_score_is_the_engines_own_prevent_risk() -> None:
+    from datetime import UTC, datetime
+
+    from writeback_fixtures import cohort_run
+
+    run = cohort_run()  # a synthetic cohort patient, simulated by the engine at its reference date
+    score = prevent_ascvd_score(run.state, datetime(2026, 6, 30, tzinfo=UTC))
+    assert score == pytest.approx(run.plan.baseline.method["published"]["prevent_10y_ascvd"], rel=1e-12)
