@@ -288,9 +288,10 @@ def _marker_drivers(inputs: PatientInputs, anchors: Anchors, kw: dict[str, Any],
     share = coronary_share()
     out = []
     for m in anchors.modifiers:
-        risk = ascvd_risk_with(ascvd, float(np.exp(m.point_log("coronary"))), float(np.exp(m.point_log("stroke"))),
-                               share)
-        out.append(Driver(m.label, "ascvd", m.shown, m.reference, risk, ascvd, m.scale))
+        if {"coronary", "stroke"} & set(m.components):
+            risk = ascvd_risk_with(ascvd, float(np.exp(m.point_log("coronary"))),
+                                   float(np.exp(m.point_log("stroke"))), share)
+            out.append(Driver(m.label, "ascvd", m.shown, m.reference, risk, ascvd, m.scale))
         if "heart_failure" in m.components:
             hf = anchors.published["prevent_10y_heart_failure"]
             out.append(Driver(m.label, "heart_failure", m.shown, m.reference,

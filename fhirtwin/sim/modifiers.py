@@ -90,12 +90,14 @@ def draw_effect(parameter: str, rng: np.random.Generator, n: int) -> np.ndarray:
     return draws
 
 
-def _log_linear(name: str, x: float, shown: str, caveats: tuple[str, ...] = ()) -> ActiveModifier:
+def _log_linear(name: str, x: float, shown: str, caveats: tuple[str, ...] = (), sex: str | None = None
+                ) -> ActiveModifier:
     spec = modifier_table()["modifiers"][name]
     lo, hi = spec["clamp"]
     held = min(max(x, lo), hi)
     f = math.log if spec["transform"] == "log" else float
-    ref = float(spec["reference"])
+    reference = spec["reference"]
+    ref = float(reference[sex] if isinstance(reference, dict) else reference)  # sex-specific when tabulated so
     effects = tuple(Effect(f"{name}:{e['component']}", e["component"], float(e["value"]),
                            (float(e["ci95"][0]), float(e["ci95"][1])), (f(held) - f(ref)) / float(e["per"]))
                     for e in spec["effects"])
@@ -168,6 +170,9 @@ def active_modifiers(inputs: PatientInputs) -> tuple[ActiveModifier, ...]:
     if inputs.exercise_min_per_week is not None:
         found.append(_log_linear("physical_activity", inputs.exercise_min_per_week,
                                  f"{inputs.exercise_min_per_week:g} min/week"))
+    if inputs.nt_probnp_pg_ml is not None:
+        found.append(_log_linear("nt_probnp", inputs.nt_probnp_pg_ml, f"{inputs.nt_probnp_pg_ml:g} pg/mL",
+                                 sex=inputs.sex))
     if inputs.pm25_ug_m3 is not None:
         found.append(_log_linear("pm25", inputs.pm25_ug_m3, f"{inputs.pm25_ug_m3:g} ug/m3"))
     return tuple(m for m in found if m is not None)

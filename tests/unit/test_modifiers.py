@@ -110,10 +110,23 @@ def test_drivers_show_each_scale_and_calcium_zero_lowers_the_risk():
 
 
 def test_acute_phase_crp_and_markers_without_a_checked_effect_do_not_act():
-    m = get_model("fhirtwin-equations").fit(patient(hscrp_mg_l=25.0, nt_probnp_pg_ml=400.0, steps_per_day=3000.0))
+    m = get_model("fhirtwin-equations").fit(patient(hscrp_mg_l=25.0, lvef_percent=45.0, steps_per_day=3000.0))
     assert m.anchors_.modifiers == ()
     caveats = " ".join(m.simulate(None, 10.0, 8, seed=0).caveats)
-    assert "acute-phase" in caveats and "NT-proBNP" in caveats and "steps per day" in caveats
+    assert "acute-phase" in caveats and "LVEF" in caveats and "steps per day" in caveats
+
+
+def test_nt_probnp_moves_only_heart_failure_from_the_sex_specific_median():
+    base, _, _ = _hazards(patient(**WHITE_MAN), n=4000)
+    bnp, draws, m = _hazards(patient(**WHITE_MAN, nt_probnp_pg_ml=36.0 * math.e**2), n=4000)  # men's median 36
+    hr = draws.modifiers["nt_probnp:heart_failure"]
+    assert np.percentile(hr, [2.5, 50, 97.5]) == pytest.approx([1.54, 1.95, 2.46], abs=0.02)  # Choi 2012, MESA
+    assert np.median(bnp["heart_failure"][:, 0] / base["heart_failure"][:, 0]) == pytest.approx(1.95**2, rel=0.01)
+    np.testing.assert_array_equal(bnp["ascvd"], base["ascvd"])
+    (driver,) = [d for d in m.drivers_ if d.factor == "NT-proBNP"]
+    assert driver.outcome == "heart_failure" and driver.scale == "organ" and driver.contribution > 0
+    at_median = get_model("fhirtwin-equations").fit(patient(sex="female", nt_probnp_pg_ml=62.0))
+    assert at_median.anchors_.modifiers[0].point_log("heart_failure") == 0.0  # women's median 62
 
 
 def test_sdi_makes_prevent_sdi_model_the_anchor():
