@@ -117,8 +117,13 @@ def test_with_few_patients_the_hybrid_is_the_mechanistic_model(cohort) -> None:
     for biomarker, residual in artifact.biomarkers.items():
         assert residual.predictor is None and residual.shrinkage == 0.0
         assert residual.n_train_patients < MIN_TRAINING_PATIENTS and "residual off" in residual.reason
+        assert residual.interval == {}  # too few calibration patients: the mechanistic model's own interval
         rows = test.rows[biomarker]
         np.testing.assert_array_equal(hybrid_point(residual, rows), rows.mechanistic)
+    scores = evaluate(test, {"few": artifact})
+    for s in scores.values():
+        assert s["few"]["rmse"] == s["mechanistic"]["rmse"]
+        assert s["few"]["coverage90"] == s["mechanistic"]["coverage90"]
 
 
 def test_cross_validated_shrinkage_switches_off_a_residual_that_is_only_noise() -> None:
