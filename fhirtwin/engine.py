@@ -26,6 +26,7 @@ import numpy as np
 
 from fhirtwin.adapters import build_twin, flatten_resources
 from fhirtwin.adapters.reads import READ_TYPES, RECORD_INCLUDES, RECORD_TYPES, REFERENCED_TYPES, observation_codes
+from fhirtwin.causal.graph import graph_reference
 from fhirtwin.fhir import errors as fhir_errors
 from fhirtwin.fhir.client import batch_results
 from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_resource
@@ -851,7 +852,8 @@ class Engine:
         base_url = base if isinstance(base, str) else None
         write = build_patient_write(result, run.state, key=key, existing=stored, now=now,
                                     include_device=include_device, organization_id=self.organization_id,
-                                    base_url=base_url, hapi=self.server_is_hapi())
+                                    base_url=base_url, hapi=self.server_is_hapi(),
+                                    policies=(graph_reference(),))
         if include_device:  # publish the verifying key with the Device that signs (an unchanged PUT is a no-op)
             device = self._key_device(key)
             write.bundle["entry"].insert(0, {"fullUrl": full_url("Device", device["id"], base_url),

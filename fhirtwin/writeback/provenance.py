@@ -5,7 +5,8 @@ references and, through its auto-version meta extension, stores the version it a
 get the versions with ``transaction.versioned_provenance_update``), ``entity`` =
 every input (versioned reference, role ``source``) plus superseded earlier results (role ``revision``),
 ``agent`` = the fhirtwin Device (author, on behalf of the Organization) and the Organization
-(custodian), ``signature`` = the detached JWS defined in ``signing.py``, ``policy`` = the model card.
+(custodian), ``signature`` = the detached JWS defined in ``signing.py``, ``policy`` = the model card (and the declared
+causal graph the engine ran under, when the caller names it).
 
 Why ``policy`` for the model card: R4 defines ``Provenance.policy`` (0..*, uri) as the policy or plan the
 activity was defined by, which is what a model card with its intended use and scope is
@@ -66,13 +67,15 @@ def build_provenance(
     hapi: bool = True,
     activity: tuple[str, str] = ("CREATE", "create"),
     version_paths: Sequence[str] = (),
+    policies: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form, the
     ``revisions`` it supersedes and its ``recorded`` time (see ``signing.py``).
 
     ``hapi``: write HAPI's auto-version meta extension at ``version_paths`` (only HAPI knows it; the paths
     are in :data:`fhirtwin.writeback.transaction.HAPI_VERSION_PATHS`). ``activity`` is a v3-DataOperation
-    code and display.
+    code and display. ``policies``: further policy URIs the run was made under, after the model cards (the
+    engine names its declared causal graph, version and SHA-256).
     """
     target_refs = [ref for ref, _ in targets]
     run_meta = meta("fhirtwin-provenance", {"system": RUN_TAG_SYSTEM, "code": run_key})
@@ -88,7 +91,7 @@ def build_provenance(
         "target": [{"reference": ref} for ref in target_refs],
         "occurredDateTime": occurred,
         "recorded": recorded_at,
-        "policy": model_card_policies(targets),
+        "policy": [*model_card_policies(targets), *(p for p in policies if p)],
         "activity": {"coding": [coding(activity[0], DATA_OPERATION, activity[1])]},
         "agent": [
             {"type": {"coding": [coding("author", PARTICIPANT_TYPE, "Author")]},

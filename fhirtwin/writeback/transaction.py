@@ -171,6 +171,7 @@ def build_patient_write(
     include_device: bool = True,
     base_url: str | None = None,
     hapi: bool = True,
+    policies: Sequence[str] = (),
 ) -> PatientWrite:
     """The transaction Bundle for one patient's Plan.
 
@@ -180,7 +181,8 @@ def build_patient_write(
     ``fullUrl`` (``urn:uuid:`` of ``Type/id`` when None). ``hapi`` says whether the server is HAPI FHIR
     (its CapabilityStatement ``software.name`` contains "HAPI"): only then is HAPI's
     ``auto-version-references-at-path`` meta extension written; otherwise call
-    :func:`versioned_provenance_update` with the transaction response.
+    :func:`versioned_provenance_update` with the transaction response. ``policies``: further
+    ``Provenance.policy`` URIs (see :func:`build_provenance`).
     """
     moment = now or datetime.now(UTC)
     now = moment.replace(microsecond=0)
@@ -226,7 +228,7 @@ def build_patient_write(
     provenance = build_provenance(targets, forecast.sources, device_reference=device_ref,
                                   organization_reference=org_ref, key=key, recorded=moment, run_key=rkey,
                                   revisions=[_versioned(r) for r in to_supersede], hapi=hapi,
-                                  version_paths=HAPI_VERSION_PATHS["Provenance"])
+                                  version_paths=HAPI_VERSION_PATHS["Provenance"], policies=policies)
     stored_keys = {key_of(r) for r in stored}
     new_keys = [k for k in keys.values() if k not in stored_keys]
     expect_created = [if_none_exist(k) for k in new_keys]

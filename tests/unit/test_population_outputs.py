@@ -6,6 +6,7 @@ export does) supersedes them exactly as the engine's own write path does."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 from datetime import UTC, date, datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fhirtwin.causal.graph import GRAPH_URI, graph_bytes, load_graph
 from fhirtwin.engine import Engine
 from fhirtwin.fhir.models import check_emittable, validate_resource
 from fhirtwin.fhir.ndjson import NdjsonSource
@@ -145,7 +147,13 @@ def test_a_source_with_earlier_results_is_superseded_as_the_engine_supersedes(
     engine = Engine(NdjsonSource(folder), signing_key=key, draws=100)
     record = engine.read(patient, with_stored=False)
     run = engine.run(patient, record=type(record)(patient, record.resources, stored), as_of=later)
-    assert _unsigned(second) == _unsigned(engine.prepare(run, now=recorded).bundle)
+    prepared = engine.prepare(run, now=recorded).bundle
+    assert _unsigned(second) == _unsigned(prepared)
+    # the run names the declared causal graph it was made under (version and SHA-256 of the shipped file)
+    graph = load_graph()
+    policies = next(e["resource"] for e in prepared["entry"] if e["resource"]["resourceType"] == "Provenance")["policy"]
+    assert policies[-1] == f"{GRAPH_URI}?version={graph.version}&sha256={graph.sha256}"
+    assert hashlib.sha256(graph_bytes()).hexdigest() == graph.sha256
 
 
 def test_a_patient_now_out_of_scope_has_its_earlier_results_retired_as_the_engine_retires_them(
