@@ -104,6 +104,10 @@ def main() -> None:
           f"{np.mean(ratio >= 0.98):.3f}")
     print(f"pooled value ratio (sum learned / sum optimal net benefit): "
           f"{nb['learned'].sum() / nb['optimum'].sum():.4f}")
+    regret = 1000 * (nb["optimum"] - nb["learned"])
+    print(f"regret of the learned policy per 1,000 (optimal minus learned net benefit): mean {regret.mean():.3f}, "
+          f"95th percentile {np.percentile(regret, 95):.3f}, maximum {regret.max():.3f}; zero (learned optimal) "
+          f"for {int(np.sum(regret < 1e-6))} of {regret.size}")
     print("mean net benefit per 1,000 held-out patients (events-prevented-equivalents, vs current care):")
     for name in names:
         lo, hi = interval(1000 * nb[name], rng)

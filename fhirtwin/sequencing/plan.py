@@ -137,8 +137,13 @@ def _steps(process: TherapyProcess, path: list[TherapySet], attempts: list[bool]
                 steps.append(Step(year, "stop", "statin", "Stop the statin started by this plan"))
             else:
                 choice: Intervention = options.statins[after.statin]
-                verb = "intensify" if before.statin is not None or process.inputs.on_statin else "start"
-                steps.append(Step(year, verb, "statin", choice.label, choice.intensity, choice.agent, choice.dose_mg))
+                verb, label = "start", choice.label
+                if after.statin_level < before.statin_level:
+                    verb, label = "reduce", f"Reduce to {choice.intensity}-intensity statin ({choice.agent} " \
+                                            f"{choice.dose_mg:g} mg)"
+                elif before.statin is not None or process.inputs.on_statin:
+                    verb = "intensify"
+                steps.append(Step(year, verb, "statin", label, choice.intensity, choice.agent, choice.dose_mg))
         if after.bp_drugs > before.bp_drugs:
             for n in range(before.bp_drugs + 1, after.bp_drugs + 1):
                 label = "Add one standard-dose antihypertensive" + (" (a second class)" if n == 2 else "")

@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 
 from fhirtwin.sequencing.mdp import FORBIDDEN, FiniteMDP
-from fhirtwin.sim.dynamics import month_grid, simulate_trajectories
-from fhirtwin.sim.ensemble import draw_parameters
+from fhirtwin.sim._params import intervention_parameters
+from fhirtwin.sim.dynamics import Trajectories, month_grid, simulate_trajectories
+from fhirtwin.sim.ensemble import ParameterDraws, draw_parameters
 from fhirtwin.sim.guidelines import expected_harms, harm_weight, outcome_weights
-from fhirtwin.sim.hazards import DT, quitter_multiplier
+from fhirtwin.sim.hazards import DT, hazard_paths, quitter_multiplier
 from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
 from fhirtwin.sim.model import MechanisticTwin
@@ -332,7 +333,7 @@ def build_process(
         shift = 12 * k
         shifted = dataclasses.replace(anchors, never_smoker_ratio={o: r[shift:] for o, r in
                                                                    anchors.never_smoker_ratio.items()})
-        quit[k + 1, :, shift:] = quitter_multiplier(shifted, params.ratios, t_mid[: months - shift] - 0.0)["total_cvd"]
+        quit[k + 1, :, shift:] = quitter_multiplier(shifted, params.ratios, t_mid[: months - shift])["total_cvd"]
     n_levels = len(STATIN_ORDER)
     stay = np.empty((draws, years, len(sets), n_levels, n_sig))
     events = np.empty_like(stay)
@@ -352,9 +353,9 @@ def build_process(
                           np.array(sbp), np.array(ldl), draws, seed)
 
 
-def _hazards(model: MechanisticTwin, traj: Any, params: Any, scenario: Scenario) -> dict[str, np.ndarray]:
-    from fhirtwin.sim.hazards import hazard_paths
-
+def _hazards(model: MechanisticTwin, traj: Trajectories, params: ParameterDraws,
+             scenario: Scenario) -> dict[str, np.ndarray]:
+    """The engine's hazards of one scenario on the given draws, as ``MechanisticTwin.simulate`` computes them."""
     return hazard_paths(model.inputs_, model.anchors_, traj, params, scenario, dynamic=model.dynamic)
 
 
@@ -373,17 +374,13 @@ def _costs(inputs: PatientInputs, options: Options, sets: tuple[TherapySet, ...]
     sglt2_yearly = _weight("monitoring_sglt2i_per_year")
     attempt = _weight("quit_attempt")
     doubling = float(sequencing_weights()["second_antihypertensive"]["sbp_drop_multiple"])
-    one_drug = None
-    if options.bp is not None:
-        from fhirtwin.sim._params import intervention_parameters
-
-        one_drug = float(intervention_parameters()["sbp_lowering_one_drug_mm_hg"]["value"])
+    one_drug = float(intervention_parameters()["sbp_lowering_one_drug_mm_hg"]["value"])
 
     def harms(therapy: TherapySet) -> dict[str, tuple[float, float]]:
         out = {}
         if therapy.statin:
             out["statin"] = _harm_per_year(options.statins[therapy.statin], inputs)
-        if therapy.bp_drugs and options.bp is not None and one_drug is not None:
+        if therapy.bp_drugs and options.bp is not None:
             drug = dataclasses.replace(options.bp, sbp_drop_mm_hg=one_drug * (doubling if therapy.bp_drugs > 1 else 1))
             out["bp"] = _harm_per_year(drug, inputs)
         if therapy.sglt2i and options.sglt2i is not None:

@@ -92,16 +92,26 @@ def _code(step: StepLike) -> str:
     return _CODES[step.kind]
 
 
-def _stop_dates(plan: SequencePlanLike, start: date) -> dict[int, date]:
-    """Index of each started drug step -> the date it is stopped (a later 'stop' of the same kind)."""
+def _end_dates(plan: SequencePlanLike, start: date) -> dict[int, date]:
+    """Index of each drug step -> the date its activity ends.
+
+    Any later statin step (intensify, reduce, stop) ends the statin activity before it; a stop of an
+    antihypertensive or the SGLT2 inhibitor ends the latest one still running.
+    """
     ends: dict[int, date] = {}
+    running: dict[str, list[int]] = {}
     for n, step in enumerate(plan.steps):
-        if step.verb == "stop":
-            for m in range(n - 1, -1, -1):
-                earlier = plan.steps[m]
-                if earlier.kind == step.kind and earlier.verb in ("start", "add", "intensify") and m not in ends:
-                    ends[m] = _add_years(start, step.year)
-                    break
+        if step.kind == "smoking_cessation":
+            continue
+        active = running.setdefault(step.kind, [])
+        when = _add_years(start, step.year)
+        if step.kind == "statin":
+            ends.update({m: when for m in active})
+            active.clear()
+        elif step.verb == "stop" and active:
+            ends[active.pop()] = when
+        if step.verb != "stop":
+            active.append(n)
     return ends
 
 
@@ -146,7 +156,7 @@ def build_sequence_care_plan(
     record entries the forecast used, as the standalone draft CarePlan does. Stops are not activities of
     their own: they end the started drug's ``boundsPeriod`` and are listed in a note.
     """
-    ends = _stop_dates(plan, reference_date)
+    ends = _end_dates(plan, reference_date)
     attempts = [s.year for s in plan.steps if s.kind == "smoking_cessation"]
     if attempts:  # one activity, yearly from the first attempt to the end of the last attempt's year
         ends[next(n for n, s in enumerate(plan.steps) if s.kind == "smoking_cessation")] = _add_years(

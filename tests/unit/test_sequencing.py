@@ -289,10 +289,13 @@ class FakePlan:
 def test_care_plan_timing_of_delayed_starts_and_stops():
     steps = (FakeStep(0, "start", "statin", "Start moderate-intensity statin", "moderate", "atorvastatin", 10.0),
              FakeStep(2, "add", "bp_lowering", "Add one standard-dose antihypertensive"),
+             FakeStep(3, "intensify", "statin", "Intensify to high-intensity statin", "high", "atorvastatin", 40.0),
              FakeStep(8, "stop", "bp_lowering", "Stop one antihypertensive added by this plan"))
     care_plan = build_sequence_care_plan(FakePlan(steps), reference_date=date(2024, 2, 29),
                                          occurrence=datetime(2024, 3, 1, tzinfo=UTC), device_reference="Device/d")
     validate_resource(care_plan)
     bounds = [a["detail"]["scheduledTiming"]["repeat"]["boundsPeriod"] for a in care_plan["activity"]]
-    assert bounds == [{"start": "2024-02-29"}, {"start": "2026-02-28", "end": "2032-02-29"}]
+    # 29 February falls back to 28 February in common years; an intensification ends the earlier statin
+    assert bounds == [{"start": "2024-02-29", "end": "2027-02-28"}, {"start": "2026-02-28", "end": "2032-02-29"},
+                      {"start": "2027-02-28"}]
     assert any("Planned stops" in n["text"] for n in care_plan["note"])
