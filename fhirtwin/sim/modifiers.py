@@ -97,7 +97,7 @@ def _log_linear(name: str, x: float, shown: str, caveats: tuple[str, ...] = (), 
     held = min(max(x, lo), hi)
     f = math.log if spec["transform"] == "log" else float
     reference = spec["reference"]
-    ref = float(reference[sex] if isinstance(reference, dict) else reference)  # sex-specific when tabulated so
+    ref = float(reference[sex] if isinstance(reference, dict) else reference)  # a dict: one reference per sex
     effects = tuple(Effect(f"{name}:{e['component']}", e["component"], float(e["value"]),
                            (float(e["ci95"][0]), float(e["ci95"][1])), (f(held) - f(ref)) / float(e["per"]))
                     for e in spec["effects"])
