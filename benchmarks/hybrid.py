@@ -43,7 +43,10 @@ COLUMNS = ("mechanistic", "learned_only", "hybrid_gbm", "hybrid_gnn")
 def _cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
-    text = f"{entry['rmse']:.3g} / {entry['coverage90']:.2f} / {entry['mean_width']:.3g}"
+    if entry["coverage90"] != entry["coverage90"]:  # NaN: no interval (too few calibration patients)
+        text = f"{entry['rmse']:.3g} / - / -"
+    else:
+        text = f"{entry['rmse']:.3g} / {entry['coverage90']:.2f} / {entry['mean_width']:.3g}"
     return text + (f" [{entry['shrinkage']:.2f}]" if "shrinkage" in entry else "")
 
 

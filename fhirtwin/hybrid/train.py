@@ -158,18 +158,22 @@ class DirectModel:
 
 
 def _scores(observed: np.ndarray, point: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, float]:
+    """RMSE, coverage and mean width (NaN coverage and width where a row has no interval)."""
     covered = (observed >= low) & (observed <= high)
-    return {"rmse": float(np.sqrt(np.mean((observed - point) ** 2))), "coverage90": float(np.mean(covered)),
-            "mean_width": float(np.mean(high - low))}
+    has = ~np.isnan(low)
+    return {"rmse": float(np.sqrt(np.mean((observed - point) ** 2))),
+            "coverage90": float(np.mean(covered[has])) if has.all() else float("nan"),
+            "mean_width": float(np.mean((high - low)[has])) if has.all() else float("nan")}
 
 
-def _band(rows: Rows, point: np.ndarray, widths: dict[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Conformal band where a horizon has one, else the mechanistic model's own interval."""
+def _band(rows: Rows, point: np.ndarray, widths: dict[float, float], fallback: bool = True
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Conformal band where a horizon has one, else the mechanistic model's own interval (the hybrid's
+    fallback) or none (NaN: the direct learner has no interval of its own)."""
     half = np.array([widths.get(float(h), np.nan) for h in rows.horizon])
     own = np.isnan(half)
-    low = np.where(own, rows.mechanistic_interval[:, 0], point - np.nan_to_num(half))
-    high = np.where(own, rows.mechanistic_interval[:, 1], point + np.nan_to_num(half))
-    return low, high
+    mech_low, mech_high = (rows.mechanistic_interval.T if fallback else np.full((2, len(rows)), np.nan))
+    return np.where(own, mech_low, point - half), np.where(own, mech_high, point + half)
 
 
 def hybrid_point(residual: BiomarkerResidual, rows: Rows) -> np.ndarray:
@@ -192,7 +196,7 @@ def evaluate(data: Dataset, residuals: dict[str, ResidualArtifact], direct: Dire
                                                         rows.mechanistic_interval[:, 1])}
         if direct is not None and b in direct.predictors:
             point = direct.predictors[b].predict(rows.design(mechanistic=False))
-            entry["learned_only"] = _scores(rows.observed, point, *_band(rows, point, direct.intervals[b]))
+            entry["learned_only"] = _scores(rows.observed, point, *_band(rows, point, direct.intervals[b], False))
         for name, artifact in residuals.items():
             residual = artifact.biomarkers.get(b)
             if residual is None:
