@@ -64,10 +64,13 @@ The generator, step by step (every number below is an assumption of this generat
    coronary share of 0.6 of the ASCVD hazard and 0.2175 (1.27 per three-fold) on the rest; coronary calcium
    log-HR 0.2743 per ln(CAC + 1) on the coronary share (the MESA with-CAC coefficient, McClelland 2015);
    activity RR 0.83 from 0 to 150 min/week, none above (Wahid A et al., JAHA 2016); PM2.5 NULL (no effect:
-   the case where a marker the engine uses adds nothing). Each multiplier is divided by its mean (exact for
-   the log-normal and calcium terms given the patient's risk factors, the cohort mean otherwise), so
-   PREVENT stays the average truth; the ASCVD hazard is multiplied and the extra (or missing) ASCVD hazard
-   is added to total CVD. The engine sees the true marker values.
+   the case where a marker the engine uses adds nothing). NT-proBNP pg/mL log-normal with the ARIC
+   sex-specific medians 62 (women) and 36 (men) (Ozkan B et al., Circulation 2023 abstract) and log-SD 1.0
+   (an assumption), TRUE effect HR 1.95 per ln unit on the heart-failure hazard (Choi EY et al., Circ Heart
+   Fail 2012). Each multiplier is divided by its mean (exact for the log-normal and calcium terms given the
+   patient's risk factors, the cohort mean otherwise), so PREVENT stays the average truth; the ASCVD and
+   heart-failure hazards are multiplied and their extra (or missing) hazard is added to total CVD. The
+   engine sees the true marker values.
 8. Sampling. Hazards are constant within each month, so event times are drawn exactly by inverse transform
    of the cumulative hazards. One uniform is shared by the three CVD outcomes (comonotone: a patient with
    an early ASCVD event tends to have an early total-CVD event), non-CVD death competes with them, and
@@ -306,11 +309,14 @@ CRP_LOG_HR_PER_LOG_UNIT = {"coronary": math.log(1.37) / math.log(3.0), "stroke":
 CAC_LOG_HR_PER_LOG_UNIT = 0.2743
 ACTIVITY_RR_0_TO_150 = 0.83
 PM25_LOG_HR_PER_UG_M3 = 0.0
+NT_PROBNP_LOG_HR_PER_LOG_UNIT = math.log(1.95)
+NT_PROBNP_MEDIAN = {"female": 62.0, "male": 36.0}
 CORONARY_SHARE = 0.6
 
 
-def _markers(pop: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """True marker values (engine field names) and their joint multiplier of the ASCVD hazard (step 7)."""
+def _markers(pop: dict[str, np.ndarray], rng: np.random.Generator
+             ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """True marker values (engine field names) and their multipliers of the ASCVD and HF hazards (step 7)."""
     n = pop["age"].size
     lpa = np.minimum(19.6 * np.exp(rng.normal(0.0, 1.70, n)), 1000.0)
     crp_mu, crp_sd = math.log(2.0), math.log(3.0)
@@ -337,16 +343,20 @@ def _markers(pop: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict
     pm_m = np.exp(PM25_LOG_HR_PER_UG_M3 * pm25)
     coronary = CORONARY_SHARE * crp_part["coronary"] * cac_m
     multiplier = lpa_m * act_m * pm_m * (coronary + (1.0 - CORONARY_SHARE) * crp_part["stroke"])
+    bnp_mu = np.log(np.where(pop["female"], NT_PROBNP_MEDIAN["female"], NT_PROBNP_MEDIAN["male"]))
+    bnp = np.exp(rng.normal(bnp_mu, 1.0))
+    beta = NT_PROBNP_LOG_HR_PER_LOG_UNIT
+    hf_multiplier = bnp**beta / lognormal_mean(beta, bnp_mu, 1.0)
     values = {"lpa_nmol_l": lpa, "hscrp_mg_l": crp, "cac_agatston": cac, "pm25_ug_m3": pm25,
-              "exercise_min_per_week": exercise}
-    return values, multiplier
+              "exercise_min_per_week": exercise, "nt_probnp_pg_ml": bnp}
+    return values, multiplier, hf_multiplier
 
 
 def generate(n: int, seed: int = 0, markers: bool = False) -> EventCohort:
     """``n`` virtual patients with histories, true risks and sampled events (module docstring).
 
-    ``markers``: also give every patient Lp(a), hsCRP, coronary calcium, PM2.5 and activity with their
-    true effects (step 7); without it the cohort is exactly the one made before markers existed.
+    ``markers``: also give every patient Lp(a), hsCRP, coronary calcium, PM2.5, activity and NT-proBNP with
+    their true effects (step 7); without it the cohort is exactly the one made before markers existed.
     """
     if n < 1:
         raise ValueError("n must be at least 1")
@@ -371,11 +381,13 @@ def generate(n: int, seed: int = 0, markers: bool = False) -> EventCohort:
         log_mult = np.array([np.interp(mid, years, row) for row in (x_path - x0[:, None])])
         hazards[outcome] = c[:, None] * shape * np.exp(log_mult)
     marker_values: dict[str, np.ndarray] = {}
-    if markers:  # step 7: the markers' true effects on the ASCVD hazard (and so on total CVD)
-        marker_values, ascvd_multiplier = _markers(pop, np.random.default_rng([seed, 2]))
+    if markers:  # step 7: the markers' true effects on the ASCVD and HF hazards (and so on total CVD)
+        marker_values, ascvd_multiplier, hf_multiplier = _markers(pop, np.random.default_rng([seed, 2]))
         extra = hazards["ascvd"] * (ascvd_multiplier[:, None] - 1.0)
+        extra_hf = hazards["heart_failure"] * (hf_multiplier[:, None] - 1.0)
         hazards["ascvd"] = hazards["ascvd"] + extra
-        hazards["total_cvd"] = np.maximum(hazards["total_cvd"] + extra, 0.0)
+        hazards["heart_failure"] = hazards["heart_failure"] + extra_hf
+        hazards["total_cvd"] = np.maximum(hazards["total_cvd"] + extra + extra_hf, 0.0)
     for outcome in CVD:
         cif = _cif(hazards[outcome], death_nc, dt)
         truth[outcome] = cif[:, [12 * h - 1 for h in HORIZONS]]
@@ -426,7 +438,8 @@ def generate(n: int, seed: int = 0, markers: bool = False) -> EventCohort:
                 patient, lpa_nmol_l=float(marker_values["lpa_nmol_l"][i]),
                 hscrp_mg_l=float(marker_values["hscrp_mg_l"][i]), cac_agatston=float(marker_values["cac_agatston"][i]),
                 pm25_ug_m3=float(marker_values["pm25_ug_m3"][i]),
-                exercise_min_per_week=float(marker_values["exercise_min_per_week"][i]))
+                exercise_min_per_week=float(marker_values["exercise_min_per_week"][i]),
+                nt_probnp_pg_ml=float(marker_values["nt_probnp_pg_ml"][i]))
         inputs.append(patient)
     recorded_egfr = np.array([p_.egfr_ml_min_1_73m2 for p_ in inputs])
     attributes = {

@@ -8,8 +8,10 @@ values, the model the engine would choose) and by the same anchor moved by one m
 engine does it (``fhirtwin.sim.modifiers``: point estimates on the coronary and stroke parts of the
 cumulative hazard). Both are placed in the 2026 ACC/AHA categories (< 3 %, 3-5 %, 5-10 %, >= 10 %, from
 ``guidelines.json``); the NRI for events (ASCVD by 10 years) is P(up) - P(down), for non-events
-P(down) - P(up), with a patient-level bootstrap 95% interval. Follow-up is complete to 10 years in the
-generator, so no censoring weights are needed; a death before an ASCVD event is a non-event.
+P(down) - P(up), with a patient-level bootstrap 95% interval. NT-proBNP acts on heart failure, which has
+no guideline categories: it is judged on total CVD and its one published threshold (7.5 %). Follow-up is
+complete to 10 years in the generator, so no censoring weights are needed; a death before the event is a
+non-event.
 
 Run: ``python -m fhirtwin.validation.reclassification --n 20000 --seed 1 --out docs/validation`` writes
 ``reclassification.md`` and ``reclassification.json``. Because the truth is synthetic, the numbers show
@@ -34,11 +36,16 @@ from fhirtwin.sim.inputs import PatientInputs
 from fhirtwin.sim.modifiers import ActiveModifier, active_modifiers, ascvd_risk_with, modifier_table
 from fhirtwin.validation.events import EventCohort, generate
 
-MARKERS = ("lipoprotein_a", "hscrp", "coronary_calcium", "physical_activity", "pm25")
+MARKERS = ("lipoprotein_a", "hscrp", "coronary_calcium", "physical_activity", "pm25", "nt_probnp")
+#: The outcome whose guideline categories judge each marker: ASCVD for the ASCVD markers; NT-proBNP acts on
+#: heart failure, which has no guideline categories, so it is judged on total CVD (7.5 % threshold).
+OUTCOME = {"nt_probnp": "total_cvd"}
 #: What the generator states as each marker's true effect (fhirtwin.validation.events, step 7).
 TRUE_EFFECT = {"lipoprotein_a": "HR 1.11 per 50 nmol/L", "hscrp": "1.37 (coronary) / 1.27 (stroke) per three-fold",
                "coronary_calcium": "log-HR 0.2743 per ln(CAC + 1) on the coronary share",
-               "physical_activity": "RR 0.83 from 0 to 150 min/week", "pm25": "null (no effect)"}
+               "physical_activity": "RR 0.83 from 0 to 150 min/week", "pm25": "null (no effect)",
+               "nt_probnp": "HF HR 1.95 per ln unit"}
+_CATEGORY_KEY = {"ascvd": "ascvd_10y", "total_cvd": "total_cvd_10y"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Reclassification:
     """Categorical NRI of one marker: point estimates and bootstrap 95% intervals, with the counts."""
 
     marker: str
+    outcome: str
     nri: float
     nri_ci: tuple[float, float]
     events: float
@@ -61,15 +69,16 @@ class Reclassification:
         return dict(self.__dict__)
 
 
-def category_index(risk: np.ndarray) -> np.ndarray:
-    """Ordinal guideline category (0 = low ... 3 = high) of 10-year ASCVD risks."""
-    uppers = [u for u, *_ in guideline_parameters()["risk_categories"]["ascvd_10y"]["bands"] if u is not None]
+def category_index(risk: np.ndarray, outcome: str = "ascvd") -> np.ndarray:
+    """Ordinal guideline category (0 = lowest) of 10-year risks of ``outcome`` (ascvd: 4, total_cvd: 2)."""
+    bands = guideline_parameters()["risk_categories"][_CATEGORY_KEY[outcome]]["bands"]
+    uppers = [u for u, *_ in bands if u is not None]
     out: np.ndarray = np.searchsorted(np.asarray(uppers, dtype=float), risk, side="right")
     return out
 
 
-def anchor_risk(patients: list[PatientInputs]) -> np.ndarray:
-    """PREVENT 10-year ASCVD risk at the recorded values, one vectorised call per PREVENT model used."""
+def anchor_risk(patients: list[PatientInputs], outcome: str = "ascvd") -> np.ndarray:
+    """PREVENT 10-year risk at the recorded values, one vectorised call per PREVENT model used."""
     out = np.empty(len(patients))
     models = np.array([prevent_model_for(p) for p in patients])
     for model in dict.fromkeys(models.tolist()):
@@ -77,24 +86,36 @@ def anchor_risk(patients: list[PatientInputs]) -> np.ndarray:
         kws = [prevent_kwargs(patients[i], model) for i in rows]
         columns = {k: np.array([kw[k] for kw in kws]) for k in kws[0] if k != "model"}
         ages = np.clip([patients[i].age_years for i in rows], *PREVENT_AGE_RANGE)
-        out[rows] = prevent_risk(outcome="ascvd", horizon_years=10, age_years=ages, model=model, clip=True, **columns)
+        out[rows] = prevent_risk(outcome=outcome, horizon_years=10, age_years=ages, model=model, clip=True, **columns)
     return out
 
 
-def marker_risk(patients: list[PatientInputs], base: np.ndarray, marker: str,
+def marker_risk(patients: list[PatientInputs], base: dict[str, np.ndarray], marker: str, outcome: str = "ascvd",
                 actives: list[tuple[ActiveModifier, ...]] | None = None) -> np.ndarray:
-    """The anchor risk moved by one marker as the engine moves it (the anchor where it does not act).
+    """The anchor risk of ``outcome`` moved by one marker as the engine moves it (unchanged where it does not act).
 
-    ``actives``: each patient's acting modifiers when already computed (``active_modifiers``).
+    ``base``: anchor risks by outcome (ascvd; for total_cvd also heart_failure and total_cvd). Total CVD
+    moves through its ASCVD and HF parts in proportion to their 10-year cumulative hazards, as the engine
+    splits the total-CVD hazard. ``actives``: each patient's acting modifiers when already computed.
     """
     share = coronary_share()
-    out = base.copy()
+    out = base[outcome].copy()
     acting = actives if actives is not None else [active_modifiers(p) for p in patients]
     for i, modifiers in enumerate(acting):
         for m in modifiers:
-            if m.name == marker:
-                out[i] = ascvd_risk_with(float(base[i]), float(np.exp(m.point_log("coronary"))),
-                                         float(np.exp(m.point_log("stroke"))), share)
+            if m.name != marker:
+                continue
+            ascvd = base["ascvd"][i]
+            new_ascvd = ascvd_risk_with(float(ascvd), float(np.exp(m.point_log("coronary"))),
+                                        float(np.exp(m.point_log("stroke"))), share)
+            if outcome == "ascvd":
+                out[i] = new_ascvd
+                continue
+            h_ascvd, h_hf = -np.log1p(-ascvd), -np.log1p(-base["heart_failure"][i])
+            a = h_ascvd / (h_ascvd + h_hf)
+            m_ascvd = np.log1p(-new_ascvd) / np.log1p(-ascvd)
+            m_total = a * m_ascvd + (1 - a) * np.exp(m.point_log("heart_failure"))
+            out[i] = 1 - (1 - base["total_cvd"][i]) ** m_total
     return out
 
 
@@ -108,10 +129,10 @@ def _nri_parts(up: np.ndarray, down: np.ndarray, event: np.ndarray) -> np.ndarra
     return out
 
 
-def nri(old: np.ndarray, new: np.ndarray, event: np.ndarray, bootstrap: int, seed: int, marker: str = ""
-        ) -> Reclassification:
+def nri(old: np.ndarray, new: np.ndarray, event: np.ndarray, bootstrap: int, seed: int, marker: str = "",
+        outcome: str = "ascvd") -> Reclassification:
     """Categorical NRI of ``new`` over ``old`` risks for binary ``event``, with a percentile bootstrap."""
-    c_old, c_new = category_index(old), category_index(new)
+    c_old, c_new = category_index(old, outcome), category_index(new, outcome)
     up, down = (c_new > c_old).astype(float), (c_new < c_old).astype(float)
     ev = event.astype(float)
     point = _nri_parts(up[None, :], down[None, :], ev[None, :])[0]
@@ -124,7 +145,7 @@ def nri(old: np.ndarray, new: np.ndarray, event: np.ndarray, bootstrap: int, see
         lo, hi = np.percentile(x, [2.5, 97.5])
         return float(lo), float(hi)
 
-    return Reclassification(marker, float(point.sum()), ci(total), float(point[0]), ci(parts[:, 0]),
+    return Reclassification(marker, outcome, float(point.sum()), ci(total), float(point[0]), ci(parts[:, 0]),
                             float(point[1]), ci(parts[:, 1]), int(ev.sum()), int(ev.size - ev.sum()),
                             int((c_new != c_old).sum()))
 
@@ -132,11 +153,16 @@ def nri(old: np.ndarray, new: np.ndarray, event: np.ndarray, bootstrap: int, see
 def reclassification(cohort: EventCohort, bootstrap: int = 1000, seed: int = 0,
                      markers: tuple[str, ...] = MARKERS) -> list[Reclassification]:
     """NRI of the anchor with each marker vs without it, on a cohort generated with ``markers=True``."""
-    base = anchor_risk(cohort.inputs)
-    event = cohort.observed["ascvd"][:, 1]
+    outcomes = {OUTCOME.get(m, "ascvd") for m in markers}
+    needed = {"ascvd"} | ({"heart_failure", "total_cvd"} if "total_cvd" in outcomes else set())
+    base = {o: anchor_risk(cohort.inputs, o) for o in sorted(needed)}
     actives = [active_modifiers(p) for p in cohort.inputs]
-    return [nri(base, marker_risk(cohort.inputs, base, m, actives), event, bootstrap, seed + k, m)
-            for k, m in enumerate(markers)]
+    out = []
+    for k, m in enumerate(markers):
+        outcome = OUTCOME.get(m, "ascvd")
+        new = marker_risk(cohort.inputs, base, m, outcome, actives)
+        out.append(nri(base[outcome], new, cohort.observed[outcome][:, 1], bootstrap, seed + k, m, outcome))
+    return out
 
 
 def report(n: int, seed: int, bootstrap: int) -> dict[str, Any]:
@@ -146,11 +172,16 @@ def report(n: int, seed: int, bootstrap: int) -> dict[str, Any]:
     table = modifier_table()["modifiers"]
     return {
         "cohort": {"generator": "fhirtwin.validation.events.generate(markers=True)", "n": n, "seed": seed,
-                   "bootstrap": bootstrap, "outcome": "ASCVD by 10 years (complete follow-up)",
-                   "categories": guideline_parameters()["risk_categories"]["ascvd_10y"]["source"]},
+                   "bootstrap": bootstrap, "outcome": "the event by 10 years (complete follow-up)",
+                   "categories": {o: guideline_parameters()["risk_categories"][k]["source"]
+                                  for o, k in _CATEGORY_KEY.items()}},
         "markers": [{**r.to_json(), "scale": table[r.marker]["scale"], "true_effect": TRUE_EFFECT[r.marker],
                      "engine_effect_confidence": table[r.marker]["confidence"]} for r in rows],
     }
+
+
+def _interval(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:+.3f} ({row[key + '_ci'][0]:+.3f}, {row[key + '_ci'][1]:+.3f})"
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -160,23 +191,22 @@ def render_markdown(data: dict[str, Any]) -> str:
         "# Net reclassification by marker",
         "",
         f"Virtual cohort `{c['generator']}`, n = {c['n']}, seed {c['seed']}; outcome: {c['outcome']}. "
-        "Risk without the marker: PREVENT 10-year ASCVD at the recorded values (the engine's anchor); with it: "
-        "the same moved by the marker as the engine moves it. Categories < 3 %, 3-5 %, 5-10 %, >= 10 % "
-        f"({c['categories']}). 95% intervals from {c['bootstrap']} patient-level bootstrap samples.",
+        "Risk without the marker: PREVENT's 10-year risk at the recorded values (the engine's anchor); with it: "
+        "the same moved by the marker as the engine moves it. ASCVD categories < 3 %, 3-5 %, 5-10 %, >= 10 % "
+        f"({c['categories']['ascvd']}); total-CVD categories < 7.5 %, >= 7.5 % ({c['categories']['total_cvd']}). "
+        f"95% intervals from {c['bootstrap']} patient-level bootstrap samples.",
         "",
         "Generated by `python -m fhirtwin.validation.reclassification`. The truth is synthetic: these numbers "
         "show that the engine recovers effects the generator contains, not clinical value in real patients.",
         "",
-        "| marker | scale | true effect in the generator | NRI (95% CI) | events part (95% CI) | "
+        "| marker | scale | outcome | true effect in the generator | NRI (95% CI) | events part (95% CI) | "
         "non-events part (95% CI) | events / non-events | reclassified |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["markers"]:
-        lines.append(
-            f"| {r['marker']} | {r['scale']} | {r['true_effect']} | {r['nri']:+.3f} ({r['nri_ci'][0]:+.3f}, "
-            f"{r['nri_ci'][1]:+.3f}) | {r['events']:+.3f} ({r['events_ci'][0]:+.3f}, {r['events_ci'][1]:+.3f}) | "
-            f"{r['non_events']:+.3f} ({r['non_events_ci'][0]:+.3f}, {r['non_events_ci'][1]:+.3f}) | "
-            f"{r['n_events']} / {r['n_non_events']} | {r['reclassified']} |")
+        lines.append(f"| {r['marker']} | {r['scale']} | {r['outcome']} | {r['true_effect']} | {_interval(r, 'nri')} | "
+                     f"{_interval(r, 'events')} | {_interval(r, 'non_events')} | {r['n_events']} / "
+                     f"{r['n_non_events']} | {r['reclassified']} |")
     return "\n".join(lines) + "\n"
 
 

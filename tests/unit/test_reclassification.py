@@ -8,11 +8,14 @@ the truth would break one of the two.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from sim_fixtures import patient
 
 from fhirtwin.validation.events import generate
-from fhirtwin.validation.reclassification import category_index, nri, reclassification
+from fhirtwin.validation.reclassification import category_index, marker_risk, nri, reclassification
 
 
 def test_categories_follow_the_guideline_cut_points():
@@ -46,3 +49,13 @@ def test_the_cohort_without_markers_has_none():
     cohort = generate(20, seed=3)
     assert "lpa_nmol_l" not in cohort.attributes
     assert all(p.lpa_nmol_l is None and p.cac_agatston is None for p in cohort.inputs)
+
+
+def test_total_cvd_has_the_one_published_threshold_and_moves_through_its_hf_part():
+    assert category_index(np.array([0.0749, 0.075, 0.3]), "total_cvd").tolist() == [0, 1, 1]
+    p = patient(nt_probnp_pg_ml=36.0 * math.e)  # one ln unit above men's median: HF hazard x 1.95
+    base = {"ascvd": np.array([0.10]), "heart_failure": np.array([0.05]), "total_cvd": np.array([0.14])}
+    h_a, h_h = -math.log(0.90), -math.log(0.95)
+    expected = 1 - 0.86 ** (h_a / (h_a + h_h) + h_h / (h_a + h_h) * 1.95)
+    assert marker_risk([p], base, "nt_probnp", "total_cvd")[0] == pytest.approx(expected, rel=1e-9)
+    assert marker_risk([p], base, "nt_probnp", "ascvd")[0] == pytest.approx(0.10, rel=1e-12)
