@@ -64,6 +64,7 @@ class HybridTwin(TwinModel):
         from fhirtwin.sim.inputs import PatientInputs
 
         self.mechanistic_ = MechanisticTwin().fit(data, as_of)
+        self.inputs_: PatientInputs = self.mechanistic_.inputs_  # what the engine and the planner read
         self.residual_: dict[str, np.ndarray] = {}
         self.interval_: dict[str, dict[float, tuple[float, float]]] = {}
         if self.artifact is None:

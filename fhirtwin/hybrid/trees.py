@@ -3,8 +3,10 @@
 Why arrays: a pickled estimator is code execution on load, and a deployment should be able to load a
 residual it was handed without trusting it with that. The fitted trees are copied into node arrays
 (feature, threshold, where missing values go, children, leaf value) and evaluated here in numpy with the
-same rule scikit-learn uses (``x <= threshold`` goes left, NaN follows ``missing_go_to_left``). The tests
-check that the stored trees predict exactly what the estimator predicts.
+same rule scikit-learn uses (``x <= threshold`` goes left, NaN follows ``missing_go_to_left``), so serving
+needs numpy only (scikit-learn is imported for fitting). The tests check that the stored trees predict
+exactly what the estimator predicts; the copy reads the fitted estimator's tree tables (``_predictors``,
+``_baseline_prediction``), which are not public API, so a scikit-learn upgrade must pass that test.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingRegressor  # type: ignore[import-untyped]
 
 Arrays = dict[str, np.ndarray]
 
@@ -44,12 +45,14 @@ class TreeEnsemble:
         A column with no value in the training rows (e.g. a genomic result nobody had) is given to the
         estimator as a constant, which it never splits on (scikit-learn cannot bin an all-missing column).
         """
+        from sklearn.ensemble import HistGradientBoostingRegressor  # type: ignore[import-untyped]
+
         empty = np.isnan(x).all(axis=0)
         model = HistGradientBoostingRegressor(**GBM_SETTINGS, random_state=seed).fit(np.where(empty, 0.0, x), y)
         return cls.from_estimator(model)
 
     @classmethod
-    def from_estimator(cls, model: HistGradientBoostingRegressor) -> TreeEnsemble:
+    def from_estimator(cls, model: Any) -> TreeEnsemble:
         """Copy the trees of a fitted single-output regressor with numeric features only."""
         trees = [iteration[0].nodes for iteration in model._predictors]
         if any(bool(np.any(t["is_categorical"])) for t in trees):

@@ -231,3 +231,13 @@ def test_stored_trees_predict_what_scikit_learn_predicts() -> None:
     probe[::4, 3] = np.nan  # missing where training had none
     stored = TreeEnsemble.from_arrays(TreeEnsemble.from_estimator(model).to_arrays())
     np.testing.assert_allclose(stored.predict(probe), model.predict(probe), rtol=0, atol=1e-12)
+
+
+def test_serving_imports_neither_the_fhir_layer_nor_scikit_learn() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fhirtwin.hybrid; bad = [m for m in sys.modules if m.startswith(('fhirtwin.fhir', "
+            "'fhirtwin.adapters', 'sklearn'))]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
