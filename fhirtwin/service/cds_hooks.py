@@ -335,9 +335,12 @@ def build_cards(run: TwinRun, settings: ServiceSettings, *, optional_missing: Se
     lines += [f"| {twin_view.SHOWN_OUTCOMES[o]} | {twin_view.interval_text(v)} |" for o, v in r.items()]
     if forecast.drivers:
         lines += ["", "**Main drivers**", ""]
-        for d in sorted(forecast.drivers, key=lambda d: -d.contribution)[:4]:
-            lines.append(f"- {d.factor} {d.value} (vs {d.reference}): +{100 * d.contribution:.1f} points of "
+        for d in twin_view.main_drivers(forecast, 4):
+            lines.append(f"- {d.factor} {d.value} (vs {d.reference}): {100 * d.contribution:+.1f} points of "
                          f"{twin_view.SHOWN_OUTCOMES.get(d.outcome, d.outcome).lower()} risk")
+    if forecast.scales:
+        lines += ["", "**What each scale contributed**", ""]
+        lines += [f"- {s.text()}" for s in forecast.scales]
     if run.plan.options:
         lines += ["", "**Guideline-indicated options (ranked by net benefit after harms; ARR on total CVD)**", ""]
         for o in run.plan.options[:3]:

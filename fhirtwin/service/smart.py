@@ -433,7 +433,7 @@ def patient_page(request: Request) -> Response:
             "risks": twin_view.risks(forecast), "charts": _charts([("current care", forecast)]),
             "eligible": cache["eligible"], "options": run.plan.options[:6], "excluded": run.plan.excluded,
             "notes": run.plan.notes, "caveats": forecast.caveats,
-            "drivers": sorted(forecast.drivers, key=lambda d: -d.contribution)[:6],
+            "drivers": twin_view.main_drivers(forecast, 6), "scales": forecast.scales,
             "indicator": twin_view.indicator_for(forecast),
         })
     response = templates.TemplateResponse(request, "patient.html", context)

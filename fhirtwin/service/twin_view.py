@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fhirtwin.charts import OUTCOME_LABELS, SHOWN_TRAJECTORIES, risk_chart, trajectory_chart
 from fhirtwin.engine import Forecast
+from fhirtwin.sim.model import Driver
 from fhirtwin.twin import TwinState
 
 #: Outcomes shown to clinicians, in display order (keys of Forecast.cif).
@@ -43,6 +44,11 @@ INDICATOR_TEXT = ("Indicator: critical at PREVENT-ASCVD >= 10 % (high), warning 
 def risks(forecast: Forecast, years: float | None = None) -> dict[str, dict[str, float]]:
     """Median and 90 % interval per shown outcome at the horizon (fractions 0-1)."""
     return {o: forecast.at_horizon(o, years) for o in SHOWN_OUTCOMES if o in forecast.cif}
+
+
+def main_drivers(forecast: Forecast, top: int) -> list[Driver]:
+    """The drivers with the largest contributions, either sign (a marker such as CAC 0 can lower a risk)."""
+    return sorted(forecast.drivers, key=lambda d: -abs(d.contribution))[:top]
 
 
 def pct(value: float, digits: int = 1) -> str:

@@ -51,6 +51,8 @@ class PatientInputs:
     Genomic fields are None when untested (no effect is applied, and the model card says so). The marker,
     behavioural and environmental fields after ``defaults_used`` (Lp(a), hsCRP, CAC, NT-proBNP, LVEF,
     activity, PM2.5, SDI decile) are None when not recorded; ``fhirtwin.sim.modifiers`` says which act.
+    ``scales_read`` lists, per scale, the twin variables with a value at ``as_of``; ``variables_used`` those
+    the engine read a value of (the rest were only recorded).
     """
 
     patient_id: str
@@ -96,6 +98,8 @@ class PatientInputs:
     history_bmi_kg_m2: np.ndarray = field(default_factory=_empty)
     sources: tuple[str, ...] = ()
     defaults_used: tuple[str, ...] = ()
+    scales_read: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    variables_used: tuple[str, ...] = ()
     lpa_nmol_l: float | None = None
     lpa_mg_dl: float | None = None
     hscrp_mg_l: float | None = None
@@ -176,10 +180,12 @@ class _Reader:
         self.as_of_arg = as_of
         self.as_of = _instant(as_of)
         self.sources: set[str] = set()
+        self.used: set[str] = set()
         self.missing: list[str] = []
         self.defaults: list[str] = []
 
     def _use(self, ev: Evidence) -> None:
+        self.used.add(ev.variable)
         for src in ev.sources():
             self.sources.add(src.reference)
 
@@ -516,8 +522,16 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         history_bmi_kg_m2=reader.series("bmi_kg_m2"),
         sources=tuple(sorted(reader.sources)),
         defaults_used=tuple(reader.defaults),
+        scales_read=variables_by_scale(state, as_of),
+        variables_used=tuple(sorted(reader.used)),
         **markers,
     )
+
+
+def variables_by_scale(state: TwinState, as_of: TimePoint) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Per scale (molecular ... environmental), the twin variables that have a value at ``as_of``."""
+    return tuple((scale.value, tuple(name for name in series if state.latest_or_none(name, as_of) is not None))
+                 for scale, series in state.by_scale().items())
 
 
 #: Optional marker, behavioural and environmental variables read as the latest value (no default, no guess).

@@ -18,6 +18,7 @@ import numpy as np
 
 from fhirtwin.sim._params import intervention_parameters
 from fhirtwin.sim.calibration import LinearPosterior, calibrate
+from fhirtwin.sim.contributions import ScaleContribution, scale_contributions
 from fhirtwin.sim.dynamics import TRAJECTORY_VARIABLES, month_grid, simulate_trajectories
 from fhirtwin.sim.ensemble import draw_parameters, summarise
 from fhirtwin.sim.equations import prevent_risk
@@ -81,7 +82,8 @@ class Forecast:
     ``cif[outcome]`` and ``trajectories[variable]`` are per-draw arrays (draws, months+1) at
     ``times_months``; :meth:`summary` and :meth:`at_horizon` give the median and 90% interval.
     ``death`` is non-cardiovascular death before a first CVD event; ``competing_groups`` lists sets of
-    outcomes that are mutually exclusive first events (their CIFs sum to at most 1).
+    outcomes that are mutually exclusive first events (their CIFs sum to at most 1); ``scales`` says, per
+    scale, whether the record had data there and whether it moved the risk (``sim.contributions``).
     """
 
     model: str
@@ -99,6 +101,7 @@ class Forecast:
     drivers: tuple[Driver, ...] = ()
     caveats: tuple[str, ...] = ()
     competing_groups: tuple[tuple[str, ...], ...] = COMPETING_GROUPS
+    scales: tuple[ScaleContribution, ...] = ()
 
     @property
     def outcomes(self) -> tuple[str, ...]:
@@ -150,6 +153,7 @@ class Forecast:
             },
             "sources": list(self.sources),
             "drivers": [d.to_json() for d in self.drivers],
+            "scales": [s.to_json() for s in self.scales],
             "caveats": list(self.caveats),
         }
 
@@ -379,6 +383,7 @@ class MechanisticTwin(TwinModel):
             sources=inputs.sources,
             drivers=self.drivers_,
             caveats=tuple(caveats),
+            scales=scale_contributions(self.drivers_, dict(inputs.scales_read), inputs.variables_used),
         )
 
 

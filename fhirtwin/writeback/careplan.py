@@ -205,6 +205,9 @@ def build_care_plan(
             f"{e.candidate}: {e.reason}" + (f" [{e.source}]" if e.source else "") for e in plan.excluded)})
     if plan.notes:
         notes.append({"text": "Pharmacogenomic and other notes: " + "; ".join(plan.notes)})
+    if forecast.scales:
+        notes.append({"text": "What each scale of the twin contributed: " + "; ".join(
+            s.text() for s in forecast.scales) + "."})
     care_plan: dict[str, Any] = {
         "resourceType": "CarePlan",
         "meta": meta("fhirtwin-careplan"),

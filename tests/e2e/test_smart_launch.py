@@ -76,6 +76,11 @@ def test_ehr_launch_page_whatif_and_write(simulator: dict, service: str, base_ur
             expect(page.locator("#chart-risk-total_cvd svg polygon.band")).to_have_count(1)
             assert page.locator("svg.chart").count() >= 4
             expect(page.locator("#ledger")).to_contain_text("Data-quality ledger")
+            # every one of the seven scales says whether it moved the forecast, was used, only read, or had no data
+            scales = page.locator("#scales li")
+            expect(scales).to_have_count(7)
+            assert [t.split(":")[0] for t in scales.all_inner_texts()] == [
+                "molecular", "cellular", "tissue", "organ", "clinical", "behavioral", "environmental"]
 
             # what-if: toggle the first eligible intervention; the server recomputes
             baseline_total = page.locator("#risk-total_cvd .value").inner_text()

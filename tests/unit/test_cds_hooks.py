@@ -16,6 +16,8 @@ from fhirtwin.service.twin_view import indicator_for
 
 SERVICE = f"/cds-services/{cds_hooks.SERVICE_ID}"
 PUBLIC = "https://twin.example.org"
+#: The seven scales of the twin, in the order the card lists them (the issue names them).
+SCALES = ("molecular", "cellular", "tissue", "organ", "clinical", "behavioral", "environmental")
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +229,8 @@ def test_card_from_complete_prefetch(client: TestClient, records: dict, patient_
         return
     assert "90 % interval" in card["detail"]
     assert "Data quality and caveats" in card["detail"]
+    scale_lines = card["detail"].split("**What each scale contributed**")[1].strip().splitlines()[:7]
+    assert [line.split(":")[0] for line in scale_lines] == [f"- {s}" for s in SCALES]
     assert card["selectionBehavior"] == "at-most-one"
     [suggestion] = card["suggestions"]
     uuid.UUID(suggestion["uuid"])
@@ -240,6 +244,8 @@ def test_card_from_complete_prefetch(client: TestClient, records: dict, patient_
     inputs = {f"{r['resourceType']}/{r['id']}" for r in records[patient_id]}
     cited = [i["reference"] for i in care_plan["supportingInfo"]]
     assert cited and all(ref.split("/_history")[0] in inputs for ref in cited)
+    [scale_note] = [n["text"] for n in care_plan["note"] if n["text"].startswith("What each scale")]
+    assert all(f"{s}: " in scale_note for s in SCALES)
 
 
 def test_indicator_is_one_of_the_three_and_the_card_states_its_rule(client: TestClient, records: dict) -> None:
