@@ -1,6 +1,6 @@
 """Benchmark: the hybrid residual on a known-truth cohort, against mechanistic-only and learned-only.
 
-Run: ``python benchmarks/hybrid.py [--patients 2000] [--sizes 40,150,0] [--seed 1] [--out DIR]``
+Run: ``python benchmarks/hybrid.py [--patients 2000] [--sizes 40,150,300,0] [--seed 1] [--out DIR]``
 
 A cohort is written as FHIR NDJSON by ``tests/hybrid_generator.py`` (eGFR and SBP slopes depend on PM2.5 and
 exercise, which the mechanistic model does not read), staged with ``fhirtwin.population.stage_ndjson``, cut
@@ -9,7 +9,8 @@ the patients are held out once; the residuals are fitted on the first n of the o
 ``--sizes`` (0 = all). Printed per biomarker and n: RMSE, 90% interval coverage and mean width on the held-out
 rows for the mechanistic model (its own predictive interval: ensemble draws plus its measurement noise),
 learned-only (gradient boosting on the same features, no mechanistic input, split-conformal interval),
-hybrid-GBM and hybrid-GNN (shrinkage in brackets). ``--out`` writes the results as JSON and the largest
+hybrid-GBM and hybrid-GNN (shrinkage in brackets), and the GNN's RMSE minus the GBM's with a paired
+bootstrap interval over held-out patients. ``--out`` writes the results as JSON and the largest
 GBM and GNN artifacts (with the held-out metrics) as artifact folders.
 
 Not a test: never collected by pytest, and nothing here asserts on wall time.
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
@@ -34,7 +37,7 @@ from hybrid_generator import write_cohort  # noqa: E402
 
 from fhirtwin.hybrid.artifact import ResidualArtifact  # noqa: E402
 from fhirtwin.hybrid.data import Dataset, dataset_from_stage  # noqa: E402
-from fhirtwin.hybrid.train import DirectModel, evaluate, fit_residual, split_patients  # noqa: E402
+from fhirtwin.hybrid.train import DirectModel, evaluate, fit_residual, hybrid_point, split_patients  # noqa: E402
 from fhirtwin.population import stage_ndjson  # noqa: E402
 
 COLUMNS = ("mechanistic", "learned_only", "hybrid_gbm", "hybrid_gnn")
@@ -48,6 +51,29 @@ def _cell(entry: dict[str, Any] | None) -> str:
     else:
         text = f"{entry['rmse']:.3g} / {entry['coverage90']:.2f} / {entry['mean_width']:.3g}"
     return text + (f" [{entry['shrinkage']:.2f}]" if "shrinkage" in entry else "")
+
+
+def gnn_minus_gbm(test: Dataset, fitted: dict[str, ResidualArtifact], seed: int, draws: int = 2000
+                  ) -> dict[str, dict[str, float]]:
+    """RMSE(hybrid-GNN) - RMSE(hybrid-GBM) on the held-out rows, with a 95% interval from a paired bootstrap
+    over held-out patients (rows of one patient are resampled together)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, float]] = {}
+    for b, rows in test.rows.items():
+        if not len(rows) or b not in fitted["hybrid_gbm"].biomarkers or b not in fitted["hybrid_gnn"].biomarkers:
+            continue
+        patients, index = np.unique(rows.patient_id.astype(str), return_inverse=True)
+        sq = {name: np.bincount(index, (rows.observed - hybrid_point(fitted[name].biomarkers[b], rows)) ** 2)
+              for name in ("hybrid_gbm", "hybrid_gnn")}
+        count = np.bincount(index).astype(float)
+        weights = rng.multinomial(patients.size, np.full(patients.size, 1.0 / patients.size), size=draws)
+
+        w = np.vstack([np.ones(patients.size), weights.astype(float)])  # row 0: the held-out set itself
+        diff = np.sqrt((w @ sq["hybrid_gnn"]) / (w @ count)) - np.sqrt((w @ sq["hybrid_gbm"]) / (w @ count))
+        boot = diff[1:]
+        out[b] = {"difference": float(diff[0]),
+                  "low95": float(np.percentile(boot, 2.5)), "high95": float(np.percentile(boot, 97.5))}
+    return out
 
 
 def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws: int, out: Path | None
@@ -82,7 +108,13 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
         print("| biomarker | " + " | ".join(COLUMNS) + " |")
         print("|---|" + "---|" * len(COLUMNS))
         for biomarker, entry in scores.items():
+            if biomarker == "gnn_minus_gbm_rmse":
+                continue
             print(f"| {biomarker} | " + " | ".join(_cell(entry.get(c)) for c in COLUMNS) + " |")
+        paired = gnn_minus_gbm(test, fitted, seed)
+        results["by_training_size"][str(n)]["gnn_minus_gbm_rmse"] = paired
+        print("RMSE(hybrid-GNN) - RMSE(hybrid-GBM) [95% paired bootstrap over held-out patients]: " + "; ".join(
+            f"{b}: {d['difference']:+.3g} [{d['low95']:+.3g}, {d['high95']:+.3g}]" for b, d in paired.items()))
         print(flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +122,7 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
         largest = results["by_training_size"][max(results["by_training_size"], key=int)]
         for name, artifact in artifacts.items():
             metrics = {"held_out": {b: {k: e[k] for k in ("rows", "patients", "mechanistic", name)}
-                                    for b, e in largest.items()}}
+                                    for b, e in largest.items() if b != "gnn_minus_gbm_rmse"}}
             saved = ResidualArtifact(artifact.learner, artifact.feature_names, artifact.horizons,
                                      artifact.biomarkers, artifact.training_data, metrics,
                                      settings=artifact.settings).save(out / name)
@@ -101,7 +133,7 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=2000)
-    parser.add_argument("--sizes", default="40,150,0", help="training sizes (0 = every training patient)")
+    parser.add_argument("--sizes", default="40,150,300,0", help="training sizes (0 = every training patient)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--draws", type=int, default=200)
