@@ -583,6 +583,23 @@ def cmd_validate_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate_governance(args: argparse.Namespace) -> int:
+    """Each optional component on vs off on a virtual cohort with markers; writes the engine's defaults."""
+    from pathlib import Path
+
+    from fhirtwin.sim import components
+    from fhirtwin.validation.governance import markdown, run, write
+
+    report = run(args.n, seed=args.seed, draws=args.draws)
+    verdicts = Path(args.verdicts) if args.verdicts else Path(components.__file__).with_name(components.VERDICTS_FILE)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write(report, verdicts, out / "governance.md")
+    print(markdown(report))
+    print(f"written: {verdicts}, {out / 'governance.md'}")
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     """Upload fhirtwin's profiles, terminology and OperationDefinition, its Organization, Devices and public
     signing key to a FHIR server, once, with an administrator's credentials. Every entry is a PUT to a
@@ -961,6 +978,15 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--out", default="docs/validation", help="where to write the report (default docs/validation)")
     cohort.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     cohort.set_defaults(func=cmd_validate_cohort)
+    governance = kinds.add_parser("governance", help="each optional component on vs off: subgroup calibration "
+                                  "decides its default (writes components.json and governance.md)")
+    governance.add_argument("--n", type=positive_int, default=6000, help="virtual patients (default 6000)")
+    governance.add_argument("--seed", type=int, default=2026, help="generator seed (default 2026)")
+    governance.add_argument("--draws", type=positive_int, default=40, help="ensemble draws per patient (default 40)")
+    governance.add_argument("--verdicts", default="", help="where to write components.json (default: the one the "
+                            "engine reads, next to fhirtwin/sim/components.py)")
+    governance.add_argument("--out", default="docs/validation", help="where to write governance.md")
+    governance.set_defaults(func=cmd_validate_governance)
 
     register = commands.add_parser("register", help="upload fhirtwin's profiles, Devices and public key (once)")
     server_options(register)

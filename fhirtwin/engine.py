@@ -32,6 +32,7 @@ from fhirtwin.fhir.client import batch_results
 from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_resource
 from fhirtwin.keys import key_device, key_device_id, public_key_from_device
 from fhirtwin.package_data import conformance_resources
+from fhirtwin.sim.components import enabled_components
 from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
@@ -578,7 +579,8 @@ class Engine:
     def __init__(self, source: Any = None, *, signing_key: SigningKey | None = None, draws: int = 1000,
                  horizon_years: float = 10.0, seed: int = 0, outcome: str = "total_cvd", strict: bool = False,
                  organization_id: str = DEFAULT_ORGANIZATION, audit: AuditTrail | None = None,
-                 consent: ConsentPolicy | None = None, validate_writes: bool = False) -> None:
+                 consent: ConsentPolicy | None = None, validate_writes: bool = False,
+                 components: Iterable[str] | None = None) -> None:
         self.source = source
         self.signing_key = signing_key
         self.draws = draws
@@ -594,6 +596,9 @@ class Engine:
         #: Check every prepared resource against R4 before sending (a debugging aid, 17 ms per patient): the
         #: resources come from one builder whose output the tests validate, with the official HL7 validator too.
         self.validate_writes = validate_writes
+        #: Optional model components on (``fhirtwin.sim.components``): governance defaults and the deployment's
+        #: FHIRTWIN_COMPONENTS, read once here so every door of one engine uses the same set.
+        self.components = enabled_components() if components is None else frozenset(components)
         self._hapi: bool | None = None
 
     # -- read
@@ -745,7 +750,7 @@ class Engine:
         if not decision.in_scope:
             return TwinRun(state, None, None, f"out of scope: {CONCEPTS[decision.code]}", (), stored, decision, flags)
         try:
-            model = MechanisticTwin().fit(state)
+            model = MechanisticTwin(components=self.components).fit(state)
         except InsufficientData as exc:
             return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored, decision, flags)
         inputs = model.inputs_

@@ -10,6 +10,7 @@ scenario into a :class:`Forecast` that is reproducible from its seed and carries
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -18,6 +19,7 @@ import numpy as np
 
 from fhirtwin.sim._params import intervention_parameters
 from fhirtwin.sim.calibration import LinearPosterior, calibrate
+from fhirtwin.sim.components import enabled_components, without_disabled
 from fhirtwin.sim.contributions import ScaleContribution, scale_contributions
 from fhirtwin.sim.dynamics import TRAJECTORY_VARIABLES, month_grid, simulate_trajectories
 from fhirtwin.sim.ensemble import draw_parameters, summarise
@@ -316,9 +318,13 @@ class MechanisticTwin(TwinModel):
     version = "0.3.0"
     dynamic: ClassVar[bool] = True
 
+    def __init__(self, components: Iterable[str] | None = None) -> None:
+        """``components``: the optional components to use (default: this deployment's, ``sim.components``)."""
+        self.components = enabled_components() if components is None else frozenset(components)
+
     def fit(self, data: TwinState | PatientInputs, as_of: date | datetime | None = None) -> Self:
-        """Read inputs, calibrate levels and slopes, and solve the anchored hazards."""
-        inputs = _as_inputs(data, as_of)
+        """Read inputs (without the components that are off), calibrate levels and slopes, solve the anchors."""
+        inputs, self.component_notes_ = without_disabled(_as_inputs(data, as_of), self.components)
         self.inputs_: PatientInputs = inputs
         self.posteriors_: dict[str, LinearPosterior] = calibrate(inputs)
         self.anchors_: Anchors = compute_anchors(inputs)
@@ -347,7 +353,7 @@ class MechanisticTwin(TwinModel):
         if scenario.has("smoking_cessation") is not None and inputs.current_smoker:
             cif = after_quit_attempt(hz, cif, anchors, params, 0.5 * (t[1:] + t[:-1]))
         extrapolated = [flag for flag in anchors.extrapolated if _applies(flag, horizon_years)]
-        caveats = list(anchors.caveats)
+        caveats = list(anchors.caveats) + list(self.component_notes_)
         caveats.extend(f"extrapolated: {flag}" for flag in extrapolated)
         caveats.extend(f"default used: {d}" for d in inputs.defaults_used)
         if "hba1c_percent" not in traj.values:
@@ -367,6 +373,7 @@ class MechanisticTwin(TwinModel):
             "published": anchors.published,
             "effects": "interventions.json",
             "parameters": "dynamics_parameters.json",
+            "components_on": sorted(self.components),
         }
         return Forecast(
             model=self.name,

@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -455,18 +456,27 @@ def generate(n: int, seed: int = 0, markers: bool = False) -> EventCohort:
 
 
 def engine_predictions(cohort: EventCohort, draws: int = 40, model_name: str = "fhirtwin-mechanistic",
-                       progress: Any = None) -> dict[str, np.ndarray]:
-    """The engine's cumulative incidence (mean over draws) at 5 and 10 years, (n, 2) per outcome."""
+                       progress: Any = None, model_kwargs: dict[str, Any] | None = None,
+                       only: Sequence[int] | None = None, base: dict[str, np.ndarray] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """The engine's cumulative incidence (mean over draws) at 5 and 10 years, (n, 2) per outcome.
+
+    ``model_kwargs`` configure the model (e.g. its components); ``only`` re-predicts just those patients and
+    takes the others from ``base`` (each patient keeps its own seed, so predictions are paired).
+    """
     from fhirtwin.sim import get_model
 
-    out = {o: np.empty((cohort.n, len(HORIZONS))) for o in OUTCOMES}
+    out = ({o: np.array(v, copy=True) for o, v in base.items()} if base is not None
+           else {o: np.empty((cohort.n, len(HORIZONS))) for o in OUTCOMES})
     months = [12 * h for h in HORIZONS]
-    model = get_model(model_name)
-    for i, patient in enumerate(cohort.inputs):
+    model = get_model(model_name, **(model_kwargs or {}))
+    chosen = range(cohort.n) if only is None else only
+    for k, i in enumerate(chosen):
+        patient = cohort.inputs[i]
         model.fit(patient)
         forecast = model.simulate(None, float(max(HORIZONS)), draws, seed=cohort.seed + i)
         for o in OUTCOMES:
             out[o][i] = forecast.cif[o][:, months].mean(axis=0)
         if progress is not None:
-            progress(i + 1, cohort.n)
+            progress(k + 1, len(chosen))
     return out

@@ -17,6 +17,7 @@ from sim_fixtures import patient
 
 from fhirtwin.causal.graph import GraphError, UnknownNode, graph_bytes, graph_reference, load_graph, parse_graph
 from fhirtwin.sim._params import dynamics_parameters, intervention_parameters
+from fhirtwin.sim.components import component_names
 from fhirtwin.sim.dynamics import month_grid, simulate_trajectories
 from fhirtwin.sim.ensemble import RATIO_NAMES, draw_parameters
 from fhirtwin.sim.hazards import CVD_OUTCOMES, compute_anchors, hazard_paths, prevent_kwargs
@@ -129,7 +130,7 @@ def test_every_anchor_input_has_an_edge_into_the_outcomes() -> None:
 
 
 def _hazards(inputs, seed: int = 3) -> dict[str, np.ndarray]:
-    twin = MechanisticTwin().fit(inputs)
+    twin = MechanisticTwin(components=component_names()).fit(inputs)  # the graph declares every component
     t = month_grid(10.0)
     draws = draw_parameters(inputs, twin.posteriors_, 64, seed, 10.0, uacr_quantiles=twin.anchors_.kidney.shape[0])
     traj = simulate_trajectories(inputs, twin.posteriors_, draws, BASELINE, t)

@@ -16,6 +16,7 @@ from sim_fixtures import patient
 
 from fhirtwin.adapters import build_twin
 from fhirtwin.sim import get_model, inputs_from_state
+from fhirtwin.sim.components import component_names
 from fhirtwin.sim.dynamics import month_grid, simulate_trajectories
 from fhirtwin.sim.ensemble import STREAM_NAMES, draw_parameters
 from fhirtwin.sim.equations import coronary_calcium_ratio, prevent_risk
@@ -23,12 +24,20 @@ from fhirtwin.sim.hazards import hazard_paths
 from fhirtwin.sim.interventions import BASELINE
 from fhirtwin.twin import Demographics, Evidence, Scale, SourceRef, TwinState, get_variable
 
+#: These tests check each marker's effect, so every optional component is on (their defaults are governance's).
+ALL = component_names()
+
+
+def _model(name):
+    return get_model(name, components=ALL)
+
+
 CORONARY_SHARE = 0.57  # REGARDS: 192 of 338 first hard ASCVD events were coronary (Muntner P et al., JAMA 2014)
 WHITE_MAN = dict(race="white")
 
 
 def _hazards(p, model="fhirtwin-equations", n=40, seed=1):
-    m = get_model(model).fit(p)
+    m = _model(model).fit(p)
     t = month_grid(10.0)
     draws = draw_parameters(p, m.posteriors_, n, seed, 10.0, uacr_quantiles=m.anchors_.kidney.shape[0])
     traj = simulate_trajectories(p, m.posteriors_, draws, BASELINE, t, dynamic=m.dynamic)
@@ -37,7 +46,7 @@ def _hazards(p, model="fhirtwin-equations", n=40, seed=1):
 
 def test_without_markers_nothing_is_added_and_old_draws_keep_their_streams():
     plain, with_lpa = patient(**WHITE_MAN), patient(**WHITE_MAN, lpa_nmol_l=150.0)
-    m = get_model("fhirtwin-mechanistic").fit(plain)
+    m = _model("fhirtwin-mechanistic").fit(plain)
     assert m.anchors_.modifiers == () and "modifiers" not in m.anchors_.method
     a = draw_parameters(plain, m.posteriors_, 64, 7, 10.0)
     b = draw_parameters(with_lpa, m.posteriors_, 64, 7, 10.0)
@@ -51,8 +60,8 @@ def test_without_markers_nothing_is_added_and_old_draws_keep_their_streams():
 
 def test_markers_at_their_reference_level_give_the_bit_identical_forecast():
     at_reference = dict(lpa_nmol_l=19.6, hscrp_mg_l=2.0, exercise_min_per_week=200.0, pm25_ug_m3=9.0)
-    a = get_model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN)).simulate(None, 10.0, 64, seed=5)
-    b = get_model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN, **at_reference)).simulate(None, 10.0, 64, seed=5)
+    a = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN)).simulate(None, 10.0, 64, seed=5)
+    b = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN, **at_reference)).simulate(None, 10.0, 64, seed=5)
     for outcome in a.cif:
         np.testing.assert_array_equal(a.cif[outcome], b.cif[outcome])
     assert "modifiers" in b.method and "modifiers" not in a.method
@@ -81,18 +90,18 @@ def test_lpa_acts_with_the_published_effect_and_its_interval():
 
 
 def test_lpa_in_mg_dl_uses_the_cited_factor_and_says_so():
-    nmol = get_model("fhirtwin-equations").fit(patient(lpa_nmol_l=120.0))
-    mass = get_model("fhirtwin-equations").fit(patient(lpa_mg_dl=50.0))
+    nmol = _model("fhirtwin-equations").fit(patient(lpa_nmol_l=120.0))
+    mass = _model("fhirtwin-equations").fit(patient(lpa_mg_dl=50.0))
     assert mass.anchors_.modifiers[0].point_log("coronary") == pytest.approx(
         nmol.anchors_.modifiers[0].point_log("coronary"))
     caveats = mass.simulate(None, 10.0, 8, seed=0).caveats
     assert any("2.4" in c and "isoform" in c for c in caveats)
-    both = get_model("fhirtwin-equations").fit(patient(lpa_nmol_l=19.6, lpa_mg_dl=200.0))
+    both = _model("fhirtwin-equations").fit(patient(lpa_nmol_l=19.6, lpa_mg_dl=200.0))
     assert both.anchors_.modifiers[0].point_log("coronary") == 0.0  # the molar result wins
 
 
 def test_drivers_show_each_scale_and_calcium_zero_lowers_the_risk():
-    m = get_model("fhirtwin-equations").fit(patient(**WHITE_MAN, cac_agatston=0.0, hscrp_mg_l=6.0, pm25_ug_m3=19.0,
+    m = _model("fhirtwin-equations").fit(patient(**WHITE_MAN, cac_agatston=0.0, hscrp_mg_l=6.0, pm25_ug_m3=19.0,
                                                     exercise_min_per_week=0.0))
     drivers = {d.factor: d for d in m.drivers_}
     assert {d.scale for d in m.drivers_} <= {s.value for s in Scale}
@@ -110,7 +119,7 @@ def test_drivers_show_each_scale_and_calcium_zero_lowers_the_risk():
 
 
 def test_acute_phase_crp_and_markers_without_a_checked_effect_do_not_act():
-    m = get_model("fhirtwin-equations").fit(patient(hscrp_mg_l=25.0, lvef_percent=45.0, steps_per_day=3000.0))
+    m = _model("fhirtwin-equations").fit(patient(hscrp_mg_l=25.0, lvef_percent=45.0, steps_per_day=3000.0))
     assert m.anchors_.modifiers == ()
     caveats = " ".join(m.simulate(None, 10.0, 8, seed=0).caveats)
     assert "acute-phase" in caveats and "LVEF" in caveats and "steps per day" in caveats
@@ -125,12 +134,12 @@ def test_nt_probnp_moves_only_heart_failure_from_the_sex_specific_median():
     np.testing.assert_array_equal(bnp["ascvd"], base["ascvd"])
     (driver,) = [d for d in m.drivers_ if d.factor == "NT-proBNP"]
     assert driver.outcome == "heart_failure" and driver.scale == "organ" and driver.contribution > 0
-    at_median = get_model("fhirtwin-equations").fit(patient(sex="female", nt_probnp_pg_ml=62.0))
+    at_median = _model("fhirtwin-equations").fit(patient(sex="female", nt_probnp_pg_ml=62.0))
     assert at_median.anchors_.modifiers[0].point_log("heart_failure") == 0.0  # women's median 62
 
 
 def test_sdi_makes_prevent_sdi_model_the_anchor():
-    full = get_model("fhirtwin-equations").fit(patient(sdi_decile=8))
+    full = _model("fhirtwin-equations").fit(patient(sdi_decile=8))
     assert full.anchors_.prevent_model == "full"
     p = full.inputs_
     kw = dict(sex="male", total_cholesterol_mg_dl=p.total_cholesterol_mg_dl, hdl_cholesterol_mg_dl=45.0,
@@ -140,7 +149,7 @@ def test_sdi_makes_prevent_sdi_model_the_anchor():
     missing = prevent_risk(outcome="ascvd", horizon_years=10, age_years=60.0, model="full", **kw)
     assert full.anchors_.published["prevent_10y_ascvd"] == pytest.approx(expected, rel=1e-12)
     assert expected != pytest.approx(missing, rel=1e-3)
-    sdi_only = get_model("fhirtwin-equations").fit(patient(sdi_decile=2, uacr_mg_g=None, hba1c_percent=None))
+    sdi_only = _model("fhirtwin-equations").fit(patient(sdi_decile=2, uacr_mg_g=None, hba1c_percent=None))
     assert sdi_only.anchors_.prevent_model == "sdi"
     assert any(d.factor == "area deprivation (SDI)" and d.scale == "environmental" for d in full.drivers_)
 

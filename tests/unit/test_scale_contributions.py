@@ -15,6 +15,7 @@ from writeback_fixtures import versioned_resources
 
 from fhirtwin.adapters import build_twin
 from fhirtwin.engine import Engine
+from fhirtwin.sim.components import component_names
 from fhirtwin.sim.contributions import scale_contributions
 
 SCALES = ("molecular", "cellular", "tissue", "organ", "clinical", "behavioral", "environmental")
@@ -57,7 +58,7 @@ def _observation(rid: str, patient: str, code: str, value: float, unit: str) -> 
 
 def _scales(resources: list[dict], patient: str) -> dict:
     state = build_twin(patient, resources, date(2026, 6, 30))
-    run = Engine().simulate(state, draws=60)
+    run = Engine(components=component_names()).simulate(state, draws=60)
     assert run.plan is not None, run.error
     return {s.scale: s for s in run.plan.baseline.scales}
 
