@@ -264,6 +264,41 @@ def cmd_state(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sequence(args: argparse.Namespace) -> int:
+    """The optimal yearly treatment sequence of one patient; prints it, ``--out`` writes the timed CarePlan."""
+    from fhirtwin.engine import EngineError
+
+    engine = _engine(args)
+    try:
+        run = engine.run(args.patient, as_of=args.as_of)
+        plan, care_plan = engine.sequence(run, draws=args.draws)
+    except EngineError as exc:
+        raise CliError(f"fhirtwin sequence: {exc.message}") from None
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(care_plan, handle, indent=1)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+        return EXIT_OK
+
+    def per_1000(v: dict[str, float]) -> str:
+        return f"{1000 * v['expected']:.1f} (90 % {1000 * v['p05']:.1f} to {1000 * v['p95']:.1f})"
+
+    print(f"patient {plan.patient_id}: optimal {plan.horizon_years}-year sequence ({plan.draws} draws)")
+    for step in plan.steps or ():
+        print(f"  year {step.year}: {step.label}" + (f" ({step.condition})" if step.condition else ""))
+    if not plan.steps:
+        print("  no change from current care is expected to help more than it costs")
+    print(f"  net benefit per 1,000 vs current care: {per_1000(plan.net_benefit)}")
+    for name, value in plan.comparators.items():
+        print(f"    {name}: {per_1000(value)}")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    if args.out:
+        print(f"written: {args.out} (draft CarePlan, intent proposal, one activity per timed step)")
+    return EXIT_OK
+
+
 def _patient_ids(engine: Any, args: argparse.Namespace) -> list[str]:
     if args.patient:
         return list(dict.fromkeys(args.patient))
@@ -294,7 +329,7 @@ def _run_settings(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     return {"fhirtwin": __version__, "models": sorted(f"{m.name} {m.version}" for m in registered_models()),
             "draws": engine.draws, "horizon": engine.horizon_years, "seed": engine.seed, "outcome": engine.outcome,
-            "as_of": args.as_of}
+            "as_of": args.as_of, "components": sorted(engine.components)}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -890,6 +925,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", default=None, help="folder of the checkpoint (default $FHIRTWIN_STATE_DIR, "
                      "else ~/.local/state/fhirtwin; one file per FHIR server)")
     run.set_defaults(func=cmd_run)
+
+    seq = commands.add_parser("sequence", help="optimal yearly treatment sequence for one patient (exact dynamic "
+                              "programming over the twin); prints it, --out writes the timed draft CarePlan")
+    server_options(seq)
+    seq.add_argument("--patient", required=True, help="Patient id")
+    seq.add_argument("--as-of", type=iso_date, default=None, help="reference date YYYY-MM-DD (default today)")
+    seq.add_argument("--draws", type=positive_int, default=200, help="ensemble draws (default 200)")
+    seq.add_argument("--out", default=None, help="write the draft CarePlan (FHIR R4 JSON) to this file")
+    seq.add_argument("--json", action="store_true", help="print the sequence as JSON")
+    seq.set_defaults(func=cmd_sequence)
 
     verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server, "
                                  "or which results of a patient are current")

@@ -32,6 +32,7 @@ from fhirtwin.fhir.client import batch_results
 from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_resource
 from fhirtwin.keys import key_device, key_device_id, public_key_from_device
 from fhirtwin.package_data import conformance_resources
+from fhirtwin.sequencing import SequencePlan, SequencingError, sequence
 from fhirtwin.sim.components import enabled_components
 from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
@@ -44,6 +45,7 @@ from fhirtwin.vocabulary import CONCEPTS, GENERATED_TAG, SUPERSEDED_TAG, coding,
 from fhirtwin.writeback.careplan import build_draft_care_plan
 from fhirtwin.writeback.device import DEFAULT_ORGANIZATION, device_id, device_resource, organization_resource
 from fhirtwin.writeback.jws import JwsError, SigningKey
+from fhirtwin.writeback.sequence import build_sequence_care_plan
 from fhirtwin.writeback.signing import revision_keys, signature_header, verify_targets
 from fhirtwin.writeback.transaction import (
     RESULT_TYPES,
@@ -838,6 +840,24 @@ class Engine:
             arr[outcome] = {"median": float(np.quantile(diff, 0.5)), "p05": float(np.quantile(diff, 0.05)),
                             "p95": float(np.quantile(diff, 0.95))}
         return WhatIf(forecast, tuple(interventions), arr)
+
+    def sequence(self, run: TwinRun, *, draws: int = 200, now: datetime | None = None
+                 ) -> tuple[SequencePlan, dict[str, Any]]:
+        """The optimal yearly treatment sequence of a planned run (exact dynamic programming on the engine's
+        hazards) and its timed draft CarePlan (``scheduledTiming`` per step; nothing is written)."""
+        result = run.require_plan()
+        try:
+            plan_ = sequence(run.state, draws=draws, seed=self.seed, horizon_years=int(round(result.horizon_years)),
+                             components=self.components)
+        except SequencingError as exc:
+            raise BadRequest(str(exc)) from None
+        reference = run.state.reference_date
+        start = reference.date() if isinstance(reference, datetime) else reference
+        forecast = result.baseline
+        care_plan = build_sequence_care_plan(
+            plan_, reference_date=start or datetime.now(UTC).date(), occurrence=now or datetime.now(UTC),
+            device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
+        return plan_, care_plan
 
     def draft_care_plan(self, run: TwinRun) -> dict[str, Any]:
         """The proposed CarePlan as a standalone resource (for a CDS suggestion; nothing is written)."""

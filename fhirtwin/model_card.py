@@ -236,12 +236,26 @@ def _fairness_same_source(ctx: _Context) -> tuple[Any, str]:
     if known is not None:
         flagged = known.get("flagged") or []
         return {"source": "docs/validation/calibration.json", "flag_rule": known.get("flag_rule", flags),
-                "flagged_count": len(flagged), "flagged": flagged, "subgroups": known.get("subgroups") or []}, \
-            "filled"
+                "flagged_count": len(flagged), "flagged": flagged, "subgroups": known.get("subgroups") or [],
+                "component_governance": component_governance()}, "filled"
     parts = _subgroup_parts(ctx.calibration)
     if not parts:
         return "docs/validation/calibration.json has no subgroup or fairness results.", "incomplete"
-    return {"flags": flags, "results": parts}, "filled"
+    return {"flags": flags, "results": parts, "component_governance": component_governance()}, "filled"
+
+
+def component_governance() -> dict[str, Any]:
+    """Each optional component's subgroup-calibration verdict and default (``fhirtwin validate governance``)."""
+    from fhirtwin.sim.components import enabled_components, verdicts
+
+    data = verdicts()
+    if not data:
+        return {"note": f"fhirtwin/sim/components.json: {NOT_GENERATED}; every optional component is off"}
+    shown = ("default_on", "reason", "patients_affected", "flags_without", "flags_with")
+    return {"source": "fhirtwin/sim/components.json", "rule": data["rule"]["text"], "cohort": data["cohort"],
+            "components": {name: {k: v[k] for k in shown} | {"worsened": [w["text"] for w in v["worsened"]]}
+                           for name, v in data["components"].items()},
+            "on_in_this_deployment": sorted(enabled_components())}
 
 
 def _trial_row(row: dict[str, Any], development: set[str]) -> dict[str, Any]:
@@ -345,6 +359,7 @@ def model_card(model: str | None = None, *, validation_dir: Path | None = None,
         },
         "attributes": attributes,
         "causal_graph": _causal_graph(),
+        "component_governance": component_governance(),
     }
 
 

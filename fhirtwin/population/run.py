@@ -175,15 +175,19 @@ class RunSettings:
     outcome: str = "total_cvd"
     #: v3-ActReason purpose of use checked against each patient's active Consents (:mod:`fhirtwin.consent`)
     purpose: str = "TREAT"
+    #: The optional model components on (:mod:`fhirtwin.sim.components`), fixed on the driver so every worker
+    #: uses the same set whatever its own environment says.
+    components: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["models"] = list(self.models)
+        out["components"] = list(self.components)
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSettings:
-        return cls(**{**data, "models": tuple(data["models"])})
+        return cls(**{**data, "models": tuple(data["models"]), "components": tuple(data.get("components", ()))})
 
     def digest_basis(self) -> dict[str, Any]:
         """The settings that change a patient's numbers (``recorded`` and ``target`` only change the bundle)."""
@@ -201,8 +205,11 @@ def new_settings(*, draws: int, as_of: date | None, target: str | None, recorded
     from fhirtwin import __version__
 
     moment = (recorded or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    from fhirtwin.sim.components import enabled_components
+
     return RunSettings(draws=draws, as_of=(as_of or moment.date()).isoformat(), recorded=moment.isoformat(),
-                       target=target, fhirtwin_version=__version__, models=current_models(), purpose=purpose)
+                       target=target, fhirtwin_version=__version__, models=current_models(), purpose=purpose,
+                       components=tuple(sorted(enabled_components())))
 
 
 def resolve_signing_key(target: str | None) -> Any:
@@ -311,7 +318,8 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
         raise PopulationRunError("this worker's signing key is not the run's (check FHIRTWIN_SIGNING_KEY_FILE "
                                  "on the workers)")
     engine = Engine(_Target(settings.target), signing_key=key, draws=settings.draws,
-                    horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome)
+                    horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome,
+                    components=settings.components)
     as_of = date.fromisoformat(settings.as_of)
     recorded = datetime.fromisoformat(settings.recorded)
     consent = ConsentPolicy(settings.purpose)

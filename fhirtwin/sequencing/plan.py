@@ -10,6 +10,7 @@ net benefit and the 90 % interval over the engine's draws, and the same numbers 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,7 @@ def sequence(
     seed: int = 0,
     horizon_years: int = HORIZON_YEARS,
     as_of: date | datetime | None = None,
+    components: Iterable[str] | None = None,
 ) -> SequencePlan:
     """The exact optimal yearly treatment sequence for one patient (TwinState or PatientInputs).
 
@@ -181,7 +183,7 @@ def sequence(
     if not isinstance(seed, int) or seed < 0:
         raise SequencingError("seed must be a non-negative integer")
     inputs, scope = _inputs(data, as_of)
-    process = build_process(inputs, draws=draws, seed=seed, years=horizon_years)
+    process = build_process(inputs, draws=draws, seed=seed, years=horizon_years, components=components)
     mdp = process.mdp()
     solution = solve(mdp)
     net = evaluate_policy(process, solution.policy, mdp)

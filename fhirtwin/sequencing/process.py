@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -293,9 +294,11 @@ def build_process(
     draws: int = 100,
     seed: int = 0,
     years: int = HORIZON_YEARS,
+    components: Iterable[str] | None = None,
 ) -> TherapyProcess:
-    """Run the engine once per therapy set on ``draws`` paired draws and build the decision process."""
-    model = MechanisticTwin().fit(inputs)
+    """Run the engine once per therapy set on ``draws`` paired draws and build the decision process
+    (``components``: the engine's optional components, default the deployment's)."""
+    model = MechanisticTwin(components=components).fit(inputs)
     anchors, posteriors = model.anchors_, model.posteriors_
     options = Options.of(inputs)
     sets = options.therapy_sets()
