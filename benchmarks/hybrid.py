@@ -10,7 +10,8 @@ the patients are held out once; the residuals are fitted on the first n of the o
 rows for the mechanistic model (its own predictive interval: ensemble draws plus its measurement noise),
 learned-only (gradient boosting on the same features, no mechanistic input, split-conformal interval),
 hybrid-GBM and hybrid-GNN (shrinkage in brackets), and the GNN's RMSE minus the GBM's with a paired
-bootstrap interval over held-out patients. ``--out`` writes the results as JSON and the largest
+bootstrap interval over held-out patients. ``--ablation`` adds the same network with no edges between scales
+(is it the graph that helps, or the readout?). ``--out`` writes the results as JSON and the largest
 GBM and GNN artifacts (with the held-out metrics) as artifact folders.
 
 Not a test: never collected by pytest, and nothing here asserts on wall time.
@@ -19,12 +20,15 @@ Not a test: never collected by pytest, and nothing here asserts on wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -35,12 +39,22 @@ for path in (ROOT, ROOT / "tests"):
 
 from hybrid_generator import write_cohort  # noqa: E402
 
+import fhirtwin.hybrid.train as train_module  # noqa: E402
 from fhirtwin.hybrid.artifact import ResidualArtifact  # noqa: E402
 from fhirtwin.hybrid.data import Dataset, dataset_from_stage  # noqa: E402
+from fhirtwin.hybrid.features import SCALES  # noqa: E402
 from fhirtwin.hybrid.train import DirectModel, evaluate, fit_residual, hybrid_point, split_patients  # noqa: E402
 from fhirtwin.population import stage_ndjson  # noqa: E402
 
-COLUMNS = ("mechanistic", "learned_only", "hybrid_gbm", "hybrid_gnn")
+COLUMNS = ("mechanistic", "learned_only", "hybrid_gbm", "hybrid_gnn", "hybrid_gnn_no_edges")
+
+
+@contextlib.contextmanager
+def no_edges() -> Iterator[None]:
+    """Ablation: the same network with an empty scale graph (no message passing between scales)."""
+    empty = (np.zeros((len(SCALES), len(SCALES))), "none (ablation)")
+    with mock.patch.object(train_module, "scale_adjacency", lambda: empty):
+        yield
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
@@ -76,8 +90,8 @@ def gnn_minus_gbm(test: Dataset, fitted: dict[str, ResidualArtifact], seed: int,
     return out
 
 
-def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws: int, out: Path | None
-        ) -> dict[str, Any]:
+def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws: int, out: Path | None,
+        ablation: bool = False) -> dict[str, Any]:
     """Generate, stage, build rows, fit at each training size, score on the held-out patients."""
     work = Path(tempfile.mkdtemp(prefix="hybrid-bench-"))
     started = time.monotonic()
@@ -100,6 +114,9 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
             t0 = time.monotonic()
             fitted[f"hybrid_{learner}"] = fit_residual(train, learner, seed=seed)  # type: ignore[arg-type]
             print(f"n={n}: {learner} fitted in {time.monotonic() - t0:.0f} s", flush=True)
+        if ablation:
+            with no_edges():
+                fitted["hybrid_gnn_no_edges"] = fit_residual(train, "gnn", seed=seed)
         scores = evaluate(test, fitted, DirectModel.fit(train, seed=seed))
         results["by_training_size"][str(n)] = scores
         artifacts = fitted
@@ -121,6 +138,8 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
         (out / "hybrid-benchmark.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         largest = results["by_training_size"][max(results["by_training_size"], key=int)]
         for name, artifact in artifacts.items():
+            if name not in largest[next(iter(largest))]:
+                continue
             metrics = {"held_out": {b: {k: e[k] for k in ("rows", "patients", "mechanistic", name)}
                                     for b, e in largest.items() if b != "gnn_minus_gbm_rmse"}}
             saved = ResidualArtifact(artifact.learner, artifact.feature_names, artifact.horizons,
@@ -138,8 +157,10 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--ablation", action="store_true", help="also the GNN without scale-graph edges")
     args = parser.parse_args()
-    run(args.patients, [int(s) for s in args.sizes.split(",")], args.seed, args.test_fraction, args.draws, args.out)
+    run(args.patients, [int(s) for s in args.sizes.split(",")], args.seed, args.test_fraction, args.draws, args.out,
+        args.ablation)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import os
 import zlib
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,11 @@ class Dataset:
         return sorted({str(p) for r in self.rows.values() for p in r.patient_id})
 
     def of_patients(self, patients: Collection[str]) -> Dataset:
-        """The same data restricted to some patients (the description keeps the full source's facts)."""
-        return Dataset({b: r.of_patients(patients) for b, r in self.rows.items()}, self.description,
-                       self.feature_names)
+        """The same data restricted to some patients (the description counts them; source, dates and hash
+        stay those of the staged folder they were taken from)."""
+        rows = {b: r.of_patients(patients) for b, r in self.rows.items()}
+        used = {str(p) for r in rows.values() for p in r.patient_id}
+        return Dataset(rows, replace(self.description, n_patients=len(used)), self.feature_names)
 
 
 def stage_hash(stage_dir: str | os.PathLike[str]) -> str:
