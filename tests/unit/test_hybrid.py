@@ -242,3 +242,15 @@ def test_serving_imports_neither_the_fhir_layer_nor_scikit_learn() -> None:
             "'fhirtwin.adapters', 'sklearn'))]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_graph_learner_also_beats_both_comparators_where_effects_are_missing(cohort, trained) -> None:
+    """The shipped learner (the scale graph network, see docs/hybrid.md) on the two biomarkers with effects."""
+    _, train, test = cohort
+    _, direct, _ = trained
+    subset = Dataset({b: train.rows[b] for b in (EGFR, SBP)}, train.description)
+    held_out = Dataset({b: test.rows[b] for b in (EGFR, SBP)}, test.description)
+    scores = evaluate(held_out, {"gnn": fit_residual(subset, "gnn", seed=0)}, direct)
+    for biomarker, s in scores.items():
+        assert s["gnn"]["rmse"] < min(s["mechanistic"]["rmse"], s["learned_only"]["rmse"]), (biomarker, s)
+        assert 0.80 <= s["gnn"]["coverage90"] <= 1.0
