@@ -94,11 +94,13 @@ class TrainingData:
     history_years: tuple[float, ...]
     horizons: tuple[float, ...]
     mechanistic_model: str
+    mechanistic_components: tuple[str, ...]
     draws: int
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict."""
-        return {**self.__dict__, "history_years": list(self.history_years), "horizons": list(self.horizons)}
+        return {**self.__dict__, "history_years": list(self.history_years), "horizons": list(self.horizons),
+                "mechanistic_components": list(self.mechanistic_components)}
 
 
 @dataclass(frozen=True)
@@ -223,5 +225,6 @@ def dataset_from_stage(stage_dir: str | os.PathLike[str], *, history_years: Sequ
         n_patients=used, n_skipped=skipped, first_date=min(dates) if dates else None,
         last_date=max(dates) if dates else None, stage_sha256=stage_hash(root),
         history_years=tuple(float(h) for h in history_years), horizons=tuple(float(h) for h in horizons),
-        mechanistic_model=f"{MechanisticTwin.name} {MechanisticTwin.version}", draws=draws)
+        mechanistic_model=f"{MechanisticTwin.name} {MechanisticTwin.version}",
+        mechanistic_components=tuple(sorted(MechanisticTwin().components)), draws=draws)
     return Dataset({b: Rows.concat(p) if p else Rows.empty(width) for b, p in parts.items()}, description)
