@@ -2,12 +2,19 @@
 
 Why: a new mechanism (a scale modifier, a learned residual) can improve the cohort as a whole and still
 miscalibrate a subgroup, which is exactly what a governance board (and ONC HTI-1's fairness attributes)
-asks about. The rule is the calibration report's own: a subgroup is out of bounds when its O/E lies outside
-0.8-1.25 or its calibration slope outside 0.8-1.2. A component **worsens subgroup calibration** when, in a
-subgroup with at least ``FEW_EVENTS`` events where the generator's true risks are inside the bounds (so the
-miss is not sampling noise), the engine with the component is out of bounds and either was inside without
-it or is further out than without it. Such a component is **off by default**; the decision, with the rows
-that caused it, is written to ``fhirtwin/sim/components.json`` and the model card lists it.
+asks about. The bounds are the calibration report's own: O/E inside 0.8-1.25 and calibration slope inside
+0.8-1.2. A component **worsens subgroup calibration** when, in an outcome x horizon x subgroup row with at
+least ``FEW_EVENTS`` events where the generator's true risks are inside the bounds (so a miss is not
+sampling noise), the engine with the component lies further outside the bounds than without it (a row
+inside counts as 0 outside) by more than ``MATERIAL``: 5 % on O/E or 0.05 on the slope, so that a row
+grazing a bound, or one already outside that moves a hair, is not a verdict on noise. Such a component is
+**off by default**.
+
+Design: each component is judged against the anchor alone (every optional component off), on the same
+patients and seeds, so one component's verdict does not depend on another's; then the components that pass
+are checked together against the anchor alone, and if together they worsen a subgroup, all of them are off
+(the report says so). The verdicts are written to ``fhirtwin/sim/components.json`` and the model card lists
+them.
 """
 
 from __future__ import annotations
@@ -32,10 +39,18 @@ def _distance_outside(value: float, bounds: tuple[float, float], log_scale: bool
     return max(lo - value, value - hi, 0.0)
 
 
-def miss(row: Row) -> float:
-    """The engine's distance outside the calibration bounds in this row (O/E on the log scale, plus slope)."""
-    return (_distance_outside(row.engine.oe, OE_RANGE, True)
-            + _distance_outside(row.engine.slope, SLOPE_RANGE, False))
+#: A move further outside the bounds smaller than this (log O/E; slope) is not counted as worsening.
+MATERIAL = (math.log(1.05), 0.05)
+
+
+def misses(row: Row) -> tuple[float, float]:
+    """The engine's distance outside the bounds in this row: (log O/E, slope); 0 where inside."""
+    return (_distance_outside(row.engine.oe, OE_RANGE, True), _distance_outside(row.engine.slope, SLOPE_RANGE, False))
+
+
+def _worse(before: Row, after: Row) -> bool:
+    """``after`` lies further outside the bounds than ``before`` (0 when inside) by more than ``MATERIAL``."""
+    return any(a - b > margin for a, b, margin in zip(misses(after), misses(before), MATERIAL, strict=True))
 
 
 @dataclass(frozen=True)
@@ -69,9 +84,9 @@ def worsened_rows(without: Sequence[Row], with_component: Sequence[Row]) -> list
         b = before.get(key)
         if b is None or r.engine.events < FEW_EVENTS or flag_reason(r.truth):
             continue
-        now = flag_reason(r.engine)
-        if now and miss(r) > miss(b) + 1e-12:
-            out.append(Worsened(r.outcome, r.horizon_years, r.dimension, r.level, flag_reason(b.engine), now))
+        if _worse(b, r):
+            out.append(Worsened(r.outcome, r.horizon_years, r.dimension, r.level, flag_reason(b.engine),
+                                flag_reason(r.engine)))
     return out
 
 
@@ -140,6 +155,15 @@ class GovernanceReport:
     draws: int
     verdicts: tuple[ComponentVerdict, ...]
     whole_cohort: dict[str, list[dict[str, Any]]]
+    joint: ComponentVerdict | None = None
+
+    @property
+    def default_on(self) -> tuple[str, ...]:
+        """The components on by default: each passed alone, and (when they were checked together) jointly."""
+        passing = tuple(v.component for v in self.verdicts if v.default_on)
+        if self.joint is not None and self.joint.worsened:
+            return tuple(v.component for v in self.verdicts if v.default_on and not v.evaluated)
+        return passing
 
     def to_json(self) -> dict[str, Any]:
         """What ``components.json`` holds."""
@@ -148,22 +172,25 @@ class GovernanceReport:
                          "text": RULE_TEXT},
                 "cohort": {"generator": "fhirtwin.validation.events (markers=True)", "n_virtual": self.n,
                            "seed": self.seed, "draws": self.draws,
-                           "design": "leave one out: all components on vs all on but this one, same patients "
-                                     "and seeds"},
-                "components": {v.component: v.to_json() for v in self.verdicts},
+                           "design": "each component alone vs the anchor alone (all optional components off), "
+                                     "then the passing ones together vs the anchor alone; same patients and "
+                                     "seeds"},
+                "components": {v.component: {**v.to_json(), "default_on": v.component in self.default_on}
+                               for v in self.verdicts},
+                "joint": None if self.joint is None else self.joint.to_json(),
                 "whole_cohort": self.whole_cohort}
 
 
 FORMAT = "fhirtwin-components/1"
 RULE_TEXT = ("A component is off by default when, in an outcome x horizon x subgroup row with at least "
              f"{FEW_EVENTS} events where the generator's true risks are inside O/E {OE_RANGE[0]}-{OE_RANGE[1]} "
-             f"and slope {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}, the engine with it is outside those bounds and was "
-             "inside without it or is further outside than without it.")
+             f"and slope {SLOPE_RANGE[0]}-{SLOPE_RANGE[1]}, the engine with it lies further outside those bounds "
+             "than without it (inside counts as 0) by more than 5 % on O/E or 0.05 on the slope.")
 
 
 def run(n: int = 6000, seed: int = 2026, draws: int = 40,
         progress: Callable[[str, int, int], None] | None = None) -> GovernanceReport:
-    """Score every optional component on the virtual cohort with markers, leave-one-out from all on."""
+    """Score every optional component on the virtual cohort with markers (module docstring design)."""
     from fhirtwin.sim.components import component_inputs
     from fhirtwin.sim.modifiers import modifier_table
     from fhirtwin.validation.calibration import score
@@ -171,27 +198,46 @@ def run(n: int = 6000, seed: int = 2026, draws: int = 40,
 
     cohort = generate(n, seed, markers=True)
     inputs = component_inputs()
-    everything = frozenset(inputs)
 
     def step(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda i, total: progress(name, i, total))
 
-    full = engine_predictions(cohort, draws, model_kwargs={"components": everything}, progress=step("all on"))
-    rows_full = score(full, cohort.observed, cohort.truth, cohort.attributes)
+    def predict(on: frozenset[str], only: Sequence[int] | None, base: dict[str, Any] | None,
+                label: str) -> dict[str, Any]:
+        return engine_predictions(cohort, draws, model_kwargs={"components": on}, only=only, base=base,
+                                  progress=step(label))
+
+    def rows(predicted: dict[str, Any]) -> list[Row]:
+        return score(predicted, cohort.observed, cohort.truth, cohort.attributes)
+
+    def overall(found: list[Row]) -> list[dict[str, Any]]:
+        return [r.to_json() for r in found if r.dimension == "all"]
+
+    def users(names: frozenset[str]) -> list[int]:
+        fields = [f for name in names for f in inputs[name]]
+        return [i for i, p in enumerate(cohort.inputs) if any(getattr(p, f) is not None for f in fields)]
+
+    anchor = predict(frozenset(), None, None, "anchor alone")
+    rows_anchor = rows(anchor)
+    whole: dict[str, list[dict[str, Any]]] = {"anchor alone": overall(rows_anchor)}
     anchors = set(modifier_table()["anchors"])
     verdicts: list[ComponentVerdict] = []
-    whole: dict[str, list[dict[str, Any]]] = {"all on": [r.to_json() for r in rows_full if r.dimension == "all"]}
-    for name, fields in inputs.items():
-        affected = [i for i, p in enumerate(cohort.inputs) if any(getattr(p, f) is not None for f in fields)]
+    for name in inputs:
+        affected = users(frozenset({name}))
         if not affected:
             verdicts.append(ComponentVerdict(name, (), 0, 0, 0, evaluated=False, published_anchor=name in anchors))
             continue
-        without = engine_predictions(cohort, draws, model_kwargs={"components": everything - {name}},
-                                     only=affected, base=full, progress=step(name))
-        rows = score(without, cohort.observed, cohort.truth, cohort.attributes)
-        whole[f"without {name}"] = [r.to_json() for r in rows if r.dimension == "all"]
-        verdicts.append(verdict(name, rows, rows_full, len(affected)))
-    return GovernanceReport(n, seed, draws, tuple(verdicts), whole)
+        found = rows(predict(frozenset({name}), affected, anchor, name))
+        whole[f"{name} alone"] = overall(found)
+        verdicts.append(verdict(name, rows_anchor, found, len(affected)))
+    passing = frozenset(v.component for v in verdicts if v.default_on and v.evaluated)
+    joint = None
+    if len(passing) > 1:
+        affected = users(passing)
+        found = rows(predict(passing, affected, anchor, "together"))
+        whole["passing components together"] = overall(found)
+        joint = verdict("+".join(sorted(passing)), rows_anchor, found, len(affected))
+    return GovernanceReport(n, seed, draws, tuple(verdicts), whole, joint)
 
 
 def markdown(report: GovernanceReport) -> str:
@@ -199,7 +245,8 @@ def markdown(report: GovernanceReport) -> str:
     lines = ["# Component governance: subgroup calibration with and without each optional component", "",
              f"Generated by `fhirtwin validate governance --n {report.n} --seed {report.seed}`: {report.n} virtual "
              f"patients with markers (`fhirtwin.validation.events`, markers=True), {report.draws} ensemble draws "
-             "each. Design: every component on, against every component on but one (same patients, same seeds).",
+             "each. Design: each component alone against the anchor alone (every optional component off), then "
+             "the components that pass, together, against the anchor alone (same patients, same seeds).",
              "", f"**Rule.** {RULE_TEXT}", "",
              "The virtual cohort's events come from a generator that states each marker's true effect in its own "
              "code (PM2.5's true effect there is null); this checks that a component does not miscalibrate a "
@@ -207,9 +254,23 @@ def markdown(report: GovernanceReport) -> str:
              "| Component | Default | Patients with the input | Firm flags without | Firm flags with | Why |",
              "|---|---|---|---|---|---|"]
     for v in report.verdicts:
-        lines.append(f"| {v.component} | {'on' if v.default_on else 'off'} | {v.patients_affected} | "
-                     f"{v.flags_without} | {v.flags_with} | {v.reason} |")
+        lines.append(f"| {v.component} | {'on' if v.component in report.default_on else 'off'} | "
+                     f"{v.patients_affected} | {v.flags_without} | {v.flags_with} | {v.reason} |")
+    if report.joint is not None:
+        j = report.joint
+        lines += ["", f"**Together** ({j.component.replace('+', ', ')}): firm flags {j.flags_without} without, "
+                  f"{j.flags_with} with; " + ("worsened no subgroup, so each stays on." if not j.worsened else
+                                              f"worsened {len(j.worsened)} row(s), so all of them are off.")]
+    lines += ["", "## Whole cohort (O/E; slope)", "", "| Setting | " + " | ".join(
+        f"{r['outcome']} {r['horizon_years']} y" for r in next(iter(report.whole_cohort.values()))) + " |",
+              "|---|" + "---|" * len(next(iter(report.whole_cohort.values())))]
+    for setting, found in report.whole_cohort.items():
+        lines.append(f"| {setting} | " + " | ".join(
+            f"{r['engine']['oe']:.2f}; {r['engine']['slope']:.2f}" if r["engine"]["oe"] is not None
+            and r["engine"]["slope"] is not None else "-" for r in found) + " |")
     worsened = [(v.component, w) for v in report.verdicts for w in v.worsened]
+    if report.joint is not None:
+        worsened += [("together", w) for w in report.joint.worsened]
     if worsened:
         lines += ["", "## Rows a component worsened", ""]
         lines += [f"- {name}: {w.text()}" for name, w in worsened]

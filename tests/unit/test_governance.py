@@ -25,8 +25,8 @@ def _cohort(n: int = 6000, seed: int = 7) -> tuple[dict[str, np.ndarray], dict[s
     }
     truth, observed = {}, {}
     for outcome in OUTCOMES:
-        five = np.clip(rng.beta(2, 18, n), 0.002, 0.6)
-        risk = np.column_stack([five, np.clip(1.9 * five, 0, 0.9)])
+        five = np.clip(rng.beta(2, 18, n), 0.002, 0.3)
+        risk = np.column_stack([five, 1.9 * five])
         u = rng.random(n)
         truth[outcome] = risk
         observed[outcome] = np.column_stack([(u < risk[:, j]).astype(float) for j in range(len(HORIZONS))])
@@ -52,3 +52,17 @@ def test_a_calibrated_change_stays_on() -> None:
     result = verdict("nudge", without, score(nudged, observed, truth, attributes), len(attributes["age"]))
     assert result.default_on, [w.text() for w in result.worsened]
     assert result.to_json()["default_on"] is True
+
+
+def test_a_row_already_out_of_bounds_counts_only_when_it_moves_materially_further() -> None:
+    truth, observed, attributes = _cohort()
+    out = {o: np.clip(1.6 * p, 0, 1) for o, p in truth.items()}  # every row over-predicted (O/E about 0.6)
+    before = score(out, observed, truth, attributes)
+    n = len(attributes["age"])
+
+    def scaled(factor: float) -> list:
+        return score({o: np.clip(factor * p, 0, 1) for o, p in out.items()}, observed, truth, attributes)
+
+    assert verdict("a hair further", before, scaled(1.02), n).default_on
+    further = verdict("much further", before, scaled(1.2), n)
+    assert not further.default_on and {(w.dimension, w.level) for w in further.worsened} >= {("all", "all")}
