@@ -4,8 +4,17 @@ Why a separate layer: PREVENT (the anchor) already contains age, sex, lipids, bl
 smoking, BMI, eGFR and (when measured) UACR and HbA1c, so a marker may add only what those do not
 explain. Every effect in ``modifiers.json`` is therefore an estimate adjusted for the conventional risk
 factors (or, for coronary calcium, the ratio of two MESA models fitted jointly), applied as a constant
-multiplier on the coronary, stroke or heart-failure component of the anchored cause-specific hazard,
-relative to a stated reference level. A patient without any of these markers gets no multiplier at all
+multiplier on the coronary, stroke or heart-failure component of the anchored cause-specific hazard.
+
+The multiplier is MEAN-PRESERVING: m(x) / E_pop[m(X)], the published log-linear effect divided by its mean
+over the cited population distribution of the marker (``population_distribution``). PREVENT is calibrated
+in its derivation population, which already had that distribution of every marker it does not measure, so
+a multiplier relative to an arbitrary reference level would shift the population's mean risk (Lp(a) is
+right-skewed, activity saturates at 150 min/week, a log-linear marker's mean multiplier is > 1 by Jensen);
+dividing by the mean keeps the anchor right on average and only redistributes risk around it. The mean is
+a fixed quadrature over the (clamped) distribution, evaluated at the point estimate and per ensemble draw
+(it depends on the drawn hazard ratio). The reference a driver shows is the level whose multiplier is 1.
+A patient without any of these markers gets no multiplier at all
 (the code path is skipped), so the forecast is the one made before markers existed. Area deprivation is
 not a multiplier: with an SDI decile the anchor itself becomes PREVENT's SDI model (``hazards``).
 """
@@ -13,12 +22,16 @@ not a multiplier: with an SDI decile the anchor itself becomes PREVENT's SDI mod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from scipy.optimize import brentq
+from scipy.stats import norm
 
-from fhirtwin.sim._params import modifier_parameters
+from fhirtwin.sim._params import intervention_parameters, modifier_parameters
 from fhirtwin.sim.equations import coronary_calcium_ratio
 from fhirtwin.sim.inputs import PatientInputs
 
@@ -27,6 +40,9 @@ COMPONENTS = ("coronary", "stroke", "heart_failure")
 _MESA_RACE = {"white": "white", "black": "black", "african_american": "black", "hispanic": "hispanic"}
 _MESA_AGE = (45.0, 85.0)
 _Z95 = 1.959963984540054
+_Z75 = 0.6744897501960817  # standard-normal 75th percentile: quartiles of a normal are mean +- 0.6745 SD
+#: Quadrature nodes per continuous distribution: midpoints of equal-probability cells (each carries 1/N).
+_NODES = 2048
 
 
 def modifier_table() -> dict[str, Any]:
@@ -41,19 +57,41 @@ def parameter_names() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class PopulationGrid:
+    """A marker's population distribution as quadrature nodes: exposure f(clamped x) / per, and weights."""
+
+    exposure: np.ndarray
+    weight: np.ndarray
+
+    def log_mean(self, log_ratio: np.ndarray) -> np.ndarray:
+        """ln E_pop[ratio ** exposure] for each log hazard ratio (any shape): the centring constant."""
+        lr = np.asarray(log_ratio, dtype=float)
+        powers = np.exp(lr[..., None] * self.exposure)
+        out: np.ndarray = np.log(powers @ self.weight)
+        return out
+
+
+@dataclass(frozen=True)
 class Effect:
-    """One drawn hazard ratio: ``ratio ** exposure`` multiplies ``component`` (exposure 0 at the reference)."""
+    """One drawn hazard ratio: ``ratio ** exposure / E_pop[ratio ** X]`` multiplies ``component``."""
 
     parameter: str
     component: str
     value: float
     ci95: tuple[float, float]
     exposure: float
+    population: PopulationGrid = field(compare=False, repr=False)
+
+    def log_multiplier(self, ratio: np.ndarray) -> np.ndarray:
+        """log of the mean-preserving multiplier for each drawn ratio (vectorised over draws)."""
+        log_ratio = np.log(np.asarray(ratio, dtype=float))
+        out: np.ndarray = self.exposure * log_ratio - self.population.log_mean(log_ratio)
+        return out
 
     @property
     def log_point(self) -> float:
         """log multiplier at the point estimate."""
-        return self.exposure * math.log(self.value)
+        return float(self.log_multiplier(np.array(self.value)))
 
 
 @dataclass(frozen=True)
@@ -90,22 +128,101 @@ def draw_effect(parameter: str, rng: np.random.Generator, n: int) -> np.ndarray:
     return draws
 
 
+def _transform(spec: dict[str, Any]) -> Callable[[Any], Any]:
+    """f of the log-linear form: natural log or identity (vectorised)."""
+    return np.log if spec["transform"] == "log" else np.asarray
+
+
+def _population_values(spec: dict[str, Any], sex: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes (marker values) and weights of the marker's cited population distribution.
+
+    Continuous families use the midpoints of N equal-probability cells of the normal scale, exact for a
+    step at any cell edge and accurate for the bounded (clamped) multipliers; an upper truncation keeps
+    only the values for which the marker acts (hsCRP above its acute-phase limit gives no multiplier).
+    """
+    pop = spec["population_distribution"]
+    family = pop["family"]
+    if family == "zero_uniform_at_least":
+        k = _NODES
+        between = (np.arange(k) + 0.5) / k * pop["at_least"]
+        rest = 1.0 - pop["p_zero"] - pop["p_at_least"]
+        values = np.concatenate([[0.0], between, [pop["at_least"]]])
+        weights = np.concatenate([[pop["p_zero"]], np.full(k, rest / k), [pop["p_at_least"]]])
+        return values, weights
+    if family == "normal":
+        mu, sd = float(pop["mean"]), float(pop["sd"])
+    elif family == "lognormal":
+        params = pop["by_sex"][sex] if "by_sex" in pop else pop
+        mu = math.log(params["median"])
+        if "sd_log" in params:
+            sd = float(params["sd_log"])
+        elif "q25" in params:
+            sd = math.log(params["q75"] / params["q25"]) / (2 * _Z75)
+        else:
+            sd = math.log(params["spread_p97_5"] / params["spread_median"]) / _Z95
+    else:
+        raise ValueError(f"unknown population family {family!r}")
+    top = 1.0
+    if "truncate_above" in pop:
+        limit = float(spec[pop["truncate_above"]])
+        top = float(norm.cdf(((math.log(limit) if family == "lognormal" else limit) - mu) / sd))
+    z = norm.ppf((np.arange(_NODES) + 0.5) / _NODES * top)
+    values = np.exp(mu + sd * z) if family == "lognormal" else mu + sd * z
+    return values, np.full(_NODES, 1.0 / _NODES)
+
+
+@lru_cache(maxsize=64)
+def population_grid(name: str, per: float, sex: str | None = None) -> PopulationGrid:
+    """The quadrature of one modifier's clamped exposure f(x) / per over its population (cached)."""
+    spec = modifier_table()["modifiers"][name]
+    values, weights = _population_values(spec, sex)
+    lo, hi = spec["clamp"]
+    exposure = _transform(spec)(np.clip(values, lo, hi)) / per
+    return PopulationGrid(np.asarray(exposure, dtype=float), weights)
+
+
+def _sex_key(spec: dict[str, Any], sex: str | None) -> str | None:
+    return sex if "by_sex" in spec["population_distribution"] else None
+
+
+def reference_level(name: str, sex: str | None = None) -> float:
+    """The marker level whose multiplier is 1 at the point estimates (a population-typical value).
+
+    With coronary and stroke effects it is the level at which the share-weighted ASCVD multiplier is 1,
+    so a patient there gets exactly the anchored ASCVD risk.
+    """
+    spec = modifier_table()["modifiers"][name]
+    lo, hi = (float(v) for v in spec["clamp"])
+    f = _transform(spec)
+    share = float(intervention_parameters()["coronary_share_of_ascvd"]["value"])
+    weight = {"coronary": share, "stroke": 1.0 - share, "heart_failure": 1.0}
+    key = _sex_key(spec, sex)
+    terms = [(weight[e["component"]], math.log(e["value"]), float(e["per"]),
+              population_grid(name, float(e["per"]), key)) for e in spec["effects"]]
+
+    def excess(x: float) -> float:
+        return sum(w * math.exp(b * float(f(x)) / per - float(grid.log_mean(np.array(b))))
+                   for w, b, per, grid in terms) - 1.0
+
+    return float(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-14))
+
+
 def _log_linear(name: str, x: float, shown: str, caveats: tuple[str, ...] = (), sex: str | None = None
                 ) -> ActiveModifier:
     spec = modifier_table()["modifiers"][name]
     lo, hi = spec["clamp"]
     held = min(max(x, lo), hi)
-    f = math.log if spec["transform"] == "log" else float
-    reference = spec["reference"]
-    ref = float(reference[sex] if isinstance(reference, dict) else reference)  # a dict: one reference per sex
+    f = _transform(spec)
+    key = _sex_key(spec, sex)
     effects = tuple(Effect(f"{name}:{e['component']}", e["component"], float(e["value"]),
-                           (float(e["ci95"][0]), float(e["ci95"][1])), (f(held) - f(ref)) / float(e["per"]))
+                           (float(e["ci95"][0]), float(e["ci95"][1])), float(f(held)) / float(e["per"]),
+                           population_grid(name, float(e["per"]), key))
                     for e in spec["effects"])
     notes = list(caveats)
     if held != x:
         notes.append(f"{spec['label']} {x:g} {spec['unit']} held at {held:g} for its effect ({spec['clamp_source']})")
-    return ActiveModifier(name, spec["label"], spec["scale"], shown, f"{ref:g} {spec['unit']}", effects, (),
-                          tuple(notes))
+    reference = f"{reference_level(name, key):.3g} {spec['unit']} (population-typical: multiplier 1)"
+    return ActiveModifier(name, spec["label"], spec["scale"], shown, reference, effects, (), tuple(notes))
 
 
 def _lipoprotein_a(inputs: PatientInputs) -> ActiveModifier | None:
@@ -194,11 +311,11 @@ def modifier_caveats(inputs: PatientInputs, active: tuple[ActiveModifier, ...]) 
 
 def component_multipliers(active: tuple[ActiveModifier, ...], draws: dict[str, np.ndarray], n: int
                           ) -> dict[str, np.ndarray]:
-    """Hazard multiplier per draw (n,) of every component some active modifier moves."""
+    """Hazard multiplier per draw (n,) of every component some active modifier moves (each centred per draw)."""
     log_m: dict[str, np.ndarray] = {}
     for m in active:
         for e in m.effects:
-            log_m[e.component] = log_m.get(e.component, np.zeros(n)) + e.exposure * np.log(draws[e.parameter][:n])
+            log_m[e.component] = log_m.get(e.component, np.zeros(n)) + e.log_multiplier(draws[e.parameter][:n])
         for component, value in m.fixed_log:
             log_m[component] = log_m.get(component, np.zeros(n)) + value
     return {c: np.exp(v) for c, v in log_m.items()}

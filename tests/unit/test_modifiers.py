@@ -2,7 +2,10 @@
 
 Truths used: the published numbers themselves (Lp(a) HR 1.11, 95% CI 1.10-1.12 per 50 nmol/L, Patel 2021;
 coronary share of first ASCVD events 192/338 = 0.57, Muntner 2014; the Lp(a) molar/mass factor 2.4, Trinder
-2021), the MESA ratio (checked against a second transcription in test_mesa.py), and PREVENT's own SDI model.
+2021), the MESA ratio (checked against a second transcription in test_mesa.py), PREVENT's own SDI model, and
+the published population distributions of each marker, sampled here with this file's own numpy code (not the
+engine's quadrature): the engine's multiplier must average 1 over them (mean-preserving over the anchor's
+population).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fhirtwin.sim.ensemble import STREAM_NAMES, draw_parameters
 from fhirtwin.sim.equations import coronary_calcium_ratio, prevent_risk
 from fhirtwin.sim.hazards import hazard_paths
 from fhirtwin.sim.interventions import BASELINE
+from fhirtwin.sim.modifiers import active_modifiers, ascvd_risk_with, reference_level
 from fhirtwin.twin import Demographics, Evidence, Scale, SourceRef, TwinState, get_variable
 
 #: These tests check each marker's effect, so every optional component is on (their defaults are governance's).
@@ -58,13 +62,94 @@ def test_without_markers_nothing_is_added_and_old_draws_keep_their_streams():
     assert STREAM_NAMES.index("quit_probability") < first_new
 
 
-def test_markers_at_their_reference_level_give_the_bit_identical_forecast():
-    at_reference = dict(lpa_nmol_l=19.6, hscrp_mg_l=2.0, exercise_min_per_week=200.0, pm25_ug_m3=9.0)
-    a = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN)).simulate(None, 10.0, 64, seed=5)
-    b = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN, **at_reference)).simulate(None, 10.0, 64, seed=5)
-    for outcome in a.cif:
-        np.testing.assert_array_equal(a.cif[outcome], b.cif[outcome])
-    assert "modifiers" in b.method and "modifiers" not in a.method
+#: The published population distributions, transcribed here independently of modifiers.json: a sampler each.
+def _lognormal(median, sd_log):
+    return lambda rng, n: median * np.exp(sd_log * rng.standard_normal(n))
+
+
+def _activity(rng, n):  # NHIS: 32.4 % inactive (2010), 43.5 % >= 150 min/week (2008), uniform in between
+    u = rng.random(n)
+    return np.where(u < 0.324, 0.0, np.where(u < 0.324 + 0.435, 150.0, rng.uniform(0.0, 150.0, n)))
+
+
+Z75, Z975 = 0.6744897501960817, 1.959963984540054
+MARKERS = {  # name: (variable, sampler, f, clamp, {component: (HR, per)}, acts below, sex)
+    "lipoprotein_a": ("lpa_nmol_l", _lognormal(19.6, math.log(74.8 / 7.6) / (2 * Z75)), lambda x: x, (0.0, 400.0),
+                      {"coronary": (1.11, 50.0), "stroke": (1.11, 50.0)}, None, "male"),  # UK Biobank, Patel 2021
+    "hscrp": ("hscrp_mg_l", _lognormal(2.1, math.log(3.0)), np.log, (0.1, 10.0),  # NHANES median, ERFC SD
+              {"coronary": (1.37, math.log(3.0)), "stroke": (1.27, math.log(3.0))}, 10.0, "male"),
+    "physical_activity": ("exercise_min_per_week", _activity, lambda x: x, (0.0, 150.0),
+                          {"coronary": (0.83, 150.0), "stroke": (0.83, 150.0)}, None, "male"),
+    "pm25": ("pm25_ug_m3", lambda rng, n: 12.6 + 2.8 * rng.standard_normal(n), lambda x: x, (0.0, 40.0),  # CPS-II
+             {"coronary": (1.08, 10.0), "stroke": (1.13, 10.0)}, None, "male"),
+    "nt_probnp_female": ("nt_probnp_pg_ml", _lognormal(62.0, math.log(299.0 / 66.0) / Z975), np.log, (10.0, 1000.0),
+                         {"heart_failure": (1.95, 1.0)}, None, "female"),  # ARIC median, Generation Scotland spread
+    "nt_probnp_male": ("nt_probnp_pg_ml", _lognormal(36.0, math.log(195.0 / 38.0) / Z975), np.log, (10.0, 1000.0),
+                       {"heart_failure": (1.95, 1.0)}, None, "male"),
+}
+
+
+def _effects(variable, value, sex):
+    (m,) = active_modifiers(patient(**WHITE_MAN, sex=sex, **{variable: value}))
+    return m
+
+
+@pytest.mark.parametrize("marker", sorted(MARKERS))
+def test_every_multiplier_averages_one_over_its_population_at_the_point_and_per_draw(marker):
+    variable, sample, f, (lo, hi), effects, acts_below, sex = MARKERS[marker]
+    x = sample(np.random.default_rng(11), 400_000)
+    if acts_below is not None:
+        x = x[x <= acts_below]  # above it the marker does not act at all (no multiplier)
+    x0 = float(np.median(x))
+    m = _effects(variable, x0, sex)
+    assert {e.component for e in m.effects} == set(effects)
+    for e in m.effects:
+        hr, per = effects[e.component]
+        assert e.value == hr
+        for ratio in (e.ci95[0], hr, e.ci95[1]):  # the centring follows the drawn ratio
+            log_at_x0 = float(e.log_multiplier(np.array([ratio]))[0])
+            mult = np.exp(log_at_x0 + math.log(ratio) * (f(np.clip(x, lo, hi)) - f(np.clip(x0, lo, hi))) / per)
+            se = mult.std() / math.sqrt(mult.size)
+            assert mult.mean() == pytest.approx(1.0, abs=4 * se + 1e-4), (marker, e.component, ratio)
+
+
+@pytest.mark.parametrize("marker", sorted(MARKERS))
+def test_a_patient_at_the_shown_reference_gets_exactly_the_anchor(marker):
+    variable, *_, sex = MARKERS[marker]
+    name = marker.removesuffix("_female").removesuffix("_male")
+    x_ref = reference_level(name, sex if name == "nt_probnp" else None)
+    fitted = _model("fhirtwin-equations").fit(patient(**WHITE_MAN, sex=sex, **{variable: x_ref}))
+    (m,) = fitted.anchors_.modifiers
+    assert m.reference.startswith(f"{x_ref:.3g} ")
+    if name == "nt_probnp":
+        assert m.point_log("heart_failure") == pytest.approx(0.0, abs=1e-12)
+    else:
+        r = fitted.anchors_.published["prevent_10y_ascvd"]
+        at = ascvd_risk_with(r, math.exp(m.point_log("coronary")), math.exp(m.point_log("stroke")), CORONARY_SHARE)
+        assert at == pytest.approx(r, rel=1e-10)
+    assert not any(d.factor == m.label for d in fitted.drivers_)  # no contribution at the reference
+
+
+@pytest.mark.parametrize("marker,low,high", [("lipoprotein_a", 10.0, 200.0), ("hscrp", 0.5, 5.0),
+                                             ("physical_activity", 200.0, 0.0), ("pm25", 6.0, 18.0),
+                                             ("nt_probnp_male", 20.0, 300.0)])
+def test_each_effect_keeps_its_direction_and_crosses_one_at_the_reference(marker, low, high):
+    variable, *_, sex = MARKERS[marker]
+    component = "heart_failure" if marker.startswith("nt_probnp") else "coronary"
+    below, above = (_effects(variable, v, sex).point_log(component) for v in (low, high))
+    assert below < 0.0 < above  # 'high' is the riskier level (no activity for physical activity)
+
+
+def test_markers_move_the_forecast_and_a_population_typical_patient_stays_near_the_anchor():
+    plain = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN)).simulate(None, 10.0, 64, seed=5)
+    typical = dict(lpa_nmol_l=reference_level("lipoprotein_a"), pm25_ug_m3=reference_level("pm25"))
+    near = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN, **typical)).simulate(None, 10.0, 64, seed=5)
+    high = _model("fhirtwin-mechanistic").fit(patient(**WHITE_MAN, lpa_nmol_l=300.0, pm25_ug_m3=20.0)
+                                              ).simulate(None, 10.0, 64, seed=5)
+    base = plain.cif["ascvd"][:, -1].mean()
+    assert near.cif["ascvd"][:, -1].mean() == pytest.approx(base, rel=0.01)  # per-draw centring: not bit-equal
+    assert high.cif["ascvd"][:, -1].mean() > 1.1 * base
+    assert "modifiers" in near.method and "modifiers" not in plain.method
 
 
 def test_calcium_multiplies_only_the_coronary_part_by_the_mesa_ratio():
@@ -80,13 +165,15 @@ def test_calcium_multiplies_only_the_coronary_part_by_the_mesa_ratio():
 
 
 def test_lpa_acts_with_the_published_effect_and_its_interval():
-    base, _, _ = _hazards(patient(**WHITE_MAN), n=4000)
+    base, _, _ = _hazards(patient(**WHITE_MAN, lpa_nmol_l=19.6), n=4000)  # the centring cancels in the ratio
     lpa, draws, _ = _hazards(patient(**WHITE_MAN, lpa_nmol_l=119.6), n=4000)  # two steps of 50 above 19.6
     hr = draws.modifiers["lipoprotein_a:coronary"]
     assert np.median(hr) == pytest.approx(1.11, abs=0.002)
     assert np.percentile(hr, [2.5, 97.5]) == pytest.approx([1.10, 1.12], abs=0.002)
     assert np.median(lpa["ascvd"][:, 0] / base["ascvd"][:, 0]) == pytest.approx(1.11**2, abs=0.003)
     np.testing.assert_array_equal(lpa["heart_failure"], base["heart_failure"])
+    plain, _, _ = _hazards(patient(**WHITE_MAN), n=4000)
+    np.testing.assert_array_equal(lpa["heart_failure"], plain["heart_failure"])
 
 
 def test_lpa_in_mg_dl_uses_the_cited_factor_and_says_so():
@@ -97,7 +184,8 @@ def test_lpa_in_mg_dl_uses_the_cited_factor_and_says_so():
     caveats = mass.simulate(None, 10.0, 8, seed=0).caveats
     assert any("2.4" in c and "isoform" in c for c in caveats)
     both = _model("fhirtwin-equations").fit(patient(lpa_nmol_l=19.6, lpa_mg_dl=200.0))
-    assert both.anchors_.modifiers[0].point_log("coronary") == 0.0  # the molar result wins
+    molar = _model("fhirtwin-equations").fit(patient(lpa_nmol_l=19.6))
+    assert both.anchors_.modifiers[0].point_log("coronary") == molar.anchors_.modifiers[0].point_log("coronary")
 
 
 def test_drivers_show_each_scale_and_calcium_zero_lowers_the_risk():
@@ -126,16 +214,17 @@ def test_acute_phase_crp_and_markers_without_a_checked_effect_do_not_act():
 
 
 def test_nt_probnp_moves_only_heart_failure_from_the_sex_specific_median():
-    base, _, _ = _hazards(patient(**WHITE_MAN), n=4000)
-    bnp, draws, m = _hazards(patient(**WHITE_MAN, nt_probnp_pg_ml=36.0 * math.e**2), n=4000)  # men's median 36
+    base, _, _ = _hazards(patient(**WHITE_MAN, nt_probnp_pg_ml=36.0), n=4000)  # men's median 36
+    bnp, draws, m = _hazards(patient(**WHITE_MAN, nt_probnp_pg_ml=36.0 * math.e**2), n=4000)
     hr = draws.modifiers["nt_probnp:heart_failure"]
     assert np.percentile(hr, [2.5, 50, 97.5]) == pytest.approx([1.54, 1.95, 2.46], abs=0.02)  # Choi 2012, MESA
     assert np.median(bnp["heart_failure"][:, 0] / base["heart_failure"][:, 0]) == pytest.approx(1.95**2, rel=0.01)
     np.testing.assert_array_equal(bnp["ascvd"], base["ascvd"])
     (driver,) = [d for d in m.drivers_ if d.factor == "NT-proBNP"]
     assert driver.outcome == "heart_failure" and driver.scale == "organ" and driver.contribution > 0
-    at_median = _model("fhirtwin-equations").fit(patient(sex="female", nt_probnp_pg_ml=62.0))
-    assert at_median.anchors_.modifiers[0].point_log("heart_failure") == 0.0  # women's median 62
+    women, men = (_model("fhirtwin-equations").fit(patient(sex=s, nt_probnp_pg_ml=62.0)) for s in ("female", "male"))
+    assert women.anchors_.modifiers[0].point_log("heart_failure") < 0.0 < men.anchors_.modifiers[0].point_log(
+        "heart_failure")  # 62 pg/mL: below women's population-typical level, above men's
 
 
 def test_sdi_makes_prevent_sdi_model_the_anchor():
