@@ -91,12 +91,11 @@ def _shrinkage(rows: Rows, fit: Any, seed: int) -> float:
 
 
 def fit_biomarker(rows: Rows, learner: Learner, *, calibration_fraction: float, seed: int,
-                  min_patients: int = MIN_TRAINING_PATIENTS) -> BiomarkerResidual:
+                  min_patients: int = MIN_TRAINING_PATIENTS, biomarker: str = "") -> BiomarkerResidual:
     """Residual of one biomarker: fit on training patients, shrink by CV, calibrate on the others."""
     patients = sorted({str(p) for p in rows.patient_id})
     train_ids, calibration_ids = split_patients(patients, calibration_fraction, seed)
     train, calibration = rows.of_patients(train_ids), rows.of_patients(calibration_ids)
-    biomarker = ""
     if len(train_ids) < min_patients:
         interval = conformal_half_widths(calibration, calibration.mechanistic)
         return BiomarkerResidual(biomarker, 0.0, None, interval, len(train_ids), len(calibration_ids),
@@ -122,9 +121,8 @@ def fit_residual(data: Dataset, learner: Learner = "gnn", *, calibration_fractio
     biomarkers: dict[str, BiomarkerResidual] = {}
     for b, rows in data.rows.items():
         if len(rows):
-            fitted = fit_biomarker(rows, learner, calibration_fraction=calibration_fraction, seed=seed,
-                                   min_patients=min_patients)
-            biomarkers[b] = BiomarkerResidual(b, *(getattr(fitted, f) for f in list(fitted.__dataclass_fields__)[1:]))
+            biomarkers[b] = fit_biomarker(rows, learner, calibration_fraction=calibration_fraction, seed=seed,
+                                          min_patients=min_patients, biomarker=b)
     _, origin = scale_adjacency()
     settings = {"learner": learner, "calibration_fraction": calibration_fraction, "seed": seed,
                 "min_training_patients": min_patients, "folds": FOLDS, "level": LEVEL,
