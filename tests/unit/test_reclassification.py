@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sim_fixtures import patient
 
+from fhirtwin.sim.modifiers import reference_level
 from fhirtwin.validation.events import generate
 from fhirtwin.validation.reclassification import category_index, marker_risk, nri, reclassification
 
@@ -53,7 +54,8 @@ def test_the_cohort_without_markers_has_none():
 
 def test_total_cvd_has_the_one_published_threshold_and_moves_through_its_hf_part():
     assert category_index(np.array([0.0749, 0.075, 0.3]), "total_cvd").tolist() == [0, 1, 1]
-    p = patient(nt_probnp_pg_ml=36.0 * math.e)  # one ln unit above men's median: HF hazard x 1.95
+    # one ln unit above men's population-typical level (multiplier 1 there): HF hazard x 1.95
+    p = patient(nt_probnp_pg_ml=reference_level("nt_probnp", "male") * math.e)
     base = {"ascvd": np.array([0.10]), "heart_failure": np.array([0.05]), "total_cvd": np.array([0.14])}
     h_a, h_h = -math.log(0.90), -math.log(0.95)
     expected = 1 - 0.86 ** (h_a / (h_a + h_h) + h_h / (h_a + h_h) * 1.95)
