@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -163,9 +164,20 @@ def switched_off() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() in OFF_WORDS
 
 
+@lru_cache(maxsize=4)
+def _load_once(path: str, stamp: tuple[int, int]) -> ResidualArtifact:
+    """One load per artifact folder and content stamp (a model is built per patient)."""
+    return ResidualArtifact.load(path)
+
+
 def configured_artifact() -> ResidualArtifact | None:
-    """The artifact the deployment configured (``FHIRTWIN_HYBRID_ARTIFACT``), None when none or switched off."""
+    """The artifact the deployment configured (``FHIRTWIN_HYBRID_ARTIFACT``), None when none or switched off;
+    read once per folder while its files are unchanged."""
     path = os.environ.get(ENV_ARTIFACT, "").strip()
     if not path or switched_off():
         return None
-    return ResidualArtifact.load(path)
+    try:
+        stamp = tuple(os.stat(Path(path) / name).st_mtime_ns for name in ("artifact.json", "arrays.npz"))
+    except OSError:
+        return ResidualArtifact.load(path)  # raises the typed error naming the problem
+    return _load_once(path, (stamp[0], stamp[1]))

@@ -254,3 +254,11 @@ def test_the_graph_learner_also_beats_both_comparators_where_effects_are_missing
     for biomarker, s in scores.items():
         assert s["gnn"]["rmse"] < min(s["mechanistic"]["rmse"], s["learned_only"]["rmse"]), (biomarker, s)
         assert 0.80 <= s["gnn"]["coverage90"] <= 1.0
+
+
+def test_a_configured_artifact_that_cannot_be_read_is_a_typed_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FHIRTWIN_HYBRID_ARTIFACT", str(tmp_path / "absent"))
+    with pytest.raises(ArtifactError):
+        HybridTwin()
+    monkeypatch.setenv("FHIRTWIN_HYBRID", "off")  # switched off: the configured path is not even read
+    assert not HybridTwin().active
