@@ -129,8 +129,8 @@ class HybridTwin(MechanisticTwin):
         return replace(forecast, method=method, trajectories=trajectories, caveats=tuple(caveats))
 
 
-def configured_model() -> MechanisticTwin:
+def configured_model(components: Iterable[str] | None = None) -> MechanisticTwin:
     """The model a deployment should run: the hybrid when a residual is configured and not switched off,
-    else the mechanistic twin itself."""
-    hybrid = HybridTwin()
-    return hybrid if hybrid.active else MechanisticTwin()
+    else the mechanistic twin itself (``components`` go to the mechanistic twin either way)."""
+    hybrid = HybridTwin(components=components)
+    return hybrid if hybrid.active else MechanisticTwin(components)
