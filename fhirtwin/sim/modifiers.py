@@ -233,7 +233,7 @@ def _log_linear(name: str, x: float, shown: str, caveats: tuple[str, ...] = (), 
     notes = list(caveats)
     if held != x:
         notes.append(f"{spec['label']} {x:g} {spec['unit']} held at {held:g} for its effect ({spec['clamp_source']})")
-    reference = f"{reference_level(name, key):.3g} {spec['unit']} (population-typical: multiplier 1)"
+    reference = f"{reference_level(name, key):.3g} {spec['unit']}, population-typical"
     return ActiveModifier(name, spec["label"], spec["scale"], shown, reference, effects, (), tuple(notes))
 
 
