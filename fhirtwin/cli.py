@@ -329,7 +329,8 @@ def _run_settings(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     return {"fhirtwin": __version__, "models": sorted(f"{m.name} {m.version}" for m in registered_models()),
             "draws": engine.draws, "horizon": engine.horizon_years, "seed": engine.seed, "outcome": engine.outcome,
-            "as_of": args.as_of, "components": sorted(engine.components)}
+            "as_of": args.as_of, "components": sorted(engine.components),
+            "learned_residual": engine.learned_residual.version if engine.learned_residual is not None else None}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

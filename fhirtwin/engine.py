@@ -30,6 +30,8 @@ from fhirtwin.causal.graph import graph_reference
 from fhirtwin.fhir import errors as fhir_errors
 from fhirtwin.fhir.client import batch_results
 from fhirtwin.fhir.models import ResourceValidationError, check_emittable, validate_resource
+from fhirtwin.hybrid import HybridTwin
+from fhirtwin.hybrid.artifact import configured_artifact
 from fhirtwin.keys import key_device, key_device_id, public_key_from_device
 from fhirtwin.package_data import conformance_resources
 from fhirtwin.sequencing import SequencePlan, SequencingError, sequence
@@ -601,6 +603,9 @@ class Engine:
         #: Optional model components on (``fhirtwin.sim.components``): governance defaults and the deployment's
         #: FHIRTWIN_COMPONENTS, read once here so every door of one engine uses the same set.
         self.components = enabled_components() if components is None else frozenset(components)
+        #: The learned residual the deployment configured (``FHIRTWIN_HYBRID_ARTIFACT``; None when none or
+        #: switched off with ``FHIRTWIN_HYBRID=off``): read once, a bad artifact is an error here, not per patient.
+        self.learned_residual = configured_artifact()
         self._hapi: bool | None = None
 
     # -- read
@@ -752,7 +757,7 @@ class Engine:
         if not decision.in_scope:
             return TwinRun(state, None, None, f"out of scope: {CONCEPTS[decision.code]}", (), stored, decision, flags)
         try:
-            model = MechanisticTwin(components=self.components).fit(state)
+            model = self._model().fit(state)
         except InsufficientData as exc:
             return TwinRun(state, None, None, str(exc), tuple(exc.missing), stored, decision, flags)
         inputs = model.inputs_
@@ -840,6 +845,13 @@ class Engine:
             arr[outcome] = {"median": float(np.quantile(diff, 0.5)), "p05": float(np.quantile(diff, 0.05)),
                             "p95": float(np.quantile(diff, 0.95))}
         return WhatIf(forecast, tuple(interventions), arr)
+
+    def _model(self) -> MechanisticTwin:
+        """A fresh model for one patient: the hybrid when a learned residual is configured, else the mechanistic
+        twin; both with this engine's components."""
+        if self.learned_residual is not None:
+            return HybridTwin(artifact=self.learned_residual, enabled=True, components=self.components)
+        return MechanisticTwin(components=self.components)
 
     def sequence(self, run: TwinRun, *, draws: int = 200, now: datetime | None = None
                  ) -> tuple[SequencePlan, dict[str, Any]]:

@@ -61,6 +61,7 @@ CONCEPTS: dict[str, str] = {
     "PGS000018": "metaGRS for coronary artery disease (PGS Catalog PGS000018; Inouye et al., JACC 2018)",
     # models and equation variants
     "fhirtwin-mechanistic": "fhirtwin mechanistic multi-scale twin (ensemble simulation)",
+    "fhirtwin-hybrid": "fhirtwin hybrid twin (mechanistic trajectories plus a governed learned residual)",
     "prevent-2024-full": "AHA PREVENT equations (Khan 2024), full model",
     "kfre-4var": "Kidney Failure Risk Equation (Tangri), 4-variable",
     "ckd-epi-2021": "CKD-EPI 2021 creatinine equation (race-free)",

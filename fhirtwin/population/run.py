@@ -178,6 +178,9 @@ class RunSettings:
     #: The optional model components on (:mod:`fhirtwin.sim.components`), fixed on the driver so every worker
     #: uses the same set whatever its own environment says.
     components: tuple[str, ...] = ()
+    #: Version of the learned residual the run uses (``fhirtwin.hybrid``), None for the mechanistic twin alone;
+    #: every worker must have the same artifact configured.
+    learned_residual: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -205,11 +208,14 @@ def new_settings(*, draws: int, as_of: date | None, target: str | None, recorded
     from fhirtwin import __version__
 
     moment = (recorded or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    from fhirtwin.hybrid.artifact import configured_artifact
     from fhirtwin.sim.components import enabled_components
 
+    residual = configured_artifact()
     return RunSettings(draws=draws, as_of=(as_of or moment.date()).isoformat(), recorded=moment.isoformat(),
                        target=target, fhirtwin_version=__version__, models=current_models(), purpose=purpose,
-                       components=tuple(sorted(enabled_components())))
+                       components=tuple(sorted(enabled_components())),
+                       learned_residual=residual.version if residual is not None else None)
 
 
 def resolve_signing_key(target: str | None) -> Any:
@@ -320,6 +326,11 @@ def simulate_partition(task: PartitionTask) -> PartitionResult:
     engine = Engine(_Target(settings.target), signing_key=key, draws=settings.draws,
                     horizon_years=settings.horizon_years, seed=settings.seed, outcome=settings.outcome,
                     components=settings.components)
+    mine = engine.learned_residual.version if engine.learned_residual is not None else None
+    if mine != settings.learned_residual:
+        raise PopulationRunError(f"this worker's learned residual ({mine or 'none'}) is not the run's "
+                                 f"({settings.learned_residual or 'none'}): set FHIRTWIN_HYBRID_ARTIFACT on the "
+                                 "workers as on the driver")
     as_of = date.fromisoformat(settings.as_of)
     recorded = datetime.fromisoformat(settings.recorded)
     consent = ConsentPolicy(settings.purpose)

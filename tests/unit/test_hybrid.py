@@ -5,6 +5,7 @@ held-out patients; the fallback with few patients; the deployment switch; the ar
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,31 @@ def test_switch_off_gives_exactly_the_mechanistic_forecast(tmp_path: Path, train
     for o in reference.cif:
         np.testing.assert_array_equal(on_forecast.cif[o], reference.cif[o])
     assert on_forecast.method["learned_residual"]["artifact_version"] == artifact.version
+
+
+def test_the_engine_runs_the_configured_residual_and_only_that(tmp_path: Path, trained, monkeypatch) -> None:
+    from writeback_fixtures import versioned_resources
+
+    from fhirtwin.adapters import build_twin
+    from fhirtwin.engine import Engine
+
+    artifact = trained[0].save(tmp_path / "residual")
+    patient_id, resources = versioned_resources()
+    state = build_twin(patient_id, resources, date(2026, 6, 30))
+    monkeypatch.setenv("FHIRTWIN_HYBRID_ARTIFACT", str(tmp_path / "residual"))
+    engine = Engine(draws=40)
+    assert engine.learned_residual is not None and engine.learned_residual.version == artifact.version
+    forecast = engine.simulate(state).plan.baseline
+    assert forecast.model == "fhirtwin-hybrid"
+    assert forecast.method["learned_residual"]["artifact_version"] == artifact.version
+    monkeypatch.setenv("FHIRTWIN_HYBRID", "off")
+    off = Engine(draws=40)
+    assert off.learned_residual is None
+    assert off.simulate(state).plan.baseline.model == "fhirtwin-mechanistic"
+    monkeypatch.delenv("FHIRTWIN_HYBRID")
+    monkeypatch.setenv("FHIRTWIN_HYBRID_ARTIFACT", str(tmp_path / "absent"))
+    with pytest.raises(ArtifactError):
+        Engine()  # a deployment that names an artifact it cannot read fails at once, not per patient
 
 
 def test_the_registered_model_honours_the_contract() -> None:
