@@ -775,6 +775,22 @@ def cmd_population_run(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if report.patients.get("failed") else EXIT_OK
 
 
+def cmd_population_residual(args: argparse.Namespace) -> int:
+    """Train the hybrid's learned residual on a staged population; writes a versioned artifact folder."""
+    from pathlib import Path
+
+    from fhirtwin.hybrid.data import dataset_from_stage
+    from fhirtwin.hybrid.train import fit_residual
+
+    data = dataset_from_stage(args.stage_dir, source=args.source or Path(args.stage_dir).name, draws=args.draws)
+    artifact = fit_residual(data, args.learner, seed=args.seed).save(args.out)
+    on = {b: r.shrinkage for b, r in artifact.biomarkers.items()}
+    print(f"residual {artifact.version} ({args.learner}) written to {args.out}; shrinkage by biomarker: "
+          + ", ".join(f"{b} {v:.2f}" for b, v in on.items()))
+    print(f"deploy with FHIRTWIN_HYBRID_ARTIFACT={args.out} (switch off with FHIRTWIN_HYBRID=off)")
+    return EXIT_OK
+
+
 def cmd_population_report(args: argparse.Namespace) -> int:
     """A run's aggregate Parquet and self-contained HTML page (aggregates only, no patient named)."""
     from fhirtwin.population.report import write_population_report
@@ -1114,6 +1130,17 @@ def build_parser() -> argparse.ArgumentParser:
     auth_options(prun)
     prun.add_argument("--json", action="store_true", help="print one JSON object")
     prun.set_defaults(func=cmd_population_run)
+    residual = steps.add_parser("residual", help="train the hybrid twin's learned residual on a staged population "
+                                "(versioned artifact; see docs/hybrid.md)")
+    residual.add_argument("stage_dir", help="a folder written by `fhirtwin population stage`")
+    residual.add_argument("--out", required=True, help="folder for the artifact (artifact.json, arrays.npz)")
+    residual.add_argument("--learner", choices=("gnn", "gbm"), default="gnn", help="scale graph network (default) "
+                          "or gradient boosting")
+    residual.add_argument("--draws", type=positive_int, default=200, help="mechanistic draws per patient (200)")
+    residual.add_argument("--seed", type=int, default=0, help="seed of the splits and the learner (default 0)")
+    residual.add_argument("--source", default=None, help="name of the data source recorded in the artifact "
+                          "(default: the folder's name)")
+    residual.set_defaults(func=cmd_population_residual)
     preport = steps.add_parser("report", help="population report of a run: risk distributions by outcome and "
                                "subgroup, proposals, statuses, run metrics (HTML + aggregate Parquet)")
     preport.add_argument("run_dir", help="the run's folder, OUT/runs/RUN_ID")

@@ -288,3 +288,15 @@ def test_a_configured_artifact_that_cannot_be_read_is_a_typed_error(tmp_path: Pa
         HybridTwin()
     monkeypatch.setenv("FHIRTWIN_HYBRID", "off")  # switched off: the configured path is not even read
     assert not HybridTwin().active
+
+
+def test_the_command_line_trains_a_versioned_artifact_the_engine_loads(cohort, tmp_path: Path, capsys) -> None:
+    from fhirtwin.cli import main
+
+    stage, _, _ = cohort
+    assert main(["population", "residual", str(stage), "--out", str(tmp_path / "r"), "--learner", "gbm",
+                 "--draws", "20"]) == 0
+    loaded = ResidualArtifact.load(tmp_path / "r")
+    assert loaded.version in capsys.readouterr().out
+    assert loaded.training_data["n_patients"] > 0 and loaded.settings["learner"] == "gbm"
+    assert loaded.training_data["stage_sha256"] == stage_hash(stage)
