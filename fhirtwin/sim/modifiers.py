@@ -197,6 +197,7 @@ def _sex_key(spec: dict[str, Any], sex: str | None) -> str | None:
     return sex if "by_sex" in spec["population_distribution"] else None
 
 
+@lru_cache(maxsize=64)
 def reference_level(name: str, sex: str | None = None) -> float:
     """The marker level whose multiplier is 1 at the point estimates (a population-typical value).
 
