@@ -45,6 +45,7 @@ from fhirtwin.hybrid.data import Dataset, dataset_from_stage  # noqa: E402
 from fhirtwin.hybrid.features import SCALES  # noqa: E402
 from fhirtwin.hybrid.train import DirectModel, evaluate, fit_residual, hybrid_point, split_patients  # noqa: E402
 from fhirtwin.population import stage_ndjson  # noqa: E402
+from fhirtwin.sim.components import component_names  # noqa: E402
 
 COLUMNS = ("mechanistic", "learned_only", "hybrid_gbm", "hybrid_gnn", "hybrid_gnn_no_edges")
 
@@ -98,7 +99,8 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
     write_cohort(work / "ndjson", patients, seed=seed)
     stage_ndjson(work / "ndjson", work / "staged")
     data = dataset_from_stage(work / "staged", history_years=(2.0, 3.0), draws=draws, seed=seed,
-                              source=f"tests/hybrid_generator.py cohort, seed {seed}")
+                              source=f"tests/hybrid_generator.py cohort, seed {seed}",
+                              components=component_names())
     print(f"rows built from {data.description.n_patients} staged patients in {time.monotonic() - started:.0f} s "
           f"(stage sha256 {data.description.stage_sha256[:12]})", flush=True)
     train_ids, test_ids = split_patients(data.patients(), test_fraction, seed)

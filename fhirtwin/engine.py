@@ -35,7 +35,7 @@ from fhirtwin.hybrid.artifact import configured_artifact
 from fhirtwin.keys import key_device, key_device_id, public_key_from_device
 from fhirtwin.package_data import conformance_resources
 from fhirtwin.sequencing import SequencePlan, SequencingError, sequence
-from fhirtwin.sim.components import enabled_components
+from fhirtwin.sim.components import checked, enabled_components
 from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
 from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
@@ -602,7 +602,7 @@ class Engine:
         self.validate_writes = validate_writes
         #: Optional model components on (``fhirtwin.sim.components``): governance defaults and the deployment's
         #: FHIRTWIN_COMPONENTS, read once here so every door of one engine uses the same set.
-        self.components = enabled_components() if components is None else frozenset(components)
+        self.components = enabled_components() if components is None else checked(components)
         #: The learned residual the deployment configured (``FHIRTWIN_HYBRID_ARTIFACT``; None when none or
         #: switched off with ``FHIRTWIN_HYBRID=off``): read once, a bad artifact is an error here, not per patient.
         self.learned_residual = configured_artifact()

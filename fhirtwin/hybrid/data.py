@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -145,8 +145,10 @@ def _measured(inputs: PatientInputs) -> list[float]:
 
 
 def patient_rows(patient_id: str, record: list[dict[str, Any]], *, history_years: Sequence[float],
-                 horizons: Sequence[float], draws: int, seed: int, cut_lag_days: int = 30) -> dict[str, list[Rows]]:
-    """Rows of one patient (raises InsufficientData/ValueError when the record cannot be read)."""
+                 horizons: Sequence[float], draws: int, seed: int, cut_lag_days: int = 30,
+                 components: frozenset[str] | None = None) -> dict[str, list[Rows]]:
+    """Rows of one patient (raises InsufficientData/ValueError when the record cannot be read); ``components``:
+    the mechanistic twin's optional components (default: the deployment's)."""
     from fhirtwin.adapters import build_twin
 
     probe_date = date(2200, 1, 1)
@@ -162,8 +164,8 @@ def patient_rows(patient_id: str, record: list[dict[str, Any]], *, history_years
             continue
         state = build_twin(patient_id, record, cut)
         inputs = inputs_from_state(state, cut)
-        features = twin_features(inputs, state, cut)
-        model = MechanisticTwin().fit(inputs)
+        model = MechanisticTwin(components=components).fit(inputs)
+        features = twin_features(model.inputs_)  # what the twin ran on: no value of a switched-off component
         forecast = model.simulate(horizon_years=max(horizons), draws=draws, seed=int(rng.integers(2**31)))
         offset = (last - cut).days / _YEAR  # history times in ``everything`` are relative to ``last``
         later = inputs_from_state(build_twin(patient_id, record, last), last)
@@ -193,9 +195,13 @@ def patient_rows(patient_id: str, record: list[dict[str, Any]], *, history_years
 
 def dataset_from_stage(stage_dir: str | os.PathLike[str], *, history_years: Sequence[float] = (2.0,),
                        horizons: Sequence[float] = HORIZONS, draws: int = 200, seed: int = 0,
-                       source: str | None = None) -> Dataset:
-    """Training rows of every patient of a staged folder (see the module doc)."""
+                       source: str | None = None, components: Iterable[str] | None = None) -> Dataset:
+    """Training rows of every patient of a staged folder (see the module doc); ``components``: the optional
+    components of the deployment the residual is for (default: this one's; an unknown name is an error)."""
     from fhirtwin.population.stage import iter_patient_records, list_partitions, read_shared
+    from fhirtwin.sim.components import checked, enabled_components
+
+    on = enabled_components() if components is None else checked(components)
 
     root = Path(stage_dir)
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
@@ -207,7 +213,7 @@ def dataset_from_stage(stage_dir: str | os.PathLike[str], *, history_years: Sequ
         for patient_id, record in iter_patient_records(partition, shared=shared):
             try:
                 rows = patient_rows(patient_id, record, history_years=history_years, horizons=horizons,
-                                    draws=draws, seed=seed)
+                                    draws=draws, seed=seed, components=on)
             except (InsufficientData, ValueError):
                 skipped += 1
                 continue
@@ -226,5 +232,5 @@ def dataset_from_stage(stage_dir: str | os.PathLike[str], *, history_years: Sequ
         last_date=max(dates) if dates else None, stage_sha256=stage_hash(root),
         history_years=tuple(float(h) for h in history_years), horizons=tuple(float(h) for h in horizons),
         mechanistic_model=f"{MechanisticTwin.name} {MechanisticTwin.version}",
-        mechanistic_components=tuple(sorted(MechanisticTwin().components)), draws=draws)
+        mechanistic_components=tuple(sorted(on)), draws=draws)
     return Dataset({b: Rows.concat(p) if p else Rows.empty(width) for b, p in parts.items()}, description)

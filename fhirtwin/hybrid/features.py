@@ -10,7 +10,6 @@ learners take missing values), never a guess.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +18,6 @@ from fhirtwin.twin import Scale, get_variable
 
 if TYPE_CHECKING:
     from fhirtwin.sim.inputs import PatientInputs
-    from fhirtwin.twin import TwinState
 
 #: Twin variables read from PatientInputs (same names as its fields).
 INPUT_VARIABLES = (
@@ -29,9 +27,8 @@ INPUT_VARIABLES = (
     "egfr_ml_min_1_73m2", "systolic_bp_mm_hg", "uacr_mg_g",
     "bmi_kg_m2", "diabetes", "on_bp_treatment", "on_statin", "on_sglt2i",
     "current_smoker",
+    "exercise_min_per_week", "pm25_ug_m3",
 )
-#: Twin variables PatientInputs does not carry, read from the TwinState (NaN when only inputs are given).
-STATE_VARIABLES = ("exercise_min_per_week", "pm25_ug_m3")
 DEMOGRAPHICS = ("age_years", "male")
 #: Scale order of the graph learner's nodes.
 SCALES: tuple[Scale, ...] = tuple(Scale)
@@ -51,7 +48,7 @@ class FeatureLayout:
 
 def layout() -> FeatureLayout:
     """The twin feature columns (demographics first, then registry variables) with their scales."""
-    names = (*DEMOGRAPHICS, *INPUT_VARIABLES, *STATE_VARIABLES)
+    names = (*DEMOGRAPHICS, *INPUT_VARIABLES)
     scales = tuple(Scale.CLINICAL if n in DEMOGRAPHICS else get_variable(n).scale for n in names)
     return FeatureLayout(names, scales)
 
@@ -66,13 +63,9 @@ def _number(value: object) -> float:
     return float("nan")
 
 
-def twin_features(inputs: PatientInputs, state: TwinState | None = None,
-                  as_of: date | datetime | None = None) -> np.ndarray:
-    """One row of :func:`layout` columns for a patient at the forecast date (``as_of``, default the state's)."""
+def twin_features(inputs: PatientInputs) -> np.ndarray:
+    """One row of :func:`layout` columns for a patient at the forecast date, from the inputs the mechanistic
+    twin ran on (so a value of a component switched off in the deployment is missing here too)."""
     row = [float(inputs.age_years), float(inputs.sex == "male")]
     row += [_number(getattr(inputs, name)) for name in INPUT_VARIABLES]
-    when = as_of if as_of is not None else (state.reference_date if state is not None else None)
-    for name in STATE_VARIABLES:
-        ev = state.latest_or_none(name, when) if state is not None and when is not None else None
-        row.append(float("nan") if ev is None or ev.censored else _number(ev.value))
     return np.asarray(row, dtype=float)

@@ -67,16 +67,14 @@ class HybridTwin(MechanisticTwin):
 
     def fit(self, data: TwinState | PatientInputs, as_of: date | datetime | None = None) -> Self:
         """Fit the mechanistic twin, then the patient's residual at the artifact's horizons (if on)."""
-        from fhirtwin.sim.inputs import PatientInputs
 
         super().fit(data, as_of)
         self.residual_: dict[str, np.ndarray] = {}
         self.interval_: dict[str, dict[float, tuple[float, float]]] = {}
         if self.artifact is None:
             return self
-        state = None if isinstance(data, PatientInputs) else data
         inputs = self.inputs_
-        twin = twin_features(inputs, state, as_of)
+        twin = twin_features(inputs)
         horizons = np.asarray(self.artifact.horizons, dtype=float)
         forecast = super().simulate(horizon_years=float(horizons.max()), draws=DESIGN_DRAWS, seed=DESIGN_SEED)
         for variable, residual in self.artifact.biomarkers.items():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -63,9 +63,21 @@ def verdicts() -> dict[str, Any]:
 
 
 def default_on(name: str) -> bool:
-    """On by default unless the governance verdict says it worsened subgroup calibration (or none exists)."""
+    """The governance verdict's default; without a verdict, on only for a published anchor equation (PREVENT's
+    SDI model), never for a mechanism fhirtwin adds."""
     verdict = verdicts().get("components", {}).get(name)
-    return bool(verdict["default_on"]) if verdict is not None else False
+    if verdict is not None:
+        return bool(verdict["default_on"])
+    return name in modifier_parameters()["anchors"]
+
+
+def checked(names: Iterable[str]) -> frozenset[str]:
+    """``names`` as a set, refusing any that is not a component (a typo would silently switch one off)."""
+    out = frozenset(names)
+    unknown = sorted(out - set(component_names()))
+    if unknown:
+        raise ComponentSettingError(f"unknown component(s) {unknown}; known: {sorted(component_names())}")
+    return out
 
 
 def parse_overrides(text: str) -> dict[str, bool]:
@@ -92,19 +104,41 @@ def enabled_components(environ: Mapping[str, str] | None = None) -> frozenset[st
     return frozenset(on)
 
 
-def without_disabled(inputs: PatientInputs, enabled: frozenset[str]) -> tuple[PatientInputs, tuple[str, ...]]:
-    """The inputs with every disabled component's fields dropped, and one note per dropped recorded value."""
+def without_disabled(inputs: PatientInputs, enabled: frozenset[str]
+                     ) -> tuple[PatientInputs, tuple[tuple[str, str], ...]]:
+    """The inputs with every disabled component's fields dropped (and the resource versions only they came
+    from, so Provenance does not name them as inputs), and the (component, field) pairs that were dropped."""
     dropped: dict[str, Any] = {}
-    notes: list[str] = []
+    pairs: list[tuple[str, str]] = []
     for name, fields in component_inputs().items():
         if name in enabled:
             continue
         for field in fields:
             if getattr(inputs, field) is not None:
                 dropped[field] = None
-                notes.append(f"{field} recorded but not used: component {name!r} is off in this deployment "
-                             "(see the model card's component governance)")
+                pairs.append((name, field))
     if not dropped:
         return inputs, ()
     used = tuple(v for v in inputs.variables_used if v not in dropped)
-    return dataclasses.replace(inputs, variables_used=used, **dropped), tuple(notes)
+    kept = {ref for v, refs in inputs.sources_by_variable if v not in dropped for ref in refs}
+    only_dropped = {ref for v, refs in inputs.sources_by_variable if v in dropped for ref in refs} - kept
+    sources = tuple(ref for ref in inputs.sources if ref not in only_dropped)
+    by_variable = tuple((v, refs) for v, refs in inputs.sources_by_variable if v not in dropped)
+    return (dataclasses.replace(inputs, variables_used=used, sources=sources, sources_by_variable=by_variable,
+                                **dropped), tuple(pairs))
+
+
+def switched_off_note(component: str, field: str) -> str:
+    """The caveat of a recorded value a switched-off component did not use."""
+    return (f"{field} recorded but not used: component {component!r} is off in this deployment (see the model "
+            "card's component governance)")
+
+
+def variables_in_use(inputs: PatientInputs, acting: Iterable[str]) -> tuple[str, ...]:
+    """What the model took a value from: every variable it read except the markers, of which only those of the
+    ``acting`` components (the first recorded field of each: Lp(a) in nmol/L before mg/dL)."""
+    from fhirtwin.sim.inputs import MARKER_VARIABLES
+
+    fields = component_inputs()
+    in_use = {next((f for f in fields[name] if getattr(inputs, f) is not None), "") for name in acting}
+    return tuple(v for v in inputs.variables_used if v not in MARKER_VARIABLES or v in in_use)

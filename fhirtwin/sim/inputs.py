@@ -52,7 +52,8 @@ class PatientInputs:
     behavioural and environmental fields after ``defaults_used`` (Lp(a), hsCRP, CAC, NT-proBNP, LVEF,
     activity, PM2.5, SDI decile) are None when not recorded; ``fhirtwin.sim.modifiers`` says which act.
     ``scales_read`` lists, per scale, the twin variables with a value at ``as_of``; ``variables_used`` those
-    the engine read a value of (the rest were only recorded).
+    the engine read a value of (the rest were only recorded); ``sources_by_variable`` which resource versions
+    each read value came from (so a value that is dropped drops its sources too).
     """
 
     patient_id: str
@@ -100,6 +101,7 @@ class PatientInputs:
     defaults_used: tuple[str, ...] = ()
     scales_read: tuple[tuple[str, tuple[str, ...]], ...] = ()
     variables_used: tuple[str, ...] = ()
+    sources_by_variable: tuple[tuple[str, tuple[str, ...]], ...] = ()
     lpa_nmol_l: float | None = None
     lpa_mg_dl: float | None = None
     hscrp_mg_l: float | None = None
@@ -180,14 +182,15 @@ class _Reader:
         self.as_of_arg = as_of
         self.as_of = _instant(as_of)
         self.sources: set[str] = set()
-        self.used: set[str] = set()
+        self.used: dict[str, set[str]] = {}
         self.missing: list[str] = []
         self.defaults: list[str] = []
 
     def _use(self, ev: Evidence) -> None:
-        self.used.add(ev.variable)
+        refs = self.used.setdefault(ev.variable, set())
         for src in ev.sources():
             self.sources.add(src.reference)
+            refs.add(src.reference)
 
     def get(self, variable: str) -> Evidence | None:
         ev = self.state.latest_or_none(variable, self.as_of_arg)
@@ -524,6 +527,7 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
         defaults_used=tuple(reader.defaults),
         scales_read=variables_by_scale(state, as_of),
         variables_used=tuple(sorted(reader.used)),
+        sources_by_variable=tuple((v, tuple(sorted(refs))) for v, refs in sorted(reader.used.items())),
         **markers,
     )
 

@@ -19,7 +19,13 @@ import numpy as np
 
 from fhirtwin.sim._params import intervention_parameters
 from fhirtwin.sim.calibration import LinearPosterior, calibrate
-from fhirtwin.sim.components import enabled_components, without_disabled
+from fhirtwin.sim.components import (
+    checked,
+    enabled_components,
+    switched_off_note,
+    variables_in_use,
+    without_disabled,
+)
 from fhirtwin.sim.contributions import ScaleContribution, scale_contributions
 from fhirtwin.sim.dynamics import TRAJECTORY_VARIABLES, month_grid, simulate_trajectories
 from fhirtwin.sim.ensemble import draw_parameters, summarise
@@ -320,16 +326,21 @@ class MechanisticTwin(TwinModel):
 
     def __init__(self, components: Iterable[str] | None = None) -> None:
         """``components``: the optional components to use (default: this deployment's, ``sim.components``)."""
-        self.components = enabled_components() if components is None else frozenset(components)
+        self.components = enabled_components() if components is None else checked(components)
 
     def fit(self, data: TwinState | PatientInputs, as_of: date | datetime | None = None) -> Self:
         """Read inputs (without the components that are off), calibrate levels and slopes, solve the anchors."""
-        inputs, self.component_notes_ = without_disabled(_as_inputs(data, as_of), self.components)
+        inputs, self.switched_off_ = without_disabled(_as_inputs(data, as_of), self.components)
         self.inputs_: PatientInputs = inputs
         self.posteriors_: dict[str, LinearPosterior] = calibrate(inputs)
         self.anchors_: Anchors = compute_anchors(inputs)
         self.drivers_: tuple[Driver, ...] = compute_drivers(inputs, self.anchors_)
         return self
+
+    def acting_components(self) -> tuple[str, ...]:
+        """The optional components that act for this patient (markers with an effect, the SDI anchor)."""
+        names = [m.name for m in self.anchors_.modifiers]
+        return (*names, "sdi_decile") if self.inputs_.sdi_decile is not None else tuple(names)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "anchors_"):
@@ -353,7 +364,7 @@ class MechanisticTwin(TwinModel):
         if scenario.has("smoking_cessation") is not None and inputs.current_smoker:
             cif = after_quit_attempt(hz, cif, anchors, params, 0.5 * (t[1:] + t[:-1]))
         extrapolated = [flag for flag in anchors.extrapolated if _applies(flag, horizon_years)]
-        caveats = list(anchors.caveats) + list(self.component_notes_)
+        caveats = list(anchors.caveats) + [switched_off_note(c, f) for c, f in self.switched_off_]
         caveats.extend(f"extrapolated: {flag}" for flag in extrapolated)
         caveats.extend(f"default used: {d}" for d in inputs.defaults_used)
         if "hba1c_percent" not in traj.values:
@@ -390,7 +401,9 @@ class MechanisticTwin(TwinModel):
             sources=inputs.sources,
             drivers=self.drivers_,
             caveats=tuple(caveats),
-            scales=scale_contributions(self.drivers_, dict(inputs.scales_read), inputs.variables_used),
+            scales=scale_contributions(
+                self.drivers_, dict(inputs.scales_read), variables_in_use(inputs, self.acting_components()),
+                switched_off=[f for _, f in self.switched_off_]),
         )
 
 

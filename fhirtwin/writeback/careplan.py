@@ -14,7 +14,7 @@ from typing import Any
 
 from fhirtwin.vocabulary import EXT_EXPECTED_BENEFIT, LOINC, UCUM, coding, concept, meta
 from fhirtwin.writeback.contracts import InterventionLike, OptionLike, PlanLike, StateLike
-from fhirtwin.writeback.identifiers import identifier, prediction_key
+from fhirtwin.writeback.identifiers import configuration_of, identifier, prediction_key
 from fhirtwin.writeback.riskassessment import OUTCOME_TEXT, outcome_concept, scope_extension
 
 RXNORM_INGREDIENTS = {"atorvastatin": "83367", "rosuvastatin": "301542", "simvastatin": "36567",
@@ -57,7 +57,8 @@ def _start(state: StateLike, occurrence: datetime) -> date:
 
 def _key(plan: PlanLike, kind: str) -> str:
     f = plan.baseline
-    return prediction_key(f.patient_id, f.model, f.model_version, f.sources, f.scenario.name, f.horizon_years, kind)
+    return prediction_key(f.patient_id, f.model, f.model_version, f.sources, f.scenario.name, f.horizon_years, kind,
+                          configuration_of(f.method))
 
 
 def benefit_extension(option: OptionLike, plan: PlanLike) -> dict[str, Any]:

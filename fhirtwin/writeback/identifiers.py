@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fhirtwin.vocabulary import PREDICTION_ID_SYSTEM
@@ -24,8 +24,12 @@ def prediction_key(
     scenario: str,
     horizon_years: float,
     kind: str,
+    configuration: str = "",
 ) -> str:
-    """Hex SHA-256 (first 32 characters) of the canonical JSON of everything that fixes a result."""
+    """Hex SHA-256 (first 32 characters) of the canonical JSON of everything that fixes a result.
+
+    ``configuration`` (see :func:`configuration_of`) names the optional components and learned residual the
+    model ran with; it enters only when there is one, so results made without any keep their identifiers."""
     payload = {
         "patient": patient_id,
         "model": model,
@@ -35,8 +39,22 @@ def prediction_key(
         "horizon_years": round(float(horizon_years), 6),
         "kind": kind,
     }
+    if configuration:
+        payload["configuration"] = configuration
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def configuration_of(method: Mapping[str, Any]) -> str:
+    """The model configuration a forecast records in its method: optional components on and the learned
+    residual's version ('' when neither), so a result made under another configuration gets another key."""
+    components = method.get("components_on") or []
+    residual = method.get("learned_residual") or {}
+    version = residual.get("artifact_version") if isinstance(residual, Mapping) else None
+    parts = [f"components={','.join(sorted(components))}"] if components else []
+    if version:
+        parts.append(f"residual={version}")
+    return ";".join(parts)
 
 
 def identifier(value: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from fhirtwin.vocabulary import (
     profile,
 )
 from fhirtwin.writeback.contracts import ForecastLike, PlanLike, StateLike
-from fhirtwin.writeback.identifiers import identifier, prediction_key
+from fhirtwin.writeback.identifiers import configuration_of, identifier, prediction_key
 from fhirtwin.writeback.library import model_card_url
 
 HORIZONS_YEARS = (5.0, 10.0)
@@ -176,7 +176,8 @@ def quality_notes(forecast: ForecastLike, state: StateLike) -> list[dict[str, st
 def risk_key(forecast: ForecastLike, outcome: str) -> str:
     """Business identifier value of the RiskAssessment for one outcome."""
     return prediction_key(forecast.patient_id, forecast.model, forecast.model_version, forecast.sources,
-                          forecast.scenario.name, forecast.horizon_years, f"RiskAssessment/{outcome}")
+                          forecast.scenario.name, forecast.horizon_years, f"RiskAssessment/{outcome}",
+                          configuration_of(forecast.method))
 
 
 def build_risk_assessment(

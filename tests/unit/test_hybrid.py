@@ -28,6 +28,7 @@ from fhirtwin.hybrid.train import (
 from fhirtwin.hybrid.trees import GBM_SETTINGS, TreeEnsemble
 from fhirtwin.population import stage_ndjson
 from fhirtwin.sim import available_models
+from fhirtwin.sim.components import component_names
 from fhirtwin.sim.model import MechanisticTwin, NotFittedError
 
 EGFR, SBP, LDL = "egfr_ml_min_1_73m2", "systolic_bp_mm_hg", "ldl_cholesterol_mg_dl"
@@ -40,7 +41,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset, Dat
     root = tmp_path_factory.mktemp("hybrid")
     write_cohort(root / "ndjson", N_PATIENTS, seed=11)
     stage_ndjson(root / "ndjson", root / "staged")
-    data = dataset_from_stage(root / "staged", draws=100, seed=0)
+    data = dataset_from_stage(root / "staged", draws=100, seed=0, components=component_names())
     train_ids, test_ids = split_patients(data.patients(), HELD_OUT, seed=11)
     return root / "staged", data.of_patients(train_ids), data.of_patients(test_ids)
 
@@ -300,3 +301,14 @@ def test_the_command_line_trains_a_versioned_artifact_the_engine_loads(cohort, t
     assert loaded.version in capsys.readouterr().out
     assert loaded.training_data["n_patients"] > 0 and loaded.settings["learner"] == "gbm"
     assert loaded.training_data["stage_sha256"] == stage_hash(stage)
+
+
+def test_the_residual_never_sees_a_value_of_a_switched_off_component() -> None:
+    from fhirtwin.hybrid.features import twin_features
+
+    names = list(layout().names)
+    p = patient(pm25_ug_m3=35.0, exercise_min_per_week=0.0)
+    on = twin_features(MechanisticTwin(components=component_names()).fit(p).inputs_)
+    off = twin_features(MechanisticTwin(components=[]).fit(p).inputs_)
+    assert on[names.index("pm25_ug_m3")] == 35.0 and on[names.index("exercise_min_per_week")] == 0.0
+    assert np.isnan(off[names.index("pm25_ug_m3")]) and np.isnan(off[names.index("exercise_min_per_week")])
