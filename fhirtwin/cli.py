@@ -623,9 +623,13 @@ def cmd_validate_governance(args: argparse.Namespace) -> int:
     """Each optional component on vs off on a virtual cohort with markers; writes the engine's defaults."""
     from pathlib import Path
 
+    from fhirtwin.model_card import source_validation_dir
     from fhirtwin.sim import components
     from fhirtwin.validation.governance import markdown, run, write
 
+    if not args.verdicts and source_validation_dir() is None:
+        raise CliError("fhirtwin validate governance: not a source checkout; give --verdicts FILE (an installed "
+                       "package's defaults change only with a release)")
     report = run(args.n, seed=args.seed, draws=args.draws)
     verdicts = Path(args.verdicts) if args.verdicts else Path(components.__file__).with_name(components.VERDICTS_FILE)
     out = Path(args.out)

@@ -865,10 +865,9 @@ class Engine:
             raise BadRequest(str(exc)) from None
         reference = run.state.reference_date
         start = reference.date() if isinstance(reference, datetime) else reference
-        forecast = result.baseline
-        care_plan = build_sequence_care_plan(
+        care_plan = build_sequence_care_plan(  # authored by the model that made the sequence (the mechanistic twin)
             plan_, reference_date=start or datetime.now(UTC).date(), occurrence=now or datetime.now(UTC),
-            device_reference=f"Device/{device_id(forecast.model, forecast.model_version)}")
+            device_reference=f"Device/{device_id(plan_.model, plan_.model_version)}")
         return plan_, care_plan
 
     def draft_care_plan(self, run: TwinRun) -> dict[str, Any]:

@@ -299,6 +299,7 @@ def build_process(
     """Run the engine once per therapy set on ``draws`` paired draws and build the decision process
     (``components``: the engine's optional components, default the deployment's)."""
     model = MechanisticTwin(components=components).fit(inputs)
+    inputs = model.inputs_  # what the twin ran on: no value of a component switched off in this deployment
     anchors, posteriors = model.anchors_, model.posteriors_
     options = Options.of(inputs)
     sets = options.therapy_sets()

@@ -73,8 +73,14 @@ class _StoredReplayCache:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the application; routers are mounted from their own modules."""
+    from fhirtwin.hybrid.artifact import configured_artifact
     from fhirtwin.service import cds_hooks, limits, operations, smart, webhook
+    from fhirtwin.sim.components import enabled_components
 
+    # the model configuration every door's engine reads: a bad FHIRTWIN_COMPONENTS or learned-residual
+    # artifact stops the service here, with its typed error, instead of failing every request
+    enabled_components()
+    configured_artifact()
     flusher = AuditFlusher(settings)
 
     @asynccontextmanager

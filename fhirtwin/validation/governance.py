@@ -148,7 +148,7 @@ def verdict(component: str, without: Sequence[Row], with_component: Sequence[Row
 
 @dataclass(frozen=True)
 class GovernanceReport:
-    """Every component's verdict, from one virtual cohort (leave-one-out from all components on)."""
+    """Every component's verdict against the anchor alone, and the passing ones' joint check, on one cohort."""
 
     n: int
     seed: int
@@ -165,6 +165,13 @@ class GovernanceReport:
             return tuple(v.component for v in self.verdicts if v.default_on and not v.evaluated)
         return passing
 
+    def _final(self, v: ComponentVerdict) -> dict[str, Any]:
+        """One component's entry with the final default (the joint check can turn a passing one off)."""
+        on = v.component in self.default_on
+        reason = v.reason if on == v.default_on else ("off: passed alone, but the passing components together "
+                                                      "worsened subgroup calibration")
+        return {**v.to_json(), "default_on": on, "reason": reason}
+
     def to_json(self) -> dict[str, Any]:
         """What ``components.json`` holds."""
         return {"format": FORMAT,
@@ -175,8 +182,7 @@ class GovernanceReport:
                            "design": "each component alone vs the anchor alone (all optional components off), "
                                      "then the passing ones together vs the anchor alone; same patients and "
                                      "seeds"},
-                "components": {v.component: {**v.to_json(), "default_on": v.component in self.default_on}
-                               for v in self.verdicts},
+                "components": {v.component: self._final(v) for v in self.verdicts},
                 "joint": None if self.joint is None else self.joint.to_json(),
                 "whole_cohort": self.whole_cohort}
 
@@ -254,8 +260,9 @@ def markdown(report: GovernanceReport) -> str:
              "| Component | Default | Patients with the input | Firm flags without | Firm flags with | Why |",
              "|---|---|---|---|---|---|"]
     for v in report.verdicts:
-        lines.append(f"| {v.component} | {'on' if v.component in report.default_on else 'off'} | "
-                     f"{v.patients_affected} | {v.flags_without} | {v.flags_with} | {v.reason} |")
+        final = report._final(v)
+        lines.append(f"| {v.component} | {'on' if final['default_on'] else 'off'} | "
+                     f"{v.patients_affected} | {v.flags_without} | {v.flags_with} | {final['reason']} |")
     if report.joint is not None:
         j = report.joint
         lines += ["", f"**Together** ({j.component.replace('+', ', ')}): firm flags {j.flags_without} without, "
