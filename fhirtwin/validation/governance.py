@@ -12,9 +12,9 @@ grazing a bound, or one already outside that moves a hair, is not a verdict on n
 
 Design: each component is judged against the anchor alone (every optional component off), on the same
 patients and seeds, so one component's verdict does not depend on another's; then the components that pass
-are checked together against the anchor alone, and if together they worsen a subgroup, all of them are off
-(the report says so). The verdicts are written to ``fhirtwin/sim/components.json`` and the model card lists
-them.
+are added one at a time, the most helpful alone first (fewest firm flags), each set judged against the anchor
+alone: a component whose addition worsens a subgroup is off (the report says which rows). The verdicts
+are written to ``fhirtwin/sim/components.json`` and the model card lists them.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def verdict(component: str, without: Sequence[Row], with_component: Sequence[Row
 
 @dataclass(frozen=True)
 class GovernanceReport:
-    """Every component's verdict against the anchor alone, and the passing ones' joint check, on one cohort."""
+    """Every component's verdict against the anchor alone, and which passing ones were kept together."""
 
     n: int
     seed: int
@@ -156,21 +156,24 @@ class GovernanceReport:
     verdicts: tuple[ComponentVerdict, ...]
     whole_cohort: dict[str, list[dict[str, Any]]]
     joint: ComponentVerdict | None = None
+    dropped_together: tuple[tuple[str, tuple[Worsened, ...]], ...] = ()
 
     @property
     def default_on(self) -> tuple[str, ...]:
-        """The components on by default: each passed alone, and (when they were checked together) jointly."""
-        passing = tuple(v.component for v in self.verdicts if v.default_on)
-        if self.joint is not None and self.joint.worsened:
-            return tuple(v.component for v in self.verdicts if v.default_on and not v.evaluated)
-        return passing
+        """The components on by default: passed alone and kept when added to the others (or, unevaluated, a
+        published anchor)."""
+        dropped = {name for name, _ in self.dropped_together}
+        return tuple(v.component for v in self.verdicts if v.default_on and v.component not in dropped)
 
     def _final(self, v: ComponentVerdict) -> dict[str, Any]:
-        """One component's entry with the final default (the joint check can turn a passing one off)."""
-        on = v.component in self.default_on
-        reason = v.reason if on == v.default_on else ("off: passed alone, but the passing components together "
-                                                      "worsened subgroup calibration")
-        return {**v.to_json(), "default_on": on, "reason": reason}
+        """One component's entry with the final default (adding it to the others can turn a passing one off)."""
+        rows = dict(self.dropped_together).get(v.component)
+        if rows is None:
+            return v.to_json()
+        return {**v.to_json(), "default_on": False,
+                "reason": f"off: passed alone, but added to the components kept before it, it worsened subgroup "
+                          f"calibration in {len(rows)} row(s)",
+                "worsened_together": [w.to_json() for w in rows]}
 
     def to_json(self) -> dict[str, Any]:
         """What ``components.json`` holds."""
@@ -180,10 +183,10 @@ class GovernanceReport:
                 "cohort": {"generator": "fhirtwin.validation.events (markers=True)", "n_virtual": self.n,
                            "seed": self.seed, "draws": self.draws,
                            "design": "each component alone vs the anchor alone (all optional components off), "
-                                     "then the passing ones together vs the anchor alone; same patients and "
-                                     "seeds"},
+                                     "then the passing ones added one at a time (most helpful alone first), "
+                                     "each set vs the anchor alone; same patients and seeds"},
                 "components": {v.component: self._final(v) for v in self.verdicts},
-                "joint": None if self.joint is None else self.joint.to_json(),
+                "together": None if self.joint is None else self.joint.to_json(),
                 "whole_cohort": self.whole_cohort}
 
 
@@ -236,14 +239,41 @@ def run(n: int = 6000, seed: int = 2026, draws: int = 40,
         found = rows(predict(frozenset({name}), affected, anchor, name))
         whole[f"{name} alone"] = overall(found)
         verdicts.append(verdict(name, rows_anchor, found, len(affected)))
-    passing = frozenset(v.component for v in verdicts if v.default_on and v.evaluated)
-    joint = None
-    if len(passing) > 1:
-        affected = users(passing)
-        found = rows(predict(passing, affected, anchor, "together"))
-        whole["passing components together"] = overall(found)
-        joint = verdict("+".join(sorted(passing)), rows_anchor, found, len(affected))
-    return GovernanceReport(n, seed, draws, tuple(verdicts), whole, joint)
+    # then together: added one at a time, the most helpful alone first; one that worsens the set is dropped
+    order = [v.component for v in sorted((v for v in verdicts if v.default_on and v.evaluated),
+                                         key=lambda v: (v.flags_with - v.flags_without, v.component))]
+
+    def judge(trial: frozenset[str]) -> ComponentVerdict:
+        found = rows(predict(trial, users(trial), anchor, "+".join(sorted(trial))))
+        tried = verdict("+".join(sorted(trial)), rows_anchor, found, len(users(trial)))
+        if not tried.worsened:
+            whole[f"together: {', '.join(sorted(trial))}"] = overall(found)
+        return tried
+
+    _, joint, dropped = keep_together(order, judge)
+    return GovernanceReport(n, seed, draws, tuple(verdicts), whole, joint, tuple(dropped))
+
+
+def keep_together(order: Sequence[str], judge: Callable[[frozenset[str]], ComponentVerdict]
+                  ) -> tuple[list[str], ComponentVerdict | None, list[tuple[str, tuple[Worsened, ...]]]]:
+    """Add components in ``order``; keep one when ``judge`` finds the enlarged set worsens nothing.
+
+    Returns (kept, the verdict of the last kept set of two or more, the dropped ones with the rows they worsened).
+    """
+    kept: list[str] = []
+    joint: ComponentVerdict | None = None
+    dropped: list[tuple[str, tuple[Worsened, ...]]] = []
+    for name in order:
+        if not kept:
+            kept.append(name)
+            continue
+        tried = judge(frozenset([*kept, name]))
+        if tried.worsened:
+            dropped.append((name, tried.worsened))
+        else:
+            kept.append(name)
+            joint = tried
+    return kept, joint, dropped
 
 
 def markdown(report: GovernanceReport) -> str:
@@ -252,7 +282,8 @@ def markdown(report: GovernanceReport) -> str:
              f"Generated by `fhirtwin validate governance --n {report.n} --seed {report.seed}`: {report.n} virtual "
              f"patients with markers (`fhirtwin.validation.events`, markers=True), {report.draws} ensemble draws "
              "each. Design: each component alone against the anchor alone (every optional component off), then "
-             "the components that pass, together, against the anchor alone (same patients, same seeds).",
+             "the components that pass added one at a time, each set against the anchor alone (same patients, "
+             "same seeds).",
              "", f"**Rule.** {RULE_TEXT}", "",
              "The virtual cohort's events come from a generator that states each marker's true effect in its own "
              "code (PM2.5's true effect there is null); this checks that a component does not miscalibrate a "
@@ -263,11 +294,14 @@ def markdown(report: GovernanceReport) -> str:
         final = report._final(v)
         lines.append(f"| {v.component} | {'on' if final['default_on'] else 'off'} | "
                      f"{v.patients_affected} | {v.flags_without} | {v.flags_with} | {final['reason']} |")
-    if report.joint is not None:
-        j = report.joint
-        lines += ["", f"**Together** ({j.component.replace('+', ', ')}): firm flags {j.flags_without} without, "
-                  f"{j.flags_with} with; " + ("worsened no subgroup, so each stays on." if not j.worsened else
-                                              f"worsened {len(j.worsened)} row(s), so all of them are off.")]
+    if report.joint is not None or report.dropped_together:
+        kept = report.joint.component.replace("+", ", ") if report.joint is not None else "none"
+        lines += ["", "**Together.** The components that passed alone were added one at a time, the most helpful "
+                  f"alone first; kept together: {kept}"
+                  + (f" (firm flags {report.joint.flags_without} without, {report.joint.flags_with} with)"
+                     if report.joint is not None else "")
+                  + "; " + ("; ".join(f"{name} dropped: with the others it worsened {len(rows)} row(s)"
+                                    for name, rows in report.dropped_together) or "none dropped") + "."]
     lines += ["", "## Whole cohort (O/E; slope)", "", "| Setting | " + " | ".join(
         f"{r['outcome']} {r['horizon_years']} y" for r in next(iter(report.whole_cohort.values()))) + " |",
               "|---|" + "---|" * len(next(iter(report.whole_cohort.values())))]
@@ -276,8 +310,7 @@ def markdown(report: GovernanceReport) -> str:
             f"{r['engine']['oe']:.2f}; {r['engine']['slope']:.2f}" if r["engine"]["oe"] is not None
             and r["engine"]["slope"] is not None else "-" for r in found) + " |")
     worsened = [(v.component, w) for v in report.verdicts for w in v.worsened]
-    if report.joint is not None:
-        worsened += [("together", w) for w in report.joint.worsened]
+    worsened += [(f"{name} with the others", w) for name, rows in report.dropped_together for w in rows]
     if worsened:
         lines += ["", "## Rows a component worsened", ""]
         lines += [f"- {name}: {w.text()}" for name, w in worsened]

@@ -66,3 +66,19 @@ def test_a_row_already_out_of_bounds_counts_only_when_it_moves_materially_furthe
     assert verdict("a hair further", before, scaled(1.02), n).default_on
     further = verdict("much further", before, scaled(1.2), n)
     assert not further.default_on and {(w.dimension, w.level) for w in further.worsened} >= {("all", "all")}
+
+
+def test_components_are_kept_together_only_while_the_set_worsens_nothing() -> None:
+    from fhirtwin.validation.governance import ComponentVerdict, Worsened, keep_together
+
+    row = Worsened("ascvd", 5, "sex", "female", "", "O/E 0.70")
+    asked: list[frozenset[str]] = []
+
+    def judge(trial: frozenset[str]) -> ComponentVerdict:  # b and c together miscalibrate women
+        asked.append(trial)
+        return ComponentVerdict("+".join(sorted(trial)), (row,) if {"b", "c"} <= trial else (), 10, 5, 4)
+
+    kept, joint, dropped = keep_together(["a", "b", "c", "d"], judge)
+    assert kept == ["a", "b", "d"] and [name for name, _ in dropped] == ["c"]
+    assert joint is not None and joint.component == "a+b+d"
+    assert asked == [frozenset("ab"), frozenset("abc"), frozenset("abd")]
