@@ -189,4 +189,4 @@ def test_profiles_are_r4_and_codesystem_matches_codes() -> None:
                 for r in resources if r["resourceType"] == "ValueSet"}
     assert all(codes <= set(CONCEPTS) for codes in vs_codes.values())
     assert {*PREVENT_CODES.values(), *KFRE_CODES.values()} <= vs_codes["fhirtwin-models"]
-    assert vs_codes["fhirtwin-simulation-models"] == {"fhirtwin-mechanistic", "fhirtwin-equations"}
+    assert vs_codes["fhirtwin-simulation-models"] == {"fhirtwin-mechanistic", "fhirtwin-equations", "fhirtwin-hybrid"}
