@@ -95,3 +95,17 @@ def test_an_off_component_leaves_no_trace_in_sources_use_or_the_scale_summary() 
     assert "lvef_percent" in scales["organ"].read and "lvef_percent" not in scales["organ"].used
     with pytest.raises(ComponentSettingError, match="unknown component"):
         get_model("fhirtwin-mechanistic", components=["lpa"])
+
+
+def test_the_model_card_reports_every_component_verdict_and_what_is_on() -> None:
+    from fhirtwin.model_card import model_card
+    from fhirtwin.sim.components import default_on, verdicts
+
+    governance = model_card()["component_governance"]
+    assert set(governance["components"]) == set(component_names())
+    assert governance["on_in_this_deployment"] == sorted(enabled_components())
+    shipped = verdicts()["components"]
+    for name, entry in governance["components"].items():
+        assert entry["default_on"] == shipped[name]["default_on"] == default_on(name)
+        # the stated reason agrees with the default (an unevaluated published anchor is on)
+        assert entry["default_on"] == (entry["reason"].startswith("on") or "published anchor" in entry["reason"])
