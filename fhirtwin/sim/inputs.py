@@ -534,8 +534,10 @@ def inputs_from_state(state: TwinState, as_of: date | datetime | None = None) ->
 
 def variables_by_scale(state: TwinState, as_of: TimePoint) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Per scale (molecular ... environmental), the twin variables that have a value at ``as_of``."""
-    return tuple((scale.value, tuple(name for name in series if state.latest_or_none(name, as_of) is not None))
-                 for scale, series in state.by_scale().items())
+    from fhirtwin.twin import Scale, get_variable
+
+    present = [name for name in state.variables() if state.latest_or_none(name, as_of) is not None]
+    return tuple((scale.value, tuple(n for n in present if get_variable(n).scale is scale)) for scale in Scale)
 
 
 #: Optional marker, behavioural and environmental variables read as the latest value (no default, no guess).

@@ -9,63 +9,18 @@ those of the other fhirtwin CarePlans (``careplan``, ``identifiers``, ``riskasse
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from fhirtwin.vocabulary import concept, meta
 from fhirtwin.writeback.careplan import RXNORM, RXNORM_INGREDIENTS
+from fhirtwin.writeback.contracts import SequencePlanLike, StepLike
 from fhirtwin.writeback.identifiers import identifier, prediction_key
 from fhirtwin.writeback.riskassessment import scope_extension
 
 SCENARIO = "treatment-sequence"
 _CODES = {"bp_lowering": "bp-lowering-agent", "sglt2i": "sglt2-inhibitor", "smoking_cessation": "smoking-cessation"}
-
-
-class StepLike(Protocol):
-    @property
-    def year(self) -> int: ...
-    @property
-    def verb(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def label(self) -> str: ...
-    @property
-    def intensity(self) -> str | None: ...
-    @property
-    def agent(self) -> str | None: ...
-    @property
-    def dose_mg(self) -> float | None: ...
-    @property
-    def condition(self) -> str: ...
-
-
-class SequencePlanLike(Protocol):
-    @property
-    def patient_id(self) -> str: ...
-    @property
-    def model(self) -> str: ...
-    @property
-    def model_version(self) -> str: ...
-    @property
-    def sources(self) -> tuple[str, ...]: ...
-    @property
-    def horizon_years(self) -> int: ...
-    @property
-    def draws(self) -> int: ...
-    @property
-    def steps(self) -> Sequence[StepLike]: ...
-    @property
-    def net_benefit(self) -> Mapping[str, float]: ...
-    @property
-    def events_prevented(self) -> Mapping[str, float]: ...
-    @property
-    def comparators(self) -> Mapping[str, Mapping[str, float]]: ...
-    @property
-    def notes(self) -> Sequence[str]: ...
-    @property
-    def scope(self) -> str: ...
 
 
 def sequence_care_plan_key(plan: SequencePlanLike) -> str:
