@@ -169,18 +169,18 @@ def synthetic_patient(rng, k):
         history_egfr_ml_min_1_73m2=series(t, egfr), history_hba1c_percent=series(t, 7.4 if diabetes else 5.5))
 
 
-#: Measured on this small seeded set (80 training, 20 held-out non-smokers, 30 draws, 150 boosting rounds):
-#: pooled ratio 0.976 and mean per-patient ratio 0.916 (generator seed 11; seed 12 gave 0.980 and 0.944).
-#: The full benchmark (benchmarks/sequencing.py, 280 training patients) reaches a pooled 0.986.
-POOLED_RATIO = 0.97
-MEAN_RATIO = 0.90
+#: Measured on this small seeded set (48 training and 12 held-out non-smokers, 10 draws, 60 boosting rounds,
+#: generator seed 11): pooled ratio 0.9725, mean per-patient ratio 0.854 over the 12 with a positive optimum
+#: (seed 12: 0.977 and 0.977). The thresholds keep a small margin below what was measured.
+POOLED_RATIO = 0.96
+MEAN_RATIO = 0.83
 
 
 def test_learned_policy_reaches_the_optimum_on_held_out_patients():
     rng = np.random.default_rng(11)
-    every = [build_process(synthetic_patient(rng, k), draws=30) for k in range(100)]
-    train, held = every[:80], every[80:]
-    learned = fit_policy(train, seed=0, max_iter=150)
+    every = [build_process(synthetic_patient(rng, k), draws=10) for k in range(60)]
+    train, held = every[:48], every[48:]
+    learned = fit_policy(train, seed=0, max_iter=60)
     optimum, got, all_now, guideline = [], [], [], []
     for process in held:
         mdp = process.mdp()
@@ -189,8 +189,13 @@ def test_learned_policy_reaches_the_optimum_on_held_out_patients():
         def net(table, mdp=mdp, process=process, base=base):
             return evaluate(mdp, table)[0, process.start] - base
 
+        table = learned.policy(process)
+        # the learned policy never lowers a therapy it controls (the exact optima never stop what they start)
+        levels = np.array([[t.statin_level, t.bp_drugs, t.sglt2i] for t in process.sets])
+        before = levels[np.arange(process.n_states) // process.smoking_states]
+        assert np.all(levels[table // process.attempts] >= before[None, :, :])
         optimum.append(net(solve(mdp).policy))
-        got.append(net(learned.policy(process)))
+        got.append(net(table))
         all_now.append(net(FIXED_POLICIES["all eligible now"](process)))
         guideline.append(net(FIXED_POLICIES["guideline at once"](process)))
     optimum, got = np.array(optimum), np.array(got)
@@ -199,6 +204,25 @@ def test_learned_policy_reaches_the_optimum_on_held_out_patients():
     assert got.sum() / optimum.sum() >= POOLED_RATIO
     assert np.mean(got[positive] / optimum[positive]) >= MEAN_RATIO
     assert got.sum() > sum(all_now) and got.sum() > sum(guideline)
+
+
+def test_process_model_reads_only_features_options_and_costs():
+    """The predicted process of a patient does not change when its engine quantities are replaced."""
+    import dataclasses
+
+    from fhirtwin.sequencing.learn import fit_process_model
+
+    rng = np.random.default_rng(5)
+    every = [build_process(synthetic_patient(rng, k), draws=5) for k in range(12)]
+    model = fit_process_model(every[:10], max_iter=20)
+    process = every[10]
+    scrambled = dataclasses.replace(process, stay=np.full_like(process.stay, 0.5),
+                                    events=np.zeros_like(process.events))
+    assert np.array_equal(model.predict(process).events, model.predict(scrambled).events)
+    assert np.array_equal(model.predict(process).stay, model.predict(scrambled).stay)
+    # and it predicts the held-out patient's yearly events under current care within a factor 2
+    truth = process.events.mean(axis=0)[:, 0, 0, 0]
+    assert np.all(np.abs(np.log(model.predict(process).events[0, :, 0, 0, 0] / truth)) < np.log(2))
 
 
 # ------------------------------------------------------------------------------------------------
