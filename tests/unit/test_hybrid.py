@@ -291,10 +291,12 @@ def test_a_configured_artifact_that_cannot_be_read_is_a_typed_error(tmp_path: Pa
     assert not HybridTwin().active
 
 
-def test_the_command_line_trains_a_versioned_artifact_the_engine_loads(cohort, tmp_path: Path, capsys) -> None:
+def test_the_command_line_trains_a_versioned_artifact_the_engine_loads(tmp_path: Path, capsys) -> None:
     from fhirtwin.cli import main
 
-    stage, _, _ = cohort
+    write_cohort(tmp_path / "ndjson", MIN_TRAINING_PATIENTS + 20, seed=5)  # just above the fallback: a small run
+    stage = tmp_path / "staged"
+    stage_ndjson(tmp_path / "ndjson", stage)
     assert main(["population", "residual", str(stage), "--out", str(tmp_path / "r"), "--learner", "gbm",
                  "--draws", "20"]) == 0
     loaded = ResidualArtifact.load(tmp_path / "r")
