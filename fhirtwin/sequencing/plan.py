@@ -83,6 +83,8 @@ class SequencePlan:
     comparators: dict[str, dict[str, float]]
     notes: tuple[str, ...] = ()
     scope: str = IN_SCOPE
+    #: The optional model components the engine ran with (``fhirtwin.sim.components``), sorted.
+    components: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict summary."""
@@ -98,6 +100,7 @@ class SequencePlan:
             "comparators": self.comparators,
             "notes": list(self.notes),
             "scope": self.scope,
+            "components": list(self.components),
         }
 
 
@@ -201,10 +204,10 @@ def sequence(
     notes = [f"Burden, monitoring and quit-attempt weights are assumptions ({_weights_note()}); drug harms are "
              "the planner's trial-measured harms with its harm weights."]
     notes += _after_quit(process, solution.policy, path)
-    model = MechanisticTwin
+    model = MechanisticTwin(components=components)  # not fitted: names the model and the components it runs with
     return SequencePlan(inputs.patient_id, model.name, model.version, inputs.sources, horizon_years, draws, seed,
                         tuple(_steps(process, path, attempts)), tuple(path), net, prevented, comparators,
-                        tuple(notes), scope)
+                        tuple(notes), scope, tuple(sorted(model.components)))
 
 
 def _weights_note() -> str:

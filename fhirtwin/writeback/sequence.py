@@ -16,7 +16,7 @@ from typing import Any
 from fhirtwin.vocabulary import concept, meta
 from fhirtwin.writeback.careplan import RXNORM, RXNORM_INGREDIENTS
 from fhirtwin.writeback.contracts import SequencePlanLike, StepLike
-from fhirtwin.writeback.identifiers import identifier, prediction_key
+from fhirtwin.writeback.identifiers import configuration_of, identifier, prediction_key
 from fhirtwin.writeback.riskassessment import scope_extension
 
 SCENARIO = "treatment-sequence"
@@ -24,9 +24,11 @@ _CODES = {"bp_lowering": "bp-lowering-agent", "sglt2i": "sglt2-inhibitor", "smok
 
 
 def sequence_care_plan_key(plan: SequencePlanLike) -> str:
-    """Business identifier value of the sequence CarePlan."""
+    """Business identifier value of the sequence CarePlan (the component configuration enters as it does for
+    the forecasts, so a plan made under another configuration gets another key)."""
     return prediction_key(plan.patient_id, plan.model, plan.model_version, plan.sources, SCENARIO,
-                          plan.horizon_years, "CarePlan/sequence")
+                          plan.horizon_years, "CarePlan/sequence",
+                          configuration=configuration_of({"components_on": list(plan.components)}))
 
 
 def _add_years(start: date, years: int) -> date:

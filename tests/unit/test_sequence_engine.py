@@ -39,3 +39,14 @@ def test_without_a_plan_the_engine_says_why() -> None:
     run = Engine().simulate(state, draws=20)
     with pytest.raises(InsufficientPatientData):
         Engine().sequence(run, draws=20)
+
+
+def test_the_care_plan_identifier_names_the_component_configuration() -> None:
+    """A sequence made with other optional components is another result, as for the forecasts."""
+    run = cohort_run()
+    on, plan_on = Engine().sequence(run, draws=10, now=NOW)
+    none, plan_none = Engine(components=[]).sequence(run, draws=10, now=NOW)
+    assert on.components and none.components == ()
+    assert plan_on["identifier"] != plan_none["identifier"]
+    again, plan_again = Engine().sequence(run, draws=10, now=NOW)
+    assert plan_again["identifier"] == plan_on["identifier"]
