@@ -85,7 +85,7 @@ def main() -> None:
     policy = fit_policy(train, seed=args.seed)
     fitted = time.perf_counter()
     names = ["optimum", "learned", *[n for n in FIXED_POLICIES if n != "current care"]]
-    rows = {name: [] for name in names}
+    rows: dict[str, list[float]] = {name: [] for name in names}
     for process in test:
         mdp = process.mdp()
         base = evaluate(mdp, FIXED_POLICIES["current care"](process))[0, process.start]

@@ -1,30 +1,23 @@
-"""A sequencing policy learned across patients: a learned model of the process, solved exactly, corrected.
+"""A sequencing policy learned across patients: a learned model of the decision process, solved exactly.
 
 Why: the exact solution needs the engine run once per therapy set for the patient (the ensemble), while a
 policy that reads only the patient's recorded values, published risks and eligibility answers at once,
 for any patient, and can be checked against the exact optimum of patients it never saw.
 
-Method, in two layers, both fitted on the training patients' exact processes:
-
-1. A model of the process (:class:`ProcessModel`). Four scikit-learn histogram gradient-boosting
-   regressors predict, from the patient's features, the draw-averaged yearly quantities of the decision
-   process: under current care the log weighted events and the log exit probability per year, and for
-   every other (year, therapy set, previous statin level, smoking state) their log ratios to current
-   care. With the patient's known costs (harms, burden, monitoring: deterministic given the options, no
-   engine run) this assembles a predicted process, which is solved exactly by backward induction. The
-   exact DP makes the predicted policy consistent: it does not switch back and forth unless that pays in
-   the predicted process.
-2. A correction (approximate DP, supervised on exact targets). The exact advantage of each allowed
-   action over keeping the current set, Q*(y, s, a) - Q*(y, s, keep), in events per 1,000, minus the
-   predicted process's own advantage, is regressed on (patient features, year, state, action, the
-   predicted advantage). The predicted advantages of the training patients come from models fitted
-   without them (cross-fitting), so the correction learns the model's real errors.
-
-The learned policy is greedy on the predicted advantage plus the correction, restricted to actions that
-never lower a therapy the plan controls: the exact optima of the benchmark cohort never stop what they
-started (0 of 411 optimal paths), and the restriction removes the back-and-forth switching an
-unconstrained greedy policy pays monitoring and first-year harms for. It never sees a held-out
-patient's process: only its features, its options and the indexing of its state space.
+Method (model-based): scikit-learn histogram gradient-boosting regressors, fitted on the training
+patients' exact processes, predict from a patient's features the draw-averaged yearly quantities of the
+decision process (:class:`ProcessModel`): under current care the log weighted events and the log exit
+probability per year, and for every other (year, therapy set, previous statin level, smoking state) their
+log ratios to current care. Each is learned as a correction to what published equations imply
+(:func:`_published_rates`, :func:`_statin_log_rr`): the yearly rate from PREVENT and KFRE, a CVD
+therapy's effect diluted by the kidney share of that rate, and CTT's ratio for the statin's mid-band LDL-C
+lowering; so the model extrapolates in proportion to patients at the edge of the training set (eGFR < 30,
+very high LDL-C). With the patient's known costs (harms, burden, monitoring, quit attempts: deterministic
+given the options, no engine run) this assembles a predicted process, which is solved exactly by backward
+induction. The policy is therefore consistent: it never switches back and forth unless that pays in the
+predicted process (regressing Q* advantages directly and acting greedily did, paying monitoring and
+first-year harms each time; see docs/sequencing.md). It never sees a held-out patient's process: only its
+features, its options, its costs and the indexing of its state space.
 """
 
 from __future__ import annotations
@@ -37,7 +30,9 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingRegressor  # type: ignore[import-untyped]
 
 from fhirtwin.sequencing.mdp import solve
-from fhirtwin.sequencing.process import Options, TherapyProcess
+from fhirtwin.sequencing.process import STATIN_ORDER, Options, TherapyProcess
+from fhirtwin.sim._params import intervention_parameters
+from fhirtwin.sim.hazards import MG_DL_PER_MMOL_L_LDL
 from fhirtwin.sim.inputs import PatientInputs
 
 HISTORIES = ("ldl_cholesterol_mg_dl", "systolic_bp_mm_hg", "egfr_ml_min_1_73m2", "hba1c_percent", "bmi_kg_m2")
@@ -53,13 +48,10 @@ PATIENT_FEATURES = (
     "high_statin_dose_mg", "moderate_statin_dose_mg", "high_statin_agent", "kidney_share", "log_kfre_5y",
     "log_prevent_10y_total_cvd",
 )
-STATE_ACTION_FEATURES = (
-    "year", "statin_level", "bp_drugs", "sglt2i", "quit", "years_since_quit",
-    "to_statin_level", "to_bp_drugs", "to_sglt2i", "quit_attempt", "statin_change", "bp_change", "sglt2i_change",
-)
 #: Features of one (year, therapy set, previous statin level, smoking state) of the process model.
-PROCESS_FEATURES = ("year", "statin_level", "bp_drugs", "sglt2i", "statin_levels_started", "quit", "years_since_quit")
-#: Advantages are learned in events per 1,000 (the scale the plan reports).
+PROCESS_FEATURES = ("year", "statin_level", "bp_drugs", "sglt2i", "statin_levels_started", "quit", "years_since_quit",
+                    "statin_published_log_rr")
+#: Rewards are reported in events per 1,000 (the scale the plan reports; the environment uses it).
 SCALE = 1000.0
 _RACE = {None: 0.0, "white": 1.0, "african_american": 2.0}
 _SLCO1B1 = {"normal_function": 0.0, "decreased_function": 1.0, "poor_function": 2.0}
@@ -134,32 +126,85 @@ def _fit(features: np.ndarray, target: np.ndarray, *, max_iter: int, leaves: int
 # layer 1: a model of the process
 
 
-def _process_rows(process: TherapyProcess) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray, np.ndarray]:
-    """Every (year, set, previous statin level, smoking state) of the process arrays, with its features;
-    also the mask of the current-care rows and of the rows that can be reached."""
+def _published_rates(process: TherapyProcess) -> tuple[float, float]:
+    """(log yearly rate of a first major event, share of it that is cardiovascular) implied by the published
+    risks: PREVENT total CVD over 10 years and KFRE kidney failure over 5 (where measured).
+
+    The regressors learn corrections to these, so they extrapolate in proportion to patients at the edge of
+    the training set (e.g. eGFR < 30, where kidney failure dominates and a CVD therapy's effect on the
+    first major event is diluted by the kidney share)."""
+    cvd = -math.log1p(-min(process.published["prevent_10y_total_cvd"], 0.999)) / 10.0
+    kfre = process.published.get("kfre_5y", 0.0)
+    kidney = 0.0 if not math.isfinite(kfre) else -math.log1p(-min(kfre, 0.999)) / 5.0
+    return math.log(cvd + kidney + 1e-6), max(cvd / (cvd + kidney), 0.02) if cvd + kidney > 0 else 1.0
+
+
+def _statin_log_rr(process: TherapyProcess, level: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Published log rate ratio of total CVD for a statin level over current care (``first``: levels started
+    this year, which get the first-year ratio): CTT's ratio per mmol/L of the guideline's mid-band LDL-C
+    lowering from the recorded LDL-C, on the ASCVD share of PREVENT's total CVD. Zero for level 0."""
+    params = intervention_parameters()
+    band = params["ldl_lowering_fraction"]
+    ratios = params["ratios"]
+    inputs = process.inputs
+    now = float(np.mean(band[inputs.statin_intensity])) if inputs.on_statin and inputs.statin_intensity in band else 0.0
+    fraction = np.array([now, *(float(np.mean(band[i])) for i in STATIN_ORDER[1:])])
+    untreated = inputs.ldl_cholesterol_mg_dl / (1.0 - now) / MG_DL_PER_MMOL_L_LDL
+    full = math.log(ratios["ldl_major_vascular_rr_per_mmol_l"]["value"])
+    year1 = math.log(ratios["ldl_major_vascular_rr_per_mmol_l_year1"]["value"])
+    ascvd = min(process.published["prevent_10y_ascvd"] / process.published["prevent_10y_total_cvd"], 1.0)
+    drop = untreated * np.maximum(fraction[level] - now, 0.0)
+    started = untreated * np.maximum(fraction[level] - fraction[level - first], 0.0)
+    out: np.ndarray = ascvd * (full * drop - (full - year1) * started)
+    return out
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Every (year, set, previous statin level, smoking state) of the process arrays, with its features."""
+
+    index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    features: np.ndarray
+    base: np.ndarray  # current care
+    reachable: np.ndarray  # "quit in year k" only from year k
+    sglt2i: np.ndarray  # the set has an SGLT2 inhibitor
+    without_sglt2i: np.ndarray  # index of the same set without it
+    statin: np.ndarray  # published log rate ratio of the set's statin (:func:`_statin_log_rr`)
+
+
+def _process_rows(process: TherapyProcess) -> _Rows:
     years, n_sets, n_levels, n_sig = process.stay.shape[1:]
     y, j, lprev, sig = (g.ravel() for g in np.meshgrid(np.arange(years), np.arange(n_sets), np.arange(n_levels),
                                                        np.arange(n_sig), indexing="ij"))
     sets = process.sets
     level = np.array([t.statin_level for t in sets])[j]
+    sglt2i = np.array([t.sglt2i for t in sets])
+    first = np.maximum(level - lprev, 0)
+    statin = _statin_log_rr(process, level, first)
     rows = np.column_stack([
-        y, level, np.array([t.bp_drugs for t in sets])[j], np.array([t.sglt2i for t in sets], dtype=float)[j],
-        np.maximum(level - lprev, 0), (sig > 0), np.where(sig > 0, y - (sig - 1), -1),
+        y, level, np.array([t.bp_drugs for t in sets])[j], sglt2i[j].astype(float), first, (sig > 0),
+        np.where(sig > 0, y - (sig - 1), -1), statin,
     ]).astype(float)
     patient = _features(process)
     features = np.column_stack([np.broadcast_to(patient, (y.size, patient.size)), rows])
-    base = (j == 0) & (lprev == 0) & (sig == 0)
-    return features, (y, j, lprev, sig), base, sig <= y
+    plain = np.array([sets.index(dataclasses.replace(t, sglt2i=False)) for t in sets])
+    return _Rows((y, j, lprev, sig), features, (j == 0) & (lprev == 0) & (sig == 0), sig <= y, sglt2i[j], plain[j],
+                 statin)
 
 
 @dataclass(frozen=True, eq=False)
 class ProcessModel:
-    """Regressors of a patient's draw-averaged yearly process quantities, and the mean quit probability."""
+    """Regressors of a patient's draw-averaged yearly process quantities, and the mean quit probability.
 
-    base_events: HistGradientBoostingRegressor
-    base_exit: HistGradientBoostingRegressor
-    events_ratio: HistGradientBoostingRegressor
-    exit_ratio: HistGradientBoostingRegressor
+    Under current care: log weighted events and log exit probability per year, minus the published log rate.
+    Other sets without an SGLT2 inhibitor (and the smoking states): log ratio to current care divided by the
+    published CVD share, minus the statin's published log rate ratio. An SGLT2 inhibitor: log ratio to the
+    same set without it.
+    """
+
+    base: tuple[HistGradientBoostingRegressor, HistGradientBoostingRegressor]
+    cvd: tuple[HistGradientBoostingRegressor, HistGradientBoostingRegressor]
+    sglt2i: tuple[HistGradientBoostingRegressor, HistGradientBoostingRegressor] | None
     quit_probability: float
 
     def predict(self, process: TherapyProcess) -> TherapyProcess:
@@ -167,123 +212,68 @@ class ProcessModel:
 
         Only the features, options, costs and shape of ``process`` are read, never its engine quantities.
         """
-        features, _, base, _ = _process_rows(process)
-        events = np.exp(self.base_events.predict(features) + np.where(base, 0.0, self.events_ratio.predict(features)))
-        leave = np.exp(self.base_exit.predict(features) + np.where(base, 0.0, self.exit_ratio.predict(features)))
-        shape = (1, *process.stay.shape[1:])
-        stay = 1.0 - np.clip(leave, 0.0, 1.0)
-        return dataclasses.replace(process, stay=stay.reshape(shape), events=np.minimum(events, 1.0 - stay).reshape(
-            shape), quit_probability=np.array([self.quit_probability]), draws=1)
-
-    def advantages(self, process: TherapyProcess, cells: Grid) -> np.ndarray:
-        """Q(y, s, a) - Q(y, s, keep) of the predicted process at the cells, in events per 1,000."""
-        return advantages(self.predict(process), cells)
+        rows = _process_rows(process)
+        shape = process.stay.shape[1:]
+        log_rate, share = _published_rates(process)
+        out = []
+        for k in range(2):  # events, exit
+            log_ratio = share * (self.cvd[k].predict(rows.features) + rows.statin)
+            log_ratio[rows.base] = 0.0
+            if self.sglt2i is not None and rows.sglt2i.any():
+                y, _, lprev, sig = rows.index
+                plain = np.ravel_multi_index((y, rows.without_sglt2i, lprev, sig), shape)
+                log_ratio = np.where(rows.sglt2i, log_ratio[plain] + self.sglt2i[k].predict(rows.features), log_ratio)
+            out.append(np.exp(log_rate + self.base[k].predict(rows.features) + log_ratio).reshape((1, *shape)))
+        stay = 1.0 - np.clip(out[1], 0.0, 1.0)
+        return dataclasses.replace(process, stay=stay, events=np.minimum(out[0], 1.0 - stay),
+                                   quit_probability=np.array([self.quit_probability]), draws=1)
 
 
 def fit_process_model(processes: list[TherapyProcess], *, seed: int = 0, max_iter: int = 300) -> ProcessModel:
     """Fit the process model on the training patients' draw-averaged processes."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xb", "eb", "lb", "xr", "er", "lr")}
+    x: dict[str, list[np.ndarray]] = {"base": [], "cvd": [], "sglt2i": []}
+    t: dict[str, list[np.ndarray]] = {f"{k}{n}": [] for k in x for n in range(2)}
     for process in processes:
-        stay, events = process.stay.mean(axis=0), process.events.mean(axis=0)
-        features, (y, j, lprev, sig), base, reachable = _process_rows(process)
-        e0, l0 = events[:, 0, 0, 0], 1.0 - stay[:, 0, 0, 0]
-        parts["xb"].append(features[base])
-        parts["eb"].append(np.log(e0[y[base]]))
-        parts["lb"].append(np.log(l0[y[base]]))
-        other = reachable & ~base
-        y, j, lprev, sig = y[other], j[other], lprev[other], sig[other]
-        parts["xr"].append(features[other])
-        parts["er"].append(np.log(events[y, j, lprev, sig] / e0[y]))
-        parts["lr"].append(np.log((1.0 - stay[y, j, lprev, sig]) / l0[y]))
-    x = {k: np.vstack(parts[k]) for k in ("xb", "xr")}
+        quantities = (process.events.mean(axis=0), 1.0 - process.stay.mean(axis=0))  # events, exit
+        rows = _process_rows(process)
+        y, j, lprev, sig = rows.index
+        log_rate, share = _published_rates(process)
+        groups = {"base": rows.base, "cvd": rows.reachable & ~rows.base & ~rows.sglt2i,
+                  "sglt2i": rows.reachable & rows.sglt2i}
+        for name, mask in groups.items():
+            x[name].append(rows.features[mask])
+        for n, q in enumerate(quantities):
+            log_q = np.log(q)
+            here = log_q[y, j, lprev, sig]
+            t[f"base{n}"].append(here[groups["base"]] - log_rate)
+            m = groups["cvd"]
+            t[f"cvd{n}"].append((here[m] - log_q[y[m], 0, 0, 0]) / share - rows.statin[m])
+            m = groups["sglt2i"]
+            t[f"sglt2i{n}"].append(here[m] - log_q[y[m], rows.without_sglt2i[m], lprev[m], sig[m]])
 
-    def fit(features: str, target: str) -> HistGradientBoostingRegressor:
-        return _fit(x[features], np.concatenate(parts[target]), max_iter=max_iter, leaves=31, seed=seed)
+    def fit(name: str, n: int) -> HistGradientBoostingRegressor:
+        return _fit(np.vstack(x[name]), np.concatenate(t[f"{name}{n}"]), max_iter=max_iter, leaves=31, seed=seed)
 
     quit = float(np.mean([np.mean(p.quit_probability) for p in processes]))
-    return ProcessModel(fit("xb", "eb"), fit("xb", "lb"), fit("xr", "er"), fit("xr", "lr"), quit)
-
-
-# ------------------------------------------------------------------------------------------------
-# layer 2: the correction, on exact advantages
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Every (year, state, action) of a process as index arrays, with its state-action features."""
-
-    year: np.ndarray
-    state: np.ndarray
-    action: np.ndarray
-    features: np.ndarray
-    lowers: np.ndarray
-
-
-def grid(process: TherapyProcess, patient: np.ndarray) -> Grid:
-    """Allowed (year, state, action) triples of reachable smoking states, with their features, and whether the
-    action lowers a therapy the plan controls."""
-    years, n_states, n_actions = process.years, process.n_states, process.n_actions
-    y, s, a = (g.ravel() for g in np.meshgrid(np.arange(years), np.arange(n_states), np.arange(n_actions),
-                                              indexing="ij"))
-    sig = s % process.smoking_states
-    att = a % process.attempts
-    keep = ((att == 0) | (sig == 0)) & (sig <= y)  # "quit in year k" is only reachable after year k
-    y, s, a, sig, att = y[keep], s[keep], a[keep], sig[keep], att[keep]
-    levels = np.array([[t.statin_level, t.bp_drugs, t.sglt2i] for t in process.sets], dtype=float)
-    before, after = levels[s // process.smoking_states], levels[a // process.attempts]
-    quit = (sig > 0).astype(float)
-    since = np.where(sig > 0, y - (sig - 1), -1.0)
-    state_action = np.column_stack([y, before, quit, since, after, att, after - before]).astype(float)
-    features = np.column_stack([np.broadcast_to(patient, (y.size, patient.size)), state_action])
-    return Grid(y, s, a, features, np.any(after < before, axis=1))
-
-
-def advantages(process: TherapyProcess, cells: Grid) -> np.ndarray:
-    """Exact Q*(y, s, a) - Q*(y, s, keep) of the cells, in events per 1,000."""
-    solution = solve(process.mdp())
-    q = solution.q[cells.year, cells.state, cells.action]
-    keep = solution.q[cells.year, cells.state, process.hold[cells.state]]
-    out: np.ndarray = SCALE * (q - keep)
-    return out
+    sglt2i = (fit("sglt2i", 0), fit("sglt2i", 1)) if sum(a.shape[0] for a in x["sglt2i"]) else None
+    return ProcessModel((fit("base", 0), fit("base", 1)), (fit("cvd", 0), fit("cvd", 1)), sglt2i, quit)
 
 
 @dataclass(frozen=True, eq=False)
 class LearnedPolicy:
-    """The process model and the correction; :meth:`policy` is greedy on their sum, never lowering a therapy."""
+    """The learned process model; :meth:`policy` solves a patient's predicted process exactly."""
 
     model: ProcessModel
-    correction: HistGradientBoostingRegressor
-
-    def advantages(self, process: TherapyProcess) -> tuple[Grid, np.ndarray]:
-        """The cells of a patient's state space and their learned advantages (events per 1,000)."""
-        cells = grid(process, _features(process))
-        predicted = self.model.advantages(process, cells)
-        return cells, predicted + self.correction.predict(np.column_stack([cells.features, predicted]))
 
     def policy(self, process: TherapyProcess) -> np.ndarray:
-        """(years, states) action table from the patient's features only (the process gives the indexing)."""
-        cells, learned = self.advantages(process)
-        learned = np.where(cells.lowers, -np.inf, learned)
-        table = np.tile(process.hold, (process.years, 1))
-        order = np.lexsort((learned, cells.state, cells.year))  # best action last within each (year, state)
-        table[cells.year[order], cells.state[order]] = cells.action[order]
+        """(years, states) action table from the patient's features, options and known costs only (the process
+        gives the indexing and the costs, never its engine quantities)."""
+        table: np.ndarray = solve(self.model.predict(process).mdp()).policy
         return table
 
 
-def fit_policy(processes: list[TherapyProcess], *, seed: int = 0, max_iter: int = 400, folds: int = 3) -> LearnedPolicy:
-    """Fit the process model (cross-fitted over ``folds`` for the correction's inputs) and the correction."""
+def fit_policy(processes: list[TherapyProcess], *, seed: int = 0, max_iter: int = 300) -> LearnedPolicy:
+    """Fit the process model on the training patients' draw-averaged processes."""
     if not processes:
         raise ValueError("fit_policy needs at least one training patient")
-    if len(processes) < 2 * folds:
-        raise ValueError(f"fit_policy needs at least {2 * folds} training patients for {folds}-fold cross-fitting")
-    features, targets = [], []
-    for fold in range(folds):
-        model = fit_process_model([p for k, p in enumerate(processes) if k % folds != fold], seed=seed,
-                                  max_iter=max_iter)
-        for process in processes[fold::folds]:
-            cells = grid(process, _features(process))
-            predicted = model.advantages(process, cells)
-            features.append(np.column_stack([cells.features, predicted]))
-            targets.append(advantages(process, cells) - predicted)
-    correction = _fit(np.vstack(features), np.concatenate(targets), max_iter=max_iter, leaves=63, seed=seed)
-    return LearnedPolicy(fit_process_model(processes, seed=seed, max_iter=max_iter), correction)
+    return LearnedPolicy(fit_process_model(processes, seed=seed, max_iter=max_iter))

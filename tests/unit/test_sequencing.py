@@ -170,10 +170,11 @@ def synthetic_patient(rng, k):
 
 
 #: Measured on this small seeded set (48 training and 12 held-out non-smokers, 10 draws, 60 boosting rounds,
-#: generator seed 11): pooled ratio 0.9725, mean per-patient ratio 0.854 over the 12 with a positive optimum
-#: (seed 12: 0.977 and 0.977). The thresholds keep a small margin below what was measured.
-POOLED_RATIO = 0.96
-MEAN_RATIO = 0.83
+#: generator seed 11): pooled ratio 0.9955, mean per-patient ratio 0.9934 over the 12 with a positive optimum,
+#: minimum 0.961 (seed 12: 0.9958 and 0.9962). The thresholds keep a small margin below what was measured.
+POOLED_RATIO = 0.985
+MEAN_RATIO = 0.98
+MIN_RATIO = 0.94
 
 
 def test_learned_policy_reaches_the_optimum_on_held_out_patients():
@@ -190,10 +191,13 @@ def test_learned_policy_reaches_the_optimum_on_held_out_patients():
             return evaluate(mdp, table)[0, process.start] - base
 
         table = learned.policy(process)
-        # the learned policy never lowers a therapy it controls (the exact optima never stop what they start)
-        levels = np.array([[t.statin_level, t.bp_drugs, t.sglt2i] for t in process.sets])
-        before = levels[np.arange(process.n_states) // process.smoking_states]
-        assert np.all(levels[table // process.attempts] >= before[None, :, :])
+        # along its path from now (no quit), the learned policy never stops what it started, as the optima do
+        state, path = process.start, []
+        for year in range(process.years):
+            therapy = process.sets[table[year, state] // process.attempts]
+            path.append((therapy.statin_level, therapy.bp_drugs, therapy.sglt2i))
+            state = process.state_index(therapy, state % process.smoking_states)
+        assert all(np.all(np.array(b) >= np.array(a)) for a, b in itertools.pairwise(path))
         optimum.append(net(solve(mdp).policy))
         got.append(net(table))
         all_now.append(net(FIXED_POLICIES["all eligible now"](process)))
@@ -203,6 +207,7 @@ def test_learned_policy_reaches_the_optimum_on_held_out_patients():
     assert positive.sum() >= 10
     assert got.sum() / optimum.sum() >= POOLED_RATIO
     assert np.mean(got[positive] / optimum[positive]) >= MEAN_RATIO
+    assert np.min(got[positive] / optimum[positive]) >= MIN_RATIO
     assert got.sum() > sum(all_now) and got.sum() > sum(guideline)
 
 
