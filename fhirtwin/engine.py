@@ -1251,6 +1251,9 @@ class Engine:
         if "recorded" in header and header["recorded"] != provenance.get("recorded"):
             return VerifyReport(label, False, "INVALID: Provenance.recorded differs from the signed time",
                                 refs, changed, kid)
+        if "policy" in header and header["policy"] != (provenance.get("policy") or []):
+            return VerifyReport(label, False, "INVALID: Provenance.policy differs from the signed policies (model "
+                                "card, causal graph)", refs, changed, kid)
         note = f"valid {header.get('alg')} signature over {len(refs)} target(s)"
         if signed_revisions is not None:
             note += f" and {len(named)} superseded result(s)"

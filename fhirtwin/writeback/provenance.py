@@ -70,7 +70,7 @@ def build_provenance(
     policies: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Provenance for ``targets`` (fullUrl, resource as sent), signed over their canonical form, the
-    ``revisions`` it supersedes and its ``recorded`` time (see ``signing.py``).
+    ``revisions`` it supersedes, its ``recorded`` time and its ``policy`` list (see ``signing.py``).
 
     ``hapi``: write HAPI's auto-version meta extension at ``version_paths`` (only HAPI knows it; the paths
     are in :data:`fhirtwin.writeback.transaction.HAPI_VERSION_PATHS`). ``activity`` is a v3-DataOperation
@@ -83,6 +83,7 @@ def build_provenance(
         run_meta["extension"] = [{"url": AUTO_VERSION_EXT, "valueString": path} for path in version_paths]
     entities = [{"role": "source", "what": {"reference": ref}} for ref in sorted(sources)]
     entities += [{"role": "revision", "what": {"reference": ref}} for ref in revisions]
+    policy = [*model_card_policies(targets), *(p for p in policies if p)]
     occurred = _instant(recorded.replace(microsecond=0))
     recorded_at = _instant(recorded.replace(microsecond=recorded.microsecond // 1000 * 1000))
     return {
@@ -91,7 +92,7 @@ def build_provenance(
         "target": [{"reference": ref} for ref in target_refs],
         "occurredDateTime": occurred,
         "recorded": recorded_at,
-        "policy": [*model_card_policies(targets), *(p for p in policies if p)],
+        "policy": policy,
         "activity": {"coding": [coding(activity[0], DATA_OPERATION, activity[1])]},
         "agent": [
             {"type": {"coding": [coding("author", PARTICIPANT_TYPE, "Author")]},
@@ -108,6 +109,6 @@ def build_provenance(
             "targetFormat": "application/fhir+json",
             "sigFormat": "application/jose",
             "data": sign_targets([r for _, r in targets], target_refs, key, revisions=revisions,
-                                 recorded=recorded_at),
+                                 recorded=recorded_at, policies=policy),
         }],
     }

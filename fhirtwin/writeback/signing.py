@@ -27,8 +27,10 @@ The signature (``Provenance.signature[0]``, one per Provenance) is a detached JW
    ``revisions`` (the sorted ``Type/id`` of every result this Provenance supersedes, i.e. its entities
    with role ``revision``; ``[]`` when none) and ``recorded`` (``Provenance.recorded`` as written, which
    orders Provenances). Without them a ``superseded`` tag could be added by anyone with write access and
-   hide current results from a verifier. Signatures made before these parameters existed have neither:
-   their targets verify, their revisions are unsigned.
+   hide current results from a verifier. A third, ``policy`` (``Provenance.policy`` as written: the model
+   cards and the declared causal graph with its version and SHA-256), signs what the results were made
+   under, so a verifier can trust the named graph and model card. Signatures made before these parameters
+   existed lack them: their targets verify, the missing parts are unsigned.
 
 Verification reads each target's current version, repeats steps 2–4 and checks the JWS: any change to
 signed content (a value, a status, a note, an input reference) fails; tag or meta changes (such as
@@ -184,11 +186,15 @@ def revision_keys(references: Iterable[str]) -> list[str]:
 
 
 def sign_targets(targets: Sequence[Mapping[str, Any]], target_refs: Sequence[str], key: SigningKey, *,
-                 revisions: Iterable[str] = (), recorded: str | None = None) -> str:
-    """The base64 ``Signature.data`` for these targets, the results they supersede and the recording time."""
+                 revisions: Iterable[str] = (), recorded: str | None = None,
+                 policies: Sequence[str] | None = None) -> str:
+    """The base64 ``Signature.data`` for these targets, the results they supersede, the recording time and
+    the policies (``Provenance.policy``) they were made under."""
     header: dict[str, Any] = {"canon": CANONICALIZATION, "revisions": revision_keys(revisions)}
     if recorded is not None:
         header["recorded"] = recorded
+    if policies is not None:
+        header["policy"] = list(policies)
     jws = sign_detached(signed_payload(targets, target_refs), key, header)
     return base64.b64encode(jws.encode("ascii")).decode("ascii")
 

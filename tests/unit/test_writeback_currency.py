@@ -198,3 +198,24 @@ def test_a_corrupt_checkpoint_is_a_clear_error_and_a_bad_entry_just_runs_again(t
         db.execute("UPDATE patient SET outputs = '{not json' WHERE id = 'p1'")
     with Checkpoint(path) as checkpoint:
         assert checkpoint.get("p1") is None
+
+
+def test_the_signature_covers_the_policies_and_an_edited_policy_fails_verification() -> None:
+    """Provenance.policy names the model card and the causal graph (version and SHA-256) the results were made
+    under: it is in the signed header, and a Provenance whose policy was edited afterwards does not verify."""
+    from test_keys import FakeServer
+
+    from fhirtwin.causal.graph import graph_reference
+    from fhirtwin.engine import Engine
+
+    stored = _store(_write(policies=(graph_reference(),)))
+    provenance = stored[-1]
+    assert provenance["resourceType"] == "Provenance" and graph_reference() in provenance["policy"]
+    assert signature_header(provenance["signature"][0]["data"])["policy"] == provenance["policy"]
+    public = KEY.private_key.public_key()
+    resources = {f"{r['resourceType']}/{r['id']}": r for r in stored}
+    assert Engine(FakeServer(resources)).verify(f"Provenance/{provenance['id']}", public).valid
+    edited = {**provenance, "policy": [*provenance["policy"][:-1], "https://example.org/another-graph|9.9.9"]}
+    report = Engine(FakeServer({**resources, f"Provenance/{provenance['id']}": edited})).verify(
+        f"Provenance/{provenance['id']}", public)
+    assert not report.valid and "policy" in report.message
