@@ -130,6 +130,13 @@ def run(patients: int, sizes: list[int], seed: int, test_fraction: float, draws:
             if biomarker == "gnn_minus_gbm_rmse":
                 continue
             print(f"| {biomarker} | " + " | ".join(_cell(entry.get(c)) for c in COLUMNS) + " |")
+        print("90% coverage by subgroup of >= 40 held-out patients (min-max) and flags outside 0.85-0.95:")
+        for biomarker, entry in scores.items():
+            for model in [c for c in ("mechanistic", *fitted) if isinstance(entry.get(c), dict)]:
+                large = [g["coverage90"] for g in entry[model]["subgroups"].values() if g["patients"] >= 40]
+                if large:
+                    print(f"  {biomarker} {model}: {min(large):.2f}-{max(large):.2f}; flags: "
+                          f"{', '.join(entry[model]['flags']) or 'none'}")
         paired = gnn_minus_gbm(test, fitted, seed)
         results["by_training_size"][str(n)]["gnn_minus_gbm_rmse"] = paired
         print("RMSE(hybrid-GNN) - RMSE(hybrid-GBM) [95% paired bootstrap over held-out patients]: " + "; ".join(
