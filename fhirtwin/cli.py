@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -68,6 +68,39 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def counterfactual_action(kind: str) -> Callable[[str], Any]:
+    """The argparse type of ``--set`` / ``--shift``: ``VAR=VALUE[@START:END]``, a window in years relative to the
+    reference date (negative = past; START empty = now, END empty = open); VAR is a settable path of
+    :mod:`fhirtwin.causal.counterfactual` (imported only when the option is used: ``--help`` stays fast)."""
+
+    def parse(text: str) -> Any:
+        from fhirtwin.causal.counterfactual import SETTABLE, SetValue, Shift, UnsupportedIntervention
+
+        variable, equals, rest = text.partition("=")
+        variable = variable.strip()
+        if not equals or not variable:
+            raise argparse.ArgumentTypeError(f"{text!r} is not VAR=VALUE[@START:END]")
+        if variable not in SETTABLE:
+            raise argparse.ArgumentTypeError(f"{variable!r} cannot be set; settable: {', '.join(SETTABLE)}")
+        value_text, at, window = rest.partition("@")
+        start_text, colon, end_text = window.partition(":")
+        if at and not colon:
+            raise argparse.ArgumentTypeError(f"{text!r}: the window is @START:END in years (END empty = open)")
+        try:
+            value = float(value_text)
+            start = float(start_text) if start_text.strip() else 0.0
+            end = float(end_text) if end_text.strip() else float("inf")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: VALUE, START and END are numbers") from None
+        try:
+            return (Shift if kind == "shift" else SetValue)(variable, value, start, end)
+        except UnsupportedIntervention as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = kind  # argparse names the type in its messages
+    return parse
 
 
 def port_number(text: str) -> int:
@@ -296,6 +329,69 @@ def cmd_sequence(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     if args.out:
         print(f"written: {args.out} (draft CarePlan, intent proposal, one activity per timed step)")
+    return EXIT_OK
+
+
+def counterfactual_summary(run: Any, answer: Any, *, scenario: str | None, draws: int, seed: int) -> dict[str, Any]:
+    """The plain dict of a counterfactual: per outcome the factual and counterfactual medians at the horizon and
+    the paired difference with its 90 % interval, the actions and the notes."""
+    import math
+
+    import numpy as np
+
+    from fhirtwin.causal.counterfactual import Shift
+
+    outcomes = {}
+    for name, factual in answer.factual.items():
+        if ":" in name:  # hazard:<outcome> and path:<variable> are per-month detail, not outcomes
+            continue
+        outcomes[name] = {"factual_median": float(np.median(factual[:, -1])),
+                          "counterfactual_median": float(np.median(answer.counterfactual[name][:, -1])),
+                          "difference": answer.difference(name)}
+    reference = run.state.reference_date
+    return {
+        "patient": run.patient_id,
+        "reference_date": None if reference is None else str(reference)[:10],
+        "horizon_years": run.require_plan().horizon_years,
+        "draws": draws, "seed": seed, "scenario": scenario or "baseline",
+        "actions": [{"kind": "shift" if isinstance(a, Shift) else "set", "variable": a.variable, "value": a.value,
+                     "start_years": a.start_years, "end_years": a.end_years if math.isfinite(a.end_years) else None}
+                    for a in answer.actions],
+        "outcomes": outcomes,
+        "notes": list(answer.notes),
+    }
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    """One patient's forecast with and without do() actions on biomarker paths, paired draw by draw."""
+    from fhirtwin.engine import EngineError
+
+    if not args.actions:
+        raise CliError("fhirtwin counterfactual: give at least one --set or --shift")
+    engine = _engine(args, draws=args.draws)
+    try:  # the counterfactual needs the fitted twin, not the ranking of every intervention: plan the baseline only
+        run = engine.run(args.patient, as_of=args.as_of, scenario="baseline", draws=args.draws)
+        answer = engine.counterfactual(run, args.actions, scenario=args.scenario, draws=args.draws)
+    except EngineError as exc:
+        raise CliError(f"fhirtwin counterfactual: {exc.message}") from None
+    summary = counterfactual_summary(run, answer, scenario=args.scenario, draws=args.draws, seed=engine.seed)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return EXIT_OK
+    horizon = f"{summary['horizon_years']:g}"
+    print(f"patient {summary['patient']}: counterfactual vs factual, {horizon}-year risk "
+          f"({summary['draws']} paired draws, scenario {summary['scenario']})")
+    for a in summary["actions"]:
+        end = "open" if a["end_years"] is None else f"{a['end_years']:g}"
+        verb = "shift by" if a["kind"] == "shift" else "set to"
+        print(f"  do: {a['variable']} {verb} {a['value']:g} in years [{a['start_years']:g}, {end})")
+    print(f"  {'outcome':<16} {'factual':>8} {'counterfactual':>15}  difference (90 % interval)")
+    for name, o in summary["outcomes"].items():
+        d = o["difference"]
+        print(f"  {name:<16} {o['factual_median']:>8.4f} {o['counterfactual_median']:>15.4f}  "
+              f"{d['median']:+.4f} ({d['p05']:+.4f} to {d['p95']:+.4f})")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
     return EXIT_OK
 
 
@@ -956,6 +1052,24 @@ def build_parser() -> argparse.ArgumentParser:
     seq.add_argument("--out", default=None, help="write the draft CarePlan (FHIR R4 JSON) to this file")
     seq.add_argument("--json", action="store_true", help="print the sequence as JSON")
     seq.set_defaults(func=cmd_sequence)
+
+    cf = commands.add_parser("counterfactual", help="one patient's risks had a biomarker path been set or shifted "
+                             "(do() on the twin, paired with the factual forecast; nothing is written)")
+    server_options(cf)
+    cf.add_argument("--patient", required=True, help="Patient id")
+    cf.add_argument("--set", dest="actions", action="append", type=counterfactual_action("set"), default=[],
+                    metavar="VAR=VALUE[@START:END]", help="hold VAR at VALUE in the window (years from the reference "
+                    "date, negative = past; default now to open end); VAR: ldl_cholesterol_mg_dl, systolic_bp_mm_hg, "
+                    "egfr_ml_min_1_73m2 (repeatable, applied in order)")
+    cf.add_argument("--shift", dest="actions", action="append", type=counterfactual_action("shift"),
+                    metavar="VAR=DELTA[@START:END]", help="move VAR's own path by DELTA in the window "
+                    "(e.g. ldl_cholesterol_mg_dl=-38.67: 1 mmol/L lower)")
+    cf.add_argument("--scenario", default=None, help="treatments in both worlds: an intervention code or label as "
+                    "for $simulate (default baseline: current care)")
+    cf.add_argument("--as-of", type=iso_date, default=None, help="reference date YYYY-MM-DD (default today)")
+    cf.add_argument("--draws", type=positive_int, default=1000, help="ensemble draws (default 1000)")
+    cf.add_argument("--json", action="store_true", help="print the result as JSON")
+    cf.set_defaults(func=cmd_counterfactual)
 
     verify = commands.add_parser("verify", help="check a Provenance signature against its targets on the server, "
                                  "or which results of a patient are current")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,6 +27,14 @@ import numpy as np
 
 from fhirtwin.adapters import build_twin, flatten_resources
 from fhirtwin.adapters.reads import READ_TYPES, RECORD_INCLUDES, RECORD_TYPES, REFERENCED_TYPES, observation_codes
+from fhirtwin.causal.counterfactual import (
+    SETTABLE,
+    Counterfactual,
+    SetValue,
+    Shift,
+    UnsupportedIntervention,
+    twin_counterfactual,
+)
 from fhirtwin.causal.graph import graph_reference
 from fhirtwin.fhir import errors as fhir_errors
 from fhirtwin.fhir.client import batch_results
@@ -37,7 +46,7 @@ from fhirtwin.package_data import conformance_resources
 from fhirtwin.sequencing import SequencePlan, SequencingError, sequence
 from fhirtwin.sim.components import checked, enabled_components
 from fhirtwin.sim.inputs import InsufficientData, medication_safety_inputs
-from fhirtwin.sim.interventions import Intervention, Scenario, candidate_interventions
+from fhirtwin.sim.interventions import BASELINE, Intervention, Scenario, candidate_interventions
 from fhirtwin.sim.model import Forecast, MechanisticTwin, registered_models
 from fhirtwin.sim.pharmacogenomics import MedicationFlag, medication_flags
 from fhirtwin.sim.planner import Plan, paired_difference, paired_draws, plan
@@ -869,6 +878,80 @@ class Engine:
             plan_, reference_date=start or datetime.now(UTC).date(), occurrence=now or datetime.now(UTC),
             device_reference=f"Device/{device_id(plan_.model, plan_.model_version)}")
         return plan_, care_plan
+
+    def counterfactual(self, run: TwinRun, actions: Sequence[SetValue | Mapping[str, Any]], *,
+                       scenario: str | None = None, horizon_years: float | None = None,
+                       draws: int | None = None) -> Counterfactual:
+        """This patient's forecast with and without ``actions`` on the same abducted draws (do() on the twin,
+        :mod:`fhirtwin.causal.counterfactual`); nothing is written.
+
+        ``actions``: :class:`SetValue` / :class:`Shift` objects, or mappings ``{"kind": "set" | "shift",
+        "variable", "value", "start_years" (default 0), "end_years" (default None = open)}`` as a door receives
+        them; windows are years relative to the run's reference date (negative = past). ``scenario`` adds
+        treatments to both worlds (a name or code as in :meth:`simulate`). A bad action is :class:`BadRequest`;
+        a run without a plan raises what :meth:`TwinRun.require_plan` raises. Runs with this engine's
+        components and seed (the run's model is refitted when it was fitted with other components).
+        """
+        result = run.require_plan()
+        if run.model is None:
+            raise InsufficientPatientData("no fitted model", run.missing)
+        horizon = float(result.horizon_years if horizon_years is None else horizon_years)
+        if not MIN_HORIZON_YEARS <= horizon <= MAX_HORIZON_YEARS:
+            raise BadRequest(f"horizon must be between {MIN_HORIZON_YEARS:g} and {MAX_HORIZON_YEARS:g} years",
+                             expression=["horizon"])
+        n_draws = self.draws if draws is None else draws
+        if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
+            raise BadRequest("draws must be a whole number of at least 1", expression=["draws"])
+        if not actions:
+            raise BadRequest("a counterfactual needs at least one action", expression=["actions"])
+        settable = ", ".join(SETTABLE)
+        parsed: list[SetValue] = []
+        for i, action in enumerate(actions):
+            where = [f"actions[{i}]"]
+            if isinstance(action, SetValue):
+                one = action
+            elif isinstance(action, Mapping):
+                kind, variable = action.get("kind"), action.get("variable")
+                value: Any = action.get("value")
+                start: Any = action.get("start_years", 0.0)
+                end: Any = action.get("end_years")
+                numbers = [value, start] + ([] if end is None else [end])
+                if kind not in ("set", "shift"):
+                    raise BadRequest(f"action kind must be 'set' or 'shift', not {kind!r}", expression=where)
+                if not isinstance(variable, str):
+                    raise BadRequest("an action needs a variable", expression=where)
+                if any(isinstance(x, bool) or not isinstance(x, int | float) for x in numbers):
+                    raise BadRequest(f"the value and window of {variable} must be numbers", expression=where)
+                try:
+                    one = (Shift if kind == "shift" else SetValue)(
+                        variable, float(value), float(start), math.inf if end is None else float(end))
+                except UnsupportedIntervention as exc:
+                    raise BadRequest(str(exc), expression=where) from None
+                except OverflowError:
+                    raise BadRequest(f"the value and window of {variable} must be finite", expression=where) from None
+            else:
+                raise BadRequest("an action is a SetValue/Shift or a mapping", expression=where)
+            if one.variable not in SETTABLE:
+                raise BadRequest(f"do({one.variable}) is not supported; settable paths: {settable}", expression=where)
+            if type(one) is SetValue and one.value <= 0:
+                raise BadRequest(f"{one.variable} can only be set to a positive value", expression=where)
+            parsed.append(one)
+        model = run.model
+        if frozenset(model.components) != frozenset(self.components):
+            model = MechanisticTwin(components=self.components).fit(run.state)
+        chosen = self._scenarios(model, scenario)
+        world = chosen[0] if chosen else BASELINE
+        try:
+            answer = twin_counterfactual(model, parsed, scenario=world, horizon_years=horizon, draws=n_draws,
+                                         seed=self.seed)
+        except UnsupportedIntervention as exc:
+            raise BadRequest(str(exc), expression=["actions"]) from None
+        notes = list(answer.notes)
+        if world.interventions:
+            notes.append(f"both worlds under the scenario {world.name!r}")
+        if isinstance(model, HybridTwin) and model.active:
+            notes.append("the learned residual moves biomarker trajectories only; risks are the mechanistic model's")
+        return dataclasses.replace(answer, notes=tuple(notes))
 
     def draft_care_plan(self, run: TwinRun) -> dict[str, Any]:
         """The proposed CarePlan as a standalone resource (for a CDS suggestion; nothing is written)."""
