@@ -313,6 +313,7 @@ class FakePlan:
     comparators: dict = field(default_factory=dict)
     notes: tuple = ()
     scope: str = "scope-primary-prevention"
+    components: tuple = ()
 
 
 def test_care_plan_timing_of_delayed_starts_and_stops():
