@@ -933,12 +933,10 @@ class Engine:
                 raise BadRequest("an action is a SetValue/Shift or a mapping", expression=where)
             if one.variable not in SETTABLE:
                 raise BadRequest(f"do({one.variable}) is not supported; settable paths: {settable}", expression=where)
-            if type(one) is SetValue and one.value <= 0:
-                raise BadRequest(f"{one.variable} can only be set to a positive value", expression=where)
             parsed.append(one)
         model = run.model
         if frozenset(model.components) != frozenset(self.components):
-            model = MechanisticTwin(components=self.components).fit(run.state)
+            model = self._model().fit(run.state)
         chosen = self._scenarios(model, scenario)
         world = chosen[0] if chosen else BASELINE
         try:
@@ -1334,12 +1332,15 @@ class Engine:
         if "recorded" in header and header["recorded"] != provenance.get("recorded"):
             return VerifyReport(label, False, "INVALID: Provenance.recorded differs from the signed time",
                                 refs, changed, kid)
-        if "policy" in header and header["policy"] != (provenance.get("policy") or []):
+        policy = sorted(map(str, provenance.get("policy") or []))  # order carries no meaning in R4
+        if "policy" in header and sorted(map(str, header["policy"])) != policy:
             return VerifyReport(label, False, "INVALID: Provenance.policy differs from the signed policies (model "
                                 "card, causal graph)", refs, changed, kid)
         note = f"valid {header.get('alg')} signature over {len(refs)} target(s)"
         if signed_revisions is not None:
             note += f" and {len(named)} superseded result(s)"
+        if "policy" not in header:
+            note += "; its policy list is not signed (the signature predates signed policies)"
         if changed:
             note += "; signed content unchanged although newer versions exist (meta only)"
         return VerifyReport(label, True, note, refs, changed, kid,

@@ -31,6 +31,8 @@ from fhirtwin.sim.ensemble import ParameterDraws, draw_parameters, summarise
 from fhirtwin.sim.hazards import after_quit_attempt, cumulative_incidence, hazard_paths
 from fhirtwin.sim.interventions import BASELINE, Scenario
 from fhirtwin.sim.model import MechanisticTwin, NotFittedError
+from fhirtwin.sim.scope import EGFR_KIDNEY_FAILURE
+from fhirtwin.twin.variables import registry
 
 #: Trajectory variables the engine lets an action set: their children in the engine are hazards only.
 SETTABLE = ("ldl_cholesterol_mg_dl", "systolic_bp_mm_hg", "egfr_ml_min_1_73m2")
@@ -56,6 +58,9 @@ class SetValue:
             raise UnsupportedIntervention(f"empty window [{self.start_years}, {self.end_years}) for {self.variable}")
         if not math.isfinite(self.value):
             raise UnsupportedIntervention(f"the value set for {self.variable} must be finite")
+        if type(self) is SetValue and self.variable == "egfr_ml_min_1_73m2" and self.value < EGFR_KIDNEY_FAILURE:
+            raise UnsupportedIntervention(f"an eGFR below {EGFR_KIDNEY_FAILURE:g} is kidney failure, outside the "
+                                          "engine's scope")
 
     def window(self, t: np.ndarray) -> np.ndarray:
         """Boolean mask of the times inside the window."""
@@ -108,12 +113,22 @@ def abduction_action_prediction(
 
 
 def apply_actions(t: np.ndarray, paths: Mapping[str, np.ndarray], actions: Sequence[Action]) -> dict[str, np.ndarray]:
-    """Paths (draws, times) with every action applied in order; a variable without a path is an error."""
+    """Paths (draws, times) with every action applied in order; a variable without a path is an error, and so
+    is an action whose path (its median over the draws, inside the window) leaves the variable's plausible
+    range in the twin registry, which rejects such readings: an effect size would otherwise be applied far
+    beyond anything a trial measured. The median, because single draws of a long forecast may stray."""
     out = dict(paths)
+    known = registry()
     for action in actions:
         if action.variable not in out:
             raise UnsupportedIntervention(f"no path of {action.variable} to set")
         out[action.variable] = action.apply(t, out[action.variable])
+        plausible = known[action.variable].plausible if action.variable in known else None
+        inside = np.median(out[action.variable][:, action.window(t)], axis=0)
+        if plausible is not None and inside.size and not (
+                np.all(np.isfinite(inside)) and plausible[0] <= inside.min() and inside.max() <= plausible[1]):
+            raise UnsupportedIntervention(
+                f"the action takes {action.variable} outside its plausible range {plausible[0]:g}-{plausible[1]:g}")
     return out
 
 
@@ -180,6 +195,8 @@ def twin_counterfactual(
     t = month_grid(horizon_years)
     world = _TwinWorld(twin, scenario, t, draws, seed)
     factual, counter = abduction_action_prediction(world.abduct, world.structural, world.predict, actions)
+    if not all(np.all(np.isfinite(v)) for v in counter.values()):
+        raise UnsupportedIntervention("the actions give no finite forecast")
     notes = []
     if any(a.start_years < 0 for a in actions):
         notes.append(PAST_NOTE)

@@ -196,7 +196,8 @@ def subgroup_scores(rows: Rows, point: np.ndarray, low: np.ndarray, high: np.nda
         return rows.twin[:, names.index(name)]
 
     attributes = {"age": column("age_years"), "egfr_recorded": column("egfr_ml_min_1_73m2"),
-                  "sex": np.where(column("male") == 1, "male", "female"), "race": np.full(len(rows), ""),
+                  "sex": np.select([column("male") == 1, column("male") == 0], ["male", "female"], ""),
+                  "race": np.full(len(rows), ""),
                   "diabetes": column("diabetes") == 1}
     out: dict[str, dict[str, Any]] = {}
     for dimension, level, mask in subgroups(attributes):

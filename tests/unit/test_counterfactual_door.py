@@ -104,7 +104,12 @@ def test_a_mapping_action_is_the_same_action_and_a_scenario_acts_in_both_worlds(
     ([{"kind": "set", "variable": LDL, "value": True}], "numbers"),
     ([{"kind": "hold", "variable": LDL, "value": 100}], "kind"),
     ([{"kind": "set", "value": 100}], "variable"),
-    ([SetValue(LDL, -20.0)], "positive"),
+    ([SetValue(LDL, -20.0)], "plausible range"),
+    ([SetValue("systolic_bp_mm_hg", 10.0)], "plausible range 40-320"),
+    ([SetValue("systolic_bp_mm_hg", 400.0)], "plausible range"),
+    ([Shift(LDL, -1000.0)], "plausible range"),
+    ([Shift("systolic_bp_mm_hg", 1e6)], "plausible range"),
+    ([{"kind": "set", "variable": "egfr_ml_min_1_73m2", "value": 10}], "kidney failure"),
     (["ldl_cholesterol_mg_dl=100"], "mapping"),
     ([], "at least one action"),
 ])
@@ -241,4 +246,4 @@ def test_an_engine_refusal_is_one_line_and_exit_2(offline: tuple[str, Path], mon
     assert cli.main(argv) == cli.EXIT_ERROR
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
-    assert "fhirtwin counterfactual: ldl_cholesterol_mg_dl can only be set to a positive value" in captured.err
+    assert "fhirtwin counterfactual: the action takes ldl_cholesterol_mg_dl outside its plausible range" in captured.err

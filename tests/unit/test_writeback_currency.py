@@ -219,3 +219,24 @@ def test_the_signature_covers_the_policies_and_an_edited_policy_fails_verificati
     report = Engine(FakeServer({**resources, f"Provenance/{provenance['id']}": edited})).verify(
         f"Provenance/{provenance['id']}", public)
     assert not report.valid and "policy" in report.message
+
+
+def test_a_signature_made_before_signed_policies_verifies_and_says_its_policy_is_unsigned() -> None:
+    """Provenances signed before the ``policy`` header existed stay valid; the report says the part is unsigned."""
+    from test_keys import FakeServer
+
+    from fhirtwin.engine import Engine
+    from fhirtwin.writeback.signing import sign_targets
+
+    stored = _store(_write())
+    provenance, targets = stored[-1], stored[:-1]
+    refs = [t["reference"] for t in provenance["target"]]
+    legacy = sign_targets(targets, refs, KEY, recorded=provenance["recorded"])  # no policies: the older form
+    assert "policy" not in signature_header(legacy)
+    old = {**provenance, "signature": [{**provenance["signature"][0], "data": legacy}]}
+    resources = {f"{r['resourceType']}/{r['id']}": r for r in [*targets, old]}
+    report = Engine(FakeServer(resources)).verify(f"Provenance/{old['id']}", KEY.private_key.public_key())
+    assert report.valid and "policy list is not signed" in report.message
+    current = {f"{r['resourceType']}/{r['id']}": r for r in stored}
+    fresh = Engine(FakeServer(current)).verify(f"Provenance/{provenance['id']}", KEY.private_key.public_key())
+    assert fresh.valid and "not signed" not in fresh.message
