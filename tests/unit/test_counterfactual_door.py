@@ -223,13 +223,17 @@ def test_the_cli_json_is_the_engines_answer(offline: tuple[str, Path], monkeypat
     assert summary["outcomes"]["kidney_failure"]["difference"] == {"median": 0.0, "p05": 0.0, "p95": 0.0}
 
 
+def _offline_argv(patient_id: str, *actions: str) -> list[str]:
+    """A counterfactual command line against the offline source (the server URL is never contacted)."""
+    return ["counterfactual", "--server", "http://127.0.0.1:9/fhir", "--patient", patient_id, "--as-of",
+            "2026-06-30", "--draws", str(DRAWS), *actions]
+
+
 def test_the_cli_prints_the_past_only_note(offline: tuple[str, Path], monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     patient_id, folder = offline
     _offline_cli(monkeypatch, folder)
-    argv = ["counterfactual", "--server", "http://127.0.0.1:9/fhir", "--patient", patient_id, "--as-of",
-            "2026-06-30", "--draws", str(DRAWS), "--set", f"{LDL}=100@-5:0"]
-    assert cli.main(argv) == cli.EXIT_OK
+    assert cli.main(_offline_argv(patient_id, "--set", f"{LDL}=100@-5:0")) == cli.EXIT_OK
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in OUTCOMES}
     assert set(rows) == set(OUTCOMES)
@@ -241,9 +245,7 @@ def test_an_engine_refusal_is_one_line_and_exit_2(offline: tuple[str, Path], mon
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     patient_id, folder = offline
     _offline_cli(monkeypatch, folder)
-    argv = ["counterfactual", "--server", "http://127.0.0.1:9/fhir", "--patient", patient_id, "--as-of",
-            "2026-06-30", "--draws", str(DRAWS), "--set", f"{LDL}=0"]
-    assert cli.main(argv) == cli.EXIT_ERROR
+    assert cli.main(_offline_argv(patient_id, "--set", f"{LDL}=0")) == cli.EXIT_ERROR
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert "fhirtwin counterfactual: the action takes ldl_cholesterol_mg_dl outside its plausible range" in captured.err
